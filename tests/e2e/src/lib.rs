@@ -1,0 +1,45 @@
+//! Helpers shared by Counterweight's end-to-end tests: bounded polling and
+//! test logging. The tests themselves live in `tests/`.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Polls `check` every `every` until it returns `Some`, or panics with `what`
+/// and the last observation after `timeout`. Never sleeps as synchronization:
+/// the loop ends as soon as the condition holds.
+pub async fn eventually<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no observation yet");
+    loop {
+        match check().await {
+            Ok(Some(v)) => return v,
+            Ok(None) => {}
+            Err(e) => last = e,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; last: {last}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Sends test logs to the captured test output; idempotent.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,96 @@
+//! Where the control-plane binaries come from.
+//!
+//! They are built from the Go module proxy by `tools/controlplane/build.sh`
+//! into a cache outside the checkout. Tests find them through
+//! `COUNTERWEIGHT_CONTROLPLANE_BIN`, or run the build script themselves (a
+//! no-op when the cache is warm).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::HarnessError;
+
+/// Environment variable naming the directory that holds the binaries.
+pub const BIN_DIR_ENV: &str = "COUNTERWEIGHT_CONTROLPLANE_BIN";
+
+/// The directory holding etcd, kube-apiserver, kube-controller-manager,
+/// kube-scheduler and kwok.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    dir: PathBuf,
+}
+
+const NAMES: [&str; 5] = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+];
+
+impl Binaries {
+    /// Finds the binaries, building them once per process if needed.
+    pub fn locate() -> Result<Self, HarnessError> {
+        static FOUND: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        let found = FOUND.get_or_init(|| find().map_err(|e| e.to_string()));
+        match found {
+            Ok(dir) => Ok(Self { dir: dir.clone() }),
+            Err(e) => Err(HarnessError::Binaries(e.clone())),
+        }
+    }
+
+    /// Uses the binaries in `dir` as they are.
+    pub fn in_dir(dir: impl Into<PathBuf>) -> Result<Self, HarnessError> {
+        let dir = dir.into();
+        check(&dir)?;
+        Ok(Self { dir })
+    }
+
+    /// Path of one binary.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+fn find() -> Result<PathBuf, HarnessError> {
+    if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
+        let dir = PathBuf::from(dir);
+        check(&dir)?;
+        return Ok(dir);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/controlplane/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .map_err(|e| HarnessError::io(format!("running {}", script.display()), e))?;
+    if !out.status.success() {
+        return Err(HarnessError::Binaries(format!(
+            "{} failed ({}):\n{}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+    check(&dir)?;
+    Ok(dir)
+}
+
+fn check(dir: &Path) -> Result<(), HarnessError> {
+    let missing: Vec<&str> = NAMES
+        .iter()
+        .copied()
+        .filter(|n| !dir.join(n).is_file())
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(HarnessError::Binaries(format!(
+            "{} lacks {}; run tools/controlplane/build.sh",
+            dir.display(),
+            missing.join(", ")
+        )))
+    }
+}

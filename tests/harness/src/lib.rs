@@ -1,0 +1,666 @@
+//! Real local Kubernetes control planes for Counterweight's end-to-end tests.
+//!
+//! A [`Cluster`] is one independent Kubernetes control plane on loopback: its
+//! own etcd, kube-apiserver, kube-controller-manager, kube-scheduler and a KWOK
+//! that plays a fake node, so that Deployments get pods that become Running
+//! and Ready. Each cluster has its own CA, serving and admin certificates,
+//! free ports, an admin kubeconfig and a [`kube::Client`]. Every process is
+//! killed when the cluster value is dropped, including when a test panics.
+//!
+//! The flags follow what controller-runtime's envtest gives kube-apiserver:
+//! bind and advertise 127.0.0.1, RBAC, a service-account issuer and keys, and
+//! a cert dir. A cluster can be stopped and started again with its etcd data
+//! kept, which is how tests inject "API server down".
+
+mod binaries;
+mod process;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
+use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+pub use binaries::{BIN_DIR_ENV, Binaries};
+pub use process::Process;
+
+/// Name of the fake node every cluster gets.
+pub const NODE_NAME: &str = "kwok-node-0";
+
+/// How long a cluster may take to come up on a busy two-core machine.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Everything that can go wrong while running a test cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// The control-plane binaries are missing or could not be built.
+    #[error("control-plane binaries unavailable: {0}")]
+    Binaries(String),
+    /// A file or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Making certificates failed.
+    #[error(transparent)]
+    Certs(#[from] counterweight_certs::CertError),
+    /// A control-plane process exited while it should be running.
+    #[error("{name} exited ({status}); last log lines:\n{log_tail}")]
+    Exited {
+        /// Which process.
+        name: String,
+        /// Its exit status.
+        status: String,
+        /// The end of its log.
+        log_tail: String,
+    },
+    /// A condition was not reached in time.
+    #[error("cluster {cluster}: timed out after {after:?} waiting for {what}")]
+    Timeout {
+        /// The cluster.
+        cluster: String,
+        /// What did not happen.
+        what: String,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// Building the Kubernetes client failed.
+    #[error("kube client for cluster {cluster}: {message}")]
+    Client {
+        /// The cluster.
+        cluster: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A Kubernetes API call made by the harness itself failed.
+    #[error("cluster {cluster}: {what}: {source}")]
+    Api {
+        /// The cluster.
+        cluster: String,
+        /// The call.
+        what: String,
+        /// The error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl HarnessError {
+    fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// Loopback ports of one cluster; they stay the same across restarts so the
+/// kubeconfig stays valid.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    /// etcd client port.
+    pub etcd_client: u16,
+    /// etcd peer port (bound, never used by another member).
+    pub etcd_peer: u16,
+    /// kube-apiserver secure port.
+    pub apiserver: u16,
+    /// kube-controller-manager secure port (health only).
+    pub controller_manager: u16,
+    /// kube-scheduler secure port (health only).
+    pub scheduler: u16,
+}
+
+/// One local Kubernetes control plane. Dropping it kills its processes and
+/// removes its directory.
+pub struct Cluster {
+    name: String,
+    dir: tempfile::TempDir,
+    bins: Binaries,
+    ports: Ports,
+    kubeconfig: PathBuf,
+    client: kube::Client,
+    // In start order; stopped in reverse.
+    procs: Vec<Process>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("name", &self.name)
+            .field("dir", &self.dir.path())
+            .field("ports", &self.ports)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Installs the ring crypto provider for rustls once; harmless if the
+/// process already installed one.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Starts `n` clusters named `c0`, `c1`, ... in parallel.
+pub async fn start_clusters(n: usize) -> Result<Vec<Cluster>, HarnessError> {
+    let names: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+    start_named(&names).await
+}
+
+/// Starts one cluster per name, in parallel.
+pub async fn start_named<S: AsRef<str>>(names: &[S]) -> Result<Vec<Cluster>, HarnessError> {
+    let bins = Binaries::locate()?;
+    let starts = names
+        .iter()
+        .map(|name| Cluster::start(bins.clone(), name.as_ref()));
+    futures::future::try_join_all(starts).await
+}
+
+impl Cluster {
+    /// Creates a fresh cluster named `name` and waits until it schedules pods.
+    pub async fn start(bins: Binaries, name: &str) -> Result<Self, HarnessError> {
+        install_crypto_provider();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("counterweight-{name}-"))
+            .tempdir()
+            .map_err(|e| HarnessError::io("creating the cluster directory", e))?;
+        let ports = Ports {
+            etcd_client: free_port()?,
+            etcd_peer: free_port()?,
+            apiserver: free_port()?,
+            controller_manager: free_port()?,
+            scheduler: free_port()?,
+        };
+        let kubeconfig = write_pki_and_kubeconfig(dir.path(), name, ports.apiserver)?;
+        let client = client_for(&kubeconfig, name).await?;
+        let mut cluster = Self {
+            name: name.to_owned(),
+            dir,
+            bins,
+            ports,
+            kubeconfig,
+            client,
+            procs: Vec::new(),
+        };
+        cluster.boot().await?;
+        Ok(cluster)
+    }
+
+    /// The cluster's name (also its kubeconfig context name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// An admin client (group `system:masters`).
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    /// Path of the admin kubeconfig.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The cluster's working directory (certs, etcd data, logs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The loopback ports in use.
+    pub fn ports(&self) -> Ports {
+        self.ports
+    }
+
+    /// The API server URL.
+    pub fn server_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.ports.apiserver)
+    }
+
+    /// Path of the cluster CA certificate.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.path().join("pki/ca.crt")
+    }
+
+    /// Issues a client certificate for `user` in `groups` and writes a
+    /// kubeconfig for it, for tests that need a non-admin identity.
+    pub fn user_kubeconfig(&self, user: &str, groups: &[&str]) -> Result<PathBuf, HarnessError> {
+        let pki = self.dir.path().join("pki");
+        let ca = CertificateAuthority::from_pem(
+            &std::fs::read_to_string(pki.join("ca.crt"))
+                .map_err(|e| HarnessError::io("reading ca.crt", e))?,
+            &std::fs::read_to_string(pki.join("ca.key"))
+                .map_err(|e| HarnessError::io("reading ca.key", e))?,
+        )?;
+        let mut spec = LeafSpec::new(user, Usage::Client);
+        for g in groups {
+            spec = spec.organization(*g);
+        }
+        let cert = ca.issue(&spec)?;
+        let path = self.dir.path().join(format!("{user}.kubeconfig"));
+        let kc = kubeconfig_json(
+            &self.name,
+            &self.server_url(),
+            &ca.pem().cert_pem,
+            &cert.cert_pem,
+            &cert.key_pem,
+        );
+        write(&path, &kc)?;
+        Ok(path)
+    }
+
+    /// Stops every process (API server down); etcd data is kept.
+    pub fn stop(&mut self) {
+        // Signal all first, so the graceful shutdowns overlap.
+        for p in self.procs.iter().rev() {
+            p.terminate();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Some(mut p) = self.procs.pop() {
+            p.reap(deadline);
+        }
+    }
+
+    /// Starts the processes again after [`Cluster::stop`] and waits until
+    /// the API server is ready.
+    pub async fn restart(&mut self) -> Result<(), HarnessError> {
+        self.stop();
+        self.boot().await
+    }
+
+    /// Stops only kube-apiserver, leaving etcd and the others running.
+    pub fn stop_apiserver(&mut self) {
+        if let Some(i) = self.procs.iter().position(|p| p.name() == "kube-apiserver") {
+            let mut p = self.procs.remove(i);
+            p.stop(Duration::from_secs(5));
+        }
+    }
+
+    /// Starts kube-apiserver again after [`Cluster::stop_apiserver`].
+    pub async fn start_apiserver(&mut self) -> Result<(), HarnessError> {
+        let p = self.spawn("kube-apiserver", self.apiserver_args())?;
+        self.procs.push(p);
+        self.wait_ready().await
+    }
+
+    /// Checks that every process is still running.
+    pub fn check_alive(&mut self) -> Result<(), HarnessError> {
+        self.procs.iter_mut().try_for_each(Process::check_alive)
+    }
+
+    async fn boot(&mut self) -> Result<(), HarnessError> {
+        let started = Instant::now();
+        let etcd = self.spawn("etcd", self.etcd_args())?;
+        self.procs.push(etcd);
+        let apiserver = self.spawn("kube-apiserver", self.apiserver_args())?;
+        self.procs.push(apiserver);
+        self.wait_ready().await?;
+        for (name, args) in [
+            ("kube-controller-manager", self.controller_manager_args()),
+            ("kube-scheduler", self.scheduler_args()),
+            ("kwok", self.kwok_args()),
+        ] {
+            let p = self.spawn(name, args)?;
+            self.procs.push(p);
+        }
+        self.ensure_node().await?;
+        self.wait_for("node Ready and default ServiceAccount", || async {
+            Ok(self.node_ready().await? && self.default_sa_exists().await?)
+        })
+        .await?;
+        tracing::info!(cluster = %self.name, elapsed = ?started.elapsed(), "cluster up");
+        Ok(())
+    }
+
+    fn spawn(&self, name: &str, args: Vec<String>) -> Result<Process, HarnessError> {
+        let logs = self.dir.path().join("logs");
+        std::fs::create_dir_all(&logs).map_err(|e| HarnessError::io("creating logs dir", e))?;
+        Process::spawn(
+            name,
+            &self.bins.path(name),
+            &args,
+            &logs.join(format!("{name}.log")),
+        )
+    }
+
+    fn path(&self, rel: &str) -> String {
+        self.dir.path().join(rel).display().to_string()
+    }
+
+    fn etcd_args(&self) -> Vec<String> {
+        let p = self.ports;
+        vec![
+            "--name=default".into(),
+            format!("--data-dir={}", self.path("etcd")),
+            format!("--listen-client-urls=http://127.0.0.1:{}", p.etcd_client),
+            format!("--advertise-client-urls=http://127.0.0.1:{}", p.etcd_client),
+            format!("--listen-peer-urls=http://127.0.0.1:{}", p.etcd_peer),
+            format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{}",
+                p.etcd_peer
+            ),
+            format!("--initial-cluster=default=http://127.0.0.1:{}", p.etcd_peer),
+            // Tests lose nothing they care about on a host crash; fsync costs seconds here.
+            "--unsafe-no-fsync=true".into(),
+            "--log-level=warn".into(),
+        ]
+    }
+
+    fn apiserver_args(&self) -> Vec<String> {
+        let p = self.ports;
+        vec![
+            format!("--etcd-servers=http://127.0.0.1:{}", p.etcd_client),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={}", p.apiserver),
+            format!("--cert-dir={}", self.path("apiserver-certs")),
+            format!("--tls-cert-file={}", self.path("pki/apiserver.crt")),
+            format!("--tls-private-key-file={}", self.path("pki/apiserver.key")),
+            format!("--client-ca-file={}", self.path("pki/ca.crt")),
+            "--authorization-mode=RBAC".into(),
+            format!("--service-account-issuer=https://127.0.0.1:{}", p.apiserver),
+            format!("--service-account-key-file={}", self.path("pki/sa.pub")),
+            format!(
+                "--service-account-signing-key-file={}",
+                self.path("pki/sa.key")
+            ),
+            "--service-cluster-ip-range=10.96.0.0/24".into(),
+            "--allow-privileged=true".into(),
+            "--v=1".into(),
+        ]
+    }
+
+    fn controller_manager_args(&self) -> Vec<String> {
+        vec![
+            format!("--kubeconfig={}", self.kubeconfig.display()),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={}", self.ports.controller_manager),
+            "--leader-elect=false".into(),
+            format!(
+                "--service-account-private-key-file={}",
+                self.path("pki/sa.key")
+            ),
+            format!("--root-ca-file={}", self.path("pki/ca.crt")),
+            "--use-service-account-credentials=false".into(),
+            "--v=1".into(),
+        ]
+    }
+
+    fn scheduler_args(&self) -> Vec<String> {
+        vec![
+            format!("--kubeconfig={}", self.kubeconfig.display()),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={}", self.ports.scheduler),
+            "--leader-elect=false".into(),
+            "--v=1".into(),
+        ]
+    }
+
+    fn kwok_args(&self) -> Vec<String> {
+        vec![
+            format!("--kubeconfig={}", self.kubeconfig.display()),
+            format!("--config={}", self.path("kwok-stages.yaml")),
+            "--manage-all-nodes=false".into(),
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
+            // Pod IPs are labels on fake pods; nothing routes to them.
+            "--cidr=10.244.0.0/16".into(),
+            "--node-ip=127.0.0.1".into(),
+            "--node-lease-duration-seconds=40".into(),
+        ]
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), HarnessError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            let req = http::Request::get("/readyz")
+                .body(Vec::new())
+                .map_err(|e| HarnessError::Client {
+                    cluster: self.name.clone(),
+                    message: e.to_string(),
+                })?;
+            if let Ok(body) = self.client.request_text(req).await
+                && body.trim() == "ok"
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout {
+                    cluster: self.name.clone(),
+                    what: "kube-apiserver /readyz".into(),
+                    after: START_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_for<F, Fut>(&self, what: &str, mut check: F) -> Result<(), HarnessError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool, HarnessError>>,
+    {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if check().await? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout {
+                    cluster: self.name.clone(),
+                    what: what.into(),
+                    after: START_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn ensure_node(&self) -> Result<(), HarnessError> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some(NODE_NAME.into()),
+                annotations: Some(BTreeMap::from([(
+                    "kwok.x-k8s.io/node".to_owned(),
+                    "fake".to_owned(),
+                )])),
+                labels: Some(BTreeMap::from([
+                    ("type".to_owned(), "kwok".to_owned()),
+                    ("kubernetes.io/hostname".to_owned(), NODE_NAME.to_owned()),
+                ])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match nodes.create(&PostParams::default(), &node).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(source) => Err(HarnessError::Api {
+                cluster: self.name.clone(),
+                what: "creating the fake node".into(),
+                source,
+            }),
+        }
+    }
+
+    async fn node_ready(&self) -> Result<bool, HarnessError> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let node = nodes
+            .get_opt(NODE_NAME)
+            .await
+            .map_err(|source| HarnessError::Api {
+                cluster: self.name.clone(),
+                what: "reading the fake node".into(),
+                source,
+            })?;
+        Ok(node
+            .and_then(|n| n.status)
+            .and_then(|s| s.conditions)
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")))
+    }
+
+    async fn default_sa_exists(&self) -> Result<bool, HarnessError> {
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), "default");
+        sas.get_opt("default")
+            .await
+            .map(|o| o.is_some())
+            .map_err(|source| HarnessError::Api {
+                cluster: self.name.clone(),
+                what: "reading the default ServiceAccount".into(),
+                source,
+            })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+        if std::env::var_os("COUNTERWEIGHT_KEEP_CLUSTER_DIRS").is_some() {
+            let dir = std::mem::replace(
+                &mut self.dir,
+                // An empty stand-in so TempDir's drop has something to remove.
+                match tempfile::tempdir() {
+                    Ok(d) => d,
+                    Err(_) => return,
+                },
+            );
+            eprintln!("kept cluster dir {}", dir.keep().display());
+        }
+    }
+}
+
+/// Writes a kubeconfig with one context per cluster (named after it) to
+/// `path`, for humans and for `cwctl`.
+pub fn write_merged_kubeconfig(clusters: &[Cluster], path: &Path) -> Result<(), HarnessError> {
+    let mut merged = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [], "users": [], "contexts": [],
+        "current-context": clusters.first().map(|c| c.name.clone()).unwrap_or_default(),
+    });
+    for c in clusters {
+        let text = std::fs::read_to_string(&c.kubeconfig)
+            .map_err(|e| HarnessError::io(format!("reading {}", c.kubeconfig.display()), e))?;
+        let one: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            HarnessError::io(
+                "parsing a harness kubeconfig",
+                std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            )
+        })?;
+        for key in ["clusters", "users", "contexts"] {
+            if let (Some(dst), Some(src)) = (merged[key].as_array_mut(), one[key].as_array()) {
+                dst.extend(src.iter().cloned());
+            }
+        }
+    }
+    write(path, &merged.to_string())
+}
+
+fn write_pki_and_kubeconfig(dir: &Path, name: &str, port: u16) -> Result<PathBuf, HarnessError> {
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki).map_err(|e| HarnessError::io("creating pki dir", e))?;
+    let ca = CertificateAuthority::new(&format!("counterweight-test-{name}-ca"))?;
+    ca.pem().write(&pki, "ca")?;
+    ca.issue(&LeafSpec::new("kube-apiserver", Usage::Server).sans([
+        "127.0.0.1",
+        "localhost",
+        "10.96.0.1",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+    ]))?
+    .write(&pki, "apiserver")?;
+    let admin = ca.issue(
+        &LeafSpec::new("counterweight-admin", Usage::Client).organization("system:masters"),
+    )?;
+    admin.write(&pki, "admin")?;
+    let sa = counterweight_certs::key_pair("service-account-signing")?;
+    counterweight_certs::write_file(&pki.join("sa.key"), &sa.private_pem)?;
+    counterweight_certs::write_file(&pki.join("sa.pub"), &sa.public_pem)?;
+    write(
+        &dir.join("kwok-stages.yaml"),
+        include_str!("kwok-stages.yaml"),
+    )?;
+    let path = dir.join("admin.kubeconfig");
+    let kc = kubeconfig_json(
+        name,
+        &format!("https://127.0.0.1:{port}"),
+        &ca.pem().cert_pem,
+        &admin.cert_pem,
+        &admin.key_pem,
+    );
+    write(&path, &kc)?;
+    Ok(path)
+}
+
+// JSON is valid YAML, so kubectl and kube-rs both read this.
+fn kubeconfig_json(name: &str, server: &str, ca: &str, cert: &str, key: &str) -> String {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+    let user = format!("{name}-admin");
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": name, "cluster": {
+            "server": server,
+            "certificate-authority-data": b64(ca),
+        }}],
+        "users": [{"name": user, "user": {
+            "client-certificate-data": b64(cert),
+            "client-key-data": b64(key),
+        }}],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": user}}],
+        "current-context": name,
+    })
+    .to_string()
+}
+
+async fn client_for(path: &Path, name: &str) -> Result<kube::Client, HarnessError> {
+    let err = |message: String| HarnessError::Client {
+        cluster: name.to_owned(),
+        message,
+    };
+    let kc = Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    config.connect_timeout = Some(Duration::from_secs(2));
+    config.read_timeout = Some(Duration::from_secs(30));
+    kube::Client::try_from(config).map_err(|e| err(e.to_string()))
+}
+
+fn write(path: &Path, contents: &str) -> Result<(), HarnessError> {
+    std::fs::write(path, contents)
+        .map_err(|e| HarnessError::io(format!("writing {}", path.display()), e))
+}
+
+/// A loopback port nobody in this process has been handed yet.
+///
+/// The OS picks a free port; a process-wide set keeps two clusters of the same
+/// test run from ever getting the same one.
+pub fn free_port() -> Result<u16, HarnessError> {
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    for _ in 0..100 {
+        let l = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .map_err(|e| HarnessError::io("binding a loopback port", e))?;
+        let port = l
+            .local_addr()
+            .map_err(|e| HarnessError::io("reading a bound port", e))?
+            .port();
+        let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if !handed.contains(&port) {
+            handed.push(port);
+            return Ok(port);
+        }
+    }
+    Err(HarnessError::io(
+        "finding a free loopback port",
+        std::io::Error::new(std::io::ErrorKind::AddrInUse, "100 tries"),
+    ))
+}

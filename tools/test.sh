@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The project's one test command (README.md, .ci/run): lint, then every test,
+# unit to end-to-end, against real control planes built from pinned Go modules.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+command -v go >/dev/null || { echo "Go is required to build the test control planes; install Go >= 1.26" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "Rust (cargo) is required; install it with rustup" >&2; exit 1; }
+
+step "control-plane binaries (cached under ~/.cache/counterweight)"
+COUNTERWEIGHT_CONTROLPLANE_BIN=$(tools/controlplane/build.sh)
+export COUNTERWEIGHT_CONTROLPLANE_BIN
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked
