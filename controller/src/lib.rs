@@ -6,6 +6,8 @@
 //! `counterweight-state` ConfigMap. It decides nothing on its own: every
 //! decision is a call into the core.
 
+pub mod gate_access;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

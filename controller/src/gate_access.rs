@@ -1,0 +1,1 @@
+//! (being written) RBAC that lets init-gates of opted-in namespaces read the state ConfigMap.
