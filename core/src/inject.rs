@@ -1,1 +1,954 @@
-//! (being written)
+//! The init-gate injection decision and its JSON patch.
+//!
+//! [`inject`] is a pure function from a pod (as the API server hands it to the
+//! mutating webhook), its namespace's labels and name, and an
+//! [`InjectorConfig`] to either an RFC 6902 [`json_patch::Patch`] that adds
+//! the gate, or a named [`Skip`] reason. It owns every rule of *whether* and
+//! *how* a pod is gated; the webhook only carries bytes. Because it reads
+//! nothing but its arguments, the same rules are property-tested here against
+//! arbitrary pods: the patch always applies, puts the gate where configured,
+//! and injection of its own output is a no-op.
+//!
+//! ## hostNetwork pods are injected
+//!
+//! The gate only needs to reach the API server (it reads the state ConfigMap
+//! with the pod's service-account token). A `hostNetwork` pod has that: the
+//! kubelet sets `KUBERNETES_SERVICE_HOST`/`PORT` for it too, and the service
+//! IP is reachable from the node's network namespace. The gate opens no port,
+//! so it cannot collide with host ports either. Skipping such pods would let a
+//! hostNetwork *service* pod serve in a standby cluster, which is exactly the
+//! failure Counterweight exists to prevent, so they are gated like any other.
+//! Infrastructure daemons that use hostNetwork live in `kube-system` or are
+//! marked with a synchronization role or the opt-out annotation; an operator
+//! who wants the opposite sets [`InjectorConfig::skip_host_network`].
+
+use std::collections::BTreeMap;
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapProjection, Container, DownwardAPIProjection, DownwardAPIVolumeFile,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath, ObjectFieldSelector, Pod,
+    PodReadinessGate, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use serde_json::Value;
+
+use crate::names::{
+    INJECT_ANNOTATION, INJECT_DISABLED, INJECT_ENABLED, INJECT_LABEL, ROLE_LABEL,
+    SERVING_CONDITION, STATE_CONFIGMAP, STATUS_ANNOTATION, SYSTEM_NAMESPACE,
+};
+
+/// Value written to [`STATUS_ANNOTATION`] on injected pods. Versioned so a
+/// later injector can tell its own older patches apart.
+pub const STATUS_INJECTED: &str = "injected-v1";
+/// Default name of the injected init container.
+pub const GATE_CONTAINER: &str = "counterweight-gate";
+/// Name of the projected token volume added when the pod disables token automount.
+pub const TOKEN_VOLUME: &str = "counterweight-gate-token";
+/// Name of the writable scratch volume the gate writes its release epoch to
+/// (the gate's root filesystem is read-only).
+pub const RUN_VOLUME: &str = "counterweight-gate-run";
+/// Where the gate's scratch volume is mounted; the gate's default epoch file lives here.
+pub const RUN_MOUNT_PATH: &str = "/var/run/counterweight";
+/// Where Kubernetes clients look for the service-account token.
+pub const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// Namespaces that are never injected, whatever their labels say: gating
+/// cluster infrastructure could keep a cluster from ever starting.
+pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
+/// Pod role values that mark a synchronization pod (never gated, claims 6-7).
+pub const SYNC_ROLES: [&str; 3] = ["ha", "database", "file-replication"];
+/// Role value of an ordinary, gated service pod (also the default).
+pub const SERVICE_ROLE: &str = "service";
+/// Environment variable names the gate reads (they match its flags).
+pub mod env {
+    /// Namespace of the state ConfigMap.
+    pub const STATE_NAMESPACE: &str = "COUNTERWEIGHT_STATE_NAMESPACE";
+    /// Name of the state ConfigMap.
+    pub const STATE_NAME: &str = "COUNTERWEIGHT_STATE_NAME";
+    /// The cluster this pod expects to run in; the gate refuses a state record of another cluster.
+    pub const EXPECTED_CLUSTER: &str = "COUNTERWEIGHT_EXPECTED_CLUSTER";
+    /// File the gate writes the release epoch to.
+    pub const EPOCH_FILE: &str = "COUNTERWEIGHT_EPOCH_FILE";
+    /// The pod's own name, from the downward API, for the gate's logs.
+    pub const POD_NAME: &str = "COUNTERWEIGHT_POD_NAME";
+    /// The pod's own namespace, from the downward API.
+    pub const POD_NAMESPACE: &str = "COUNTERWEIGHT_POD_NAMESPACE";
+}
+
+/// Where among the pod's init containers the gate goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GatePosition {
+    /// Before every other init container (the default): nothing of the pod
+    /// runs in a standby cluster, not even migrations in init containers.
+    #[default]
+    First,
+    /// After the pod's own init containers, e.g. when one of them must set up
+    /// networking (a mesh's iptables init) before the gate can reach the API.
+    Last,
+}
+
+/// CPU and memory requests and limits of the gate container, as Kubernetes quantities.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateResources {
+    /// CPU request, e.g. `10m`.
+    pub cpu_request: String,
+    /// Memory request, e.g. `16Mi`.
+    pub memory_request: String,
+    /// CPU limit, e.g. `100m`.
+    pub cpu_limit: String,
+    /// Memory limit, e.g. `64Mi`.
+    pub memory_limit: String,
+}
+
+impl Default for GateResources {
+    fn default() -> Self {
+        Self {
+            cpu_request: "10m".into(),
+            memory_request: "16Mi".into(),
+            cpu_limit: "100m".into(),
+            memory_limit: "64Mi".into(),
+        }
+    }
+}
+
+/// Everything the injector needs besides the pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InjectorConfig {
+    /// Image of the gate container.
+    pub image: String,
+    /// Image pull policy of the gate container, if set.
+    pub image_pull_policy: Option<String>,
+    /// Name of the gate container.
+    pub container_name: String,
+    /// Where the gate goes among the init containers.
+    pub position: GatePosition,
+    /// Namespace of the state ConfigMap (and of the controller; never injected).
+    pub state_namespace: String,
+    /// Name of the state ConfigMap.
+    pub state_name: String,
+    /// The cluster the injected pods expect to run in.
+    pub cluster_name: String,
+    /// Resources of the gate container.
+    pub resources: GateResources,
+    /// UID the gate runs as; a numeric UID lets `runAsNonRoot` be verified
+    /// whatever the image's `USER` says.
+    pub run_as_user: i64,
+    /// Lifetime requested for the projected token (the kubelet refreshes it).
+    pub token_expiration_seconds: i64,
+    /// Skip hostNetwork pods (default false; see the module docs for why).
+    pub skip_host_network: bool,
+}
+
+impl Default for InjectorConfig {
+    fn default() -> Self {
+        Self {
+            image: "counterweight/gate:latest".into(),
+            image_pull_policy: None,
+            container_name: GATE_CONTAINER.into(),
+            position: GatePosition::First,
+            state_namespace: SYSTEM_NAMESPACE.into(),
+            state_name: STATE_CONFIGMAP.into(),
+            cluster_name: String::new(),
+            resources: GateResources::default(),
+            run_as_user: 65532,
+            token_expiration_seconds: 3607,
+            skip_host_network: false,
+        }
+    }
+}
+
+/// Why a pod was left alone. [`Skip::as_str`] is stable: it is a metrics
+/// label value and appears in logs and warnings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Skip {
+    /// kube-system, kube-public or kube-node-lease.
+    SystemNamespace,
+    /// The controller's own namespace (the state ConfigMap's namespace).
+    ControllerNamespace,
+    /// The namespace lacks `counterweight.dev/inject=enabled`.
+    NamespaceNotEnabled,
+    /// The pod carries `counterweight.dev/inject: disabled`.
+    OptedOut,
+    /// The pod has a synchronization role (`ha`, `database`, `file-replication`).
+    SyncRole,
+    /// The pod's role label has a value Counterweight does not know. Neither
+    /// gating nor not gating is safe for a typo, so the pod is left alone and
+    /// the webhook returns a warning naming the label.
+    UnknownRole,
+    /// The pod already carries the status annotation or the gate container.
+    AlreadyInjected,
+    /// A mirror (static) pod: the kubelet owns its spec.
+    MirrorPod,
+    /// hostNetwork pod, and the config says to skip those.
+    HostNetwork,
+    /// The pod already has a volume with a name the gate needs.
+    NameConflict,
+}
+
+impl Skip {
+    /// Every skip reason, for pre-registering metrics.
+    pub const ALL: [Skip; 10] = [
+        Skip::SystemNamespace,
+        Skip::ControllerNamespace,
+        Skip::NamespaceNotEnabled,
+        Skip::OptedOut,
+        Skip::SyncRole,
+        Skip::UnknownRole,
+        Skip::AlreadyInjected,
+        Skip::MirrorPod,
+        Skip::HostNetwork,
+        Skip::NameConflict,
+    ];
+
+    /// The stable kebab-case name of the reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skip::SystemNamespace => "system-namespace",
+            Skip::ControllerNamespace => "controller-namespace",
+            Skip::NamespaceNotEnabled => "namespace-not-enabled",
+            Skip::OptedOut => "opted-out",
+            Skip::SyncRole => "sync-role",
+            Skip::UnknownRole => "unknown-role",
+            Skip::AlreadyInjected => "already-injected",
+            Skip::MirrorPod => "mirror-pod",
+            Skip::HostNetwork => "host-network",
+            Skip::NameConflict => "name-conflict",
+        }
+    }
+
+    /// Whether the skip hides a probable user mistake worth a warning back to
+    /// the client (as opposed to an ordinary, intended skip).
+    pub fn is_suspicious(self) -> bool {
+        matches!(self, Skip::UnknownRole | Skip::NameConflict)
+    }
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The injector's verdict for one pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Apply this patch to the pod.
+    Inject(Patch),
+    /// Leave the pod as it is, for this reason.
+    Skip(Skip),
+}
+
+/// Annotation the kubelet puts on mirror pods of static pods.
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// Decides whether `pod`, created in `namespace` whose labels are
+/// `namespace_labels`, gets the init-gate, and returns the patch if so.
+///
+/// The order of checks is the order of their authority: namespaces that are
+/// never injected first, then the namespace's opt-in, then the pod's own
+/// wishes, then idempotence.
+pub fn inject(
+    pod: &Pod,
+    namespace_labels: &BTreeMap<String, String>,
+    namespace: &str,
+    config: &InjectorConfig,
+) -> Decision {
+    match skip_reason(pod, namespace_labels, namespace, config) {
+        Some(reason) => Decision::Skip(reason),
+        None => Decision::Inject(patch(pod, config)),
+    }
+}
+
+fn skip_reason(
+    pod: &Pod,
+    namespace_labels: &BTreeMap<String, String>,
+    namespace: &str,
+    config: &InjectorConfig,
+) -> Option<Skip> {
+    if SYSTEM_NAMESPACES.contains(&namespace) {
+        return Some(Skip::SystemNamespace);
+    }
+    if namespace == config.state_namespace || namespace == SYSTEM_NAMESPACE {
+        return Some(Skip::ControllerNamespace);
+    }
+    if namespace_labels.get(INJECT_LABEL).map(String::as_str) != Some(INJECT_ENABLED) {
+        return Some(Skip::NamespaceNotEnabled);
+    }
+    let meta = &pod.metadata;
+    let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key));
+    if annotation(MIRROR_ANNOTATION).is_some() {
+        return Some(Skip::MirrorPod);
+    }
+    if annotation(INJECT_ANNOTATION).map(String::as_str) == Some(INJECT_DISABLED) {
+        return Some(Skip::OptedOut);
+    }
+    match meta.labels.as_ref().and_then(|l| l.get(ROLE_LABEL)) {
+        None => {}
+        Some(role) if role == SERVICE_ROLE => {}
+        Some(role) if SYNC_ROLES.contains(&role.as_str()) => return Some(Skip::SyncRole),
+        Some(_) => return Some(Skip::UnknownRole),
+    }
+    let spec = pod.spec.as_ref();
+    let has_gate = spec
+        .and_then(|s| s.init_containers.as_ref())
+        .is_some_and(|ics| ics.iter().any(|c| c.name == config.container_name));
+    if annotation(STATUS_ANNOTATION).is_some() || has_gate {
+        return Some(Skip::AlreadyInjected);
+    }
+    if config.skip_host_network && spec.and_then(|s| s.host_network) == Some(true) {
+        return Some(Skip::HostNetwork);
+    }
+    let volume_taken = spec.and_then(|s| s.volumes.as_ref()).is_some_and(|vs| {
+        vs.iter()
+            .any(|v| v.name == TOKEN_VOLUME || v.name == RUN_VOLUME)
+    });
+    if volume_taken {
+        return Some(Skip::NameConflict);
+    }
+    None
+}
+
+/// Whether the pod turned off the service-account token, so the gate needs
+/// its own. The pod's setting wins over the service account's; when the pod
+/// says nothing we cannot see the ServiceAccount from here, so the gate gets
+/// the token the pod gets (an SA with automount off and a pod that does not
+/// override it is documented as unsupported).
+fn needs_own_token(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.automount_service_account_token)
+        == Some(false)
+}
+
+fn patch(pod: &Pod, config: &InjectorConfig) -> Patch {
+    let own_token = needs_own_token(pod);
+    let spec = pod.spec.as_ref();
+    let mut ops = Vec::new();
+
+    let mut add = |tokens: &[&str], value: Value| {
+        ops.push(PatchOperation::Add(AddOperation {
+            path: PointerBuf::from_tokens(tokens.iter().copied()),
+            value,
+        }));
+    };
+
+    // Annotation. `from_tokens` escapes the `/` in the key as `~1`.
+    match pod.metadata.annotations {
+        Some(_) => add(
+            &["metadata", "annotations", STATUS_ANNOTATION],
+            Value::String(STATUS_INJECTED.into()),
+        ),
+        None => add(
+            &["metadata", "annotations"],
+            serde_json::json!({ STATUS_ANNOTATION: STATUS_INJECTED }),
+        ),
+    }
+
+    // The gate container.
+    let gate = to_value(&gate_container(config, own_token));
+    match spec.and_then(|s| s.init_containers.as_ref()) {
+        None => add(&["spec", "initContainers"], Value::Array(vec![gate])),
+        Some(_) => match config.position {
+            GatePosition::First => add(&["spec", "initContainers", "0"], gate),
+            GatePosition::Last => add(&["spec", "initContainers", "-"], gate),
+        },
+    }
+
+    // Readiness gate, unless the pod already declares it.
+    let rg = to_value(&PodReadinessGate {
+        condition_type: SERVING_CONDITION.into(),
+    });
+    match spec.and_then(|s| s.readiness_gates.as_ref()) {
+        None => add(&["spec", "readinessGates"], Value::Array(vec![rg])),
+        Some(gates) if gates.iter().any(|g| g.condition_type == SERVING_CONDITION) => {}
+        Some(_) => add(&["spec", "readinessGates", "-"], rg),
+    }
+
+    // Volumes: scratch for the epoch file, and the token if the pod has none.
+    let mut volumes = vec![to_value(&Volume {
+        name: RUN_VOLUME.into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(Quantity("1Mi".into())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })];
+    if own_token {
+        volumes.push(to_value(&token_volume(config)));
+    }
+    match spec.and_then(|s| s.volumes.as_ref()) {
+        None => add(&["spec", "volumes"], Value::Array(volumes)),
+        Some(_) => {
+            for v in volumes {
+                add(&["spec", "volumes", "-"], v);
+            }
+        }
+    }
+
+    Patch(ops)
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Value {
+    // Serializing k8s-openapi structs into a Value cannot fail: they are plain
+    // data with string keys. Null is a harmless fallback that the API server
+    // would reject loudly, never a silent wrong patch.
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn gate_container(config: &InjectorConfig, own_token: bool) -> Container {
+    let plain = |name: &str, value: &str| EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    };
+    let field = |name: &str, path: &str| EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                api_version: Some("v1".into()),
+                field_path: path.into(),
+            }),
+            ..Default::default()
+        }),
+    };
+    let r = &config.resources;
+    let quantities = |cpu: &str, mem: &str| {
+        BTreeMap::from([
+            ("cpu".to_owned(), Quantity(cpu.to_owned())),
+            ("memory".to_owned(), Quantity(mem.to_owned())),
+        ])
+    };
+    let mut mounts = vec![VolumeMount {
+        name: RUN_VOLUME.into(),
+        mount_path: RUN_MOUNT_PATH.into(),
+        ..Default::default()
+    }];
+    if own_token {
+        mounts.push(VolumeMount {
+            name: TOKEN_VOLUME.into(),
+            mount_path: TOKEN_MOUNT_PATH.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    Container {
+        name: config.container_name.clone(),
+        image: Some(config.image.clone()),
+        image_pull_policy: config.image_pull_policy.clone(),
+        env: Some(vec![
+            plain(env::STATE_NAMESPACE, &config.state_namespace),
+            plain(env::STATE_NAME, &config.state_name),
+            plain(env::EXPECTED_CLUSTER, &config.cluster_name),
+            plain(env::EPOCH_FILE, &format!("{RUN_MOUNT_PATH}/epoch")),
+            field(env::POD_NAME, "metadata.name"),
+            field(env::POD_NAMESPACE, "metadata.namespace"),
+        ]),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities(&r.cpu_request, &r.memory_request)),
+            limits: Some(quantities(&r.cpu_limit, &r.memory_limit)),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(config.run_as_user),
+            run_as_group: Some(config.run_as_user),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(mounts),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Default::default()
+    }
+}
+
+/// The same three sources the kubelet projects for an automounted token,
+/// so the gate's Kubernetes client finds token, CA and namespace where it
+/// always looks.
+fn token_volume(config: &InjectorConfig) -> Volume {
+    Volume {
+        name: TOKEN_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o444),
+            sources: Some(vec![
+                VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        path: "token".into(),
+                        expiration_seconds: Some(config.token_expiration_seconds),
+                        audience: None,
+                    }),
+                    ..Default::default()
+                },
+                VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: "kube-root-ca.crt".into(),
+                        items: Some(vec![KeyToPath {
+                            key: "ca.crt".into(),
+                            path: "ca.crt".into(),
+                            mode: None,
+                        }]),
+                        optional: None,
+                    }),
+                    ..Default::default()
+                },
+                VolumeProjection {
+                    downward_api: Some(DownwardAPIProjection {
+                        items: Some(vec![DownwardAPIVolumeFile {
+                            path: "namespace".into(),
+                            field_ref: Some(ObjectFieldSelector {
+                                api_version: Some("v1".into()),
+                                field_path: "metadata.namespace".into(),
+                            }),
+                            ..Default::default()
+                        }]),
+                    }),
+                    ..Default::default()
+                },
+            ]),
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::PodSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use proptest::prelude::*;
+
+    const NS: &str = "shop";
+
+    fn enabled() -> BTreeMap<String, String> {
+        BTreeMap::from([(INJECT_LABEL.to_owned(), INJECT_ENABLED.to_owned())])
+    }
+
+    fn config() -> InjectorConfig {
+        InjectorConfig {
+            cluster_name: "east".into(),
+            ..Default::default()
+        }
+    }
+
+    fn container(name: &str) -> Container {
+        Container {
+            name: name.into(),
+            image: Some("registry.invalid/app:1".into()),
+            ..Default::default()
+        }
+    }
+
+    /// The barest pod the API server accepts: no labels, no annotations, no
+    /// init containers, no readiness gates, no volumes.
+    fn bare_pod() -> Pod {
+        Pod {
+            metadata: ObjectMeta::default(),
+            spec: Some(PodSpec {
+                containers: vec![container("app")],
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn apply(pod: &Pod, p: &Patch) -> Result<Pod, String> {
+        let mut doc = serde_json::to_value(pod).map_err(|e| e.to_string())?;
+        json_patch::patch(&mut doc, p).map_err(|e| e.to_string())?;
+        serde_json::from_value(doc).map_err(|e| e.to_string())
+    }
+
+    fn injected(pod: &Pod, cfg: &InjectorConfig) -> Pod {
+        match inject(pod, &enabled(), NS, cfg) {
+            Decision::Inject(p) => apply(pod, &p).unwrap(),
+            Decision::Skip(s) => panic!("expected injection, got skip {s}"),
+        }
+    }
+
+    fn with_labels(mut pod: Pod, pairs: &[(&str, &str)]) -> Pod {
+        pod.metadata.labels = Some(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+        );
+        pod
+    }
+
+    fn with_annotations(mut pod: Pod, pairs: &[(&str, &str)]) -> Pod {
+        pod.metadata.annotations = Some(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+        );
+        pod
+    }
+
+    #[test]
+    fn bare_pod_gets_gate_readiness_gate_marker_and_env() {
+        let out = injected(&bare_pod(), &config());
+        let spec = out.spec.as_ref().unwrap();
+        let ics = spec.init_containers.as_ref().unwrap();
+        assert_eq!(ics.len(), 1);
+        let gate = &ics[0];
+        assert_eq!(gate.name, GATE_CONTAINER);
+        let env: BTreeMap<_, _> = gate
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| (e.name.as_str(), e.value.clone()))
+            .collect();
+        assert_eq!(
+            env[env::STATE_NAMESPACE].as_deref(),
+            Some("counterweight-system")
+        );
+        assert_eq!(env[env::STATE_NAME].as_deref(), Some("counterweight-state"));
+        assert_eq!(env[env::EXPECTED_CLUSTER].as_deref(), Some("east"));
+        let sc = gate.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_owned()][..])
+        );
+        let res = gate.resources.as_ref().unwrap();
+        assert_eq!(res.limits.as_ref().unwrap()["memory"].0, "64Mi");
+        assert_eq!(
+            spec.readiness_gates.as_ref().unwrap(),
+            &vec![PodReadinessGate {
+                condition_type: SERVING_CONDITION.into()
+            }]
+        );
+        assert_eq!(
+            out.metadata.annotations.as_ref().unwrap()[STATUS_ANNOTATION],
+            STATUS_INJECTED
+        );
+        // The app container is untouched, and no token volume without need.
+        assert_eq!(spec.containers, vec![container("app")]);
+        let vols: Vec<_> = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(vols, vec![RUN_VOLUME]);
+    }
+
+    #[test]
+    fn annotation_key_slash_is_escaped_in_the_pointer() {
+        let pod = with_annotations(bare_pod(), &[("a", "b")]);
+        let Decision::Inject(p) = inject(&pod, &enabled(), NS, &config()) else {
+            panic!("expected injection");
+        };
+        let text = serde_json::to_string(&p).unwrap();
+        assert!(
+            text.contains("/metadata/annotations/counterweight.dev~1status"),
+            "{text}"
+        );
+        let out = apply(&pod, &p).unwrap();
+        let ann = out.metadata.annotations.unwrap();
+        assert_eq!(ann["a"], "b", "existing annotations are kept");
+        assert_eq!(ann[STATUS_ANNOTATION], STATUS_INJECTED);
+    }
+
+    #[test]
+    fn gate_goes_first_or_last_as_configured() {
+        let mut pod = bare_pod();
+        pod.spec.as_mut().unwrap().init_containers =
+            Some(vec![container("migrate"), container("warm")]);
+        let names = |p: &Pod| -> Vec<String> {
+            p.spec
+                .as_ref()
+                .unwrap()
+                .init_containers
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|c| c.name.clone())
+                .collect()
+        };
+        assert_eq!(
+            names(&injected(&pod, &config())),
+            [GATE_CONTAINER, "migrate", "warm"]
+        );
+        let last = InjectorConfig {
+            position: GatePosition::Last,
+            ..config()
+        };
+        assert_eq!(
+            names(&injected(&pod, &last)),
+            ["migrate", "warm", GATE_CONTAINER]
+        );
+    }
+
+    #[test]
+    fn existing_readiness_gate_is_not_duplicated() {
+        let mut pod = bare_pod();
+        pod.spec.as_mut().unwrap().readiness_gates = Some(vec![
+            PodReadinessGate {
+                condition_type: "other".into(),
+            },
+            PodReadinessGate {
+                condition_type: SERVING_CONDITION.into(),
+            },
+        ]);
+        let out = injected(&pod, &config());
+        assert_eq!(out.spec.unwrap().readiness_gates.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn disabled_automount_gets_a_projected_token_for_the_gate_only() {
+        let mut pod = bare_pod();
+        let spec = pod.spec.as_mut().unwrap();
+        spec.automount_service_account_token = Some(false);
+        spec.volumes = Some(vec![Volume {
+            name: "data".into(),
+            ..Default::default()
+        }]);
+        let out = injected(&pod, &config());
+        let spec = out.spec.unwrap();
+        let vols: Vec<_> = spec.volumes.unwrap().into_iter().map(|v| v.name).collect();
+        assert_eq!(vols, ["data", RUN_VOLUME, TOKEN_VOLUME]);
+        let gate = &spec.init_containers.unwrap()[0];
+        assert!(
+            gate.volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.name == TOKEN_VOLUME && m.mount_path == TOKEN_MOUNT_PATH)
+        );
+        assert!(
+            spec.containers[0].volume_mounts.is_none(),
+            "the app container must not get the token"
+        );
+        assert_eq!(
+            spec.automount_service_account_token,
+            Some(false),
+            "the pod's choice stands"
+        );
+    }
+
+    #[test]
+    fn named_skip_reasons() {
+        let cfg = config();
+        let pod = bare_pod();
+        let plain = BTreeMap::new();
+        for ns in SYSTEM_NAMESPACES {
+            assert_eq!(
+                inject(&pod, &enabled(), ns, &cfg),
+                Decision::Skip(Skip::SystemNamespace)
+            );
+        }
+        assert_eq!(
+            inject(&pod, &enabled(), SYSTEM_NAMESPACE, &cfg),
+            Decision::Skip(Skip::ControllerNamespace)
+        );
+        assert_eq!(
+            inject(&pod, &plain, NS, &cfg),
+            Decision::Skip(Skip::NamespaceNotEnabled)
+        );
+        let wrong_value = BTreeMap::from([(INJECT_LABEL.to_owned(), "true".to_owned())]);
+        assert_eq!(
+            inject(&pod, &wrong_value, NS, &cfg),
+            Decision::Skip(Skip::NamespaceNotEnabled)
+        );
+        let out = with_annotations(bare_pod(), &[(INJECT_ANNOTATION, INJECT_DISABLED)]);
+        assert_eq!(
+            inject(&out, &enabled(), NS, &cfg),
+            Decision::Skip(Skip::OptedOut)
+        );
+        for role in SYNC_ROLES {
+            let p = with_labels(bare_pod(), &[(ROLE_LABEL, role)]);
+            assert_eq!(
+                inject(&p, &enabled(), NS, &cfg),
+                Decision::Skip(Skip::SyncRole)
+            );
+        }
+        let p = with_labels(bare_pod(), &[(ROLE_LABEL, "servce")]);
+        assert_eq!(
+            inject(&p, &enabled(), NS, &cfg),
+            Decision::Skip(Skip::UnknownRole)
+        );
+        let p = with_labels(bare_pod(), &[(ROLE_LABEL, SERVICE_ROLE)]);
+        assert!(matches!(
+            inject(&p, &enabled(), NS, &cfg),
+            Decision::Inject(_)
+        ));
+        let p = with_annotations(bare_pod(), &[(MIRROR_ANNOTATION, "x")]);
+        assert_eq!(
+            inject(&p, &enabled(), NS, &cfg),
+            Decision::Skip(Skip::MirrorPod)
+        );
+        let mut p = bare_pod();
+        p.spec.as_mut().unwrap().volumes = Some(vec![Volume {
+            name: RUN_VOLUME.into(),
+            ..Default::default()
+        }]);
+        assert_eq!(
+            inject(&p, &enabled(), NS, &cfg),
+            Decision::Skip(Skip::NameConflict)
+        );
+        // A pod that kept the gate container but lost the marker is not injected twice.
+        let mut p = bare_pod();
+        p.spec.as_mut().unwrap().init_containers = Some(vec![container(GATE_CONTAINER)]);
+        assert_eq!(
+            inject(&p, &enabled(), NS, &cfg),
+            Decision::Skip(Skip::AlreadyInjected)
+        );
+    }
+
+    #[test]
+    fn host_network_is_injected_unless_configured_otherwise() {
+        let mut p = bare_pod();
+        p.spec.as_mut().unwrap().host_network = Some(true);
+        assert!(matches!(
+            inject(&p, &enabled(), NS, &config()),
+            Decision::Inject(_)
+        ));
+        let skip = InjectorConfig {
+            skip_host_network: true,
+            ..config()
+        };
+        assert_eq!(
+            inject(&p, &enabled(), NS, &skip),
+            Decision::Skip(Skip::HostNetwork)
+        );
+    }
+
+    #[test]
+    fn skip_names_are_stable_and_distinct() {
+        let names: std::collections::BTreeSet<_> = Skip::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names.len(), Skip::ALL.len());
+        for required in [
+            "namespace-not-enabled",
+            "opted-out",
+            "sync-role",
+            "already-injected",
+            "system-namespace",
+        ] {
+            assert!(names.contains(required), "{required}");
+        }
+    }
+
+    fn arb_name() -> impl Strategy<Value = String> {
+        "[a-z][a-z0-9-]{0,8}"
+    }
+
+    fn arb_map() -> impl Strategy<Value = Option<BTreeMap<String, String>>> {
+        // Keys include `/` and `~`, the two characters JSON pointers escape.
+        proptest::option::of(proptest::collection::btree_map(
+            "[a-z~/.]{1,12}",
+            "[a-z0-9]{0,6}",
+            0..4,
+        ))
+    }
+
+    prop_compose! {
+        fn arb_pod()(
+            labels in arb_map(),
+            annotations in arb_map(),
+            role in proptest::option::of(prop_oneof![Just("service".to_owned()), Just("database".to_owned()), arb_name()]),
+            inits in proptest::option::of(proptest::collection::vec(arb_name(), 0..4)),
+            gates in proptest::option::of(proptest::collection::vec(prop_oneof![Just(SERVING_CONDITION.to_owned()), arb_name()], 0..3)),
+            volumes in proptest::option::of(proptest::collection::vec(arb_name(), 0..3)),
+            automount in proptest::option::of(any::<bool>()),
+            host_network in proptest::option::of(any::<bool>()),
+        ) -> Pod {
+            let mut labels = labels;
+            if let Some(role) = role {
+                labels.get_or_insert_with(BTreeMap::new).insert(ROLE_LABEL.into(), role);
+            }
+            Pod {
+                metadata: ObjectMeta { labels, annotations, ..Default::default() },
+                spec: Some(PodSpec {
+                    containers: vec![container("app")],
+                    init_containers: inits.map(|v| v.iter().map(|n| container(n)).collect()),
+                    readiness_gates: gates.map(|v| v.into_iter().map(|condition_type| PodReadinessGate { condition_type }).collect()),
+                    volumes: volumes.map(|v| v.into_iter().map(|name| Volume { name, ..Default::default() }).collect()),
+                    automount_service_account_token: automount,
+                    host_network,
+                    ..Default::default()
+                }),
+                status: None,
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// The patch applies to the very pod it was made for, puts the gate
+        /// first, adds exactly one readiness gate and the marker, keeps every
+        /// original init container in order, and injecting the result again
+        /// is a no-op (`already-injected`).
+        #[test]
+        fn patch_applies_gate_first_and_is_idempotent(pod in arb_pod()) {
+            let cfg = config();
+            match inject(&pod, &enabled(), NS, &cfg) {
+                Decision::Skip(reason) => {
+                    // Only pod-level reasons are possible with an enabled namespace.
+                    prop_assert!(matches!(reason,
+                        Skip::OptedOut | Skip::SyncRole | Skip::UnknownRole
+                        | Skip::AlreadyInjected | Skip::NameConflict | Skip::MirrorPod),
+                        "unexpected {reason}");
+                }
+                Decision::Inject(p) => {
+                    let out = apply(&pod, &p).map_err(TestCaseError::fail)?;
+                    let spec = out.spec.as_ref().unwrap();
+                    let ics = spec.init_containers.as_ref().unwrap();
+                    prop_assert_eq!(&ics[0].name, GATE_CONTAINER);
+                    let before: Vec<_> = pod.spec.as_ref().unwrap().init_containers.iter().flatten().map(|c| c.name.clone()).collect();
+                    let after: Vec<_> = ics[1..].iter().map(|c| c.name.clone()).collect();
+                    prop_assert_eq!(before, after);
+                    let serving = spec.readiness_gates.as_ref().unwrap().iter().filter(|g| g.condition_type == SERVING_CONDITION).count();
+                    // Exactly one is added, unless the pod already asked for it.
+                    let had = pod.spec.as_ref().unwrap().readiness_gates.iter().flatten().filter(|g| g.condition_type == SERVING_CONDITION).count();
+                    prop_assert_eq!(serving, had.max(1));
+                    prop_assert_eq!(out.metadata.annotations.as_ref().unwrap().get(STATUS_ANNOTATION).map(String::as_str), Some(STATUS_INJECTED));
+                    // Everything the pod had is still there.
+                    for (k, v) in pod.metadata.annotations.iter().flatten() {
+                        prop_assert_eq!(out.metadata.annotations.as_ref().unwrap().get(k), Some(v));
+                    }
+                    prop_assert_eq!(&out.metadata.labels, &pod.metadata.labels);
+                    prop_assert_eq!(&spec.containers, &pod.spec.as_ref().unwrap().containers);
+                    let token = spec.volumes.iter().flatten().any(|v| v.name == TOKEN_VOLUME);
+                    prop_assert_eq!(token, spec.automount_service_account_token == Some(false));
+                    prop_assert_eq!(inject(&out, &enabled(), NS, &cfg), Decision::Skip(Skip::AlreadyInjected));
+                }
+            }
+        }
+
+        /// With the gate configured last, it is the last init container.
+        #[test]
+        fn gate_last_when_configured(pod in arb_pod()) {
+            let cfg = InjectorConfig { position: GatePosition::Last, ..config() };
+            if let Decision::Inject(p) = inject(&pod, &enabled(), NS, &cfg) {
+                let out = apply(&pod, &p).map_err(TestCaseError::fail)?;
+                let ics = out.spec.unwrap().init_containers.unwrap();
+                prop_assert_eq!(&ics[ics.len() - 1].name, GATE_CONTAINER);
+            }
+        }
+
+        /// Namespace rules win over anything the pod says.
+        #[test]
+        fn never_in_system_namespaces(pod in arb_pod(), idx in 0usize..4) {
+            let ns = [SYSTEM_NAMESPACES[0], SYSTEM_NAMESPACES[1], SYSTEM_NAMESPACES[2], SYSTEM_NAMESPACE][idx];
+            prop_assert!(matches!(inject(&pod, &enabled(), ns, &config()), Decision::Skip(Skip::SystemNamespace | Skip::ControllerNamespace)));
+        }
+    }
+}
