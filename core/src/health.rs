@@ -1,1 +1,839 @@
-//! (being written)
+//! Weighted cluster health: Table 1 and FIG. 8 of the seed.
+//!
+//! Three pieces, all pure:
+//! - [`Tally`] keeps, per policy component, how many selected pods exist and
+//!   how many are Running and Ready. It is updated one pod event at a time,
+//!   so an evaluation costs O(components), not O(pods), however large the
+//!   cluster.
+//! - [`evaluate`] turns counts and active-check outcomes into s_j ∈ {0, 1}
+//!   and S = Σ s_j · w_j, with an explanation of every term.
+//! - [`RetryCounter`] is Table 1's loop body: S < D increments retryCount,
+//!   S ≥ D resets it, and retryCount > K is the abnormal verdict (after which
+//!   the counter starts again, as in Table 1).
+
+use std::collections::{BTreeMap, HashMap};
+
+use k8s_openapi::api::core::v1::Pod;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Policy, WEIGHT_SUM_TOLERANCE};
+
+/// What health needs to know about one pod; small, so that a watch cache of
+/// ten thousand pods stays cheap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodFacts {
+    /// Namespace of the pod.
+    pub namespace: String,
+    /// Pod labels.
+    pub labels: BTreeMap<String, String>,
+    /// Phase Running, condition Ready True, and not being deleted.
+    pub running_ready: bool,
+    /// Pod IP, once assigned.
+    pub ip: Option<String>,
+}
+
+impl PodFacts {
+    /// Extracts the facts from a pod object.
+    pub fn of(pod: &Pod) -> Self {
+        let status = pod.status.as_ref();
+        let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        Self {
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            running_ready: running && ready && pod.metadata.deletion_timestamp.is_none(),
+            ip: status.and_then(|s| s.pod_ip.clone()),
+        }
+    }
+}
+
+/// Per-component pod counts, maintained incrementally from pod events.
+#[derive(Debug, Clone)]
+pub struct Tally {
+    // Selector and namespaces of each component, in policy order.
+    components: Vec<(Vec<String>, crate::policy::Selector)>,
+    counts: Vec<Counts>,
+    // Each pod's current contribution, so an update can undo it exactly.
+    pods: HashMap<String, Contribution>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Counts {
+    selected: u32,
+    ready: u32,
+    // Ready pods with an IP, for active checks that dial a pod.
+    ready_ips: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+struct Contribution {
+    components: Vec<usize>,
+    ready: bool,
+    ip: Option<String>,
+}
+
+impl Tally {
+    /// An empty tally for the components of `policy`.
+    pub fn new(policy: &Policy) -> Self {
+        Self {
+            components: policy
+                .components
+                .iter()
+                .map(|c| (c.namespaces.clone(), c.selector.clone()))
+                .collect(),
+            counts: vec![Counts::default(); policy.components.len()],
+            pods: HashMap::new(),
+        }
+    }
+
+    /// Records the current facts of the pod `key` (`namespace/name`),
+    /// replacing what was known of it.
+    pub fn upsert(&mut self, key: &str, facts: &PodFacts) {
+        self.remove(key);
+        let components: Vec<usize> = self
+            .components
+            .iter()
+            .enumerate()
+            .filter(|(_, (nss, sel))| nss.contains(&facts.namespace) && sel.matches(&facts.labels))
+            .map(|(i, _)| i)
+            .collect();
+        if components.is_empty() {
+            return;
+        }
+        for &i in &components {
+            let c = &mut self.counts[i];
+            c.selected += 1;
+            if facts.running_ready {
+                c.ready += 1;
+                if let Some(ip) = &facts.ip {
+                    c.ready_ips.insert(key.to_owned(), ip.clone());
+                }
+            }
+        }
+        self.pods.insert(
+            key.to_owned(),
+            Contribution {
+                components,
+                ready: facts.running_ready,
+                ip: facts.ip.clone(),
+            },
+        );
+    }
+
+    /// Forgets the pod `key`.
+    pub fn remove(&mut self, key: &str) {
+        let Some(old) = self.pods.remove(key) else {
+            return;
+        };
+        for i in old.components {
+            let c = &mut self.counts[i];
+            c.selected -= 1;
+            if old.ready {
+                c.ready -= 1;
+                if old.ip.is_some() {
+                    c.ready_ips.remove(key);
+                }
+            }
+        }
+    }
+
+    /// Number of pods that count towards any component.
+    pub fn tracked_pods(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// `(selected, ready)` of the component at `index` in policy order.
+    pub fn counts(&self, index: usize) -> (u32, u32) {
+        self.counts
+            .get(index)
+            .map(|c| (c.selected, c.ready))
+            .unwrap_or((0, 0))
+    }
+
+    /// The IP of some Running and Ready pod of the component, for checks
+    /// without a fixed host. The choice is stable (lowest pod key).
+    pub fn ready_ip(&self, index: usize) -> Option<&str> {
+        self.counts
+            .get(index)
+            .and_then(|c| c.ready_ips.values().next())
+            .map(String::as_str)
+    }
+}
+
+/// Outcome of one active check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckOutcome {
+    /// What was checked, e.g. `tcp 10.0.0.5:8080`.
+    pub check: String,
+    /// `None` if it passed, else why it failed.
+    pub error: Option<String>,
+}
+
+/// What was observed of one component, in policy order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observation {
+    /// Pods selected by the component.
+    pub selected: u32,
+    /// Of those, Running and Ready.
+    pub ready: u32,
+    /// Outcomes of the component's checks, one per check; `None` for a
+    /// check that has not run yet.
+    pub checks: Vec<Option<CheckOutcome>>,
+}
+
+/// Why a term of S is what it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ComponentHealth {
+    /// Component name.
+    pub name: String,
+    /// w_j.
+    pub weight: f64,
+    /// s_j.
+    pub up: bool,
+    /// Running and Ready pods.
+    pub ready: u32,
+    /// minReady.
+    pub required: u32,
+    /// Pods selected.
+    pub selected: u32,
+    /// The first reason s_j is 0, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing: Option<String>,
+}
+
+/// S and its terms.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Score {
+    /// S = Σ s_j · w_j, in [0, 1].
+    pub score: f64,
+    /// Each term, in policy order.
+    pub components: Vec<ComponentHealth>,
+}
+
+impl Score {
+    /// Names of the components that are down, heaviest first: the ones that
+    /// pulled S under D.
+    pub fn down(&self) -> Vec<&ComponentHealth> {
+        let mut down: Vec<&ComponentHealth> = self.components.iter().filter(|c| !c.up).collect();
+        down.sort_by(|a, b| b.weight.total_cmp(&a.weight).then(a.name.cmp(&b.name)));
+        down
+    }
+}
+
+/// Computes s_j for every component and S (FIG. 8 and Equation 1).
+///
+/// `observations` is in policy order; a missing entry counts as a component
+/// with no pods. The sum runs in name order, so S is bit-for-bit the same
+/// however the components are listed.
+pub fn evaluate(policy: &Policy, observations: &[Observation]) -> Score {
+    let empty = Observation::default();
+    let components: Vec<ComponentHealth> = policy
+        .components
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let obs = observations.get(i).unwrap_or(&empty);
+            let failing = if obs.ready < c.min_ready {
+                Some(if obs.selected == 0 {
+                    "no pod matches the selector".to_owned()
+                } else {
+                    format!(
+                        "{} of {} pods Running and Ready, {} required",
+                        obs.ready, obs.selected, c.min_ready
+                    )
+                })
+            } else {
+                c.checks.iter().enumerate().find_map(|(k, check)| {
+                    match obs.checks.get(k).and_then(Option::as_ref) {
+                        None => Some(format!("{} has not run yet", check.describe())),
+                        Some(CheckOutcome { error: None, .. }) => None,
+                        Some(CheckOutcome {
+                            check,
+                            error: Some(e),
+                        }) => Some(format!("{check}: {e}")),
+                    }
+                })
+            };
+            ComponentHealth {
+                name: c.name.clone(),
+                weight: c.weight,
+                up: failing.is_none(),
+                ready: obs.ready,
+                required: c.min_ready,
+                selected: obs.selected,
+                failing,
+            }
+        })
+        .collect();
+    let mut terms: Vec<(&str, f64)> = components
+        .iter()
+        .filter(|c| c.up)
+        .map(|c| (c.name.as_str(), c.weight))
+        .collect();
+    terms.sort_by(|a, b| a.0.cmp(b.0));
+    let score = if components.iter().all(|c| c.up) {
+        // Weights sum to 1 only within rounding; a fully healthy cluster is 1.
+        1.0
+    } else {
+        terms.iter().map(|(_, w)| w).sum::<f64>().clamp(0.0, 1.0)
+    };
+    Score { score, components }
+}
+
+/// Whether S is under D. Rounding of the weights must not turn S == D into
+/// S < D, so the comparison allows the same tolerance as Equation 2.
+pub fn below_threshold(score: f64, threshold: f64) -> bool {
+    score + WEIGHT_SUM_TOLERANCE < threshold
+}
+
+/// Table 1's verdict for one interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "verdict")]
+pub enum Verdict {
+    /// S ≥ D.
+    Healthy,
+    /// S < D for `retry_count` ≤ K consecutive intervals.
+    Degraded {
+        /// Consecutive intervals below D so far.
+        retry_count: u32,
+    },
+    /// S < D for K + 1 consecutive intervals: hand over.
+    Abnormal {
+        /// K + 1, the count that crossed K.
+        retry_count: u32,
+    },
+}
+
+impl Verdict {
+    /// The retry count to show for this verdict.
+    pub fn retry_count(self) -> u32 {
+        match self {
+            Verdict::Healthy => 0,
+            Verdict::Degraded { retry_count } | Verdict::Abnormal { retry_count } => retry_count,
+        }
+    }
+}
+
+/// Table 1's global `retryCount`.
+///
+/// A policy change keeps the count: a streak of bad intervals is still a
+/// streak, and the new D and K apply from the next interval on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryCounter {
+    count: u32,
+}
+
+impl RetryCounter {
+    /// The current count.
+    pub fn count(self) -> u32 {
+        self.count
+    }
+
+    /// One pass of Table 1's loop, at the end of an interval.
+    pub fn tick(&mut self, score: f64, threshold: f64, retries: u32) -> Verdict {
+        if below_threshold(score, threshold) {
+            self.count = self.count.saturating_add(1);
+        } else {
+            self.count = 0;
+        }
+        if self.count > retries {
+            let crossed = self.count;
+            self.count = 0;
+            Verdict::Abnormal {
+                retry_count: crossed,
+            }
+        } else if self.count > 0 {
+            Verdict::Degraded {
+                retry_count: self.count,
+            }
+        } else {
+            Verdict::Healthy
+        }
+    }
+}
+
+/// The explanation the controller publishes in its state ConfigMap: every
+/// number behind the verdict.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthReport {
+    /// S.
+    pub score: f64,
+    /// D.
+    pub threshold: f64,
+    /// K.
+    pub retries: u32,
+    /// Table 1's retryCount after this interval (K + 1 on the abnormal one).
+    pub retry_count: u32,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// The terms of S.
+    pub components: Vec<ComponentHealth>,
+}
+
+impl HealthReport {
+    /// Combines a score and a verdict under `policy`.
+    pub fn new(policy: &Policy, score: Score, verdict: Verdict) -> Self {
+        Self {
+            score: score.score,
+            threshold: policy.threshold,
+            retries: policy.retries,
+            retry_count: verdict.retry_count(),
+            verdict,
+            components: score.components,
+        }
+    }
+
+    /// One line for an Event: S against D and the components pulling it down.
+    pub fn summary(&self) -> String {
+        let down: Vec<String> = {
+            let score = Score {
+                score: self.score,
+                components: self.components.clone(),
+            };
+            score
+                .down()
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} (w={}: {})",
+                        c.name,
+                        c.weight,
+                        c.failing.as_deref().unwrap_or("down")
+                    )
+                })
+                .collect()
+        };
+        let mut s = format!(
+            "S={:.3} vs D={:.3}, retryCount {}/{}",
+            self.score, self.threshold, self.retry_count, self.retries
+        );
+        if !down.is_empty() {
+            s.push_str("; down: ");
+            s.push_str(&down.join(", "));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A policy of components `(name, weight)`, each selecting `app=<name>`
+    /// in namespace `ems`, minReady 1, no checks.
+    fn policy(threshold: f64, retries: u32, comps: &[(&str, f64)]) -> Policy {
+        let mut yaml =
+            format!("interval: 1s\nthreshold: {threshold}\nretries: {retries}\ncomponents:\n");
+        for (name, w) in comps {
+            yaml.push_str(&format!(
+                "  - {{name: {name}, namespaces: [ems], selector: {{matchLabels: {{app: {name}}}}}, weight: {w}}}\n"
+            ));
+        }
+        Policy::from_yaml(&yaml).unwrap()
+    }
+
+    fn obs(up: &[bool]) -> Vec<Observation> {
+        up.iter()
+            .map(|&u| Observation {
+                selected: 1,
+                ready: u32::from(u),
+                checks: vec![],
+            })
+            .collect()
+    }
+
+    /// Table 1, step by step. Components web 0.5, db 0.3, files 0.2;
+    /// D = 0.6, K = 2. Each row: which components are up, the expected S,
+    /// and the verdict after the tick.
+    #[test]
+    fn table_1_step_by_step() {
+        let p = policy(0.6, 2, &[("web", 0.5), ("db", 0.3), ("files", 0.2)]);
+        let mut counter = RetryCounter::default();
+        let rows: &[(&[bool], f64, Verdict)] = &[
+            (&[true, true, true], 1.0, Verdict::Healthy),
+            // web down: S = 0.5 < 0.6, counter 1 ≤ K.
+            (
+                &[false, true, true],
+                0.5,
+                Verdict::Degraded { retry_count: 1 },
+            ),
+            (
+                &[false, true, true],
+                0.5,
+                Verdict::Degraded { retry_count: 2 },
+            ),
+            // A good interval resets the streak.
+            (&[true, false, true], 0.7, Verdict::Healthy),
+            (
+                &[false, true, true],
+                0.5,
+                Verdict::Degraded { retry_count: 1 },
+            ),
+            (
+                &[false, false, true],
+                0.2,
+                Verdict::Degraded { retry_count: 2 },
+            ),
+            // Third consecutive interval below D: retryCount 3 > K = 2.
+            (
+                &[false, false, true],
+                0.2,
+                Verdict::Abnormal { retry_count: 3 },
+            ),
+            // Table 1 resets the counter after the abnormal verdict.
+            (
+                &[false, false, true],
+                0.2,
+                Verdict::Degraded { retry_count: 1 },
+            ),
+        ];
+        for (step, (up, s, verdict)) in rows.iter().enumerate() {
+            let score = evaluate(&p, &obs(up));
+            assert!(
+                (score.score - s).abs() < 1e-12,
+                "step {step}: S = {}",
+                score.score
+            );
+            assert_eq!(
+                counter.tick(score.score, p.threshold, p.retries),
+                *verdict,
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn s_equal_to_d_is_healthy() {
+        // web + db = 0.5 + 0.3 = 0.8 in binary is 0.8000000000000000444;
+        // the threshold 0.8 must be met, not missed by rounding.
+        let p = policy(0.8, 0, &[("web", 0.5), ("db", 0.3), ("files", 0.2)]);
+        let score = evaluate(&p, &obs(&[true, true, false]));
+        let mut c = RetryCounter::default();
+        assert_eq!(
+            c.tick(score.score, p.threshold, p.retries),
+            Verdict::Healthy
+        );
+        // And 0.1 + 0.2 (= 0.30000000000000004) against D = 0.3.
+        let p = policy(0.3, 0, &[("a", 0.1), ("b", 0.2), ("c", 0.7)]);
+        let score = evaluate(&p, &obs(&[true, true, false]));
+        assert_eq!(
+            c.tick(score.score, p.threshold, p.retries),
+            Verdict::Healthy
+        );
+        // Threshold 1 is met by a fully healthy cluster whose weights round.
+        let p = policy(1.0, 0, &[("a", 0.1), ("b", 0.2), ("c", 0.7)]);
+        let score = evaluate(&p, &obs(&[true, true, true]));
+        assert_eq!(score.score, 1.0);
+        assert_eq!(
+            c.tick(score.score, p.threshold, p.retries),
+            Verdict::Healthy
+        );
+    }
+
+    #[test]
+    fn k_zero_means_the_first_bad_interval_is_abnormal() {
+        let p = policy(0.6, 0, &[("web", 0.5), ("db", 0.5)]);
+        let mut c = RetryCounter::default();
+        let s = evaluate(&p, &obs(&[false, true])).score;
+        assert_eq!(
+            c.tick(s, p.threshold, p.retries),
+            Verdict::Abnormal { retry_count: 1 }
+        );
+        assert_eq!(c.count(), 0);
+    }
+
+    #[test]
+    fn a_policy_change_mid_streak_keeps_the_count_and_applies_new_d_and_k() {
+        let old = policy(0.6, 5, &[("web", 0.5), ("db", 0.5)]);
+        let mut c = RetryCounter::default();
+        let s = evaluate(&old, &obs(&[false, true])).score;
+        assert_eq!(
+            c.tick(s, old.threshold, old.retries),
+            Verdict::Degraded { retry_count: 1 }
+        );
+        assert_eq!(
+            c.tick(s, old.threshold, old.retries),
+            Verdict::Degraded { retry_count: 2 }
+        );
+        // K lowered to 1 while the count is 2: the next bad interval is abnormal.
+        let lower_k = policy(0.6, 1, &[("web", 0.5), ("db", 0.5)]);
+        assert_eq!(
+            c.tick(s, lower_k.threshold, lower_k.retries),
+            Verdict::Abnormal { retry_count: 3 }
+        );
+        // D lowered under S: the streak ends at once.
+        let mut c = RetryCounter::default();
+        c.tick(s, old.threshold, old.retries);
+        let lower_d = policy(0.4, 5, &[("web", 0.5), ("db", 0.5)]);
+        assert_eq!(
+            c.tick(s, lower_d.threshold, lower_d.retries),
+            Verdict::Healthy
+        );
+        assert_eq!(c.count(), 0);
+    }
+
+    #[test]
+    fn a_component_that_selects_no_pods_is_down_and_says_why() {
+        let p = policy(0.6, 0, &[("web", 0.5), ("db", 0.5)]);
+        let score = evaluate(
+            &p,
+            &[
+                Observation::default(),
+                Observation {
+                    selected: 1,
+                    ready: 1,
+                    checks: vec![],
+                },
+            ],
+        );
+        assert_eq!(score.score, 0.5);
+        assert_eq!(
+            score.components[0].failing.as_deref(),
+            Some("no pod matches the selector")
+        );
+        // Missing observations count as no pods too.
+        assert_eq!(evaluate(&p, &[]).score, 0.0);
+    }
+
+    #[test]
+    fn failing_or_pending_checks_take_a_component_down() {
+        let yaml = r#"
+interval: 1s
+threshold: 0.5
+retries: 0
+components:
+  - name: db
+    namespaces: [ems]
+    selector: {matchLabels: {app: db}}
+    weight: 1
+    checks:
+      - tcp: {port: 5432}
+      - postgres: {host: 127.0.0.1, secretRef: {name: cred}}
+"#;
+        let p = Policy::from_yaml(yaml).unwrap();
+        let ok = |c: &str| {
+            Some(CheckOutcome {
+                check: c.into(),
+                error: None,
+            })
+        };
+        let with = |checks| {
+            vec![Observation {
+                selected: 2,
+                ready: 2,
+                checks,
+            }]
+        };
+        assert!(evaluate(&p, &with(vec![ok("tcp"), ok("pg")])).components[0].up);
+        let pending = evaluate(&p, &with(vec![ok("tcp")]));
+        assert!(
+            pending.components[0]
+                .failing
+                .as_deref()
+                .unwrap()
+                .contains("has not run yet")
+        );
+        let failed = evaluate(
+            &p,
+            &with(vec![
+                ok("tcp"),
+                Some(CheckOutcome {
+                    check: "pg".into(),
+                    error: Some("connection refused".into()),
+                }),
+            ]),
+        );
+        assert_eq!(failed.score, 0.0);
+        assert_eq!(
+            failed.components[0].failing.as_deref(),
+            Some("pg: connection refused")
+        );
+    }
+
+    #[test]
+    fn min_ready_counts_running_and_ready_pods() {
+        let yaml = "interval: 1s\nthreshold: 0.5\nretries: 0\ncomponents:\n  - {name: web, namespaces: [ems], selector: {matchLabels: {app: web}}, weight: 1, minReady: 2}\n";
+        let p = Policy::from_yaml(yaml).unwrap();
+        let one = evaluate(
+            &p,
+            &[Observation {
+                selected: 3,
+                ready: 1,
+                checks: vec![],
+            }],
+        );
+        assert_eq!(
+            one.components[0].failing.as_deref(),
+            Some("1 of 3 pods Running and Ready, 2 required")
+        );
+        assert!(
+            evaluate(
+                &p,
+                &[Observation {
+                    selected: 3,
+                    ready: 2,
+                    checks: vec![]
+                }]
+            )
+            .components[0]
+                .up
+        );
+    }
+
+    #[test]
+    fn report_summary_names_the_components_that_pulled_s_down() {
+        let p = policy(0.6, 2, &[("web", 0.5), ("db", 0.3), ("files", 0.2)]);
+        let score = evaluate(&p, &obs(&[false, true, false]));
+        let report = HealthReport::new(&p, score, Verdict::Abnormal { retry_count: 3 });
+        let s = report.summary();
+        assert!(
+            s.starts_with("S=0.300 vs D=0.600, retryCount 3/2; down: web (w=0.5"),
+            "{s}"
+        );
+        assert!(
+            s.find("web").unwrap() < s.find("files").unwrap(),
+            "heaviest first: {s}"
+        );
+    }
+
+    fn facts(ns: &str, app: &str, ready: bool, ip: &str) -> PodFacts {
+        PodFacts {
+            namespace: ns.into(),
+            labels: BTreeMap::from([("app".to_owned(), app.to_owned())]),
+            running_ready: ready,
+            ip: Some(ip.into()),
+        }
+    }
+
+    #[test]
+    fn tally_follows_pod_events() {
+        let p = policy(0.5, 0, &[("web", 0.5), ("db", 0.5)]);
+        let mut t = Tally::new(&p);
+        t.upsert("ems/web-1", &facts("ems", "web", true, "10.0.0.1"));
+        t.upsert("ems/web-2", &facts("ems", "web", false, "10.0.0.2"));
+        t.upsert("other/web-3", &facts("other", "web", true, "10.0.0.3"));
+        t.upsert("ems/cache-1", &facts("ems", "cache", true, "10.0.0.4"));
+        assert_eq!(t.counts(0), (2, 1));
+        assert_eq!(t.counts(1), (0, 0));
+        assert_eq!(t.ready_ip(0), Some("10.0.0.1"));
+        assert_eq!(t.tracked_pods(), 2);
+        // Readiness flips and label changes move the pod between counts.
+        t.upsert("ems/web-1", &facts("ems", "web", false, "10.0.0.1"));
+        assert_eq!(t.counts(0), (2, 0));
+        assert_eq!(t.ready_ip(0), None);
+        t.upsert("ems/web-2", &facts("ems", "db", true, "10.0.0.2"));
+        assert_eq!(t.counts(0), (1, 0));
+        assert_eq!(t.counts(1), (1, 1));
+        t.remove("ems/web-2");
+        t.remove("ems/web-2");
+        assert_eq!(t.counts(1), (0, 0));
+        assert_eq!(t.counts(7), (0, 0));
+    }
+
+    /// Random policies: 1..6 components with weights normalised to sum 1.
+    fn arb_policy() -> impl Strategy<Value = Policy> {
+        (
+            prop::collection::vec(1u32..100, 1..6),
+            0.0f64..=1.0,
+            0u32..4,
+        )
+            .prop_map(|(raw, d, k)| {
+                let total: u32 = raw.iter().sum();
+                let mut comps: Vec<(String, f64)> = raw
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (format!("c{i}"), f64::from(*r) / f64::from(total)))
+                    .collect();
+                // Make the sum exactly representable-close by fixing the last weight.
+                let rest: f64 = comps[..comps.len() - 1].iter().map(|c| c.1).sum();
+                if let Some(last) = comps.last_mut() {
+                    last.1 = (1.0 - rest).max(f64::MIN_POSITIVE);
+                }
+                let named: Vec<(&str, f64)> = comps.iter().map(|(n, w)| (n.as_str(), *w)).collect();
+                policy(d, k, &named)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn s_stays_in_unit_interval(p in arb_policy(), ups in prop::collection::vec(any::<bool>(), 6)) {
+            let s = evaluate(&p, &obs(&ups[..p.components.len()])).score;
+            prop_assert!((0.0..=1.0).contains(&s));
+        }
+
+        #[test]
+        fn s_is_monotone_in_each_component(
+            p in arb_policy(),
+            ups in prop::collection::vec(any::<bool>(), 6),
+            j in 0usize..6,
+        ) {
+            let n = p.components.len();
+            let j = j % n;
+            let mut down = ups[..n].to_vec();
+            down[j] = false;
+            let mut up = down.clone();
+            up[j] = true;
+            let s_down = evaluate(&p, &obs(&down)).score;
+            let s_up = evaluate(&p, &obs(&up)).score;
+            prop_assert!(s_up >= s_down, "s_up={s_up} s_down={s_down}");
+            // And the verdicts agree: turning a component up never makes a
+            // healthy interval unhealthy.
+            prop_assert!(!below_threshold(s_up, p.threshold) || below_threshold(s_down, p.threshold));
+        }
+
+        #[test]
+        fn s_does_not_depend_on_component_order(
+            p in arb_policy(),
+            ups in prop::collection::vec(any::<bool>(), 6),
+            seed in any::<u64>(),
+        ) {
+            let n = p.components.len();
+            let ups = &ups[..n];
+            let mut order: Vec<usize> = (0..n).collect();
+            // A deterministic shuffle from the seed.
+            let mut x = seed | 1;
+            for i in (1..n).rev() {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                order.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            let mut shuffled = p.clone();
+            shuffled.components = order.iter().map(|&i| p.components[i].clone()).collect();
+            let shuffled_ups: Vec<bool> = order.iter().map(|&i| ups[i]).collect();
+            let a = evaluate(&p, &obs(ups));
+            let b = evaluate(&shuffled, &obs(&shuffled_ups));
+            prop_assert_eq!(a.score.to_bits(), b.score.to_bits());
+        }
+
+        #[test]
+        fn tally_matches_a_full_recount(
+            events in prop::collection::vec((0usize..8, 0usize..3, any::<bool>(), any::<bool>()), 0..60),
+        ) {
+            let p = policy(0.5, 0, &[("web", 0.5), ("db", 0.5)]);
+            let apps = ["web", "db", "cache"];
+            let mut t = Tally::new(&p);
+            let mut truth: BTreeMap<String, PodFacts> = BTreeMap::new();
+            for (pod, app, ready, delete) in events {
+                let key = format!("ems/p{pod}");
+                if delete {
+                    t.remove(&key);
+                    truth.remove(&key);
+                } else {
+                    let f = facts("ems", apps[app], ready, &format!("10.0.0.{pod}"));
+                    t.upsert(&key, &f);
+                    truth.insert(key, f);
+                }
+            }
+            for (i, c) in p.components.iter().enumerate() {
+                let selected = truth.values().filter(|f| c.selector.matches(&f.labels)).count() as u32;
+                let ready = truth.values().filter(|f| c.selector.matches(&f.labels) && f.running_ready).count() as u32;
+                prop_assert_eq!(t.counts(i), (selected, ready));
+            }
+        }
+    }
+}

@@ -530,7 +530,10 @@ impl RawComponent {
         }
         let selector = match self.selector {
             None => {
-                p.push(field("selector"), "is required (matchLabels or matchExpressions)");
+                p.push(
+                    field("selector"),
+                    "is required (matchLabels or matchExpressions)",
+                );
                 Selector::default()
             }
             Some(s) if s.match_labels.is_empty() && s.match_expressions.is_empty() => {
@@ -687,9 +690,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Formats a duration the way [`parse_duration`] reads it.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         format!("{ms}ms")
-    } else if ms % 60_000 != 0 || ms == 0 {
+    } else if !ms.is_multiple_of(60_000) || ms == 0 {
         format!("{}s", ms / 1000)
     } else {
         format!("{}m", ms / 60_000)
@@ -820,17 +823,26 @@ components:
         let err = Policy::from_yaml(&policy([0.1, 0.2, 0.6])).unwrap_err();
         assert_eq!(err.problems().len(), 1, "{err}");
         assert_eq!(err.problems()[0].field, "components[*].weight");
-        assert!(err.to_string().contains("c0=0.1 + c1=0.2 + c2=0.6"), "{err}");
+        assert!(
+            err.to_string().contains("c0=0.1 + c1=0.2 + c2=0.6"),
+            "{err}"
+        );
     }
 
     #[test]
     fn typos_and_type_errors_are_named() {
         let err = Policy::from_yaml("interval: 1s\nthreshhold: 0.5\n").unwrap_err();
-        assert!(err.to_string().contains("unknown field `threshhold`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown field `threshhold`"),
+            "{err}"
+        );
         let err = Policy::from_yaml("interval: 1s\nthreshold: high\n").unwrap_err();
         assert!(err.to_string().contains("threshold"), "{err}");
         let err = Policy::from_yaml("components:\n  - role: leader\n").unwrap_err();
-        assert!(err.to_string().contains("unknown variant `leader`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown variant `leader`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -855,16 +867,18 @@ components:
     fn check_timeout_must_be_shorter_than_the_interval() {
         let yaml = GOOD.replace("minReady: 2", "minReady: 2\n    checkTimeout: 2s");
         let err = Policy::from_yaml(&yaml).unwrap_err();
-        assert_eq!(err.problems()[0].field, "components[2] (files).checkTimeout");
+        assert_eq!(
+            err.problems()[0].field,
+            "components[2] (files).checkTimeout"
+        );
     }
 
     #[test]
     fn selectors_follow_kubernetes_semantics() {
-        let labels: BTreeMap<String, String> =
-            [("app", "web"), ("tier", "front")]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect();
+        let labels: BTreeMap<String, String> = [("app", "web"), ("tier", "front")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
         let req = |key: &str, operator, values: &[&str]| Requirement {
             key: key.into(),
             operator,
