@@ -3,29 +3,63 @@
 //! It watches its cluster's `counterweight-state` ConfigMap and exits 0 only
 //! once the cluster is active, so that service pods in a standby cluster stay
 //! "running but not providing service". Every failure (missing ConfigMap,
-//! garbage content, RBAC, API server down) means: keep waiting.
+//! garbage content, RBAC, API server down) means: keep waiting. Before it
+//! exits 0 it writes the epoch it was released under to a file in a shared
+//! `emptyDir`, so the application (and the controller) can tell which
+//! activation a pod started under.
+//!
+//! # Exit codes
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | the cluster is active; the epoch file was written |
+//! | 2 | bad command line (from clap) |
+//! | 73 | `EX_CANTCREAT`: the epoch file could not be written (the pod must not start) |
+//! | 75 | `EX_TEMPFAIL`: `--timeout` elapsed while the cluster was not active |
+//! | 78 | `EX_CONFIG`: no usable Kubernetes client configuration |
+//! | 143 | stopped by SIGTERM or SIGINT (128 + 15, as a shell reports it) |
+//!
+//! The decision itself ([`decision::decide`]) is a pure function; the loop
+//! around it ([`wait`]) only gathers observations.
 
-use std::path::PathBuf;
-use std::time::Duration;
+pub mod backoff;
+pub mod decision;
+pub mod ratelimit;
+pub mod wait;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use counterweight_core::names;
+
+/// Exit code after release.
+pub const EXIT_RELEASED: u8 = 0;
+/// Exit code when the epoch file cannot be written (sysexits `EX_CANTCREAT`).
+pub const EXIT_CANTCREAT: u8 = 73;
+/// Exit code when `--timeout` elapses (sysexits `EX_TEMPFAIL`).
+pub const EXIT_TIMEOUT: u8 = 75;
+/// Exit code when no Kubernetes client can be configured (sysexits `EX_CONFIG`).
+pub const EXIT_CONFIG: u8 = 78;
+/// Exit code after SIGTERM or SIGINT (128 + SIGTERM).
+pub const EXIT_TERMINATED: u8 = 143;
 
 /// Command-line and environment configuration of the gate.
+///
+/// The admission webhook sets these through the environment of the
+/// injected init container; the flags are for tests and debugging.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "counterweight-gate", version, about, long_about = None)]
 pub struct Args {
+    /// Name of this cluster; used in log lines only.
+    #[arg(long, env = "COUNTERWEIGHT_CLUSTER", default_value = "local")]
+    pub cluster: String,
+
     /// Namespace of the state ConfigMap.
-    #[arg(
-        long,
-        env = "COUNTERWEIGHT_STATE_NAMESPACE",
-        default_value = "counterweight-system"
-    )]
+    #[arg(long, env = "COUNTERWEIGHT_STATE_NAMESPACE", default_value = names::SYSTEM_NAMESPACE)]
     pub state_namespace: String,
 
     /// Name of the state ConfigMap.
-    #[arg(
-        long,
-        env = "COUNTERWEIGHT_STATE_NAME",
-        default_value = "counterweight-state"
-    )]
+    #[arg(long, env = "COUNTERWEIGHT_STATE_NAME", default_value = names::STATE_CONFIGMAP)]
     pub state_name: String,
 
     /// Kubeconfig to use instead of the pod's service account.
@@ -36,7 +70,7 @@ pub struct Args {
     #[arg(long, env = "COUNTERWEIGHT_POLL_INTERVAL", default_value = "1s", value_parser = humantime_secs)]
     pub poll_interval: Duration,
 
-    /// Give up after this long and exit non-zero; waits forever if unset.
+    /// Give up after this long and exit 75 (EX_TEMPFAIL); waits forever if unset.
     #[arg(long, env = "COUNTERWEIGHT_GATE_TIMEOUT", value_parser = humantime_secs)]
     pub timeout: Option<Duration>,
 
@@ -47,6 +81,10 @@ pub struct Args {
         default_value = "/var/run/counterweight/epoch"
     )]
     pub epoch_file: PathBuf,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, env = "COUNTERWEIGHT_LOG_LEVEL", default_value = "info")]
+    pub log_level: tracing::Level,
 }
 
 /// Parses durations like `500ms`, `2s`, `1m`.
@@ -61,29 +99,164 @@ fn humantime_secs(s: &str) -> Result<Duration, String> {
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
         _ => Err(format!("unknown unit {unit:?} in {s:?}; use ms, s or m")),
     }
 }
 
-/// Errors the gate reports to its binary.
+/// Why the gate did not release the pod.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A part of the gate that is not built yet was asked for.
-    #[error("{0} is not implemented yet; see the open issues")]
-    NotImplemented(&'static str),
+    /// No Kubernetes client could be configured.
+    #[error("cannot configure a Kubernetes client ({what}): {source}")]
+    Config {
+        /// Which configuration source failed.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// `--timeout` elapsed before the cluster became active.
+    #[error("gave up after {0:?}: the cluster did not become active")]
+    TimedOut(Duration),
+    /// A termination signal arrived before release.
+    #[error("terminated before the cluster became active")]
+    Terminated,
+    /// The cluster is active but the epoch file could not be written, so
+    /// the pod must not start (the controller could not tell its epoch).
+    #[error("cannot write the epoch file {path}: {source}")]
+    EpochFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// Waits until the cluster is active, or `shutdown` resolves.
-pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
-    tracing::info!(namespace = %args.state_namespace, name = %args.state_name, "gate starting");
-    drop(shutdown);
-    Err(Error::NotImplemented("the wait loop"))
+impl Error {
+    /// The process exit code for this outcome (see the crate docs).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config { .. } => EXIT_CONFIG,
+            Error::TimedOut(_) => EXIT_TIMEOUT,
+            Error::Terminated => EXIT_TERMINATED,
+            Error::EpochFile { .. } => EXIT_CANTCREAT,
+        }
+    }
+}
+
+/// How the gate released the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    /// The epoch the cluster was active in.
+    pub epoch: u64,
+    /// How long the gate waited.
+    pub after: Duration,
+}
+
+/// Builds the client: the kubeconfig if one is given, else the pod's
+/// service account (in-cluster configuration).
+pub async fn client(args: &Args) -> Result<kube::Client, Error> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig =
+                kube::config::Kubeconfig::read_from(path).map_err(|e| Error::Config {
+                    what: format!("reading {}", path.display()),
+                    source: Box::new(e),
+                })?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .map_err(|e| Error::Config {
+                what: format!("loading {}", path.display()),
+                source: Box::new(e),
+            })?
+        }
+        None => kube::Config::incluster().map_err(|e| Error::Config {
+            what: "in-cluster service account".to_owned(),
+            source: Box::new(e),
+        })?,
+    };
+    kube::Client::try_from(config).map_err(|e| Error::Config {
+        what: "building the client".to_owned(),
+        source: Box::new(e),
+    })
+}
+
+/// Waits until the cluster is active, then writes the epoch file.
+///
+/// Returns early with [`Error::Terminated`] when `shutdown` resolves and with
+/// [`Error::TimedOut`] when `--timeout` elapses; it never returns `Ok`
+/// unless the state ConfigMap said `active`.
+pub async fn run(
+    args: Args,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<Released, Error> {
+    let started = Instant::now();
+    let target = wait::Target {
+        cluster: args.cluster.clone(),
+        namespace: args.state_namespace.clone(),
+        name: args.state_name.clone(),
+        poll_interval: args.poll_interval,
+    };
+    tracing::info!(
+        cluster = %target.cluster,
+        configmap = %format!("{}/{}", target.namespace, target.name),
+        "gate starting"
+    );
+    let waiting = async {
+        let client = client(&args).await?;
+        Ok::<u64, Error>(wait::wait_active(client, &target).await)
+    };
+    let timeout = async {
+        match args.timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    // Shutdown first: a pod being deleted must not start its application.
+    let epoch = tokio::select! {
+        biased;
+        () = shutdown => return Err(Error::Terminated),
+        () = timeout => return Err(Error::TimedOut(args.timeout.unwrap_or_default())),
+        epoch = waiting => epoch?,
+    };
+    write_epoch_file(&args.epoch_file, epoch)?;
+    let after = started.elapsed();
+    tracing::info!(
+        cluster = %args.cluster,
+        epoch,
+        "released: cluster {} is active (epoch {epoch}) after {:.3}s",
+        args.cluster,
+        after.as_secs_f64()
+    );
+    Ok(Released { epoch, after })
+}
+
+/// Writes `epoch` and a newline to `path`, atomically: a reader sees either
+/// no file or the whole number, never a partial write.
+pub fn write_epoch_file(path: &Path, epoch: u64) -> Result<(), Error> {
+    let err = |source| Error::EpochFile {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, format!("{epoch}\n")).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
     #[test]
     fn durations_parse_with_units_and_reject_garbage() {
@@ -93,5 +266,73 @@ mod tests {
         assert_eq!(humantime_secs("1m"), Ok(Duration::from_secs(60)));
         assert!(humantime_secs("1h").unwrap_err().contains("unknown unit"));
         assert!(humantime_secs("x").is_err());
+    }
+
+    #[test]
+    fn defaults_follow_the_design_names() {
+        let a = Args::try_parse_from(["counterweight-gate"]).unwrap();
+        assert_eq!(a.state_namespace, "counterweight-system");
+        assert_eq!(a.state_name, "counterweight-state");
+        assert_eq!(a.poll_interval, Duration::from_secs(1));
+        assert_eq!(a.timeout, None);
+    }
+
+    #[test]
+    fn exit_codes_are_distinct_and_nonzero() {
+        let codes = [
+            Error::Config {
+                what: String::new(),
+                source: "x".into(),
+            }
+            .exit_code(),
+            Error::TimedOut(Duration::ZERO).exit_code(),
+            Error::Terminated.exit_code(),
+            Error::EpochFile {
+                path: PathBuf::new(),
+                source: std::io::Error::other("x"),
+            }
+            .exit_code(),
+        ];
+        assert_eq!(codes, [78, 75, 143, 73]);
+    }
+
+    #[test]
+    fn epoch_file_is_written_whole_and_replaced() {
+        let dir = std::env::temp_dir().join(format!("cw-gate-test-{}", std::process::id()));
+        let path = dir.join("sub/epoch");
+        write_epoch_file(&path, 41).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "41\n");
+        write_epoch_file(&path, 42).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "42\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_wins_and_timeout_gives_up() {
+        // A kubeconfig pointing at a closed loopback port: the gate can only wait.
+        let dir = std::env::temp_dir().join(format!("cw-gate-run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kc = dir.join("kubeconfig");
+        std::fs::write(
+            &kc,
+            "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]\n\
+             users: [{name: u, user: {}}]\ncontexts: [{name: c, context: {cluster: c, user: u}}]\ncurrent-context: c\n",
+        )
+        .unwrap();
+        let args = |extra: &[&str]| {
+            let mut v = vec![
+                "counterweight-gate".to_owned(),
+                format!("--kubeconfig={}", kc.display()),
+                format!("--epoch-file={}", dir.join("epoch").display()),
+            ];
+            v.extend(extra.iter().map(|s| (*s).to_owned()));
+            Args::try_parse_from(v).unwrap()
+        };
+        let r = run(args(&[]), async {}).await;
+        assert!(matches!(r, Err(Error::Terminated)), "{r:?}");
+        let r = run(args(&["--timeout=300ms"]), std::future::pending()).await;
+        assert!(matches!(r, Err(Error::TimedOut(_))), "{r:?}");
+        assert!(!dir.join("epoch").exists(), "no epoch file without release");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
