@@ -1,4 +1,4 @@
-//! Entry point of `counterweight-webhook`: flags, tracing, run.
+//! Entry point of `counterweight-webhook`: flags, tracing, run until SIGTERM or Ctrl-C.
 
 use clap::Parser;
 
@@ -14,8 +14,13 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    // Kubernetes stops pods with SIGTERM; Ctrl-C is for humans.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
     };
     counterweight_webhook::run(args, shutdown).await?;
     Ok(())

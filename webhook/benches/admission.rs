@@ -1,0 +1,3 @@
+//! Placeholder; the TLS keep-alive benchmark lands in a later commit.
+
+fn main() {}

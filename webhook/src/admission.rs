@@ -1,0 +1,571 @@
+//! AdmissionReview handling, without HTTP or TLS.
+//!
+//! This module turns request bytes into response bytes for both endpoints:
+//! the mutating pod endpoint (which asks [`counterweight_core::inject`] for a
+//! patch) and the validating policy endpoint (which asks
+//! [`counterweight_core::policy::Policy::from_yaml`]). It owns the rules of
+//! the wire protocol: a body that is not an `admission.k8s.io/v1`
+//! AdmissionReview is an HTTP 400; a review it cannot act on (wrong kind,
+//! unreadable object, no namespace) is *allowed unchanged* with a warning and
+//! a log line, because a broken webhook must never break the cluster. Every
+//! answer echoes the request uid. Nothing here panics on any input; the fuzz
+//! test in `tests/` drives arbitrary bytes through [`Handler::handle`].
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use counterweight_core::inject::{Decision, InjectorConfig, inject};
+use counterweight_core::names::{INJECT_ENABLED, INJECT_LABEL, POLICY_CONFIGMAP, POLICY_KEY};
+use counterweight_core::policy::Policy;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube_core::DynamicObject;
+use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+
+use crate::metrics::{Endpoint, Metrics, Outcome};
+
+/// The only AdmissionReview version the webhook speaks (the configurations
+/// ask for `admissionReviewVersions: ["v1"]`).
+pub const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
+
+/// Where the labels of a pod's namespace come from.
+///
+/// AdmissionReviews do not carry namespace labels. The webhook
+/// configuration's `namespaceSelector` (`counterweight.dev/inject=enabled`)
+/// makes the API server call the webhook only for opted-in namespaces, so the
+/// default source, [`NamespaceLabels::TrustSelector`], reports every namespace
+/// it is asked about as enabled. The core still applies every other rule
+/// (system namespaces, opt-out, roles, idempotence).
+#[derive(Debug, Clone, Default)]
+pub enum NamespaceLabels {
+    /// Trust the API server's namespaceSelector (see above).
+    #[default]
+    TrustSelector,
+    /// A fixed map of namespace to labels; namespaces not in it have none.
+    /// For tests, and for setups without a namespaceSelector.
+    Fixed(BTreeMap<String, BTreeMap<String, String>>),
+}
+
+impl NamespaceLabels {
+    fn labels(&self, namespace: &str) -> BTreeMap<String, String> {
+        match self {
+            NamespaceLabels::TrustSelector => {
+                BTreeMap::from([(INJECT_LABEL.to_owned(), INJECT_ENABLED.to_owned())])
+            }
+            NamespaceLabels::Fixed(map) => map.get(namespace).cloned().unwrap_or_default(),
+        }
+    }
+}
+
+/// An HTTP answer: status code and JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status: 200 for every AdmissionReview answer, 400 for a body that
+    /// is not one, 500 only if a response could not be serialized.
+    pub status: u16,
+    /// The body: an AdmissionReview for 200, a plain message otherwise.
+    pub body: Vec<u8>,
+    /// How the request ended, for metrics and tests.
+    pub outcome: Outcome,
+}
+
+impl Reply {
+    fn bad_request(message: String) -> Self {
+        Self {
+            status: 400,
+            body: message.into_bytes(),
+            outcome: Outcome::BadRequest,
+        }
+    }
+}
+
+/// Answers AdmissionReviews. Cheap to share behind an `Arc`.
+#[derive(Debug, Clone)]
+pub struct Handler {
+    /// How the gate is built.
+    pub injector: InjectorConfig,
+    /// Where namespace labels come from.
+    pub namespaces: NamespaceLabels,
+    /// Where outcomes are counted.
+    pub metrics: Metrics,
+}
+
+/// A review we understood well enough to answer, or why not.
+enum Verdict {
+    Answered(AdmissionResponse),
+    /// Allowed unchanged with this warning.
+    Unhandled(AdmissionResponse, String),
+}
+
+impl Handler {
+    /// Creates a handler with fresh metrics.
+    pub fn new(injector: InjectorConfig, namespaces: NamespaceLabels) -> Self {
+        Self {
+            injector,
+            namespaces,
+            metrics: Metrics::new(),
+        }
+    }
+
+    /// Handles one request body for `endpoint`, counting it in the metrics.
+    pub fn handle(&self, endpoint: Endpoint, body: &[u8]) -> Reply {
+        let started = Instant::now();
+        let reply = self.handle_inner(endpoint, body);
+        self.metrics
+            .request(endpoint, reply.outcome, started.elapsed().as_secs_f64());
+        reply
+    }
+
+    fn handle_inner(&self, endpoint: Endpoint, body: &[u8]) -> Reply {
+        let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "request body is not an AdmissionReview");
+                return Reply::bad_request(format!("request body is not an AdmissionReview: {e}"));
+            }
+        };
+        if review.types.kind != "AdmissionReview" || review.types.api_version != REVIEW_API_VERSION
+        {
+            return Reply::bad_request(format!(
+                "expected kind AdmissionReview, apiVersion {REVIEW_API_VERSION}; got kind {:?}, apiVersion {:?}",
+                review.types.kind, review.types.api_version
+            ));
+        }
+        let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+            Ok(r) => r,
+            Err(_) => return Reply::bad_request("AdmissionReview has no request".into()),
+        };
+        let span = tracing::info_span!(
+            "admission",
+            endpoint = endpoint.as_str(),
+            uid = %request.uid,
+            namespace = request.namespace.as_deref().unwrap_or(""),
+            name = %request.name,
+            kind = %request.kind.kind,
+        );
+        let _entered = span.enter();
+        let verdict = match endpoint {
+            Endpoint::Mutate => self.mutate(&request),
+            Endpoint::ValidatePolicy => self.validate_policy(&request),
+        };
+        let (mut response, outcome) = match verdict {
+            Verdict::Answered(r) => (r, Outcome::Answered),
+            Verdict::Unhandled(mut r, warning) => {
+                tracing::warn!(%warning, "allowing a review the webhook cannot handle");
+                r.warnings = Some(vec![format!("counterweight: {warning}")]);
+                (r, Outcome::Unhandled)
+            }
+        };
+        if response.allowed {
+            // `deny` fills the status; an allowed answer carries none.
+            response.result = Default::default();
+        }
+        match serde_json::to_vec(&response.into_review()) {
+            Ok(body) => Reply {
+                status: 200,
+                body,
+                outcome,
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "could not serialize an AdmissionReview");
+                Reply {
+                    status: 500,
+                    body: format!("could not serialize the response: {e}").into_bytes(),
+                    outcome: Outcome::Unhandled,
+                }
+            }
+        }
+    }
+
+    fn mutate(&self, request: &AdmissionRequest<DynamicObject>) -> Verdict {
+        let allow = AdmissionResponse::from(request);
+        if request.kind.kind != "Pod" || request.sub_resource.is_some() {
+            let what = format!(
+                "{}{}",
+                request.kind.kind,
+                request
+                    .sub_resource
+                    .as_deref()
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default()
+            );
+            return Verdict::Unhandled(
+                allow,
+                format!("the pod webhook was sent a {what}; check the webhook rules"),
+            );
+        }
+        if request.operation != Operation::Create {
+            return Verdict::Unhandled(
+                allow,
+                format!(
+                    "the pod webhook only handles CREATE, was sent {:?}",
+                    request.operation
+                ),
+            );
+        }
+        let pod: Pod = match request
+            .object
+            .as_ref()
+            .map(|o| serde_json::to_value(o).and_then(serde_json::from_value))
+        {
+            Some(Ok(pod)) => pod,
+            Some(Err(e)) => {
+                return Verdict::Unhandled(allow, format!("pod not injected: unreadable pod: {e}"));
+            }
+            None => {
+                return Verdict::Unhandled(
+                    allow,
+                    "pod not injected: the review has no object".into(),
+                );
+            }
+        };
+        let namespace = match request
+            .namespace
+            .as_deref()
+            .or(pod.metadata.namespace.as_deref())
+        {
+            Some(ns) if !ns.is_empty() => ns.to_owned(),
+            _ => {
+                return Verdict::Unhandled(
+                    allow,
+                    "pod not injected: the review names no namespace".into(),
+                );
+            }
+        };
+        let labels = self.namespaces.labels(&namespace);
+        match inject(&pod, &labels, &namespace, &self.injector) {
+            Decision::Inject(patch) => match allow.clone().with_patch(patch) {
+                Ok(patched) => {
+                    self.metrics.injections.inc();
+                    tracing::info!("injected the init-gate");
+                    Verdict::Answered(patched)
+                }
+                Err(e) => Verdict::Unhandled(
+                    allow,
+                    format!("pod not injected: patch did not serialize: {e}"),
+                ),
+            },
+            Decision::Skip(reason) => {
+                self.metrics.skip(reason);
+                tracing::debug!(reason = reason.as_str(), "not injecting");
+                let mut r = allow;
+                if reason.is_suspicious() {
+                    r.warnings = Some(vec![format!(
+                        "counterweight: init-gate not injected ({reason}); check the pod's counterweight.dev/role label and volume names"
+                    )]);
+                }
+                Verdict::Answered(r)
+            }
+        }
+    }
+
+    fn validate_policy(&self, request: &AdmissionRequest<DynamicObject>) -> Verdict {
+        let allow = AdmissionResponse::from(request);
+        if request.kind.kind != "ConfigMap" {
+            return Verdict::Unhandled(
+                allow,
+                format!(
+                    "the policy webhook was sent a {}; check the webhook rules",
+                    request.kind.kind
+                ),
+            );
+        }
+        // Deleting the policy is the controller's business (it keeps the last
+        // good one); other ConfigMaps are not ours to judge.
+        if request.operation == Operation::Delete || request.name != POLICY_CONFIGMAP {
+            return Verdict::Answered(allow);
+        }
+        let cm: ConfigMap = match request
+            .object
+            .as_ref()
+            .map(|o| serde_json::to_value(o).and_then(serde_json::from_value))
+        {
+            Some(Ok(cm)) => cm,
+            Some(Err(e)) => {
+                return Verdict::Unhandled(
+                    allow,
+                    format!("policy not checked: unreadable ConfigMap: {e}"),
+                );
+            }
+            None => {
+                return Verdict::Unhandled(
+                    allow,
+                    "policy not checked: the review has no object".into(),
+                );
+            }
+        };
+        let Some(text) = cm.data.as_ref().and_then(|d| d.get(POLICY_KEY)) else {
+            self.metrics.policy_rejections.inc();
+            return Verdict::Answered(allow.deny(format!(
+                "ConfigMap {POLICY_CONFIGMAP} must hold the policy under data key `{POLICY_KEY}`"
+            )));
+        };
+        match Policy::from_yaml(text) {
+            Ok(_) => Verdict::Answered(allow),
+            Err(problems) => {
+                self.metrics.policy_rejections.inc();
+                tracing::info!(
+                    problems = problems.problems().len(),
+                    "refusing an invalid policy"
+                );
+                Verdict::Answered(allow.deny(problems.to_string()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn handler() -> Handler {
+        Handler::new(
+            InjectorConfig {
+                cluster_name: "east".into(),
+                ..Default::default()
+            },
+            NamespaceLabels::TrustSelector,
+        )
+    }
+
+    fn review(
+        kind: &str,
+        resource: &str,
+        op: &str,
+        ns: &str,
+        name: &str,
+        object: Value,
+    ) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "uid-123",
+                "kind": {"group": "", "version": "v1", "kind": kind},
+                "resource": {"group": "", "version": "v1", "resource": resource},
+                "name": name,
+                "namespace": ns,
+                "operation": op,
+                "userInfo": {"username": "test"},
+                "object": object,
+                "oldObject": null,
+            }
+        }))
+        .unwrap()
+    }
+
+    fn pod() -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "web-"},
+               "spec": {"containers": [{"name": "app", "image": "x"}]}})
+    }
+
+    fn response(reply: &Reply) -> Value {
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let v: Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(v["apiVersion"], "admission.k8s.io/v1");
+        assert_eq!(v["kind"], "AdmissionReview");
+        v["response"].clone()
+    }
+
+    #[test]
+    fn pod_create_gets_a_json_patch_and_uid_is_echoed() {
+        let h = handler();
+        let r = response(&h.handle(
+            Endpoint::Mutate,
+            &review("Pod", "pods", "CREATE", "shop", "", pod()),
+        ));
+        assert_eq!(r["uid"], "uid-123");
+        assert_eq!(r["allowed"], true);
+        assert_eq!(r["patchType"], "JSONPatch");
+        assert!(r.get("warnings").is_none());
+        // kube-core serializes the patch bytes as a JSON array of numbers,
+        // which Go's decoder accepts for []byte as well as base64.
+        let patch: Vec<u8> = serde_json::from_value(r["patch"].clone()).unwrap();
+        let ops: Value = serde_json::from_slice(&patch).unwrap();
+        assert!(ops.to_string().contains("counterweight-gate"), "{ops}");
+        assert_eq!(h.metrics.injections.get(), 1);
+    }
+
+    #[test]
+    fn skips_are_allowed_without_patch_and_counted() {
+        let h = handler();
+        let mut p = pod();
+        p["metadata"]["labels"] = json!({"counterweight.dev/role": "database"});
+        let r = response(&h.handle(
+            Endpoint::Mutate,
+            &review("Pod", "pods", "CREATE", "shop", "", p),
+        ));
+        assert_eq!(r["allowed"], true);
+        assert!(r.get("patch").is_none());
+        let r = response(&h.handle(
+            Endpoint::Mutate,
+            &review("Pod", "pods", "CREATE", "kube-system", "", pod()),
+        ));
+        assert!(r.get("patch").is_none());
+        let text = h.metrics.encode().unwrap();
+        assert!(
+            text.contains(r#"counterweight_webhook_skips_total{reason="sync-role"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"counterweight_webhook_skips_total{reason="system-namespace"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unknown_role_warns() {
+        let h = handler();
+        let mut p = pod();
+        p["metadata"]["labels"] = json!({"counterweight.dev/role": "servce"});
+        let r = response(&h.handle(
+            Endpoint::Mutate,
+            &review("Pod", "pods", "CREATE", "shop", "", p),
+        ));
+        assert_eq!(r["allowed"], true);
+        assert!(
+            r["warnings"][0].as_str().unwrap().contains("unknown-role"),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn garbage_is_400_with_a_message() {
+        let h = handler();
+        for body in [
+            &b"not json"[..],
+            b"{}",
+            b"[]",
+            b"{\"kind\":\"AdmissionReview\"}",
+        ] {
+            let reply = h.handle(Endpoint::Mutate, body);
+            assert_eq!(reply.status, 400, "{}", String::from_utf8_lossy(body));
+            assert!(!reply.body.is_empty());
+        }
+        let no_request = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#;
+        let reply = h.handle(Endpoint::Mutate, no_request);
+        assert_eq!(reply.status, 400);
+        assert!(String::from_utf8_lossy(&reply.body).contains("no request"));
+        let v1beta1 = String::from_utf8(review("Pod", "pods", "CREATE", "shop", "", pod()))
+            .unwrap()
+            .replace("admission.k8s.io/v1", "admission.k8s.io/v1beta1");
+        assert_eq!(h.handle(Endpoint::Mutate, v1beta1.as_bytes()).status, 400);
+    }
+
+    #[test]
+    fn unhandleable_reviews_are_allowed_with_a_warning() {
+        let h = handler();
+        let cases = [
+            review(
+                "Service",
+                "services",
+                "CREATE",
+                "shop",
+                "s",
+                json!({"metadata": {}}),
+            ),
+            review("Pod", "pods", "UPDATE", "shop", "p", pod()),
+            review(
+                "Pod",
+                "pods",
+                "CREATE",
+                "shop",
+                "p",
+                json!({"metadata": {}, "spec": {"containers": "nope"}}),
+            ),
+            review("Pod", "pods", "CREATE", "", "p", pod()),
+        ];
+        for body in cases {
+            let reply = h.handle(Endpoint::Mutate, &body);
+            assert_eq!(reply.outcome, Outcome::Unhandled);
+            let r = response(&reply);
+            assert_eq!(r["uid"], "uid-123");
+            assert_eq!(r["allowed"], true);
+            assert!(r.get("patch").is_none());
+            assert!(
+                r["warnings"][0]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("counterweight:"),
+                "{r}"
+            );
+        }
+    }
+
+    fn policy_cm(text: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": POLICY_CONFIGMAP, "namespace": "counterweight-system"},
+               "data": {POLICY_KEY: text}})
+    }
+
+    #[test]
+    fn invalid_policy_is_denied_with_the_problems() {
+        let h = handler();
+        let body = review(
+            "ConfigMap",
+            "configmaps",
+            "CREATE",
+            "counterweight-system",
+            POLICY_CONFIGMAP,
+            policy_cm("threshold: 7\n"),
+        );
+        let r = response(&h.handle(Endpoint::ValidatePolicy, &body));
+        assert_eq!(r["allowed"], false);
+        let msg = r["status"]["message"].as_str().unwrap();
+        assert!(msg.contains("threshold"), "{msg}");
+        assert_eq!(h.metrics.policy_rejections.get(), 1);
+
+        let no_key = json!({"metadata": {"name": POLICY_CONFIGMAP}, "data": {"other": "x"}});
+        let body = review(
+            "ConfigMap",
+            "configmaps",
+            "UPDATE",
+            "counterweight-system",
+            POLICY_CONFIGMAP,
+            no_key,
+        );
+        let r = response(&h.handle(Endpoint::ValidatePolicy, &body));
+        assert_eq!(r["allowed"], false);
+        assert!(
+            r["status"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(POLICY_KEY)
+        );
+    }
+
+    #[test]
+    fn other_configmaps_and_deletes_are_allowed() {
+        let h = handler();
+        let other = json!({"metadata": {"name": "x"}, "data": {POLICY_KEY: "garbage: ["}});
+        let body = review(
+            "ConfigMap",
+            "configmaps",
+            "CREATE",
+            "counterweight-system",
+            "x",
+            other,
+        );
+        assert_eq!(
+            response(&h.handle(Endpoint::ValidatePolicy, &body))["allowed"],
+            true
+        );
+        let body = review(
+            "ConfigMap",
+            "configmaps",
+            "DELETE",
+            "counterweight-system",
+            POLICY_CONFIGMAP,
+            Value::Null,
+        );
+        assert_eq!(
+            response(&h.handle(Endpoint::ValidatePolicy, &body))["allowed"],
+            true
+        );
+    }
+}

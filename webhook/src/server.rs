@@ -1,0 +1,239 @@
+//! The two HTTP servers: admission over TLS, operations over plain HTTP.
+//!
+//! This module owns sockets, routes and the server lifecycle. The admission
+//! server accepts on a caller-supplied listener, terminates TLS with the
+//! certificate the [`CertStore`] holds at handshake time, and serves
+//! [`MUTATE_PATH`] and [`VALIDATE_POLICY_PATH`] through the [`Handler`]. The
+//! operations server serves `/healthz`, `/readyz` and `/metrics` on a second
+//! listener without TLS, so kubelet probes and Prometheus need no
+//! certificates. Both stop when the shutdown future resolves: readiness turns
+//! false first, no new connection is accepted, and in-flight requests get
+//! [`ServeOptions::drain_timeout`] to finish.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::{StatusCode, header};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::Error;
+use crate::admission::{Handler, Reply};
+use crate::metrics::{Endpoint, Metrics};
+use crate::tls::CertStore;
+
+/// Path of the mutating pod endpoint.
+pub const MUTATE_PATH: &str = "/mutate-pods";
+/// Path of the validating policy endpoint.
+pub const VALIDATE_POLICY_PATH: &str = "/validate-policy";
+
+/// Tunables of the servers.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Largest accepted request body; bigger bodies get HTTP 413. The API
+    /// server's own limit on objects is 3 MiB, and a review carries at most
+    /// two objects.
+    pub max_body_bytes: usize,
+    /// How often the certificate files are checked for changes.
+    pub cert_poll: Duration,
+    /// How long in-flight requests may take to finish after shutdown starts.
+    pub drain_timeout: Duration,
+    /// How long a client may take to complete the TLS handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 7 * 1024 * 1024,
+            cert_poll: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The sockets the webhook serves on, bound by the caller (port 0 in tests).
+#[derive(Debug)]
+pub struct Listeners {
+    /// HTTPS admission endpoints.
+    pub admission: TcpListener,
+    /// Plain-HTTP `/healthz`, `/readyz`, `/metrics`.
+    pub ops: TcpListener,
+}
+
+/// The admission routes, without TLS; useful on its own for benchmarks.
+pub fn admission_router(handler: Arc<Handler>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route(MUTATE_PATH, post(mutate))
+        .route(VALIDATE_POLICY_PATH, post(validate_policy))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(handler)
+}
+
+async fn mutate(State(handler): State<Arc<Handler>>, body: Bytes) -> Response {
+    reply(handler.handle(Endpoint::Mutate, &body))
+}
+
+async fn validate_policy(State(handler): State<Arc<Handler>>, body: Bytes) -> Response {
+    reply(handler.handle(Endpoint::ValidatePolicy, &body))
+}
+
+fn reply(r: Reply) -> Response {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let content_type = if status == StatusCode::OK {
+        "application/json"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    (status, [(header::CONTENT_TYPE, content_type)], r.body).into_response()
+}
+
+#[derive(Clone)]
+struct OpsState {
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+}
+
+fn ops_router(state: OpsState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<OpsState>| async move {
+                if s.ready.load(Ordering::SeqCst) {
+                    (StatusCode::OK, "ok")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(s): State<OpsState>| async move {
+                match s.metrics.encode() {
+                    Ok(text) => (
+                        StatusCode::OK,
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                        .into_response(),
+                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                }
+            }),
+        )
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then drains and returns.
+pub async fn serve(
+    listeners: Listeners,
+    certs: Arc<CertStore>,
+    handler: Arc<Handler>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let acceptor = TlsAcceptor::from(Arc::new(certs.server_config()?));
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move |mut rx: watch::Receiver<bool>| async move {
+        // Resolves on `true` or when the sender is gone, whichever first.
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let ops = axum::serve(
+        listeners.ops,
+        ops_router(OpsState {
+            metrics: handler.metrics.clone(),
+            ready: ready.clone(),
+        }),
+    )
+    .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let ops = tokio::spawn(async move { ops.await });
+    let reloader = tokio::spawn(
+        certs
+            .clone()
+            .watch(options.cert_poll, stopped(stop_rx.clone())),
+    );
+
+    let service = TowerToHyperService::new(admission_router(handler, options.max_body_bytes));
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    let admission = listeners.admission;
+    tokio::pin!(shutdown);
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(
+        admission = ?admission.local_addr().ok(),
+        "webhook serving"
+    );
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = admission.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly
+                    // instead of spinning, then keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let service = service.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let handshake_timeout = options.handshake_timeout;
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = builder.serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+
+    tracing::info!("shutting down: not ready, draining connections");
+    ready.store(false, Ordering::SeqCst);
+    drop(admission);
+    if tokio::time::timeout(options.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?options.drain_timeout, "connections still open after the drain timeout");
+    }
+    let _ = stop_tx.send(true);
+    let _ = reloader.await;
+    match ops.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::Serve(e.to_string())),
+        Err(e) => Err(Error::Serve(format!("operations server task: {e}"))),
+    }
+}
