@@ -6,7 +6,11 @@
 //! `counterweight-state` ConfigMap. It decides nothing on its own: every
 //! decision is a call into the core.
 
+pub mod checks;
 pub mod gate_access;
+pub mod health;
+pub mod state_store;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -69,14 +73,92 @@ pub struct Args {
 /// Errors the controller reports to its binary.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A part of the controller that is not built yet was asked for.
-    #[error("{0} is not implemented yet; see the open issues")]
-    NotImplemented(&'static str),
+    /// No usable Kubernetes client configuration.
+    #[error(
+        "cannot configure the Kubernetes client: {0}; pass --kubeconfig or run in a pod with a service account"
+    )]
+    Kubeconfig(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}; pick a free port or address")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The probe and metrics server failed.
+    #[error("metrics server failed: {0}")]
+    Metrics(#[source] std::io::Error),
+    /// The health loop stopped.
+    #[error(transparent)]
+    Health(#[from] health::HealthError),
+}
+
+/// Builds a Kubernetes client from `--kubeconfig`, or the in-cluster
+/// service account and then the default kubeconfig.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, Error> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| Error::Kubeconfig(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| Error::Kubeconfig(e.to_string()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| Error::Kubeconfig(e.to_string()))?,
+    };
+    kube::Client::try_from(config).map_err(|e| Error::Kubeconfig(e.to_string()))
 }
 
 /// Runs the controller until `shutdown` resolves.
-pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
-    tracing::info!(cluster = %args.cluster, namespace = %args.namespace, "starting controller");
-    drop(shutdown);
-    Err(Error::NotImplemented("the controller loop"))
+pub async fn run(
+    args: Args,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let client = client(args.kubeconfig.as_deref()).await?;
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: args.metrics_listen,
+            source,
+        })?;
+    let settings = health::HealthSettings::new(&args.cluster, &args.namespace);
+    run_with(client, settings, metrics_listener, shutdown).await
+}
+
+/// Runs the controller on a given client and metrics listener, so tests can
+/// start it on port 0 against a test cluster.
+pub async fn run_with(
+    client: kube::Client,
+    settings: health::HealthSettings,
+    metrics_listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    use futures::FutureExt;
+    let shutdown = shutdown.shared();
+    let metrics = std::sync::Arc::new(telemetry::Metrics::new());
+    let probes = std::sync::Arc::new(telemetry::Probes::default());
+    tracing::info!(
+        cluster = %settings.cluster,
+        namespace = %settings.namespace,
+        metrics = ?metrics_listener.local_addr().ok(),
+        "starting controller"
+    );
+    let server = tokio::spawn(telemetry::serve(
+        metrics_listener,
+        metrics.clone(),
+        probes.clone(),
+        shutdown.clone(),
+    ));
+    let health = health::HealthLoop::new(client, settings, metrics, probes);
+    let result = health.run(shutdown).await;
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Error::Metrics(e)),
+        Err(e) => return Err(Error::Metrics(std::io::Error::other(e))),
+    }
+    result.map_err(Error::from)
 }

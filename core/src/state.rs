@@ -64,7 +64,9 @@ impl FromStr for Role {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
     /// The ConfigMap has no data at all.
-    #[error("the state ConfigMap has no data; the controller recreates it, or it was emptied by hand")]
+    #[error(
+        "the state ConfigMap has no data; the controller recreates it, or it was emptied by hand"
+    )]
     NoData,
     /// A required key is absent.
     #[error("the state ConfigMap lacks key `{0}`")]
@@ -99,7 +101,9 @@ impl RoleEpoch {
             .ok_or(StateError::MissingKey(STATE_KEY))?
             .trim()
             .parse()?;
-        let epoch_text = data.get(EPOCH_KEY).ok_or(StateError::MissingKey(EPOCH_KEY))?;
+        let epoch_text = data
+            .get(EPOCH_KEY)
+            .ok_or(StateError::MissingKey(EPOCH_KEY))?;
         let epoch = epoch_text
             .trim()
             .parse()
@@ -151,11 +155,11 @@ mod tests {
             RoleEpoch::from_data(Some(&data(&[("state", "active")]))),
             Err(StateError::MissingKey("epoch"))
         );
-        let e = RoleEpoch::from_data(Some(&data(&[("state", "Active"), ("epoch", "1")])))
-            .unwrap_err();
+        let e =
+            RoleEpoch::from_data(Some(&data(&[("state", "Active"), ("epoch", "1")]))).unwrap_err();
         assert!(e.to_string().contains("`state`"), "{e}");
-        let e = RoleEpoch::from_data(Some(&data(&[("state", "active"), ("epoch", "-1")])))
-            .unwrap_err();
+        let e =
+            RoleEpoch::from_data(Some(&data(&[("state", "active"), ("epoch", "-1")]))).unwrap_err();
         assert!(e.to_string().contains("`epoch`"), "{e}");
     }
 }

@@ -13,6 +13,7 @@
 //! kept, which is how tests inject "API server down".
 
 mod binaries;
+mod postgres;
 mod process;
 
 use std::collections::BTreeMap;
@@ -28,6 +29,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 pub use binaries::{BIN_DIR_ENV, Binaries};
+pub use postgres::{PG_USER, Postgres};
 pub use process::Process;
 
 /// Name of the fake node every cluster gets.

@@ -1,0 +1,190 @@
+//! The controller's Prometheus metrics and its plain-HTTP probe endpoints.
+//!
+//! `/metrics`, `/healthz` and `/readyz` are served on their own port, apart
+//! from the mTLS peer port, so that kubelet probes and Prometheus need no
+//! client certificate. Readiness means "the pod watch cache has synced":
+//! before that, every health number would be a guess.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+/// Label set of per-component metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ComponentLabel {
+    /// Component name from the policy.
+    pub component: String,
+}
+
+/// Every metric the controller exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// S, the weighted health score.
+    pub health_score: Gauge<f64, AtomicU64>,
+    /// D, the threshold in force.
+    pub health_threshold: Gauge<f64, AtomicU64>,
+    /// Table 1's retryCount.
+    pub health_retry_count: Gauge,
+    /// s_j per component (1 up, 0 down).
+    pub component_up: Family<ComponentLabel, Gauge>,
+    /// Evaluations at interval ticks.
+    pub evaluations: Counter,
+    /// Policies rejected by validation.
+    pub policy_rejections: Counter,
+    /// Kubernetes API requests the controller made for health (state writes,
+    /// Secret reads, Events); stays flat in steady state.
+    pub api_requests: Counter,
+}
+
+impl Metrics {
+    /// Creates and registers all metrics.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("counterweight");
+        let health_score = Gauge::<f64, AtomicU64>::default();
+        let health_threshold = Gauge::<f64, AtomicU64>::default();
+        let health_retry_count = Gauge::default();
+        let component_up = Family::<ComponentLabel, Gauge>::default();
+        let evaluations = Counter::default();
+        let policy_rejections = Counter::default();
+        let api_requests = Counter::default();
+        registry.register(
+            "health_score",
+            "Weighted health S = sum of s_j * w_j (Table 1)",
+            health_score.clone(),
+        );
+        registry.register(
+            "health_threshold",
+            "Threshold D below which an interval counts as degraded",
+            health_threshold.clone(),
+        );
+        registry.register(
+            "health_retry_count",
+            "Consecutive intervals with S below D (Table 1 retryCount)",
+            health_retry_count.clone(),
+        );
+        registry.register(
+            "component_up",
+            "s_j of each policy component: 1 up, 0 down",
+            component_up.clone(),
+        );
+        registry.register(
+            "health_evaluations",
+            "Interval evaluations of Table 1",
+            evaluations.clone(),
+        );
+        registry.register(
+            "policy_rejections",
+            "Policies rejected by validation (the last good one stays in force)",
+            policy_rejections.clone(),
+        );
+        registry.register(
+            "health_api_requests",
+            "Kubernetes API requests made by the health loop",
+            api_requests.clone(),
+        );
+        Self {
+            registry,
+            health_score,
+            health_threshold,
+            health_retry_count,
+            component_up,
+            evaluations,
+            policy_rejections,
+            api_requests,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the probe endpoints report.
+#[derive(Debug, Default)]
+pub struct Probes {
+    ready: AtomicBool,
+}
+
+impl Probes {
+    /// Marks the controller ready (or not).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// Whether the controller is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Arc<Metrics>,
+    probes: Arc<Probes>,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until
+/// `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    probes: Arc<Probes>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { metrics, probes });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
+    match s.metrics.encode() {
+        Ok(body) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "could not encode metrics",
+        )
+            .into_response(),
+    }
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    if s.probes.is_ready() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "pod cache not synced yet")
+    }
+}
