@@ -1,0 +1,798 @@
+//! Flow tests: a small deterministic network of real nodes.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use super::*;
+
+const PROBE: u64 = 100;
+const LEASE: u64 = 500;
+const MARGIN: u64 = 100;
+
+fn cfg(names: &[(&str, u32)], witness: bool) -> HaConfig {
+    let mut c = HaConfig::new(
+        names
+            .iter()
+            .map(|(n, p)| ClusterSpec {
+                name: (*n).to_owned(),
+                priority: *p,
+            })
+            .collect(),
+        witness.then(|| "w".to_owned()),
+    );
+    c.probe_interval_ms = PROBE;
+    c.lease_ms = LEASE;
+    c.margin_ms = MARGIN;
+    c.candidate_fresh_ms = 3 * PROBE;
+    c
+}
+
+const HEALTHY: HealthVerdict = HealthVerdict {
+    abnormal: false,
+    meets_threshold: true,
+};
+const ABNORMAL: HealthVerdict = HealthVerdict {
+    abnormal: true,
+    meets_threshold: false,
+};
+const LOW: HealthVerdict = HealthVerdict {
+    abnormal: false,
+    meets_threshold: false,
+};
+
+/// Executes actions like a controller would, over a reliable in-order
+/// network with optional cut links and crashed members.
+struct Sim {
+    now: u64,
+    nodes: BTreeMap<String, Node>,
+    down: BTreeSet<String>,
+    disks: BTreeMap<String, Persisted>,
+    serving: BTreeMap<String, bool>,
+    queue: VecDeque<Envelope>,
+    cut: BTreeSet<(String, String)>,
+    log: Vec<(u64, String, Action)>,
+    // Times at which two members served at once; must stay empty.
+    overlaps: Vec<u64>,
+}
+
+impl Sim {
+    fn new(cfg: HaConfig, stored: &[(&str, Persisted)]) -> Self {
+        let mut sim = Sim {
+            now: 1000,
+            nodes: BTreeMap::new(),
+            down: BTreeSet::new(),
+            disks: BTreeMap::new(),
+            serving: BTreeMap::new(),
+            queue: VecDeque::new(),
+            cut: BTreeSet::new(),
+            log: Vec::new(),
+            overlaps: Vec::new(),
+        };
+        let names: Vec<String> = cfg.member_names().map(str::to_owned).collect();
+        for name in names {
+            let rec = stored
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, r)| r.clone());
+            let (node, actions) = Node::start(cfg.clone(), &name, rec, sim.now).unwrap();
+            sim.nodes.insert(name.clone(), node);
+            sim.apply(&name, actions);
+            if cfg.is_cluster(&name) {
+                sim.event(&name, Event::Health(HEALTHY));
+            }
+        }
+        sim
+    }
+
+    fn apply(&mut self, name: &str, actions: Vec<Action>) {
+        for a in actions {
+            match &a {
+                Action::Persist(p) => {
+                    self.disks.insert(name.to_owned(), p.clone());
+                }
+                Action::SetServing(s) => {
+                    self.serving.insert(name.to_owned(), *s);
+                    if self.serving.values().filter(|s| **s).count() > 1 {
+                        self.overlaps.push(self.now);
+                    }
+                }
+                Action::Send(env) => self.queue.push_back(env.clone()),
+                Action::Record(_) => {}
+            }
+            self.log.push((self.now, name.to_owned(), a));
+        }
+    }
+
+    fn event(&mut self, name: &str, ev: Event) -> Vec<Action> {
+        if self.down.contains(name) {
+            return Vec::new();
+        }
+        let now = self.now;
+        let actions = self.nodes.get_mut(name).unwrap().handle(now, ev);
+        self.apply(name, actions.clone());
+        actions
+    }
+
+    fn linked(&self, a: &str, b: &str) -> bool {
+        !self.cut.contains(&(a.to_owned(), b.to_owned()))
+            && !self.cut.contains(&(b.to_owned(), a.to_owned()))
+    }
+
+    fn deliver_all(&mut self) {
+        let mut budget = 10_000;
+        while let Some(env) = self.queue.pop_front() {
+            budget -= 1;
+            assert!(budget > 0, "message storm");
+            if self.linked(&env.from, &env.to) {
+                let to = env.to.clone();
+                self.event(&to, Event::Message(env));
+            }
+        }
+    }
+
+    /// Advances time in probe-interval steps, ticking every member.
+    fn run(&mut self, ms: u64) {
+        let end = self.now + ms;
+        while self.now < end {
+            self.now += PROBE / 2;
+            let names: Vec<String> = self.nodes.keys().cloned().collect();
+            for n in names {
+                self.event(&n, Event::Tick);
+            }
+            self.deliver_all();
+        }
+    }
+
+    fn node(&self, name: &str) -> &Node {
+        &self.nodes[name]
+    }
+
+    fn actives(&self) -> Vec<&str> {
+        self.serving
+            .iter()
+            .filter(|(_, s)| **s)
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    fn cut(&mut self, a: &str, b: &str) {
+        self.cut.insert((a.to_owned(), b.to_owned()));
+    }
+
+    fn crash(&mut self, name: &str) {
+        self.down.insert(name.to_owned());
+        self.serving.insert(name.to_owned(), false);
+    }
+
+    fn restart(&mut self, name: &str) {
+        self.down.remove(name);
+        let cfg = self.node(name).config().clone();
+        let (node, actions) =
+            Node::start(cfg, name, self.disks.get(name).cloned(), self.now).unwrap();
+        self.nodes.insert(name.to_owned(), node);
+        self.apply(name, actions);
+        self.event(name, Event::Health(HEALTHY));
+    }
+
+    fn reasons(&self, name: &str) -> Vec<Reason> {
+        self.log
+            .iter()
+            .filter(|(_, n, _)| n == name)
+            .filter_map(|(_, _, a)| match a {
+                Action::Record(r) => Some(r.reason),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn first_time(&self, name: &str, pred: impl Fn(&Action) -> bool) -> Option<u64> {
+        self.log
+            .iter()
+            .find(|(_, n, a)| n == name && pred(a))
+            .map(|(t, _, _)| *t)
+    }
+
+    /// Two clusters (or more) started standby; runs until one is active.
+    fn settled(cfg: HaConfig) -> Self {
+        let mut sim = Sim::new(cfg, &[]);
+        sim.run(2 * LEASE);
+        assert_eq!(sim.actives().len(), 1, "{:?}", sim.actives());
+        sim
+    }
+}
+
+fn two() -> HaConfig {
+    cfg(&[("a", 3), ("b", 2)], false)
+}
+
+fn three() -> HaConfig {
+    cfg(&[("a", 3), ("b", 2), ("c", 1)], false)
+}
+
+fn active_rec(epoch: u64, me: &str) -> Persisted {
+    Persisted {
+        role: Role::Active,
+        epoch,
+        vote: Some(Vote {
+            epoch,
+            to: me.to_owned(),
+        }),
+        paused: false,
+    }
+}
+
+#[test]
+fn config_validation_names_the_problem() {
+    let mut c = two();
+    assert_eq!(c.validate(), Ok(()));
+    c.clusters.truncate(1);
+    assert_eq!(c.validate(), Err(HaConfigError::TooFewClusters(1)));
+    let mut c = two();
+    c.witness = Some("a".to_owned());
+    assert_eq!(c.validate(), Err(HaConfigError::DuplicateName("a".into())));
+    let mut c = two();
+    c.clusters[1].name.clear();
+    assert_eq!(c.validate(), Err(HaConfigError::EmptyName));
+    let mut c = two();
+    c.lease_ms = c.probe_interval_ms + c.margin_ms;
+    assert!(matches!(
+        c.validate(),
+        Err(HaConfigError::LeaseTooShort { .. })
+    ));
+    let mut c = two();
+    c.probe_interval_ms = 0;
+    assert_eq!(c.validate(), Err(HaConfigError::Zero("probeIntervalMs")));
+    assert_eq!(
+        Node::start(two(), "zz", None, 0).unwrap_err(),
+        HaConfigError::UnknownSelf("zz".into())
+    );
+}
+
+#[test]
+fn quorum_is_a_strict_majority_of_voters() {
+    assert_eq!(two().quorum(), 2);
+    assert_eq!(cfg(&[("a", 1), ("b", 1)], true).quorum(), 2);
+    assert_eq!(three().quorum(), 2);
+    assert_eq!(cfg(&[("a", 1), ("b", 1), ("c", 1)], true).quorum(), 3);
+    let mut c = two();
+    c.unsafe_promote_on_silence = true;
+    assert_eq!(c.quorum(), 1);
+}
+
+#[test]
+fn protocol_round_trips_as_versioned_json() {
+    let env = Envelope {
+        version: PROTOCOL_VERSION,
+        from: "a".into(),
+        to: "b".into(),
+        epoch: 3,
+        body: Body::Probe {
+            sent_ms: 17,
+            status: Status {
+                role: Role::Active,
+                serving: true,
+                eligible: true,
+                preempt_ready: false,
+            },
+            lease: Some(LeaseRequest {
+                epoch: 3,
+                transfer: Some(Transfer {
+                    from: "c".into(),
+                    epoch: 2,
+                }),
+            }),
+        },
+    };
+    let json = env.to_json().unwrap();
+    let text = String::from_utf8(json.clone()).unwrap();
+    assert!(text.contains(r#""type":"probe""#), "{text}");
+    assert_eq!(Envelope::from_json(&json).unwrap(), env);
+    let mut other = env.clone();
+    other.version = 2;
+    assert!(matches!(
+        Envelope::from_json(&other.to_json().unwrap()),
+        Err(ProtocolError::Version { got: 2 })
+    ));
+    assert!(Envelope::from_json(b"{}").is_err());
+}
+
+#[test]
+fn persisted_record_round_trips() {
+    let rec = active_rec(4, "a");
+    let json = serde_json::to_string(&rec).unwrap();
+    assert_eq!(serde_json::from_str::<Persisted>(&json).unwrap(), rec);
+    assert_eq!(
+        rec.role_epoch(),
+        RoleEpoch {
+            role: Role::Active,
+            epoch: 4
+        }
+    );
+}
+
+#[test]
+fn both_standby_elects_the_preferred_cluster_after_one_lease() {
+    let sim = Sim::settled(two());
+    assert_eq!(sim.actives(), vec!["a"]);
+    assert_eq!(sim.node("a").epoch(), 1);
+    assert_eq!(sim.node("b").epoch(), 1, "standby learns the epoch");
+    assert_eq!(sim.disks["a"].role, Role::Active);
+    // Nobody may vote before a full lease after start: promotion is late enough.
+    let promoted = sim
+        .first_time("a", |a| *a == Action::SetServing(true))
+        .unwrap();
+    assert!(promoted >= 1000 + LEASE + MARGIN, "{promoted}");
+    assert!(sim.overlaps.is_empty());
+}
+
+#[test]
+fn active_keeps_fresh_candidates_from_probe_replies() {
+    let mut sim = Sim::settled(three());
+    let now = sim.now;
+    assert_eq!(sim.node("a").candidates(now), vec!["b", "c"]);
+    sim.event("b", Event::Health(LOW));
+    sim.run(2 * PROBE);
+    let now = sim.now;
+    assert_eq!(sim.node("a").candidates(now), vec!["c"]);
+    // c stops answering: it drops out once its last answer is stale.
+    sim.cut("a", "c");
+    sim.run(4 * PROBE);
+    let now = sim.now;
+    assert!(sim.node("a").candidates(now).is_empty());
+    assert_eq!(sim.actives(), vec!["a"], "a still has b's votes");
+}
+
+#[test]
+fn fig9_handover_fences_before_change() {
+    let mut sim = Sim::settled(two());
+    let mark = sim.log.len();
+    sim.event("a", Event::Health(ABNORMAL));
+    sim.deliver_all();
+    sim.run(2 * PROBE);
+    assert_eq!(sim.actives(), vec!["b"]);
+    assert_eq!(sim.node("b").epoch(), 2);
+    assert_eq!(sim.node("a").role(), Role::Standby);
+    assert_eq!(sim.node("a").epoch(), 2);
+    // a's actions in order: prepare ... stop serving, persist standby, send change.
+    let a_actions: Vec<&Action> = sim.log[mark..]
+        .iter()
+        .filter(|(_, n, _)| n == "a")
+        .map(|(_, _, a)| a)
+        .collect();
+    let pos = |pred: &dyn Fn(&Action) -> bool| a_actions.iter().position(|a| pred(a)).unwrap();
+    let prepare = pos(&|a| {
+        matches!(
+            a,
+            Action::Send(Envelope {
+                body: Body::Prepare { .. },
+                ..
+            })
+        )
+    });
+    let stop = pos(&|a| *a == Action::SetServing(false));
+    let fence = pos(&|a| matches!(a, Action::Persist(p) if p.role == Role::Standby));
+    let change = pos(&|a| {
+        matches!(
+            a,
+            Action::Send(Envelope {
+                body: Body::Change { .. },
+                ..
+            })
+        )
+    });
+    assert!(
+        prepare < stop && stop < fence && fence < change,
+        "{a_actions:#?}"
+    );
+    assert!(sim.reasons("a").contains(&Reason::HandoverComplete));
+    assert!(sim.overlaps.is_empty());
+}
+
+#[test]
+fn abnormal_without_fresh_candidate_stays_active() {
+    let mut sim = Sim::settled(two());
+    sim.event("b", Event::Health(LOW));
+    sim.run(4 * PROBE);
+    sim.event("a", Event::Health(ABNORMAL));
+    sim.run(4 * PROBE);
+    assert_eq!(sim.actives(), vec!["a"]);
+    let r = sim.reasons("a");
+    assert_eq!(r.iter().filter(|r| **r == Reason::NoCandidate).count(), 1);
+    assert!(!r.contains(&Reason::HandoverStarted));
+}
+
+#[test]
+fn unhealthy_standby_refuses_prepare() {
+    let mut sim = Sim::settled(two());
+    sim.event("b", Event::Health(LOW));
+    let out = sim.event(
+        "b",
+        Event::Message(Envelope {
+            version: PROTOCOL_VERSION,
+            from: "a".into(),
+            to: "b".into(),
+            epoch: 1,
+            body: Body::Prepare {
+                epoch: 1,
+                reason: HandoverReason::Abnormal,
+            },
+        }),
+    );
+    assert!(
+        out.iter().any(|a| matches!(
+            a,
+            Action::Send(Envelope {
+                body: Body::Refuse { .. },
+                ..
+            })
+        )),
+        "{out:?}"
+    );
+    sim.deliver_all();
+    assert_eq!(sim.actives(), vec!["a"]);
+}
+
+#[test]
+fn retried_change_is_idempotent_and_stale_messages_change_nothing() {
+    let mut sim = Sim::settled(two());
+    sim.event("a", Event::Health(ABNORMAL));
+    sim.run(2 * PROBE);
+    assert_eq!(sim.actives(), vec!["b"]);
+    let change = sim
+        .log
+        .iter()
+        .find_map(|(_, _, a)| match a {
+            Action::Send(e) if matches!(e.body, Body::Change { .. }) => Some(e.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let before = sim.node("b").clone();
+    let out = sim.event("b", Event::Message(change.clone()));
+    assert!(
+        out.iter().all(|a| matches!(
+            a,
+            Action::Send(Envelope {
+                body: Body::Changed { .. },
+                ..
+            })
+        )),
+        "{out:?}"
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(*sim.node("b"), before);
+    // Stale prepare and stale change to the old active: nothing changes.
+    let before = sim.node("a").clone();
+    for body in [
+        Body::Prepare {
+            epoch: 1,
+            reason: HandoverReason::Switchover,
+        },
+        Body::Change {
+            epoch: 0,
+            new_epoch: 1,
+        },
+        Body::Changed { new_epoch: 1 },
+        Body::Ready { epoch: 1 },
+    ] {
+        let now = sim.now;
+        let env = Envelope {
+            version: PROTOCOL_VERSION,
+            from: "b".into(),
+            to: "a".into(),
+            epoch: 1,
+            body,
+        };
+        let out = sim
+            .nodes
+            .get_mut("a")
+            .unwrap()
+            .handle(now, Event::Message(env));
+        assert!(
+            out.iter().all(|a| matches!(a, Action::Send(_))),
+            "stale message acted on: {out:?}"
+        );
+        assert_eq!(*sim.node("a"), before);
+    }
+}
+
+#[test]
+fn pair_without_witness_partition_fences_active_and_never_promotes() {
+    let mut sim = Sim::settled(two());
+    sim.cut("a", "b");
+    sim.run(4 * LEASE);
+    assert!(sim.actives().is_empty(), "safe but unavailable");
+    assert!(sim.reasons("a").contains(&Reason::Fenced));
+    assert_eq!(sim.disks["a"].role, Role::Standby);
+    assert!(sim.overlaps.is_empty());
+    // Heal: the preferred healthy cluster is elected again, in a new epoch.
+    sim.cut.clear();
+    sim.run(3 * LEASE);
+    assert_eq!(sim.actives().len(), 1);
+    let active = sim.actives()[0].to_owned();
+    assert!(sim.node(&active).epoch() >= 2);
+}
+
+#[test]
+fn witness_tells_link_cut_from_dead_peer() {
+    // Link cut between the clusters: the active keeps its lease via the witness.
+    let mut sim = Sim::settled(cfg(&[("a", 3), ("b", 2)], true));
+    sim.cut("a", "b");
+    sim.run(4 * LEASE);
+    assert_eq!(sim.actives(), vec!["a"]);
+    assert_eq!(sim.node("a").epoch(), 1);
+    assert!(sim.overlaps.is_empty());
+
+    // The active isolated from everyone: it fences, then b promotes, later.
+    let mut sim = Sim::settled(cfg(&[("a", 3), ("b", 2)], true));
+    sim.cut("a", "b");
+    sim.cut("a", "w");
+    sim.run(4 * LEASE);
+    assert_eq!(sim.actives(), vec!["b"]);
+    // a's fence is its last stop-serving (the first one is from its start).
+    let fenced = sim
+        .log
+        .iter()
+        .filter(|(_, n, a)| n == "a" && *a == Action::SetServing(false))
+        .map(|(t, _, _)| *t)
+        .next_back()
+        .unwrap();
+    let promoted = sim
+        .first_time("b", |a| *a == Action::SetServing(true))
+        .unwrap();
+    assert!(
+        fenced + MARGIN <= promoted,
+        "fenced {fenced} promoted {promoted}"
+    );
+    assert!(sim.overlaps.is_empty());
+}
+
+#[test]
+fn dead_active_is_replaced_only_after_its_lease() {
+    let mut sim = Sim::settled(cfg(&[("a", 3), ("b", 2)], true));
+    let died = sim.now;
+    sim.crash("a");
+    sim.run(3 * LEASE);
+    assert_eq!(sim.actives(), vec!["b"]);
+    let promoted = sim
+        .first_time("b", |a| *a == Action::SetServing(true))
+        .unwrap();
+    assert!(promoted >= died + LEASE, "died {died} promoted {promoted}");
+    // No preemption by default: a comes back and stays standby.
+    sim.restart("a");
+    sim.run(4 * LEASE);
+    assert_eq!(sim.actives(), vec!["b"]);
+    assert_eq!(sim.node("a").role(), Role::Standby);
+}
+
+#[test]
+fn preempt_hands_back_after_healthy_period() {
+    let mut c = cfg(&[("a", 3), ("b", 2)], true);
+    c.preempt_after_ms = Some(2 * LEASE);
+    let mut sim = Sim::settled(c);
+    sim.crash("a");
+    sim.run(3 * LEASE);
+    assert_eq!(sim.actives(), vec!["b"]);
+    sim.restart("a");
+    sim.run(LEASE);
+    assert_eq!(sim.actives(), vec!["b"], "not before the healthy period");
+    sim.run(3 * LEASE);
+    assert_eq!(sim.actives(), vec!["a"]);
+    assert!(sim.reasons("b").contains(&Reason::HandedOver));
+    assert!(sim.overlaps.is_empty());
+}
+
+#[test]
+fn restarted_active_serves_only_after_renewing_its_lease() {
+    let mut sim = Sim::settled(two());
+    let epoch = sim.node("a").epoch();
+    sim.crash("a");
+    sim.run(PROBE);
+    sim.restart("a");
+    assert!(sim.actives().is_empty());
+    assert!(!sim.serving["a"]);
+    sim.run(2 * PROBE);
+    assert_eq!(sim.actives(), vec!["a"]);
+    assert_eq!(sim.node("a").epoch(), epoch, "same epoch, same holder");
+    assert!(sim.reasons("a").contains(&Reason::Recovered));
+}
+
+#[test]
+fn restarted_active_that_cannot_renew_fences() {
+    let mut sim = Sim::settled(two());
+    sim.crash("a");
+    sim.cut("a", "b");
+    sim.run(PROBE);
+    sim.restart("a");
+    sim.run(2 * LEASE);
+    assert!(sim.actives().is_empty());
+    assert_eq!(sim.disks["a"].role, Role::Standby);
+}
+
+#[test]
+fn both_active_resolves_by_epoch_then_priority() {
+    // Same epoch: the preferred cluster stays.
+    let mut sim = Sim::new(
+        two(),
+        &[("a", active_rec(5, "a")), ("b", active_rec(5, "b"))],
+    );
+    sim.run(3 * LEASE);
+    assert_eq!(sim.actives(), vec!["a"]);
+    assert_eq!(sim.disks["b"].role, Role::Standby);
+    assert!(sim.overlaps.is_empty());
+    // Higher epoch wins over priority.
+    let mut sim = Sim::new(
+        two(),
+        &[("a", active_rec(5, "a")), ("b", active_rec(6, "b"))],
+    );
+    sim.run(3 * LEASE);
+    assert_eq!(sim.actives(), vec!["b"]);
+    assert_eq!(sim.node("a").epoch(), 6);
+    assert!(sim.overlaps.is_empty());
+}
+
+#[test]
+fn switchover_to_healthy_target_and_refusals() {
+    let mut sim = Sim::settled(three());
+    // Target unhealthy: refused, nothing moves.
+    sim.event("c", Event::Health(LOW));
+    sim.run(2 * PROBE);
+    sim.event(
+        "a",
+        Event::Command(Command::Switchover { target: "c".into() }),
+    );
+    sim.run(2 * PROBE);
+    assert_eq!(sim.actives(), vec!["a"]);
+    assert_eq!(sim.reasons("a").last(), Some(&Reason::CommandRefused));
+    // Sent to a standby: refused.
+    sim.event(
+        "b",
+        Event::Command(Command::Switchover { target: "c".into() }),
+    );
+    assert_eq!(sim.reasons("b").last(), Some(&Reason::CommandRefused));
+    // Healthy target, even while paused.
+    sim.event("a", Event::Command(Command::Pause));
+    sim.event(
+        "a",
+        Event::Command(Command::Switchover { target: "b".into() }),
+    );
+    sim.run(3 * PROBE);
+    assert_eq!(sim.actives(), vec!["b"]);
+    assert_eq!(sim.node("b").epoch(), 2);
+    assert!(sim.overlaps.is_empty());
+}
+
+#[test]
+fn pause_stops_automatic_failover_until_resume() {
+    let mut sim = Sim::settled(two());
+    sim.event("a", Event::Command(Command::Pause));
+    assert!(sim.disks["a"].paused, "pause survives restarts");
+    sim.event("a", Event::Health(ABNORMAL));
+    sim.run(4 * PROBE);
+    assert_eq!(sim.actives(), vec!["a"]);
+    sim.event("a", Event::Command(Command::Resume));
+    sim.run(3 * PROBE);
+    assert_eq!(sim.actives(), vec!["b"]);
+}
+
+#[test]
+fn three_clusters_hand_over_to_the_preferred_candidate() {
+    let mut sim = Sim::settled(three());
+    sim.event("a", Event::Health(ABNORMAL));
+    sim.run(3 * PROBE);
+    assert_eq!(sim.actives(), vec!["b"]);
+    // b abnormal too; a is unhealthy, so c takes over.
+    sim.event("b", Event::Health(ABNORMAL));
+    sim.run(3 * PROBE);
+    assert_eq!(sim.actives(), vec!["c"]);
+    assert_eq!(sim.node("c").epoch(), 3);
+    assert!(sim.overlaps.is_empty());
+}
+
+#[test]
+fn unsafe_option_warns_at_start_and_promotes_on_silence() {
+    let mut c = two();
+    c.unsafe_promote_on_silence = true;
+    let (_, out) = Node::start(c.clone(), "a", None, 0).unwrap();
+    assert!(out.iter().any(|a| matches!(
+        a,
+        Action::Record(Record {
+            kind: EventKind::Warning,
+            reason: Reason::UnsafeConfiguration,
+            ..
+        })
+    )));
+    let mut sim = Sim::settled(c);
+    sim.cut("a", "b");
+    sim.run(3 * LEASE);
+    // The seed's behaviour: both serve. This is why it is opt-in only.
+    assert_eq!(sim.actives(), vec!["a", "b"]);
+}
+
+#[test]
+fn config_changes_apply_or_are_rejected_with_a_reason() {
+    let mut sim = Sim::settled(two());
+    let mut c = two();
+    c.clusters[1].priority = 9;
+    sim.event("a", Event::ConfigChanged(c));
+    assert_eq!(sim.reasons("a").last(), Some(&Reason::ConfigApplied));
+    assert_eq!(sim.node("a").config().priority("b"), Some(9));
+    let mut c = two();
+    c.lease_ms = 2 * LEASE;
+    sim.event("a", Event::ConfigChanged(c));
+    assert_eq!(sim.reasons("a").last(), Some(&Reason::ConfigRejected));
+    assert_eq!(sim.node("a").config().lease_ms, LEASE);
+    let mut c = two();
+    c.margin_ms = LEASE;
+    sim.event("a", Event::ConfigChanged(c));
+    assert_eq!(sim.reasons("a").last(), Some(&Reason::ConfigRejected));
+}
+
+#[test]
+fn missing_record_starts_standby_and_is_written() {
+    let (node, out) = Node::start(two(), "a", None, 0).unwrap();
+    assert_eq!(out[0], Action::Persist(Persisted::initial()));
+    assert!(out.contains(&Action::SetServing(false)));
+    assert_eq!(node.role(), Role::Standby);
+    assert!(!node.serving());
+}
+
+#[test]
+fn voter_restarted_does_not_vote_for_a_newcomer_within_a_lease() {
+    let (mut w, _) = Node::start(cfg(&[("a", 3), ("b", 2)], true), "w", None, 0).unwrap();
+    let probe = |from: &str, epoch| {
+        Event::Message(Envelope {
+            version: PROTOCOL_VERSION,
+            from: from.into(),
+            to: "w".into(),
+            epoch: 0,
+            body: Body::Probe {
+                sent_ms: 0,
+                status: Status {
+                    role: Role::Standby,
+                    serving: false,
+                    eligible: true,
+                    preempt_ready: false,
+                },
+                lease: Some(LeaseRequest {
+                    epoch,
+                    transfer: None,
+                }),
+            },
+        })
+    };
+    let granted = |out: &[Action]| {
+        out.iter().any(|a| {
+            matches!(
+                a,
+                Action::Send(Envelope {
+                    body: Body::ProbeReply {
+                        lease: Some(LeaseAnswer::Granted { .. }),
+                        ..
+                    },
+                    ..
+                })
+            )
+        })
+    };
+    assert!(
+        !granted(&w.handle(LEASE, probe("b", 1))),
+        "quiet after start"
+    );
+    let out = w.handle(LEASE + MARGIN, probe("b", 1));
+    assert!(granted(&out));
+    // The vote is persisted before the grant is sent.
+    let persist = out.iter().position(|a| matches!(a, Action::Persist(_)));
+    let send = out.iter().position(|a| matches!(a, Action::Send(_)));
+    assert!(persist < send && persist.is_some());
+    assert!(
+        !granted(&w.handle(LEASE + MARGIN + 1, probe("a", 2))),
+        "bound to b"
+    );
+    assert!(
+        !granted(&w.handle(3 * LEASE, probe("a", 1))),
+        "epoch already used"
+    );
+    assert!(
+        granted(&w.handle(3 * LEASE, probe("a", 2))),
+        "b's vote expired"
+    );
+}
