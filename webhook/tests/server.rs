@@ -1,0 +1,219 @@
+//! The webhook over real TLS on loopback: admission answers, the operations
+//! port, body limits, certificate rotation under load, graceful shutdown.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use counterweight_webhook::{MUTATE_PATH, ServeOptions, VALIDATE_POLICY_PATH};
+
+fn fast_poll() -> ServeOptions {
+    ServeOptions {
+        cert_poll: Duration::from_millis(50),
+        max_body_bytes: 64 * 1024,
+        ..ServeOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_reviews_over_tls_and_serves_ops_over_plain_http() {
+    let w = start(fast_poll()).await;
+    let tls = client_config(&w.ca_pem());
+    let (mut c, _) = connect(w.admission, Some(&tls)).await.unwrap();
+
+    let (status, body) = send(&mut c, "POST", MUTATE_PATH, pod_review("u-1", "shop"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let r = response_of(&body);
+    assert_eq!(r["uid"], "u-1");
+    assert_eq!(r["allowed"], true);
+    assert_eq!(r["patchType"], "JSONPatch");
+
+    // Same keep-alive connection: garbage is a 400 with a message.
+    let (status, body) = send(&mut c, "POST", MUTATE_PATH, Bytes::from_static(b"{nope"))
+        .await
+        .unwrap();
+    assert_eq!(status, 400);
+    assert!(String::from_utf8_lossy(&body).contains("not an AdmissionReview"));
+
+    // Over the size limit: 413, and the server stays up.
+    let (status, _) = send(
+        &mut c,
+        "POST",
+        VALIDATE_POLICY_PATH,
+        Bytes::from(vec![b' '; 65 * 1024]),
+    )
+    .await
+    .unwrap_or((0, Bytes::new()));
+    assert!(status == 413 || status == 0, "got {status}");
+    let (mut c, _) = connect(w.admission, Some(&tls)).await.unwrap();
+    let (status, _) = send(&mut c, "POST", MUTATE_PATH, pod_review("u-2", "shop"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    // A client that does not trust our CA cannot talk to us.
+    let other = counterweight_certs::CertificateAuthority::new("other").unwrap();
+    assert!(
+        connect(w.admission, Some(&client_config(&other.pem().cert_pem)))
+            .await
+            .is_err()
+    );
+
+    let (mut ops, _) = connect(w.ops, None).await.unwrap();
+    for path in ["/healthz", "/readyz"] {
+        let (status, body) = send(&mut ops, "GET", path, Bytes::new()).await.unwrap();
+        assert_eq!((status, &body[..]), (200, &b"ok"[..]), "{path}");
+    }
+    let (status, body) = send(&mut ops, "GET", "/metrics", Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    for needle in [
+        r#"counterweight_webhook_requests_total{endpoint="mutate",outcome="answered"} 2"#,
+        r#"counterweight_webhook_requests_total{endpoint="mutate",outcome="bad-request"} 1"#,
+        "counterweight_webhook_injections_total 2",
+        r#"counterweight_webhook_skips_total{reason="opted-out"} 0"#,
+        "counterweight_webhook_request_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    w.shutdown().await.unwrap();
+}
+
+/// Rotates the serving certificate five times, kubelet-style, while four
+/// clients send reviews nonstop (two on fresh connections, so every request
+/// does a handshake, two on kept-alive connections). No request may fail,
+/// and every rotation must become visible to new handshakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_under_load_loses_no_request() {
+    let w = start(fast_poll()).await;
+    let tls = client_config(&w.ca_pem());
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for i in 0..4u32 {
+        let (tls, stop, ok, addr) = (tls.clone(), stop.clone(), ok.clone(), w.admission);
+        clients.push(tokio::spawn(async move {
+            let fresh = i % 2 == 0;
+            let mut conn = None;
+            let mut failures = Vec::new();
+            let mut n = 0u64;
+            // Bounded: the test stops the clients, and the cap guards a hang.
+            while !stop.load(Ordering::SeqCst) && n < 1_000_000 {
+                n += 1;
+                if fresh || conn.is_none() {
+                    conn = match connect(addr, Some(&tls)).await {
+                        Ok((c, _)) => Some(c),
+                        Err(e) => {
+                            failures.push(e);
+                            continue;
+                        }
+                    };
+                }
+                let Some(c) = conn.as_mut() else { continue };
+                let uid = format!("c{i}-{n}");
+                match send(c, "POST", MUTATE_PATH, pod_review(&uid, "shop")).await {
+                    Ok((200, body)) if response_of(&body)["uid"] == uid.as_str() => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok((status, body)) => {
+                        failures.push(format!("{status}: {}", String::from_utf8_lossy(&body)))
+                    }
+                    Err(e) => failures.push(e),
+                }
+            }
+            failures
+        }));
+    }
+
+    let probe = client_config_no_resume(&w.ca_pem());
+    for version in 1..=5 {
+        let pair = w.rotate(version);
+        let want = pem_der(&pair.cert_pem);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, served) = connect(w.admission, Some(&probe)).await.unwrap();
+            if served.as_deref() == Some(&want[..]) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "rotation {version} never served");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // A broken "rotation" is ignored: the last good certificate keeps serving.
+    std::fs::write(w.dir.path().join("..v5/tls.crt"), "garbage").unwrap();
+    let before = ok.load(Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ok.load(Ordering::SeqCst) < before + 50 {
+        assert!(
+            Instant::now() < deadline,
+            "traffic stalled after a broken cert"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut failures = Vec::new();
+    for c in clients {
+        failures.extend(c.await.unwrap());
+    }
+    let total = ok.load(Ordering::SeqCst);
+    eprintln!("rotation test: {total} successful requests during 5 rotations");
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(total > 100, "too little traffic to mean anything: {total}");
+    let metrics = w.handler.metrics.encode().unwrap();
+    assert!(
+        metrics.contains(r#"cert_reloads_total{result="ok"} 5"#),
+        "{metrics}"
+    );
+    // At least one: the poller may also catch the garbage file half written.
+    let errors: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(r#"counterweight_webhook_cert_reloads_total{result="error"} "#)
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(errors >= 1, "{metrics}");
+    w.shutdown().await.unwrap();
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+/// After shutdown is requested, readiness is gone, new connections are
+/// refused, and `serve` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shuts_down_gracefully() {
+    let w = start(fast_poll()).await;
+    let tls = client_config(&w.ca_pem());
+    let (mut c, _) = connect(w.admission, Some(&tls)).await.unwrap();
+    let (status, _) = send(&mut c, "POST", MUTATE_PATH, pod_review("u", "shop"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let addr = w.admission;
+    tokio::time::timeout(Duration::from_secs(15), w.shutdown())
+        .await
+        .expect("serve returns after shutdown")
+        .unwrap();
+    assert!(connect(addr, Some(&tls)).await.is_err(), "listener closed");
+}
