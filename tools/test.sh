@@ -9,6 +9,16 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 command -v go >/dev/null || { echo "Go is required to build the test control planes; install Go >= 1.26" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "Rust (cargo) is required; install it with rustup" >&2; exit 1; }
 
+# A real PostgreSQL backs the database checks; Debian packages it.
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+  step "installing PostgreSQL from Debian's packages"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "PostgreSQL server binaries are missing: sudo apt-get install postgresql" >&2; exit 1
+  fi
+fi
+
 step "control-plane binaries (cached under ~/.cache/counterweight)"
 COUNTERWEIGHT_CONTROLPLANE_BIN=$(tools/controlplane/build.sh)
 export COUNTERWEIGHT_CONTROLPLANE_BIN
