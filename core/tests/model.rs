@@ -643,3 +643,37 @@ fn liveness_deadline_can_fail() {
         out.discoveries.keys()
     );
 }
+
+/// Partitions only (two cuts, so the active can be isolated from both the
+/// peer and the witness), explored deeper than the all-faults model.
+#[test]
+fn safety_witness_partitions_deep() {
+    let mut setup = Setup::safety(2, true, 8);
+    setup.crashes = 0;
+    setup.flips = 0;
+    setup.cuts = 2;
+    let out = check(
+        "safety, 2 clusters + witness, partitions only",
+        setup,
+        depth_from_env(12),
+        None,
+    );
+    assert_safe(&out);
+}
+
+/// Crash and restart only, explored deeper: reaches a failover after the
+/// active's crash and a restart of any member at any point.
+#[test]
+fn safety_crash_restart_deep() {
+    let mut setup = Setup::safety(2, true, 8);
+    setup.crashes = 1;
+    setup.flips = 0;
+    setup.cuts = 0;
+    let out = check(
+        "safety, 2 clusters + witness, crashes only",
+        setup,
+        depth_from_env(12),
+        None,
+    );
+    assert_safe(&out);
+}
