@@ -24,11 +24,12 @@ use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
-use k8s_openapi::api::rbac::v1::RoleBinding;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{
     Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, WatchEvent,
     WatchParams,
 };
+use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const SYSTEM_NS: &str = names::SYSTEM_NAMESPACE;
@@ -429,10 +430,15 @@ fn is_forbidden<T: std::fmt::Debug>(r: Result<T, kube::Error>) -> bool {
 /// `system:serviceaccount:<ns>:default`, groups `system:serviceaccounts`,
 /// `system:serviceaccounts:<ns>`, `system:authenticated`).
 async fn service_account_kubeconfig(cluster: &Cluster, ns: &str) -> PathBuf {
+    token_kubeconfig(cluster, ns, "default").await
+}
+
+/// A kubeconfig with a real token of service account `ns/sa`.
+async fn token_kubeconfig(cluster: &Cluster, ns: &str, sa: &str) -> PathBuf {
     let sas: Api<ServiceAccount> = Api::namespaced(cluster.client(), ns);
     // kube-controller-manager creates the default account shortly after the namespace.
-    eventually("the default ServiceAccount", WAIT, TICK, || async {
-        sas.get_opt("default").await.map_err(|e| e.to_string())
+    eventually("the ServiceAccount", WAIT, TICK, || async {
+        sas.get_opt(sa).await.map_err(|e| e.to_string())
     })
     .await;
     let request = TokenRequest {
@@ -444,9 +450,9 @@ async fn service_account_kubeconfig(cluster: &Cluster, ns: &str) -> PathBuf {
         ..Default::default()
     };
     let issued: TokenRequest = sas
-        .create_subresource("token", "default", &PostParams::default(), &request)
+        .create_subresource("token", sa, &PostParams::default(), &request)
         .await
-        .expect("TokenRequest for the default service account");
+        .expect("TokenRequest for the service account");
     let token = issued.status.expect("token status").token;
     let kubeconfig = serde_json::json!({
         "apiVersion": "v1",
@@ -459,9 +465,62 @@ async fn service_account_kubeconfig(cluster: &Cluster, ns: &str) -> PathBuf {
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "sa"}}],
         "current-context": "c",
     });
-    let path = cluster.dir().join(format!("sa-{ns}.kubeconfig"));
+    let path = cluster.dir().join(format!("sa-{ns}-{sa}.kubeconfig"));
     std::fs::write(&path, kubeconfig.to_string()).expect("write service-account kubeconfig");
     path
+}
+
+/// Creates the objects of the static gate manifests
+/// (`manifests/base/gate/*.yaml`) and returns the gate Role found there.
+async fn apply_gate_manifests(client: &kube::Client) -> Role {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../manifests/base/gate");
+    let mut gate_role = None;
+    for file in ["gate-role.yaml", "controller-gate-access.yaml"] {
+        let text = std::fs::read_to_string(dir.join(file)).expect("read manifest");
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let value = serde_json::Value::deserialize(doc).expect("manifest YAML");
+            let kind = value["kind"].as_str().unwrap_or_default().to_owned();
+            let pp = PostParams::default();
+            match kind.as_str() {
+                "Role" => {
+                    let role: Role = serde_json::from_value(value).expect("Role");
+                    let ns = role.metadata.namespace.clone().expect("namespaced");
+                    if role.metadata.name.as_deref() == Some(gate_access::GATE_ROLE) {
+                        gate_role = Some(role.clone());
+                    }
+                    Api::<Role>::namespaced(client.clone(), &ns)
+                        .create(&pp, &role)
+                        .await
+                        .expect("create Role");
+                }
+                "RoleBinding" => {
+                    let rb: RoleBinding = serde_json::from_value(value).expect("RoleBinding");
+                    let ns = rb.metadata.namespace.clone().expect("namespaced");
+                    Api::<RoleBinding>::namespaced(client.clone(), &ns)
+                        .create(&pp, &rb)
+                        .await
+                        .expect("create RoleBinding");
+                }
+                "ClusterRole" => {
+                    let cr: ClusterRole = serde_json::from_value(value).expect("ClusterRole");
+                    Api::<ClusterRole>::all(client.clone())
+                        .create(&pp, &cr)
+                        .await
+                        .expect("create ClusterRole");
+                }
+                "ClusterRoleBinding" => {
+                    let crb: ClusterRoleBinding =
+                        serde_json::from_value(value).expect("ClusterRoleBinding");
+                    Api::<ClusterRoleBinding>::all(client.clone())
+                        .create(&pp, &crb)
+                        .await
+                        .expect("create ClusterRoleBinding");
+                }
+                other => panic!("unexpected kind {other:?} in {file}"),
+            }
+        }
+    }
+    gate_role.expect("gate-role.yaml holds the gate Role")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -491,11 +550,41 @@ async fn service_accounts_of_opted_in_namespaces_read_only_the_state() {
     .await;
     create_namespace(&admin, "other", &[]).await;
 
-    let summary = gate_access::reconcile_gate_access(admin.clone(), SYSTEM_NS)
+    // The controller runs with only the static manifests' permissions: they
+    // must suffice to apply the Role and bind it (RBAC escalation checks).
+    let manifest_role = apply_gate_manifests(&admin).await;
+    let code_role = gate_access::gate_role(SYSTEM_NS);
+    assert_eq!(
+        manifest_role.rules, code_role.rules,
+        "manifest and controller agree"
+    );
+    assert_eq!(manifest_role.metadata.labels, code_role.metadata.labels);
+    Api::<ServiceAccount>::namespaced(admin.clone(), SYSTEM_NS)
+        .create(
+            &PostParams::default(),
+            &ServiceAccount {
+                metadata: ObjectMeta {
+                    name: Some("counterweight-controller".to_owned()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
         .await
-        .expect("reconcile gate access");
+        .expect("create the controller ServiceAccount");
+    let controller =
+        client_for(&token_kubeconfig(&cluster, SYSTEM_NS, "counterweight-controller").await).await;
+    let summary = eventually("reconcile as the controller", WAIT, TICK, || async {
+        // RBAC reaches the authorizer through an informer: retry until the
+        // manifests' grants are in effect.
+        match gate_access::reconcile_gate_access(controller.clone(), SYSTEM_NS).await {
+            Ok(summary) => Ok(Some(summary)),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
     assert_eq!(summary.bound, ["shop"]);
-    let again = gate_access::reconcile_gate_access(admin.clone(), SYSTEM_NS)
+    let again = gate_access::reconcile_gate_access(controller.clone(), SYSTEM_NS)
         .await
         .expect("reconcile again");
     assert_eq!(
@@ -621,7 +710,7 @@ async fn service_accounts_of_opted_in_namespaces_read_only_the_state() {
     )
     .await
     .expect("remove the opt-in label");
-    let summary = gate_access::reconcile_gate_access(admin.clone(), SYSTEM_NS)
+    let summary = gate_access::reconcile_gate_access(controller.clone(), SYSTEM_NS)
         .await
         .expect("reconcile after opt-out");
     assert_eq!(summary.unbound, ["shop"]);
