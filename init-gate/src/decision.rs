@@ -122,8 +122,26 @@ pub fn decide(cm: Option<&ConfigMap>) -> Decision {
 pub fn classify(err: &kube::Error) -> WaitReason {
     match err {
         kube::Error::Api(status) => from_status(status.code, &status.message),
-        other => WaitReason::Unreachable(other.to_string()),
+        other => WaitReason::Unreachable(with_sources(other)),
     }
+}
+
+/// An error and its chain of causes, so that "client error (Connect)" comes
+/// with the "Connection refused" that explains it.
+fn with_sources(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    // Bounded: error chains are short, and a cyclic one must not hang the gate.
+    for _ in 0..8 {
+        let Some(c) = cause else { break };
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Classifies a watcher error as a reason to wait.
@@ -132,7 +150,7 @@ pub fn classify_watch(err: &kube::runtime::watcher::Error) -> WaitReason {
     match err {
         W::InitialListFailed(e) | W::WatchStartFailed(e) | W::WatchFailed(e) => classify(e),
         W::WatchError(status) => from_status(status.code, &status.message),
-        other => WaitReason::Unreachable(other.to_string()),
+        other => WaitReason::Unreachable(with_sources(other)),
     }
 }
 
@@ -252,6 +270,19 @@ mod tests {
         let gone = W::WatchError(Box::new(gone));
         assert!(is_resync(&gone));
         assert!(!is_resync(&W::WatchStartFailed(api_error(403))));
+    }
+
+    #[test]
+    fn transport_errors_carry_their_causes() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let err = kube::Error::ReadEvents(io);
+        match classify(&err) {
+            WaitReason::Unreachable(text) => {
+                assert!(text.contains("Connection refused"), "{text}");
+                assert_eq!(text.matches("Connection refused").count(), 1, "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -7,6 +7,32 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
+use tracing::Level;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, fmt};
+
+/// Logs at `level`, without colours (the output goes to the pod log).
+///
+/// kube-client logs every failed request at ERROR and kube-runtime every
+/// watcher error at WARN; while the API server is down that is a line per
+/// retry. The gate reports each distinct reason itself, at most once a
+/// minute, so those libraries are silenced unless debugging.
+fn init_logging(level: Level) {
+    let deps = if matches!(level, Level::DEBUG | Level::TRACE) {
+        LevelFilter::from_level(level)
+    } else {
+        LevelFilter::OFF
+    };
+    let targets = Targets::new()
+        .with_default(level)
+        .with_target("kube_client", deps)
+        .with_target("kube_runtime", deps);
+    tracing_subscriber::registry()
+        .with(fmt::layer().with_ansi(false).with_filter(targets))
+        .init();
+}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<ExitCode> {
@@ -14,10 +40,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         .install_default()
         .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
     let args = counterweight_gate::Args::parse();
-    tracing_subscriber::fmt()
-        .with_max_level(args.log_level)
-        .with_ansi(false)
-        .init();
+    init_logging(args.log_level);
     // Register the handlers before anything else can take time, so that a
     // SIGTERM arriving while the client is being built is not lost.
     let mut term = signal(SignalKind::terminate())?;
