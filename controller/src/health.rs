@@ -157,7 +157,10 @@ impl HealthLoop {
             writer,
             watcher(
                 Api::<Pod>::all(self.client.clone()),
-                watcher::Config::default(),
+                // Streaming lists send the initial state object by object
+                // instead of in pages of full pods, the largest allocation
+                // the controller would otherwise make at 10,000 pods.
+                watcher::Config::default().streaming_lists(),
             )
             .modify(strip_pod),
         )
@@ -406,6 +409,7 @@ impl HealthLoop {
         let Some(tally) = &ev.tally else { return };
         let span = info_span!("evaluation", cluster = %self.settings.cluster, tick);
         async {
+            let started = std::time::Instant::now();
             let observations: Vec<Observation> = (0..policy.components.len())
                 .map(|i| {
                     let (selected, ready) = tally.counts(i);
@@ -444,6 +448,10 @@ impl HealthLoop {
                 tracing::debug!(score = report.score, retry_count = report.retry_count, ?verdict, "interval evaluated");
             }
 
+            let serialized = serde_json::to_string(&report);
+            self.metrics
+                .evaluation_seconds
+                .observe(started.elapsed().as_secs_f64());
             match verdict {
                 Verdict::Abnormal { .. } if tick => {
                     warn!(summary = %report.summary(), "cluster abnormal");
@@ -472,7 +480,7 @@ impl HealthLoop {
                 _ => {}
             }
 
-            match serde_json::to_string(&report) {
+            match serialized {
                 Ok(json) if ev.published_health.as_deref() != Some(json.as_str()) => {
                     let value = json.clone();
                     if self

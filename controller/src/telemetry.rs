@@ -17,6 +17,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
@@ -41,6 +42,8 @@ pub struct Metrics {
     pub component_up: Family<ComponentLabel, Gauge>,
     /// Evaluations at interval ticks.
     pub evaluations: Counter,
+    /// CPU time of one evaluation (score, verdict, explanation), without I/O.
+    pub evaluation_seconds: Histogram,
     /// Policies rejected by validation.
     pub policy_rejections: Counter,
     /// Kubernetes API requests the controller made for health (state writes,
@@ -58,6 +61,11 @@ impl Metrics {
         let component_up = Family::<ComponentLabel, Gauge>::default();
         let evaluations = Counter::default();
         let policy_rejections = Counter::default();
+        // 1 µs .. ~16 ms: an evaluation is O(components), so anything in the
+        // upper buckets is a regression worth seeing.
+        let evaluation_seconds = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(1e-6, 2.0, 15),
+        );
         let api_requests = Counter::default();
         registry.register(
             "health_score",
@@ -85,6 +93,11 @@ impl Metrics {
             evaluations.clone(),
         );
         registry.register(
+            "health_evaluation_seconds",
+            "Time to compute one evaluation, excluding API writes",
+            evaluation_seconds.clone(),
+        );
+        registry.register(
             "policy_rejections",
             "Policies rejected by validation (the last good one stays in force)",
             policy_rejections.clone(),
@@ -101,6 +114,7 @@ impl Metrics {
             health_retry_count,
             component_up,
             evaluations,
+            evaluation_seconds,
             policy_rejections,
             api_requests,
         }

@@ -63,6 +63,11 @@ impl Process {
         &self.name
     }
 
+    /// The OS process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Path of the log file.
     pub fn log(&self) -> &Path {
         &self.log
