@@ -30,7 +30,13 @@ pub mod wait;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use counterweight_core::inject::env as inject_env;
 use counterweight_core::names;
+
+/// Default epoch file, in the scratch volume the webhook mounts at
+/// [`counterweight_core::inject::RUN_MOUNT_PATH`]. Spelled out because joining constants at compile time
+/// needs a macro crate; a test checks the two agree.
+pub const DEFAULT_EPOCH_FILE: &str = "/var/run/counterweight/epoch";
 
 /// Exit code after release.
 pub const EXIT_RELEASED: u8 = 0;
@@ -50,16 +56,24 @@ pub const EXIT_TERMINATED: u8 = 143;
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "counterweight-gate", version, about, long_about = None)]
 pub struct Args {
-    /// Name of this cluster; used in log lines only.
-    #[arg(long, env = "COUNTERWEIGHT_CLUSTER", default_value = "local")]
+    /// Name of the cluster this pod expects to run in; used in log lines.
+    #[arg(long, env = inject_env::EXPECTED_CLUSTER, default_value = "local")]
     pub cluster: String,
 
+    /// This pod's name (downward API); used in log lines.
+    #[arg(long, env = inject_env::POD_NAME)]
+    pub pod_name: Option<String>,
+
+    /// This pod's namespace (downward API); used in log lines.
+    #[arg(long, env = inject_env::POD_NAMESPACE)]
+    pub pod_namespace: Option<String>,
+
     /// Namespace of the state ConfigMap.
-    #[arg(long, env = "COUNTERWEIGHT_STATE_NAMESPACE", default_value = names::SYSTEM_NAMESPACE)]
+    #[arg(long, env = inject_env::STATE_NAMESPACE, default_value = names::SYSTEM_NAMESPACE)]
     pub state_namespace: String,
 
     /// Name of the state ConfigMap.
-    #[arg(long, env = "COUNTERWEIGHT_STATE_NAME", default_value = names::STATE_CONFIGMAP)]
+    #[arg(long, env = inject_env::STATE_NAME, default_value = names::STATE_CONFIGMAP)]
     pub state_name: String,
 
     /// Kubeconfig to use instead of the pod's service account.
@@ -75,11 +89,7 @@ pub struct Args {
     pub timeout: Option<Duration>,
 
     /// File the release epoch is written to before exiting 0.
-    #[arg(
-        long,
-        env = "COUNTERWEIGHT_EPOCH_FILE",
-        default_value = "/var/run/counterweight/epoch"
-    )]
+    #[arg(long, env = inject_env::EPOCH_FILE, default_value = DEFAULT_EPOCH_FILE)]
     pub epoch_file: PathBuf,
 
     /// Log level: error, warn, info, debug or trace.
@@ -204,6 +214,11 @@ pub async fn run(
     };
     tracing::info!(
         cluster = %target.cluster,
+        pod = %format!(
+            "{}/{}",
+            args.pod_namespace.as_deref().unwrap_or("-"),
+            args.pod_name.as_deref().unwrap_or("-")
+        ),
         configmap = %format!("{}/{}", target.namespace, target.name),
         "gate starting"
     );
@@ -275,6 +290,54 @@ mod tests {
         assert_eq!(a.state_name, "counterweight-state");
         assert_eq!(a.poll_interval, Duration::from_secs(1));
         assert_eq!(a.timeout, None);
+    }
+
+    #[test]
+    fn default_epoch_file_is_in_the_injected_scratch_volume() {
+        assert_eq!(
+            Path::new(DEFAULT_EPOCH_FILE).parent(),
+            Some(Path::new(counterweight_core::inject::RUN_MOUNT_PATH))
+        );
+    }
+
+    #[test]
+    fn reads_the_environment_the_webhook_injects() {
+        // Setting process environment variables in a test races with other
+        // tests, so check the declared names instead of parsing an environment.
+        use clap::CommandFactory;
+        let cmd = Args::command();
+        let env_of = |id: &str| {
+            cmd.get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_env())
+                .map(|e| e.to_string_lossy().into_owned())
+        };
+        assert_eq!(
+            env_of("cluster").as_deref(),
+            Some("COUNTERWEIGHT_EXPECTED_CLUSTER")
+        );
+        assert_eq!(
+            env_of("state_namespace").as_deref(),
+            Some("COUNTERWEIGHT_STATE_NAMESPACE")
+        );
+        assert_eq!(
+            env_of("state_name").as_deref(),
+            Some("COUNTERWEIGHT_STATE_NAME")
+        );
+        assert_eq!(
+            env_of("epoch_file").as_deref(),
+            Some("COUNTERWEIGHT_EPOCH_FILE")
+        );
+        assert_eq!(
+            env_of("pod_name").as_deref(),
+            Some("COUNTERWEIGHT_POD_NAME")
+        );
+        assert!(
+            cmd.get_arguments()
+                .filter(|a| a.get_id() != "help" && a.get_id() != "version")
+                .all(|a| a.get_env().is_some()),
+            "every flag has an env"
+        );
     }
 
     #[test]
