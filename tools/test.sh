@@ -18,6 +18,15 @@ if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
     echo "PostgreSQL server binaries are missing: sudo apt-get install postgresql" >&2; exit 1
   fi
 fi
+# rsync (Debian's package) carries the file replication in the sync e2e.
+if ! command -v rsync >/dev/null; then
+  step "installing rsync from Debian's packages"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >/dev/null
+  else
+    echo "rsync is missing: sudo apt-get install rsync" >&2; exit 1
+  fi
+fi
 
 step "control-plane binaries (cached under ~/.cache/counterweight)"
 COUNTERWEIGHT_CONTROLPLANE_BIN=$(tools/controlplane/build.sh)
