@@ -9,6 +9,7 @@
 pub mod checks;
 pub mod gate_access;
 pub mod health;
+pub mod peer;
 pub mod state_store;
 pub mod telemetry;
 
