@@ -29,7 +29,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 pub use binaries::{BIN_DIR_ENV, Binaries};
-pub use postgres::{PG_USER, Postgres};
+pub use postgres::{PG_USER, PgOptions, Postgres};
 pub use process::Process;
 
 /// Name of the fake node every cluster gets.

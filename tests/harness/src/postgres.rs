@@ -23,6 +23,43 @@ pub struct Postgres {
     port: u16,
     password: String,
     process: Option<Process>,
+    settings: Vec<(String, String)>,
+}
+
+/// How a test server is initialized and run; [`Postgres::start`] uses the
+/// default (no extra settings, no checksums).
+#[derive(Debug, Clone, Default)]
+pub struct PgOptions {
+    /// Extra `-c name=value` settings on the server command line. They win
+    /// over `postgresql.conf` and `postgresql.auto.conf`, so settings that
+    /// must change at run time (`primary_conninfo`,
+    /// `synchronous_standby_names`) do not belong here.
+    pub settings: Vec<(String, String)>,
+    /// `initdb --data-checksums`; `pg_rewind` needs this or `wal_log_hints`.
+    pub data_checksums: bool,
+}
+
+impl PgOptions {
+    /// Settings for a streaming-replication pair that `pg_rewind` can
+    /// repair: hint bits WAL-logged, enough WAL kept for a rewound or lagging
+    /// standby to catch up without an archive, fast feedback from standbys.
+    pub fn replication() -> Self {
+        let set = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        Self {
+            settings: vec![
+                set("wal_level", "replica"),
+                set("wal_log_hints", "on"),
+                set("max_wal_senders", "10"),
+                set("wal_keep_size", "512MB"),
+                set("hot_standby", "on"),
+                set("wal_receiver_status_interval", "1s"),
+                set("wal_sender_timeout", "10s"),
+                set("wal_receiver_timeout", "10s"),
+                set("wal_retrieve_retry_interval", "500ms"),
+            ],
+            data_checksums: false,
+        }
+    }
 }
 
 fn pg_bin_dir() -> Result<PathBuf, HarnessError> {
@@ -69,40 +106,29 @@ fn as_pg_user(program: &Path, args: &[String]) -> (PathBuf, Vec<String>) {
 impl Postgres {
     /// Initializes a data directory and starts the server on a free port.
     pub async fn start() -> Result<Self, HarnessError> {
-        let bin = pg_bin_dir()?;
-        let dir = tempfile::Builder::new()
-            .prefix("counterweight-pg-")
-            .tempdir()
-            .map_err(|e| HarnessError::io("creating the PostgreSQL directory", e))?;
+        Self::start_with(PgOptions::default()).await
+    }
+
+    /// Like [`Postgres::start`], with options.
+    pub async fn start_with(options: PgOptions) -> Result<Self, HarnessError> {
         let password = format!("pw-{}", free_port()?);
-        let pwfile = dir.path().join("pwfile");
+        let mut pg = Self::unstarted(options.clone(), &password)?;
+        let pwfile = pg.dir.path().join("pwfile");
         std::fs::write(&pwfile, &password)
             .map_err(|e| HarnessError::io("writing the password file", e))?;
-        if is_root() {
-            // The server user must own its directory.
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(dir.path())
-                .status()
-                .map_err(|e| HarnessError::io("chown of the PostgreSQL directory", e))?;
-            if !status.success() {
-                return Err(HarnessError::io(
-                    "chown of the PostgreSQL directory",
-                    std::io::Error::other(status.to_string()),
-                ));
-            }
+        chown_to_pg(pg.dir.path())?;
+        let data = pg.data_dir();
+        let mut initdb_args = vec![
+            format!("--pgdata={}", data.display()),
+            format!("--username={PG_USER}"),
+            "--auth=scram-sha-256".into(),
+            format!("--pwfile={}", pwfile.display()),
+            "--no-sync".into(),
+        ];
+        if options.data_checksums {
+            initdb_args.push("--data-checksums".into());
         }
-        let data = dir.path().join("data");
-        let (prog, args) = as_pg_user(
-            &bin.join("initdb"),
-            &[
-                format!("--pgdata={}", data.display()),
-                format!("--username={PG_USER}"),
-                "--auth=scram-sha-256".into(),
-                format!("--pwfile={}", pwfile.display()),
-                "--no-sync".into(),
-            ],
-        );
+        let (prog, args) = as_pg_user(&pg.bin.join("initdb"), &initdb_args);
         let out = Command::new(&prog)
             .args(&args)
             .output()
@@ -114,17 +140,124 @@ impl Postgres {
                 log_tail: String::from_utf8_lossy(&out.stderr).into_owned(),
             });
         }
-        let mut pg = Self {
-            bin,
-            port: free_port()?,
-            dir,
-            password,
-            process: None,
-        };
         pg.resume().await?;
         Ok(pg)
     }
 
+    /// A directory (owned by the server user), port and password for a
+    /// server whose data directory the caller creates, e.g. a replica made
+    /// with `pg_basebackup` into [`Postgres::data_dir`]. Nothing runs until
+    /// [`Postgres::resume`]. `password` is the one the data will carry (a
+    /// base backup copies the primary's users).
+    pub fn unstarted(options: PgOptions, password: &str) -> Result<Self, HarnessError> {
+        let bin = pg_bin_dir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("counterweight-pg-")
+            .tempdir()
+            .map_err(|e| HarnessError::io("creating the PostgreSQL directory", e))?;
+        chown_to_pg(dir.path())?;
+        Ok(Self {
+            bin,
+            port: free_port()?,
+            dir,
+            password: password.to_owned(),
+            process: None,
+            settings: options.settings,
+        })
+    }
+
+    /// Directory of the server binaries (`pg_ctl`, `pg_rewind`, `pgbench`, ...).
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
+    }
+
+    /// The server's own directory: socket, log, and `data/` below it.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Whether this handle started the server and has not stopped it.
+    pub fn is_running(&self) -> bool {
+        self.process.is_some()
+    }
+
+    /// The server user when tests run as root (`postgres`), else `None`:
+    /// tools that touch the data directory must run as this user.
+    pub fn run_as() -> Option<&'static str> {
+        is_root().then_some("postgres")
+    }
+
+    /// Clean shutdown (`pg_ctl stop -m fast`): the server writes a shutdown
+    /// checkpoint and sends all WAL to connected standbys first, which is
+    /// what a planned switchover and `pg_rewind` rely on.
+    pub fn stop_fast(&mut self) -> Result<(), HarnessError> {
+        if self.process.is_none() {
+            return Ok(());
+        }
+        let (prog, args) = as_pg_user(
+            &self.bin.join("pg_ctl"),
+            &[
+                "stop".into(),
+                "-m".into(),
+                "fast".into(),
+                "-w".into(),
+                "-t".into(),
+                "60".into(),
+                "-D".into(),
+                self.data_dir().display().to_string(),
+            ],
+        );
+        let out = Command::new(&prog)
+            .args(&args)
+            .output()
+            .map_err(|e| HarnessError::io("running pg_ctl stop", e))?;
+        // Reap (or, if pg_ctl failed, kill) what is left of the group.
+        self.stop();
+        if !out.status.success() {
+            return Err(HarnessError::Exited {
+                name: "pg_ctl stop".into(),
+                status: out.status.to_string(),
+                log_tail: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Kills the server at once (SIGKILL to its process group), like a
+    /// machine loss: no shutdown checkpoint, no last WAL sent.
+    pub fn crash(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    /// Path of the server log.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+}
+
+/// Gives `dir` to the server user when we are root (PostgreSQL refuses a
+/// data directory it does not own).
+fn chown_to_pg(dir: &Path) -> Result<(), HarnessError> {
+    if is_root() {
+        // The server user must own its directory.
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir)
+            .status()
+            .map_err(|e| HarnessError::io("chown of the PostgreSQL directory", e))?;
+        if !status.success() {
+            return Err(HarnessError::io(
+                "chown of the PostgreSQL directory",
+                std::io::Error::other(status.to_string()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Postgres {
     /// Loopback port.
     pub fn port(&self) -> u16 {
         self.port
@@ -153,21 +286,23 @@ impl Postgres {
             return Ok(());
         }
         let socket_dir = self.dir.path().display().to_string();
-        let (prog, args) = as_pg_user(
-            &self.bin.join("postgres"),
-            &[
-                "-D".into(),
-                self.data_dir().display().to_string(),
-                "-p".into(),
-                self.port.to_string(),
-                "-k".into(),
-                socket_dir,
-                "-c".into(),
-                "listen_addresses=127.0.0.1".into(),
-                "-c".into(),
-                "fsync=off".into(),
-            ],
-        );
+        let mut server_args: Vec<String> = vec![
+            "-D".into(),
+            self.data_dir().display().to_string(),
+            "-p".into(),
+            self.port.to_string(),
+            "-k".into(),
+            socket_dir,
+            "-c".into(),
+            "listen_addresses=127.0.0.1".into(),
+            "-c".into(),
+            "fsync=off".into(),
+        ];
+        for (name, value) in &self.settings {
+            server_args.push("-c".into());
+            server_args.push(format!("{name}={value}"));
+        }
+        let (prog, args) = as_pg_user(&self.bin.join("postgres"), &server_args);
         let log = self.dir.path().join("postgres.log");
         let mut process = Process::spawn("postgres", &prog, &args, &log)?;
         let deadline = Instant::now() + Duration::from_secs(60);
