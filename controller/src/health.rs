@@ -22,18 +22,19 @@ use counterweight_core::health::{
 use counterweight_core::names;
 use counterweight_core::policy::{Check, Policy, format_duration};
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::ResourceExt;
 use kube::api::Api;
-use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event as WEvent};
 use kube::runtime::{WatchStreamExt, reflector as reflect_stream};
-use kube::{Resource, ResourceExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::checks::{self, PgCredentials};
+use crate::events::EventSink;
 use crate::state_store::{StateStore, Written};
 use crate::telemetry::{ComponentLabel, Metrics, Probes};
 
@@ -95,7 +96,7 @@ pub struct HealthLoop {
     metrics: Arc<Metrics>,
     probes: Arc<Probes>,
     store: StateStore,
-    recorder: Recorder,
+    events: EventSink,
     reports: watch::Sender<Option<HealthReport>>,
 }
 
@@ -124,12 +125,11 @@ impl HealthLoop {
         probes: Arc<Probes>,
     ) -> Self {
         let store = StateStore::new(client.clone(), &settings.namespace, &settings.state_name);
-        let recorder = Recorder::new(
+        let events = EventSink::new(
             client.clone(),
-            Reporter {
-                controller: "counterweight-controller".into(),
-                instance: Some(settings.cluster.clone()),
-            },
+            &settings.cluster,
+            &settings.namespace,
+            &settings.state_name,
         );
         Self {
             client,
@@ -137,7 +137,7 @@ impl HealthLoop {
             metrics,
             probes,
             store,
-            recorder,
+            events,
             reports: watch::channel(None).0,
         }
     }
@@ -564,35 +564,9 @@ impl HealthLoop {
         Some(creds)
     }
 
-    /// Records a Kubernetes Event on the state ConfigMap, where
-    /// `kubectl describe` shows it next to the state it explains.
     async fn record(&self, type_: EventType, reason: &str, action: &str, note: String) {
-        let reference = ObjectReference {
-            api_version: Some(ConfigMap::api_version(&()).into_owned()),
-            kind: Some(ConfigMap::kind(&()).into_owned()),
-            namespace: Some(self.settings.namespace.clone()),
-            name: Some(self.settings.state_name.clone()),
-            uid: self
-                .store
-                .get()
-                .await
-                .ok()
-                .flatten()
-                .and_then(|cm| cm.metadata.uid),
-            ..Default::default()
-        };
         self.metrics.api_requests.inc();
-        let event = KEvent {
-            type_,
-            reason: reason.into(),
-            // The API server caps an Event note at 1 kB.
-            note: Some(truncate(&note, 1000)),
-            action: action.into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
-            warn!(error = %e, reason, "could not record Event");
-        }
+        self.events.record(type_, reason, action, &note).await;
     }
 }
 
@@ -711,17 +685,6 @@ pub fn strip_pod(pod: &mut Pod) {
             ..Default::default()
         };
     }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 use kube::runtime::watcher::watcher;

@@ -7,7 +7,9 @@
 //! decision is a call into the core.
 
 pub mod checks;
+pub mod events;
 pub mod gate_access;
+pub mod ha_loop;
 pub mod health;
 pub mod peer;
 pub mod state_store;
@@ -69,6 +71,12 @@ pub struct Args {
     /// Run as a witness: no workloads, only votes for the peers.
     #[arg(long, env = "COUNTERWEIGHT_WITNESS")]
     pub witness: bool,
+
+    /// HA group configuration (YAML or JSON): clusters with priorities, the
+    /// witness, and lease timings. Without it the controller only evaluates
+    /// health.
+    #[arg(long, env = "COUNTERWEIGHT_HA_CONFIG")]
+    pub ha_config: Option<PathBuf>,
 }
 
 /// Errors the controller reports to its binary.
@@ -94,6 +102,42 @@ pub enum Error {
     /// The health loop stopped.
     #[error(transparent)]
     Health(#[from] health::HealthError),
+    /// The HA loop stopped.
+    #[error(transparent)]
+    Ha(#[from] ha_loop::HaError),
+    /// The HA configuration file is unusable.
+    #[error("cannot use HA config {path}: {message}")]
+    HaConfigFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The HA side of a controller: its configuration and its links to peers.
+pub struct HaWiring {
+    /// Group configuration.
+    pub config: counterweight_core::ha::HaConfig,
+    /// Where outgoing messages go.
+    pub outbox: std::sync::Arc<dyn ha_loop::Outbox>,
+    /// Authenticated incoming messages.
+    pub inbox: tokio::sync::mpsc::Receiver<counterweight_core::ha::Envelope>,
+    /// Operator commands.
+    pub commands: tokio::sync::mpsc::Receiver<counterweight_core::ha::Command>,
+}
+
+/// Reads an HA configuration file (YAML or JSON).
+pub fn read_ha_config(path: &std::path::Path) -> Result<counterweight_core::ha::HaConfig, Error> {
+    let err = |message: String| Error::HaConfigFile {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let config: counterweight_core::ha::HaConfig =
+        serde_yaml_ng::from_str(&text).map_err(|e| err(e.to_string()))?;
+    config.validate().map_err(|e| err(e.to_string()))?;
+    Ok(config)
 }
 
 /// Builds a Kubernetes client from `--kubeconfig`, or the in-cluster
@@ -127,7 +171,11 @@ pub async fn run(
             source,
         })?;
     let settings = health::HealthSettings::new(&args.cluster, &args.namespace);
-    run_with(client, settings, metrics_listener, shutdown).await
+    if args.ha_config.is_some() {
+        // The mTLS peer transport is wired in by the peer module.
+        tracing::warn!("--ha-config given, but this build runs health evaluation only");
+    }
+    run_with(client, settings, metrics_listener, None, shutdown).await
 }
 
 /// Runs the controller on a given client and metrics listener, so tests can
@@ -136,6 +184,7 @@ pub async fn run_with(
     client: kube::Client,
     settings: health::HealthSettings,
     metrics_listener: tokio::net::TcpListener,
+    ha: Option<HaWiring>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     use futures::FutureExt;
@@ -154,8 +203,40 @@ pub async fn run_with(
         probes.clone(),
         shutdown.clone(),
     ));
-    let health = health::HealthLoop::new(client, settings, metrics, probes);
+    let health = health::HealthLoop::new(client.clone(), settings.clone(), metrics, probes);
+    let ha_task = ha.map(|wiring| {
+        let store =
+            state_store::StateStore::new(client.clone(), &settings.namespace, &settings.state_name);
+        let events = events::EventSink::new(
+            client.clone(),
+            &settings.cluster,
+            &settings.namespace,
+            &settings.state_name,
+        );
+        let serving = std::sync::Arc::new(ha_loop::ConfigMapServing::new(store.clone()));
+        let ha = ha_loop::HaLoop::new(
+            &settings.cluster,
+            wiring.config,
+            store,
+            events,
+            wiring.outbox,
+            serving,
+        );
+        let inputs = ha_loop::HaInputs {
+            inbox: wiring.inbox,
+            commands: wiring.commands,
+            health: Some(health.subscribe()),
+        };
+        tokio::spawn(ha.run(inputs, shutdown.clone()))
+    });
     let result = health.run(shutdown).await;
+    if let Some(task) = ha_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(e) => tracing::error!(error = %e, "HA loop panicked"),
+        }
+    }
     match server.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(Error::Metrics(e)),

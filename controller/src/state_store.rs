@@ -27,9 +27,9 @@ pub enum StoreError {
         namespace: String,
         /// Name.
         name: String,
-        /// The client error.
+        /// The client error (boxed: it is large, and errors travel far).
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     /// Too many concurrent writers.
     #[error(
@@ -77,7 +77,7 @@ impl StateStore {
             action,
             namespace: self.namespace.clone(),
             name: self.name.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 

@@ -77,7 +77,7 @@ pub use protocol::{
     Status, Transfer,
 };
 
-use crate::state::{Role, RoleEpoch};
+use crate::state::{Role, RoleEpoch, StateError};
 
 /// A health verdict from the Table 1 loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -140,7 +140,65 @@ impl Persisted {
             epoch: self.epoch,
         }
     }
+
+    /// Reads the record from state ConfigMap data. Any malformed key is an
+    /// error: the caller then restarts as if the record were lost (standby,
+    /// and no vote for one lease), never as active.
+    pub fn from_data(
+        data: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> Result<Self, StateError> {
+        let re = RoleEpoch::from_data(data)?;
+        let data = data.ok_or(StateError::NoData)?;
+        let vote = match data.get(VOTE_KEY).map(|v| v.trim()) {
+            None | Some("") => None,
+            Some(text) => Some(
+                serde_json::from_str(text).map_err(|_| StateError::BadValue {
+                    key: VOTE_KEY,
+                    value: text.to_owned(),
+                    expected: r#"JSON like {"epoch":3,"to":"east"}"#,
+                })?,
+            ),
+        };
+        let paused = match data.get(PAUSED_KEY).map(|v| v.trim()) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => {
+                return Err(StateError::BadValue {
+                    key: PAUSED_KEY,
+                    value: other.to_owned(),
+                    expected: "`true` or `false`",
+                });
+            }
+        };
+        Ok(Self {
+            role: re.role,
+            epoch: re.epoch,
+            vote,
+            paused,
+        })
+    }
+
+    /// Writes the record into state ConfigMap data, leaving other keys alone.
+    pub fn write_to(&self, data: &mut std::collections::BTreeMap<String, String>) {
+        self.role_epoch().write_to(data);
+        match &self.vote {
+            Some(v) => {
+                // A two-field struct of a string and an integer always serializes.
+                let json = serde_json::to_string(v).unwrap_or_default();
+                data.insert(VOTE_KEY.to_owned(), json);
+            }
+            None => {
+                data.remove(VOTE_KEY);
+            }
+        }
+        data.insert(PAUSED_KEY.to_owned(), self.paused.to_string());
+    }
 }
+
+/// State ConfigMap key of the latest vote, JSON.
+pub const VOTE_KEY: &str = "vote";
+/// State ConfigMap key of the paused flag.
+pub const PAUSED_KEY: &str = "paused";
 
 /// An operator command.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -796,3 +796,41 @@ fn voter_restarted_does_not_vote_for_a_newcomer_within_a_lease() {
         "b's vote expired"
     );
 }
+
+#[test]
+fn persisted_round_trips_through_configmap_data_and_rejects_garbage() {
+    let rec = Persisted {
+        role: Role::Active,
+        epoch: 4,
+        vote: Some(Vote {
+            epoch: 4,
+            to: "east".into(),
+        }),
+        paused: true,
+    };
+    let mut data = std::collections::BTreeMap::new();
+    data.insert("health".to_owned(), "{}".to_owned());
+    rec.write_to(&mut data);
+    assert_eq!(Persisted::from_data(Some(&data)), Ok(rec.clone()));
+    assert_eq!(
+        data.get("health").map(String::as_str),
+        Some("{}"),
+        "other keys stay"
+    );
+    let mut no_vote = rec.clone();
+    no_vote.vote = None;
+    no_vote.write_to(&mut data);
+    assert!(!data.contains_key(VOTE_KEY));
+    assert_eq!(Persisted::from_data(Some(&data)), Ok(no_vote));
+    data.insert(VOTE_KEY.to_owned(), "east".to_owned());
+    let err = Persisted::from_data(Some(&data)).unwrap_err();
+    assert!(err.to_string().contains("`vote`"), "{err}");
+    data.remove(VOTE_KEY);
+    data.insert(PAUSED_KEY.to_owned(), "yes".to_owned());
+    assert!(
+        Persisted::from_data(Some(&data))
+            .unwrap_err()
+            .to_string()
+            .contains("`paused`")
+    );
+}

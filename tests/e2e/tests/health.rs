@@ -231,6 +231,7 @@ async fn weighted_health_follows_pods_checks_and_policy() {
         client.clone(),
         settings,
         listener,
+        None,
         async {
             let _ = stopped.await;
         },
