@@ -15,6 +15,7 @@
 mod binaries;
 mod postgres;
 mod process;
+mod proxy;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -31,6 +32,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 pub use binaries::{BIN_DIR_ENV, Binaries};
 pub use postgres::{PG_USER, PgOptions, Postgres};
 pub use process::Process;
+pub use proxy::{Mode, TcpProxy};
 
 /// Name of the fake node every cluster gets.
 pub const NODE_NAME: &str = "kwok-node-0";
