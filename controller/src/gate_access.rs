@@ -272,6 +272,56 @@ pub async fn reconcile_gate_access(
     Ok(summary)
 }
 
+/// How often gate access is reconciled even without namespace events, to
+/// repair bindings changed by hand.
+const RESYNC: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Keeps gate access in step with namespace labels until `shutdown`:
+/// reconciles at start, after each batch of Namespace watch events, and
+/// every five minutes. Failures are logged and retried; they never stop the
+/// controller.
+pub async fn run(
+    client: kube::Client,
+    controller_ns: String,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let events = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff();
+    let mut events = std::pin::pin!(events);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut resync = tokio::time::interval(RESYNC);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = resync.tick() => {}
+            event = events.next() => match event {
+                // Reconcile once per relist, and on every change after it.
+                Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone)) => {}
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "namespace watch failed; retrying");
+                    continue;
+                }
+                None => return,
+            },
+        }
+        match reconcile_gate_access(client.clone(), &controller_ns).await {
+            Ok(summary) if !summary.bound.is_empty() || !summary.unbound.is_empty() => {
+                tracing::info!(bound = ?summary.bound, unbound = ?summary.unbound, "gate access updated");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not reconcile gate access; will retry"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;

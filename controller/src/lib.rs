@@ -203,6 +203,11 @@ pub async fn run_with(
         probes.clone(),
         shutdown.clone(),
     ));
+    let gate_access = tokio::spawn(gate_access::run(
+        client.clone(),
+        settings.namespace.clone(),
+        shutdown.clone(),
+    ));
     let health = health::HealthLoop::new(client.clone(), settings.clone(), metrics, probes);
     let ha_task = ha.map(|wiring| {
         let store =
@@ -230,6 +235,7 @@ pub async fn run_with(
         tokio::spawn(ha.run(inputs, shutdown.clone()))
     });
     let result = health.run(shutdown).await;
+    let _ = gate_access.await;
     if let Some(task) = ha_task {
         match task.await {
             Ok(Ok(())) => {}

@@ -237,6 +237,51 @@ async fn weighted_health_follows_pods_checks_and_policy() {
         },
     ));
 
+    // The controller manages the gates' read access as namespaces opt in
+    // and out.
+    let bindings: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
+        Api::namespaced(client.clone(), SYSTEM);
+    nss.patch(
+        APP,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"counterweight.dev/inject": "enabled"}}})),
+    )
+    .await
+    .expect("label namespace");
+    eventually(
+        "a gate RoleBinding for the opted-in namespace",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            bindings
+                .get_opt("counterweight-gate-ems")
+                .await
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
+    nss.patch(
+        APP,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"counterweight.dev/inject": null}}})),
+    )
+    .await
+    .expect("unlabel namespace");
+    eventually(
+        "the RoleBinding to go when the namespace opts out",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            let gone = bindings
+                .get_opt("counterweight-gate-ems")
+                .await
+                .map_err(|e| e.to_string())?
+                .is_none();
+            Ok(gone.then_some(()))
+        },
+    )
+    .await;
+
     // All three components up: S = 1.
     eventually(
         "S = 1 with every component up",
