@@ -1,0 +1,91 @@
+//! Errors of the synchronization library. Each names what was being done so
+//! that a log line alone explains a failed step.
+
+use std::path::PathBuf;
+
+/// Anything that can go wrong while observing or acting on replication.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// A file operation failed.
+    #[error("{what} ({path}): {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A PostgreSQL query or connection failed.
+    #[error("PostgreSQL: {what}: {source}")]
+    Postgres {
+        /// What was being done.
+        what: String,
+        /// The driver error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A PostgreSQL connection or query did not finish in time.
+    #[error("PostgreSQL: {what}: timed out")]
+    Timeout {
+        /// What was being done.
+        what: String,
+    },
+    /// An external tool (`pg_rewind`, `pg_basebackup`, `pg_ctl`, `rsync`)
+    /// could not be started or failed.
+    #[error("{tool} failed ({status}): {stderr}")]
+    Tool {
+        /// The tool.
+        tool: String,
+        /// Exit status, or why it did not run.
+        status: String,
+        /// The end of its error output.
+        stderr: String,
+    },
+    /// The state record (role and epoch) could not be read.
+    #[error("state record in {dir}: {source}")]
+    State {
+        /// The directory the ConfigMap is mounted at.
+        dir: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: counterweight_core::state::StateError,
+    },
+    /// A value did not parse (an LSN, a conninfo, a setting).
+    #[error("cannot parse {what} from {value:?}")]
+    Parse {
+        /// What was expected.
+        what: &'static str,
+        /// What was found.
+        value: String,
+    },
+    /// Watching a directory failed.
+    #[error("watching {path}: {source}")]
+    Watch {
+        /// The directory.
+        path: PathBuf,
+        /// The watcher error.
+        #[source]
+        source: notify::Error,
+    },
+}
+
+impl SyncError {
+    /// An [`SyncError::Io`] for `path`.
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A [`SyncError::Postgres`] describing `what`.
+    pub fn pg(what: impl Into<String>, source: tokio_postgres::Error) -> Self {
+        Self::Postgres {
+            what: what.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! `counterweight-sync`: the synchronization pods' process.
+//!
+//! - `db`: supervises the local PostgreSQL server (through `pg_ctl`) so that
+//!   it is the primary while the cluster is active and a streaming standby
+//!   of the active's primary otherwise.
+//! - `files`: replicates a directory to the peers with `rsync` while active.
+//! - `lag`, `ready`: one-shot reads for probes, operators and the prepare
+//!   step.
+//!
+//! Role and epoch are read from the state ConfigMap mounted as a volume
+//! (`--state-dir`). Credentials come from files (a mounted Secret) or the
+//! environment, never from flags shown by `ps`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use counterweight_sync::db::{
+    self, ConnParams, DbConfig, DbSupervisor, Lsn, Peer, Tools, supervisor::PgCtl,
+};
+use counterweight_sync::files::{FilesConfig, FilesSupervisor};
+use counterweight_sync::role::read_role_dir;
+use tokio::sync::watch;
+
+#[derive(Parser, Debug)]
+#[command(name = "counterweight-sync", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Keep the local PostgreSQL server primary or standby as the state says.
+    Db(DbArgs),
+    /// Replicate a directory to the peers while active.
+    Files(FilesArgs),
+    /// Print the local server's replication lag as JSON.
+    Lag(LocalArgs),
+    /// Exit 0 if the local standby may take over, 3 with the reason if not.
+    Ready(ReadyArgs),
+}
+
+#[derive(Args, Debug)]
+struct LocalArgs {
+    /// Local server host.
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_PG_HOST", default_value = "127.0.0.1")]
+    pg_host: String,
+    /// Local server port.
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_PG_PORT", default_value_t = 5432)]
+    pg_port: u16,
+    /// Role for the sidecar's queries and for replication (needs
+    /// REPLICATION, and pg_rewind's function grants or superuser).
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_PG_USER", default_value = "postgres")]
+    pg_user: String,
+    /// File holding the password (a mounted Secret key).
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_PG_PASSWORD_FILE")]
+    pg_password_file: Option<PathBuf>,
+    /// libpq sslmode for replication connections to peers
+    /// (e.g. verify-full).
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_SSLMODE")]
+    sslmode: Option<String>,
+    /// CA bundle for verify-ca / verify-full.
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_SSLROOTCERT")]
+    sslrootcert: Option<String>,
+    /// Bound on every connection attempt.
+    #[arg(
+        long,
+        env = "COUNTERWEIGHT_SYNC_CONNECT_TIMEOUT_MS",
+        default_value_t = 2000
+    )]
+    connect_timeout_ms: u64,
+}
+
+impl LocalArgs {
+    fn password(&self) -> Result<Option<String>> {
+        if let Ok(pw) = std::env::var("COUNTERWEIGHT_SYNC_PG_PASSWORD") {
+            return Ok(Some(pw));
+        }
+        self.pg_password_file
+            .as_ref()
+            .map(|p| {
+                std::fs::read_to_string(p)
+                    .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+                    .with_context(|| format!("reading the password file {}", p.display()))
+            })
+            .transpose()
+    }
+
+    fn params(&self, host: &str, port: u16) -> Result<ConnParams> {
+        let mut p = ConnParams::new(host, port, &self.pg_user);
+        p.password = self.password()?;
+        p.sslmode = self.sslmode.clone();
+        p.sslrootcert = self.sslrootcert.clone();
+        Ok(p)
+    }
+
+    fn local(&self) -> Result<ConnParams> {
+        self.params(&self.pg_host, self.pg_port)
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+#[derive(Args, Debug)]
+struct DbArgs {
+    #[command(flatten)]
+    local: LocalArgs,
+    /// Directory with the state ConfigMap's keys as files (`state`, `epoch`).
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_STATE_DIR")]
+    state_dir: PathBuf,
+    /// PostgreSQL data directory.
+    #[arg(long, env = "PGDATA")]
+    data_dir: PathBuf,
+    /// Server log file for pg_ctl.
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_PG_LOG", default_value = "/dev/stderr")]
+    pg_log: PathBuf,
+    /// Extra postgres options passed by pg_ctl (-o).
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_PG_OPTIONS", default_value = "")]
+    pg_options: String,
+    /// Directory of pg_ctl, pg_rewind, pg_basebackup.
+    #[arg(
+        long,
+        env = "COUNTERWEIGHT_SYNC_PG_BIN",
+        default_value = "/usr/lib/postgresql/15/bin"
+    )]
+    pg_bin: PathBuf,
+    /// This cluster's name (its application_name as a standby).
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_NAME")]
+    name: String,
+    /// Peer databases, `name=host:port`, repeatable or comma-separated.
+    #[arg(long = "peer", env = "COUNTERWEIGHT_SYNC_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// synchronous_standby_names to keep while primary (empty: async).
+    #[arg(
+        long,
+        env = "COUNTERWEIGHT_SYNC_SYNCHRONOUS_STANDBY_NAMES",
+        default_value = ""
+    )]
+    synchronous_standby_names: String,
+    /// Time between steps.
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_INTERVAL_MS", default_value_t = 1000)]
+    interval_ms: u64,
+}
+
+#[derive(Args, Debug)]
+struct FilesArgs {
+    /// Directory with the state ConfigMap's keys as files.
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_STATE_DIR")]
+    state_dir: PathBuf,
+    /// Directory to replicate.
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_DIR")]
+    dir: PathBuf,
+    /// rsync destinations (paths or rsync:// URLs), repeatable or comma-separated.
+    #[arg(long = "dest", env = "COUNTERWEIGHT_SYNC_DESTS", value_delimiter = ',')]
+    destinations: Vec<String>,
+    /// Watermark file (JSON).
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_WATERMARK")]
+    watermark: PathBuf,
+    /// Quiet period ending a batch.
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_QUIET_MS", default_value_t = 200)]
+    quiet_ms: u64,
+    /// Longest a change waits.
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_MAX_DELAY_MS", default_value_t = 2000)]
+    max_delay_ms: u64,
+    /// Extra rsync arguments (e.g. --password-file=/secret/rsync), comma-separated.
+    #[arg(
+        long = "rsync-arg",
+        env = "COUNTERWEIGHT_SYNC_RSYNC_ARGS",
+        value_delimiter = ',',
+        allow_hyphen_values = true
+    )]
+    rsync_args: Vec<String>,
+    /// How often the state directory is re-read.
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_INTERVAL_MS", default_value_t = 1000)]
+    interval_ms: u64,
+}
+
+#[derive(Args, Debug)]
+struct ReadyArgs {
+    #[command(flatten)]
+    local: LocalArgs,
+    /// The policy's maxLagBytes.
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_MAX_LAG_BYTES")]
+    max_lag_bytes: u64,
+    /// The primary's current WAL position, if the prepare carried it.
+    #[arg(long)]
+    primary_lsn: Option<String>,
+}
+
+fn parse_peer(text: &str, local: &LocalArgs) -> Result<Peer> {
+    let (name, addr) = text
+        .split_once('=')
+        .with_context(|| format!("peer {text:?}: expected name=host:port"))?;
+    let (host, port) = addr
+        .rsplit_once(':')
+        .with_context(|| format!("peer {text:?}: expected name=host:port"))?;
+    let port = port
+        .parse()
+        .with_context(|| format!("peer {text:?}: bad port"))?;
+    Ok(Peer {
+        name: name.to_owned(),
+        params: local.params(host, port)?,
+    })
+}
+
+async fn run_db(args: DbArgs) -> Result<()> {
+    let tools = Tools::new(&args.pg_bin);
+    let peers = args
+        .peers
+        .iter()
+        .map(|p| parse_peer(p, &args.local))
+        .collect::<Result<Vec<_>>>()?;
+    let cfg = DbConfig {
+        local: args.local.local()?,
+        data_dir: args.data_dir.clone(),
+        peers,
+        application_name: args.name.clone(),
+        synchronous_standby_names: args.synchronous_standby_names.clone(),
+        tools: tools.clone(),
+        connect_timeout: args.local.timeout(),
+        promote_wait_seconds: 60,
+    };
+    let server = PgCtl {
+        tools,
+        data_dir: args.data_dir.clone(),
+        log: args.pg_log.clone(),
+        options: args.pg_options.clone(),
+    };
+    let mut sup = DbSupervisor::new(cfg, server, 0);
+    let mut tick = tokio::time::interval(Duration::from_millis(args.interval_ms));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        let state = match read_role_dir(&args.state_dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "state unreadable; treating as standby-without-action");
+                continue;
+            }
+        };
+        if let Err(e) = sup.step(state).await {
+            tracing::warn!(error = %e, "database step failed; retrying next interval");
+        }
+    }
+}
+
+async fn run_files(args: FilesArgs) -> Result<()> {
+    let mut cfg = FilesConfig::new(args.dir, args.destinations, args.watermark);
+    cfg.quiet = Duration::from_millis(args.quiet_ms);
+    cfg.max_delay = Duration::from_millis(args.max_delay_ms);
+    cfg.rsync_args = args.rsync_args;
+    let (role_tx, role_rx) = watch::channel(read_role_dir(&args.state_dir).ok());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let state_dir = args.state_dir.clone();
+    let every = Duration::from_millis(args.interval_ms);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let r = read_role_dir(&state_dir).ok();
+            role_tx.send_if_modified(|cur| {
+                let changed = *cur != r;
+                *cur = r;
+                changed
+            });
+        }
+    });
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = stop_tx.send(true);
+    });
+    FilesSupervisor::new(cfg).run(role_rx, stop_rx).await?;
+    Ok(())
+}
+
+async fn run_lag(args: LocalArgs) -> Result<()> {
+    let client = db::pg::connect(&args.local()?, args.timeout()).await?;
+    let lag = db::pg::standby_lag(&client).await?;
+    let replicas = if lag.in_recovery {
+        Vec::new()
+    } else {
+        db::pg::replicas(&client).await?
+    };
+    let out = serde_json::json!({ "local": lag, "replicas": replicas });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+async fn run_ready(args: ReadyArgs) -> Result<i32> {
+    let primary: Option<Lsn> = args.primary_lsn.as_deref().map(str::parse).transpose()?;
+    let client = db::pg::connect(&args.local.local()?, args.local.timeout()).await?;
+    let lag = db::pg::standby_lag(&client).await?;
+    match db::assess(&lag, primary, args.max_lag_bytes) {
+        Ok(()) => {
+            println!("ready");
+            Ok(0)
+        }
+        Err(reason) => {
+            println!("refuse: {reason}");
+            Ok(3)
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Db(a) => run_db(a).await,
+        Command::Files(a) => run_files(a).await,
+        Command::Lag(a) => run_lag(a).await,
+        Command::Ready(a) => {
+            let code = run_ready(a).await?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
+    }
+}
