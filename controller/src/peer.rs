@@ -459,12 +459,18 @@ pub struct TlsPaths {
 struct TlsConfigs {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    /// Counts successful reloads; a client connection made with an older
+    /// generation is replaced, so a rotated client certificate or CA bundle
+    /// applies to peers already connected.
+    generation: u64,
 }
 
 /// Server and client TLS configurations built from [`TlsPaths`], rebuilt
 /// when the files change. Every new connection takes the current ones, so
-/// a rotation applies without a restart; connections already open keep the
-/// configuration they started with.
+/// a rotation applies without a restart. [`PeerClient`] replaces its open
+/// connections on the next message after a reload; connections accepted by
+/// the server keep the configuration they started with until the client
+/// closes them.
 pub struct PeerTls {
     paths: TlsPaths,
     current: RwLock<Arc<TlsConfigs>>,
@@ -508,6 +514,11 @@ impl PeerTls {
         self.configs().client.clone()
     }
 
+    /// How many times the material was reloaded since [`PeerTls::load`].
+    pub fn generation(&self) -> u64 {
+        self.configs().generation
+    }
+
     fn configs(&self) -> Arc<TlsConfigs> {
         // A poisoned lock still holds a complete Arc; keep using it.
         self.current
@@ -539,7 +550,12 @@ impl PeerTls {
         }
         match build_configs(&self.paths, &files) {
             Ok(configs) => {
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(configs);
+                let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+                *current = Arc::new(TlsConfigs {
+                    generation: current.generation + 1,
+                    ..configs
+                });
+                drop(current);
                 PeerMetrics::reason(&self.metrics.tls_reloads, "ok");
                 tracing::info!(cert = %self.paths.cert.display(), "peer TLS material reloaded");
                 true
@@ -640,6 +656,7 @@ fn build_configs(paths: &TlsPaths, files: &[Vec<u8>; 3]) -> Result<TlsConfigs, P
     Ok(TlsConfigs {
         server: Arc::new(server),
         client: Arc::new(client),
+        generation: 0,
     })
 }
 
@@ -988,6 +1005,8 @@ impl Drop for AbortOnDrop {
 /// One HTTP/2 connection to a peer.
 struct Conn {
     generation: u64,
+    /// [`PeerTls::generation`] of the material it was made with.
+    tls_generation: u64,
     sender: http2::SendRequest<Full<Bytes>>,
     _task: AbortOnDrop,
 }
@@ -1056,6 +1075,7 @@ impl Link {
         let mut slot = self.conn.lock().await;
         if let Some(conn) = slot.as_ref()
             && !conn.sender.is_closed()
+            && conn.tls_generation == tls.generation()
         {
             return Ok((conn.generation, conn.sender.clone()));
         }
@@ -1075,9 +1095,10 @@ impl Link {
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
+        let configs = tls.configs();
         // The TCP target is the URL, but the certificate must name the
         // peer's identity: a URL pointing at the wrong member fails here.
-        let stream = TlsConnector::from(tls.client_config())
+        let stream = TlsConnector::from(configs.client.clone())
             .connect(self.identity.server_name(), tcp)
             .await
             .map_err(|e| self.handshake_error(e))?;
@@ -1097,6 +1118,7 @@ impl Link {
         });
         Ok(Conn {
             generation: self.generations.fetch_add(1, Ordering::Relaxed),
+            tls_generation: configs.generation,
             sender,
             _task: AbortOnDrop(task.abort_handle()),
         })

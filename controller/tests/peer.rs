@@ -582,3 +582,31 @@ async fn a_partition_times_out_within_the_deadline_and_heals() {
     let e = b.send(&envelope("b", "a", 4)).await.unwrap_err();
     assert!(e.is_retryable(), "{e:?}");
 }
+
+#[tokio::test]
+async fn a_reloaded_client_certificate_applies_to_open_connections() {
+    init_tracing();
+    let pki = Pki::new("peers");
+    let mut a = Server::start(pki.peer("peer-a", "a"), &["b", "c"], 16).await;
+    let b_paths = pki.peer("peer-b", "b");
+    let b_tls = PeerTls::load(b_paths.clone(), PeerMetrics::default()).unwrap();
+    let b = PeerClient::new(
+        [endpoint("a", &a.url())],
+        b_tls.clone(),
+        ClientOptions::default(),
+    )
+    .unwrap();
+    b.send(&envelope("b", "a", 1)).await.unwrap();
+    assert_eq!(a.next().await.epoch, 1);
+
+    // Swap in a certificate for another identity: if the open connection
+    // were kept, "from b" would still pass; a new one is refused.
+    pki.write_leaf(b_paths.cert.parent().unwrap(), "peer-b", "c");
+    assert!(b_tls.reload_if_changed());
+    assert_eq!(b_tls.generation(), 1);
+    let (status, message) = rejected(b.send(&envelope("b", "a", 2)).await);
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(message.contains("identity mismatch"), "{message}");
+    b.send(&envelope("c", "a", 3)).await.unwrap();
+    assert_eq!(a.next().await.epoch, 3);
+}
