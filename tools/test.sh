@@ -38,5 +38,9 @@ cargo fmt --all --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The e2e tests run these as real processes (webhook, cw-certs, gate, controller).
+step "cargo build --bins"
+cargo build --workspace --bins --locked
+
 step "cargo test"
 cargo test --workspace --locked
