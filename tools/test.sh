@@ -43,4 +43,4 @@ step "cargo build --bins"
 cargo build --workspace --bins --locked
 
 step "cargo test"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
