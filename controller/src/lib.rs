@@ -12,6 +12,7 @@ pub mod gate_access;
 pub mod ha_loop;
 pub mod health;
 pub mod peer;
+pub mod serving;
 pub mod state_store;
 pub mod telemetry;
 

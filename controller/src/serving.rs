@@ -1,0 +1,1203 @@
+//! Workload effects of the HA state: which service pods serve (FIG. 3, 6).
+//!
+//! [`PodServing`] is the [`Serving`] implementation that acts on pods. A
+//! *service pod* is a pod in a namespace labelled
+//! `counterweight.dev/inject=enabled`, whose role label is `service` or
+//! absent, and which carries the `counterweight.dev/serving` readiness gate
+//! (the webhook injected it). Synchronization pods (roles `ha`, `database`,
+//! `file-replication`) and pods of unknown roles are never touched.
+//!
+//! - **Active** (`set_serving(true)`): the condition `counterweight.dev/serving`
+//!   turns True on every Running service pod, so the kubelet marks it Ready and
+//!   it joins its Service's endpoints. A background loop over a pod watcher
+//!   keeps doing so for new pods while the desired state stays active.
+//! - **Standby / demotion** (`set_serving(false)`): the condition turns False
+//!   on every service pod at once (bounded concurrency). This is the fence:
+//!   the call returns only when no service pod still has the condition True.
+//!   The pods that *were* serving are then restarted in the background with
+//!   the Eviction API (which respects PodDisruptionBudgets; 429s are retried
+//!   with backoff), falling back to a plain delete after
+//!   [`PodServingConfig::delete_after`], so they come back blocked at the gate.
+//!
+//! The only memory of "this pod was serving and still needs a restart" is on
+//! the pod itself: the fence writes the condition False with reason
+//! [`STOPPED_REASON`], while pods that never served get [`STANDBY_REASON`].
+//! A controller restarted mid-demotion therefore finds the unfinished
+//! restarts on the pods and finishes them; a finished restart leaves a new
+//! pod without the condition, so nothing is restarted twice. All decisions
+//! are made by pure functions ([`is_service_pod`], [`decide`],
+//! [`evict_step`], [`backoff`]); the rest only reads the cluster and carries
+//! them out.
+//!
+//! The `serving` key of the state ConfigMap is kept as before, for `cwctl`.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use counterweight_core::inject::{SERVICE_ROLE, SYNC_ROLES};
+use counterweight_core::names;
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::runtime::events::EventType;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use serde_json::{Value, json};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::events::EventSink;
+use crate::gate_access::opted_in;
+use crate::ha_loop::Serving;
+use crate::state_store::{StateStore, StoreError};
+
+/// Condition reason of a pod that serves because its cluster is active.
+pub const ACTIVE_REASON: &str = "ClusterActive";
+/// Condition reason of a pod that was serving and was stopped by a demotion;
+/// it still has to be restarted. Survives controller restarts on the pod.
+pub const STOPPED_REASON: &str = "ServingStopped";
+/// Condition reason of a pod that is not serving because its cluster is
+/// standby, and never served (nothing to restart).
+pub const STANDBY_REASON: &str = "ClusterStandby";
+/// Label selector of the pod watch: everything but synchronization pods
+/// (`notin` also matches pods without the label, which are service pods).
+pub const POD_SELECTOR: &str = "counterweight.dev/role notin (ha,database,file-replication)";
+/// Field manager name on the status patches.
+const FIELD_MANAGER: &str = "counterweight-controller";
+
+/// Tunables of [`PodServing`].
+#[derive(Debug, Clone)]
+pub struct PodServingConfig {
+    /// Pods patched or evicted at the same time.
+    pub concurrency: usize,
+    /// How long eviction is tried (e.g. while a PodDisruptionBudget refuses
+    /// it) before the pod is deleted outright.
+    pub delete_after: Duration,
+    /// First retry delay of a refused eviction; doubles up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// Longest retry delay of a refused eviction.
+    pub backoff_max: Duration,
+    /// Full reconciliation interval, besides the watch events.
+    pub resync: Duration,
+}
+
+impl Default for PodServingConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 32,
+            delete_after: Duration::from_secs(30),
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(5),
+            resync: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Errors of [`PodServing`].
+#[derive(Debug, thiserror::Error)]
+pub enum ServingError {
+    /// The state ConfigMap could not be updated.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Listing pods or namespaces failed.
+    #[error("listing {what}: {source}")]
+    List {
+        /// What was listed.
+        what: &'static str,
+        /// The client error (boxed: it is large).
+        #[source]
+        source: Box<kube::Error>,
+    },
+    /// Some service pods still had the condition True after every attempt:
+    /// the fence is not in place.
+    #[error("{0} service pod(s) still serving after repeated attempts to stop them: {1}")]
+    FenceIncomplete(usize, String),
+}
+
+/// The serving condition as found on a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServingState {
+    /// No condition yet.
+    Absent,
+    /// The pod serves.
+    True,
+    /// The pod does not serve; `restart_pending` if a demotion stopped it
+    /// and it has not been restarted yet (reason [`STOPPED_REASON`]).
+    False {
+        /// The pod served before and still has to be restarted.
+        restart_pending: bool,
+    },
+}
+
+/// What to do with one pod for a desired serving state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodAction {
+    /// Nothing.
+    Keep,
+    /// Set the condition True.
+    Serve,
+    /// Set the condition False with the given reason.
+    Stop(&'static str),
+    /// Restart the pod (evict, then delete).
+    Restart,
+}
+
+/// The serving condition of `pod`.
+pub fn serving_state(pod: &Pod) -> ServingState {
+    let cond = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == names::SERVING_CONDITION));
+    match cond {
+        None => ServingState::Absent,
+        Some(c) if c.status == "True" => ServingState::True,
+        Some(c) => ServingState::False {
+            restart_pending: c.reason.as_deref() == Some(STOPPED_REASON),
+        },
+    }
+}
+
+/// Whether `pod` is a service pod Counterweight acts on: in an opted-in
+/// namespace, role `service` or none, and injected (it has the readiness
+/// gate; without it the condition means nothing and a restart would not
+/// bring it back blocked).
+pub fn is_service_pod(pod: &Pod, opted_in: &BTreeSet<String>) -> bool {
+    let in_opted_ns = pod
+        .metadata
+        .namespace
+        .as_ref()
+        .is_some_and(|ns| opted_in.contains(ns));
+    let role = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(names::ROLE_LABEL));
+    let service_role = match role {
+        None => true,
+        Some(r) => r == SERVICE_ROLE && !SYNC_ROLES.contains(&r.as_str()),
+    };
+    let gated = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.readiness_gates.as_ref())
+        .is_some_and(|gs| {
+            gs.iter()
+                .any(|g| g.condition_type == names::SERVING_CONDITION)
+        });
+    in_opted_ns && service_role && gated
+}
+
+/// What to do with a service pod when the cluster should serve (`desired`)
+/// or not.
+///
+/// Active: Running pods (their gate has released) that do not serve yet are
+/// made to serve; pending and terminating pods wait. Standby: a serving pod
+/// is stopped with [`STOPPED_REASON`] (even a terminating one: it may still
+/// take traffic until it is gone), a stopped one is restarted unless already
+/// terminating, and a pod without the condition gets it False with
+/// [`STANDBY_REASON`], so "not serving" is explicit.
+pub fn decide(pod: &Pod, desired: bool) -> PodAction {
+    let state = serving_state(pod);
+    let terminating = pod.metadata.deletion_timestamp.is_some();
+    if desired {
+        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        return if running && !terminating && state != ServingState::True {
+            PodAction::Serve
+        } else {
+            PodAction::Keep
+        };
+    }
+    match state {
+        ServingState::True => PodAction::Stop(STOPPED_REASON),
+        ServingState::False {
+            restart_pending: true,
+        } if !terminating => PodAction::Restart,
+        ServingState::Absent if !terminating => PodAction::Stop(STANDBY_REASON),
+        _ => PodAction::Keep,
+    }
+}
+
+/// The strategic-merge status patch that sets the serving condition. Pod
+/// conditions merge by `type`, so other conditions are left alone; the uid
+/// makes the patch fail on a namesake that replaced the pod.
+pub fn condition_patch(uid: &str, serve: bool, reason: &str, now: &Time) -> Value {
+    let message = if serve {
+        "this cluster is active"
+    } else if reason == STOPPED_REASON {
+        "this cluster was demoted; the pod will be restarted to block at its gate"
+    } else {
+        "this cluster is standby"
+    };
+    json!({
+        "metadata": {"uid": uid},
+        "status": {"conditions": [{
+            "type": names::SERVING_CONDITION,
+            "status": if serve { "True" } else { "False" },
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now,
+        }]}
+    })
+}
+
+/// What to do after an eviction answer with HTTP status `code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvictStep {
+    /// The pod is gone or replaced: nothing more to do.
+    Gone,
+    /// Refused for now (429: a PodDisruptionBudget; others: transient); retry.
+    Retry,
+}
+
+/// Classifies an eviction or delete error by HTTP status.
+pub fn evict_step(code: u16) -> EvictStep {
+    match code {
+        // 404: already gone; 409: the uid precondition failed, i.e. the pod
+        // we meant was replaced already.
+        404 | 409 => EvictStep::Gone,
+        _ => EvictStep::Retry,
+    }
+}
+
+/// Delay before eviction retry number `attempt` (0-based): doubling from
+/// `min`, capped at `max`.
+pub fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
+    let factor = 1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX);
+    min.saturating_mul(factor).min(max)
+}
+
+/// A pod to restart: its coordinates and the incarnation meant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PodRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Uid of the incarnation that served.
+    pub uid: String,
+}
+
+impl PodRef {
+    fn of(pod: &Pod) -> Option<Self> {
+        Some(Self {
+            namespace: pod.metadata.namespace.clone()?,
+            name: pod.metadata.name.clone()?,
+            uid: pod.metadata.uid.clone()?,
+        })
+    }
+}
+
+/// How one pod's restart ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Evicted,
+    Deleted,
+    Gone,
+    Cancelled,
+}
+
+/// The result of restarting the pods a demotion stopped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestartReport {
+    /// Pods the batch was asked to restart.
+    pub pods: usize,
+    /// Pods restarted through the Eviction API.
+    pub evicted: usize,
+    /// Pods deleted after eviction was refused for
+    /// [`PodServingConfig::delete_after`].
+    pub deleted: usize,
+    /// Pods already gone or replaced by the time we got to them.
+    pub gone: usize,
+    /// Pods left alone because the cluster turned active again (or the pod
+    /// serves again).
+    pub cancelled: usize,
+    /// Wall time of the whole batch.
+    pub took: Duration,
+}
+
+impl RestartReport {
+    /// Pods actually restarted (evicted or deleted).
+    pub fn restarted(&self) -> usize {
+        self.evicted + self.deleted
+    }
+}
+
+/// What a demotion did by the time the fence was in place.
+#[derive(Debug)]
+pub struct Demotion {
+    /// Service pods whose condition went from True to False.
+    pub stopped: usize,
+    /// Service pods that got the condition False without having served.
+    pub standby: usize,
+    /// Time from the call until no service pod served.
+    pub fence_took: Duration,
+    /// Pods handed to the background restart (stopped now or by an earlier,
+    /// unfinished demotion).
+    pub restarting: usize,
+    /// Resolves with the restart report once every restart of this demotion
+    /// finished; `None` if there was nothing to restart.
+    pub restarts: Option<oneshot::Receiver<RestartReport>>,
+}
+
+struct Shared {
+    client: kube::Client,
+    store: StateStore,
+    events: Option<EventSink>,
+    config: PodServingConfig,
+    /// `None` until the HA loop first says; nothing is touched before.
+    desired: watch::Sender<Option<bool>>,
+    /// Held while condition patches are being sent, so a fence never runs
+    /// beside a pass that could still set a condition True.
+    effects: tokio::sync::Mutex<()>,
+    /// Uids being restarted by a running batch.
+    restarting: Mutex<HashSet<String>>,
+}
+
+/// The pod-level [`Serving`]: see the module documentation.
+///
+/// Dropping it stops its watcher and every background restart, as a crash
+/// would; a new one finishes the unfinished restarts.
+pub struct PodServing {
+    shared: Arc<Shared>,
+    tasks: Arc<Mutex<JoinSet<()>>>,
+}
+
+impl PodServing {
+    /// Starts the pod watcher and the reconcile loop. The desired state is
+    /// unknown until the first [`Serving::set_serving`] (the HA loop always
+    /// sends `false` at boot), and nothing is touched before it.
+    pub fn start(
+        client: kube::Client,
+        store: StateStore,
+        events: Option<EventSink>,
+        config: PodServingConfig,
+    ) -> Self {
+        let (desired, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            client,
+            store,
+            events,
+            config,
+            desired,
+            effects: tokio::sync::Mutex::new(()),
+            restarting: Mutex::new(HashSet::new()),
+        });
+        let tasks = Arc::new(Mutex::new(JoinSet::new()));
+        let weak = Arc::downgrade(&tasks);
+        if let Ok(mut set) = tasks.lock() {
+            set.spawn(reconcile_loop(shared.clone(), weak));
+        }
+        Self { shared, tasks }
+    }
+
+    /// Makes service pods serve: records `serving=true`, then sets the
+    /// condition True on every Running service pod. The loop keeps doing so
+    /// for new pods while active.
+    pub async fn activate(&self) -> Result<usize, ServingError> {
+        let started = Instant::now();
+        self.shared.desired.send_replace(Some(true));
+        write_flag(&self.shared.store, true).await?;
+        let pods = list_service_pods(&self.shared.client).await?;
+        let served = pass(&self.shared, &pods, &self.tasks).await;
+        info!(
+            served,
+            took_ms = started.elapsed().as_millis(),
+            "service pods set serving"
+        );
+        Ok(served)
+    }
+
+    /// Stops every service pod from serving and returns once none does (the
+    /// fence), then restarts the pods that were serving in the background.
+    pub async fn demote(&self) -> Result<Demotion, ServingError> {
+        let started = Instant::now();
+        self.shared.desired.send_replace(Some(false));
+        let (stopped, standby, to_restart) = fence(&self.shared).await?;
+        let fence_took = started.elapsed();
+        write_flag(&self.shared.store, false).await?;
+        info!(
+            stopped,
+            standby,
+            fence_ms = fence_took.as_millis(),
+            "fence in place: no service pod serves"
+        );
+        if stopped > 0 {
+            record(
+                &self.shared,
+                EventType::Normal,
+                "ServingStopped",
+                "Demote",
+                &format!(
+                    "{stopped} service pod(s) stopped serving in {} ms; restarting them",
+                    fence_took.as_millis()
+                ),
+            )
+            .await;
+        }
+        let restarting = to_restart.len();
+        let restarts = spawn_restarts(&self.shared, &self.tasks, to_restart);
+        Ok(Demotion {
+            stopped,
+            standby,
+            fence_took,
+            restarting,
+            restarts,
+        })
+    }
+}
+
+impl Drop for PodServing {
+    fn drop(&mut self) {
+        // Abort the loop and the restarts now rather than when the last Arc
+        // goes: a dropped PodServing must act like a crashed controller.
+        if let Ok(mut set) = self.tasks.lock() {
+            set.abort_all();
+        }
+    }
+}
+
+impl Serving for PodServing {
+    async fn set_serving(&self, serving: bool) -> Result<(), String> {
+        if serving {
+            self.activate().await.map(drop).map_err(|e| e.to_string())
+        } else {
+            self.demote().await.map(drop).map_err(|e| e.to_string())
+        }
+    }
+}
+
+async fn write_flag(store: &StateStore, serving: bool) -> Result<(), StoreError> {
+    store
+        .update(|data| {
+            data.insert("serving".to_owned(), serving.to_string());
+        })
+        .await
+        .map(drop)
+}
+
+async fn record(shared: &Shared, type_: EventType, reason: &str, action: &str, note: &str) {
+    if let Some(events) = &shared.events {
+        events.record(type_, reason, action, note).await;
+    }
+}
+
+/// Service pods, read fresh from the API server (a quorum read, so the
+/// fence cannot miss a pod a stale cache does not know yet).
+async fn list_service_pods(client: &kube::Client) -> Result<Vec<Pod>, ServingError> {
+    let nss: Api<Namespace> = Api::all(client.clone());
+    let ns_list = nss
+        .list(&ListParams::default().labels(&format!(
+            "{}={}",
+            names::INJECT_LABEL,
+            names::INJECT_ENABLED
+        )))
+        .await
+        .map_err(|e| ServingError::List {
+            what: "namespaces",
+            source: Box::new(e),
+        })?;
+    let opted = opted_in(&ns_list.items);
+    let pods: Api<Pod> = Api::all(client.clone());
+    let list = pods
+        .list(&ListParams::default().labels(POD_SELECTOR))
+        .await
+        .map_err(|e| ServingError::List {
+            what: "pods",
+            source: Box::new(e),
+        })?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|p| is_service_pod(p, &opted))
+        .collect())
+}
+
+/// Sets the serving condition of one pod. `Ok(false)` if the pod is gone or
+/// was replaced.
+async fn patch_condition(
+    client: &kube::Client,
+    pod: &PodRef,
+    serve: bool,
+    reason: &str,
+) -> Result<bool, kube::Error> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let body = condition_patch(&pod.uid, serve, reason, &now);
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    match api
+        .patch_status(&pod.name, &params, &Patch::Strategic(body))
+        .await
+    {
+        Ok(_) => Ok(true),
+        // 404: gone; 409/422: a namesake with another uid.
+        Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409 | 422) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Attempts of the fence before it reports failure.
+const FENCE_ROUNDS: usize = 5;
+
+/// Sets the condition False on every service pod; returns (stopped,
+/// standby, pods to restart) once no service pod has it True.
+async fn fence(shared: &Shared) -> Result<(usize, usize, Vec<PodRef>), ServingError> {
+    let _effects = shared.effects.lock().await;
+    let (mut stopped, mut standby) = (0, 0);
+    let mut restart: Vec<PodRef> = Vec::new();
+    let mut last_error = String::new();
+    for round in 0..FENCE_ROUNDS {
+        let pods = list_service_pods(&shared.client).await?;
+        let mut work = Vec::new();
+        for pod in &pods {
+            let Some(r) = PodRef::of(pod) else { continue };
+            match decide(pod, false) {
+                PodAction::Stop(reason) => work.push((r, reason)),
+                PodAction::Restart => restart.push(r),
+                PodAction::Keep | PodAction::Serve => {}
+            }
+        }
+        if work.is_empty() {
+            restart.sort_by(|a, b| a.uid.cmp(&b.uid));
+            restart.dedup();
+            return Ok((stopped, standby, restart));
+        }
+        // Futures are built first (owning their inputs) so the stream holds
+        // no closure over borrowed data, which keeps the future `Send`.
+        let futures: Vec<_> = work
+            .into_iter()
+            .map(|(r, reason): (PodRef, &'static str)| {
+                let client = shared.client.clone();
+                async move {
+                    let res = patch_condition(&client, &r, false, reason).await;
+                    (r, reason, res)
+                }
+            })
+            .collect();
+        let results: Vec<_> = stream::iter(futures)
+            .buffer_unordered(shared.config.concurrency.max(1))
+            .collect()
+            .await;
+        let mut failed = 0;
+        for (r, reason, res) in results {
+            match res {
+                Ok(true) if reason == STOPPED_REASON => {
+                    stopped += 1;
+                    restart.push(r);
+                }
+                Ok(true) => standby += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    failed += 1;
+                    last_error = format!("{}/{}: {e}", r.namespace, r.name);
+                }
+            }
+        }
+        if failed == 0 {
+            restart.sort_by(|a, b| a.uid.cmp(&b.uid));
+            restart.dedup();
+            return Ok((stopped, standby, restart));
+        }
+        warn!(round, failed, error = %last_error, "some service pods could not be stopped; retrying");
+        tokio::time::sleep(backoff(
+            u32::try_from(round).unwrap_or(u32::MAX),
+            shared.config.backoff_min,
+            shared.config.backoff_max,
+        ))
+        .await;
+    }
+    // Count what still serves, for the message.
+    let still = list_service_pods(&shared.client)
+        .await?
+        .iter()
+        .filter(|p| serving_state(p) == ServingState::True)
+        .count();
+    if still == 0 {
+        return Ok((stopped, standby, restart));
+    }
+    Err(ServingError::FenceIncomplete(still, last_error))
+}
+
+/// One reconciliation pass over `pods` for the current desired state: sends
+/// condition patches and starts restarts. Returns how many pods were made to
+/// serve.
+async fn pass(shared: &Arc<Shared>, pods: &[Pod], tasks: &Arc<Mutex<JoinSet<()>>>) -> usize {
+    let _effects = shared.effects.lock().await;
+    let Some(desired) = *shared.desired.borrow() else {
+        return 0;
+    };
+    let mut patches = Vec::new();
+    let mut restart = Vec::new();
+    for pod in pods {
+        let Some(r) = PodRef::of(pod) else { continue };
+        match decide(pod, desired) {
+            PodAction::Serve => patches.push((r, true, ACTIVE_REASON)),
+            PodAction::Stop(reason) => patches.push((r, false, reason)),
+            PodAction::Restart => restart.push(r),
+            PodAction::Keep => {}
+        }
+    }
+    let futures: Vec<_> = patches
+        .into_iter()
+        .map(|(r, serve, reason): (PodRef, bool, &'static str)| {
+            let shared = shared.clone();
+            async move {
+                // Never set True once the cluster is no longer meant to
+                // serve: a demotion may have begun while this pass waited.
+                if serve && *shared.desired.borrow() != Some(true) {
+                    return (false, false, r);
+                }
+                let res = patch_condition(&shared.client, &r, serve, reason).await;
+                match res {
+                    Ok(done) => (serve, done, r),
+                    Err(e) => {
+                        warn!(pod = %format!("{}/{}", r.namespace, r.name), error = %e, "could not set the serving condition");
+                        (serve, false, r)
+                    }
+                }
+            }
+        })
+        .collect();
+    let results: Vec<_> = stream::iter(futures)
+        .buffer_unordered(shared.config.concurrency.max(1))
+        .collect()
+        .await;
+    let mut served = 0;
+    for (serve, done, r) in results {
+        if !done {
+            continue;
+        }
+        if serve {
+            served += 1;
+        } else if desired {
+            debug!(pod = %r.name, "unexpected stop while active");
+        }
+    }
+    // Pods stopped by this pass with STOPPED_REASON are restarted by the
+    // next pass (the watch sees the new condition); pods found stopped now
+    // are restarted here: this is how an interrupted demotion resumes.
+    if !desired && !restart.is_empty() {
+        drop(spawn_restarts(shared, tasks, restart));
+    }
+    served
+}
+
+/// Starts a background batch restarting `pods` not already being restarted.
+fn spawn_restarts(
+    shared: &Arc<Shared>,
+    tasks: &Arc<Mutex<JoinSet<()>>>,
+    pods: Vec<PodRef>,
+) -> Option<oneshot::Receiver<RestartReport>> {
+    let fresh: Vec<PodRef> = match shared.restarting.lock() {
+        Ok(mut busy) => pods
+            .into_iter()
+            .filter(|p| busy.insert(p.uid.clone()))
+            .collect(),
+        Err(_) => return None,
+    };
+    if fresh.is_empty() {
+        return None;
+    }
+    let (tx, rx) = oneshot::channel();
+    let shared = shared.clone();
+    let Ok(mut set) = tasks.lock() else {
+        return None;
+    };
+    // Reap finished tasks so the set does not grow without bound.
+    while set.try_join_next().is_some() {}
+    set.spawn(async move {
+        let report = restart_batch(&shared, fresh).await;
+        // Nobody may wait for it (the HA loop does not): that is fine.
+        let _ = tx.send(report);
+    });
+    Some(rx)
+}
+
+async fn restart_batch(shared: &Shared, pods: Vec<PodRef>) -> RestartReport {
+    let started = Instant::now();
+    let total = pods.len();
+    info!(
+        pods = total,
+        "restarting the service pods that were serving"
+    );
+    let futures: Vec<_> = pods
+        .into_iter()
+        .map(|p| async move {
+            let o = restart_one(shared, &p).await;
+            (p, o)
+        })
+        .collect();
+    let outcomes: Vec<(PodRef, Outcome)> = stream::iter(futures)
+        .buffer_unordered(shared.config.concurrency.max(1))
+        .collect()
+        .await;
+    let mut report = RestartReport {
+        pods: total,
+        took: started.elapsed(),
+        ..Default::default()
+    };
+    if let Ok(mut busy) = shared.restarting.lock() {
+        for (p, _) in &outcomes {
+            busy.remove(&p.uid);
+        }
+    }
+    for (_, o) in &outcomes {
+        match o {
+            Outcome::Evicted => report.evicted += 1,
+            Outcome::Deleted => report.deleted += 1,
+            Outcome::Gone => report.gone += 1,
+            Outcome::Cancelled => report.cancelled += 1,
+        }
+    }
+    info!(
+        restarted = report.restarted(),
+        evicted = report.evicted,
+        deleted = report.deleted,
+        gone = report.gone,
+        cancelled = report.cancelled,
+        took_ms = report.took.as_millis(),
+        "service pod restarts finished"
+    );
+    let type_ = if report.deleted > 0 {
+        EventType::Warning
+    } else {
+        EventType::Normal
+    };
+    record(
+        shared,
+        type_,
+        "ServicePodsRestarted",
+        "Restart",
+        &format!(
+            "restarted {} of {} service pod(s) in {} ms: {} evicted, {} deleted after eviction was refused for {} s, {} already gone, {} left serving",
+            report.restarted(),
+            report.pods,
+            report.took.as_millis(),
+            report.evicted,
+            report.deleted,
+            shared.config.delete_after.as_secs(),
+            report.gone,
+            report.cancelled
+        ),
+    )
+    .await;
+    report
+}
+
+/// Restarts one pod: evicts it, retrying refusals with backoff, and deletes
+/// it once eviction has been refused for `delete_after`.
+async fn restart_one(shared: &Shared, p: &PodRef) -> Outcome {
+    let api: Api<Pod> = Api::namespaced(shared.client.clone(), &p.namespace);
+    let started = Instant::now();
+    let delete = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: Some(p.uid.clone()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    let mut attempt: u32 = 0;
+    loop {
+        if *shared.desired.borrow() != Some(false) {
+            return Outcome::Cancelled;
+        }
+        // The pod itself says whether it still needs the restart.
+        match api.get_opt(&p.name).await {
+            Ok(None) => return Outcome::Gone,
+            Ok(Some(pod)) if pod.metadata.uid.as_deref() != Some(p.uid.as_str()) => {
+                return Outcome::Gone;
+            }
+            Ok(Some(pod)) if pod.metadata.deletion_timestamp.is_some() => return Outcome::Gone,
+            Ok(Some(pod)) => {
+                if serving_state(&pod)
+                    != (ServingState::False {
+                        restart_pending: true,
+                    })
+                {
+                    return Outcome::Cancelled;
+                }
+            }
+            Err(e) => warn!(pod = %p.name, error = %e, "could not read pod before restart"),
+        }
+        if started.elapsed() >= shared.config.delete_after {
+            match api.delete(&p.name, &delete).await {
+                Ok(_) => {
+                    warn!(namespace = %p.namespace, pod = %p.name, "eviction refused too long; pod deleted");
+                    return Outcome::Deleted;
+                }
+                Err(kube::Error::Api(s)) if evict_step(s.code) == EvictStep::Gone => {
+                    return Outcome::Gone;
+                }
+                Err(e) => warn!(pod = %p.name, error = %e, "delete failed; retrying"),
+            }
+        } else {
+            let params = EvictParams {
+                delete_options: Some(delete.clone()),
+                ..Default::default()
+            };
+            match api.evict(&p.name, &params).await {
+                Ok(_) => {
+                    debug!(namespace = %p.namespace, pod = %p.name, "evicted");
+                    return Outcome::Evicted;
+                }
+                Err(kube::Error::Api(s)) if evict_step(s.code) == EvictStep::Gone => {
+                    return Outcome::Gone;
+                }
+                Err(kube::Error::Api(s)) if s.code == 429 => {
+                    debug!(pod = %p.name, message = %s.message, "eviction refused (disruption budget); retrying");
+                }
+                Err(e) => warn!(pod = %p.name, error = %e, "eviction failed; retrying"),
+            }
+        }
+        let wait = backoff(
+            attempt,
+            shared.config.backoff_min,
+            shared.config.backoff_max,
+        );
+        let until_delete = shared.config.delete_after.saturating_sub(started.elapsed());
+        let wait = if until_delete.is_zero() {
+            wait
+        } else {
+            wait.min(until_delete)
+        };
+        tokio::time::sleep(wait).await;
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+/// Watches pods and opted-in namespaces and reconciles on every change, on
+/// a desired-state change and every `resync`.
+async fn reconcile_loop(shared: Arc<Shared>, tasks: Weak<Mutex<JoinSet<()>>>) {
+    let (pods, pods_writer) = reflector::store::<Pod>();
+    let (nss, nss_writer) = reflector::store::<Namespace>();
+    let pod_events = watcher(
+        Api::<Pod>::all(shared.client.clone()),
+        watcher::Config::default().labels(POD_SELECTOR),
+    )
+    .default_backoff()
+    .reflect(pods_writer)
+    .map(|_| ());
+    let ns_events = watcher(
+        Api::<Namespace>::all(shared.client.clone()),
+        watcher::Config::default().labels(&format!(
+            "{}={}",
+            names::INJECT_LABEL,
+            names::INJECT_ENABLED
+        )),
+    )
+    .default_backoff()
+    .reflect(nss_writer)
+    .map(|_| ());
+    let mut changes = stream::select(pod_events, ns_events).boxed();
+    let mut desired = shared.desired.subscribe();
+    let mut ready = false;
+    loop {
+        tokio::select! {
+            ev = changes.next() => if ev.is_none() { return },
+            r = desired.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(shared.config.resync) => {}
+        }
+        // Let a burst of events settle into one pass.
+        let settle = tokio::time::sleep(Duration::from_millis(100));
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                ev = changes.next() => if ev.is_none() { return },
+                () = &mut settle => break,
+            }
+        }
+        if !ready {
+            ready = pods.wait_until_ready().await.is_ok() && nss.wait_until_ready().await.is_ok();
+            if !ready {
+                continue;
+            }
+        }
+        let opted = opted_in(
+            &nss.state()
+                .iter()
+                .map(|n| n.as_ref().clone())
+                .collect::<Vec<_>>(),
+        );
+        let targets: Vec<Pod> = pods
+            .state()
+            .iter()
+            .filter(|p| is_service_pod(p, &opted))
+            .map(|p| p.as_ref().clone())
+            .collect();
+        let Some(tasks) = tasks.upgrade() else { return };
+        pass(&shared, &targets, &tasks).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodCondition, PodReadinessGate, PodSpec, PodStatus};
+    use kube::api::ObjectMeta;
+    use std::collections::BTreeMap;
+
+    fn pod(
+        ns: &str,
+        role: Option<&str>,
+        gated: bool,
+        phase: &str,
+        cond: Option<(&str, &str)>,
+    ) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                namespace: Some(ns.into()),
+                uid: Some("u1".into()),
+                labels: role
+                    .map(|r| BTreeMap::from([(names::ROLE_LABEL.to_owned(), r.to_owned())])),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                readiness_gates: gated.then(|| {
+                    vec![PodReadinessGate {
+                        condition_type: names::SERVING_CONDITION.into(),
+                    }]
+                }),
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                conditions: cond.map(|(status, reason)| {
+                    vec![PodCondition {
+                        type_: names::SERVING_CONDITION.into(),
+                        status: status.into(),
+                        reason: Some(reason.into()),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn opted() -> BTreeSet<String> {
+        BTreeSet::from(["app".to_owned()])
+    }
+
+    #[test]
+    fn only_injected_service_pods_in_opted_in_namespaces_are_touched() {
+        let o = opted();
+        assert!(is_service_pod(&pod("app", None, true, "Running", None), &o));
+        assert!(is_service_pod(
+            &pod("app", Some("service"), true, "Running", None),
+            &o
+        ));
+        for sync in SYNC_ROLES {
+            assert!(
+                !is_service_pod(&pod("app", Some(sync), true, "Running", None), &o),
+                "{sync}"
+            );
+        }
+        assert!(!is_service_pod(
+            &pod("app", Some("batch"), true, "Running", None),
+            &o
+        ));
+        assert!(
+            !is_service_pod(&pod("app", None, false, "Running", None), &o),
+            "not injected"
+        );
+        assert!(
+            !is_service_pod(&pod("other", None, true, "Running", None), &o),
+            "not opted in"
+        );
+    }
+
+    #[test]
+    fn active_serves_running_pods_only() {
+        assert_eq!(
+            decide(&pod("app", None, true, "Running", None), true),
+            PodAction::Serve
+        );
+        assert_eq!(
+            decide(
+                &pod(
+                    "app",
+                    None,
+                    true,
+                    "Running",
+                    Some(("False", STANDBY_REASON))
+                ),
+                true
+            ),
+            PodAction::Serve
+        );
+        assert_eq!(
+            decide(
+                &pod(
+                    "app",
+                    None,
+                    true,
+                    "Running",
+                    Some(("False", STOPPED_REASON))
+                ),
+                true
+            ),
+            PodAction::Serve,
+            "a stopped pod not yet restarted may serve again after a quick re-promotion"
+        );
+        assert_eq!(
+            decide(
+                &pod("app", None, true, "Running", Some(("True", ACTIVE_REASON))),
+                true
+            ),
+            PodAction::Keep
+        );
+        assert_eq!(
+            decide(&pod("app", None, true, "Pending", None), true),
+            PodAction::Keep,
+            "still at the gate"
+        );
+        let mut terminating = pod("app", None, true, "Running", None);
+        terminating.metadata.deletion_timestamp =
+            Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        assert_eq!(decide(&terminating, true), PodAction::Keep);
+    }
+
+    #[test]
+    fn standby_never_serves_and_restarts_what_served() {
+        for phase in ["Pending", "Running"] {
+            assert_eq!(
+                decide(
+                    &pod("app", None, true, phase, Some(("True", ACTIVE_REASON))),
+                    false
+                ),
+                PodAction::Stop(STOPPED_REASON)
+            );
+            assert_eq!(
+                decide(&pod("app", None, true, phase, None), false),
+                PodAction::Stop(STANDBY_REASON)
+            );
+            assert_eq!(
+                decide(
+                    &pod("app", None, true, phase, Some(("False", STOPPED_REASON))),
+                    false
+                ),
+                PodAction::Restart,
+                "a pod stopped by an interrupted demotion is restarted"
+            );
+            assert_eq!(
+                decide(
+                    &pod("app", None, true, phase, Some(("False", STANDBY_REASON))),
+                    false
+                ),
+                PodAction::Keep
+            );
+        }
+        let mut terminating = pod("app", None, true, "Running", Some(("True", ACTIVE_REASON)));
+        terminating.metadata.deletion_timestamp =
+            Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        assert_eq!(
+            decide(&terminating, false),
+            PodAction::Stop(STOPPED_REASON),
+            "a terminating pod may still take traffic: fence it too"
+        );
+        terminating.status = pod(
+            "app",
+            None,
+            true,
+            "Running",
+            Some(("False", STOPPED_REASON)),
+        )
+        .status;
+        assert_eq!(
+            decide(&terminating, false),
+            PodAction::Keep,
+            "already going away"
+        );
+    }
+
+    #[test]
+    fn condition_states_are_read_by_reason() {
+        assert_eq!(
+            serving_state(&pod("app", None, true, "Running", None)),
+            ServingState::Absent
+        );
+        assert_eq!(
+            serving_state(&pod(
+                "app",
+                None,
+                true,
+                "Running",
+                Some(("True", ACTIVE_REASON))
+            )),
+            ServingState::True
+        );
+        assert_eq!(
+            serving_state(&pod(
+                "app",
+                None,
+                true,
+                "Running",
+                Some(("False", STOPPED_REASON))
+            )),
+            ServingState::False {
+                restart_pending: true
+            }
+        );
+        assert_eq!(
+            serving_state(&pod(
+                "app",
+                None,
+                true,
+                "Running",
+                Some(("False", STANDBY_REASON))
+            )),
+            ServingState::False {
+                restart_pending: false
+            }
+        );
+    }
+
+    #[test]
+    fn condition_patch_merges_by_type_and_pins_the_uid() {
+        let now = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let p = condition_patch("u1", false, STOPPED_REASON, &now);
+        assert_eq!(p["metadata"]["uid"], "u1");
+        let c = &p["status"]["conditions"][0];
+        assert_eq!(c["type"], names::SERVING_CONDITION);
+        assert_eq!(c["status"], "False");
+        assert_eq!(c["reason"], STOPPED_REASON);
+        assert_eq!(c["lastTransitionTime"], "1970-01-01T00:00:00Z");
+        assert_eq!(
+            condition_patch("u1", true, ACTIVE_REASON, &now)["status"]["conditions"][0]["status"],
+            "True"
+        );
+    }
+
+    #[test]
+    fn eviction_answers_and_backoff() {
+        assert_eq!(evict_step(404), EvictStep::Gone);
+        assert_eq!(evict_step(409), EvictStep::Gone);
+        assert_eq!(evict_step(429), EvictStep::Retry);
+        assert_eq!(evict_step(500), EvictStep::Retry);
+        let (min, max) = (Duration::from_millis(200), Duration::from_secs(5));
+        assert_eq!(backoff(0, min, max), min);
+        assert_eq!(backoff(1, min, max), Duration::from_millis(400));
+        assert_eq!(backoff(4, min, max), Duration::from_millis(3200));
+        assert_eq!(backoff(5, min, max), max);
+        assert_eq!(backoff(u32::MAX, min, max), max);
+    }
+
+    #[test]
+    fn restart_report_counts_restarts() {
+        let r = RestartReport {
+            pods: 4,
+            evicted: 2,
+            deleted: 1,
+            gone: 1,
+            ..Default::default()
+        };
+        assert_eq!(r.restarted(), 3);
+    }
+}
