@@ -1,9 +1,10 @@
-//! Entry point of `cwctl` (also usable as the kubectl plugin `kubectl cw`).
+//! Entry point of `cwctl` (also usable as the kubectl plugin `kubectl cw`;
+//! see the library documentation).
 
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<std::process::ExitCode> {
     rustls::crypto::ring::default_provider()
         .install_default()
         .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
@@ -15,6 +16,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    counterweight_cli::run(args).await?;
-    Ok(())
+    let mut stdout = std::io::stdout();
+    match counterweight_cli::run(&args, &mut stdout).await? {
+        counterweight_cli::Outcome::Ok => Ok(std::process::ExitCode::SUCCESS),
+        // Failed checks were printed with their hints; only the exit code is left.
+        counterweight_cli::Outcome::ChecksFailed => Ok(std::process::ExitCode::FAILURE),
+    }
 }

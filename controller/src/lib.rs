@@ -7,6 +7,7 @@
 //! decision is a call into the core.
 
 pub mod checks;
+pub mod commands;
 pub mod events;
 pub mod gate_access;
 pub mod ha_loop;

@@ -1,0 +1,105 @@
+//! The clusters `cwctl` talks to: one kubeconfig context each.
+//!
+//! A context whose client cannot even be built (missing credentials file,
+//! bad server URL) becomes a [`Target`] with an error instead of failing the
+//! whole command, so that one broken cluster never hides the others.
+//! Timeouts are short: an operator looking at a failover needs the
+//! reachable clusters now, not after a TCP timeout to the dead one.
+
+use std::path::Path;
+use std::time::Duration;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::Error;
+
+/// How long to wait for a TCP and TLS connection to an API server.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long to wait for an API server's answer.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One cluster: its name (the context name) and a client, or why there is none.
+#[derive(Clone)]
+pub struct Target {
+    /// Cluster name, the kubeconfig context.
+    pub name: String,
+    /// A client for it, or why it could not be configured.
+    pub client: Result<kube::Client, String>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("name", &self.name)
+            .field("client", &self.client.as_ref().map(|_| "configured"))
+            .finish()
+    }
+}
+
+/// Reads the kubeconfig (`path`, a `:`-separated list, or the default
+/// locations) and builds a client per selected context, in the order given,
+/// or in kubeconfig order when `contexts` is empty.
+pub async fn targets(path: Option<&Path>, contexts: &[String]) -> Result<Vec<Target>, Error> {
+    let kc = read_kubeconfig(path)?;
+    let available: Vec<String> = kc.contexts.iter().map(|c| c.name.clone()).collect();
+    let selected: Vec<String> = if contexts.is_empty() {
+        available.clone()
+    } else {
+        for c in contexts {
+            if !available.contains(c) {
+                return Err(Error::Kubeconfig(format!(
+                    "no context {c:?}; the kubeconfig has {}",
+                    available.join(", ")
+                )));
+            }
+        }
+        contexts.to_vec()
+    };
+    if selected.is_empty() {
+        return Err(Error::Kubeconfig(
+            "the kubeconfig has no contexts; add one context per cluster".to_owned(),
+        ));
+    }
+    let mut out = Vec::with_capacity(selected.len());
+    for name in selected {
+        let client = client_for(&kc, &name).await;
+        out.push(Target { name, client });
+    }
+    Ok(out)
+}
+
+fn read_kubeconfig(path: Option<&Path>) -> Result<Kubeconfig, Error> {
+    let Some(path) = path else {
+        return Kubeconfig::read().map_err(|e| Error::Kubeconfig(e.to_string()));
+    };
+    // KUBECONFIG may list several files, as kubectl allows; merge them in
+    // order (the first file wins on conflicts, as in kubectl).
+    let mut merged: Option<Kubeconfig> = None;
+    for p in std::env::split_paths(path.as_os_str()) {
+        if p.as_os_str().is_empty() {
+            continue;
+        }
+        let kc = Kubeconfig::read_from(&p)
+            .map_err(|e| Error::Kubeconfig(format!("{}: {e}", p.display())))?;
+        merged = Some(match merged {
+            None => kc,
+            Some(m) => m
+                .merge(kc)
+                .map_err(|e| Error::Kubeconfig(format!("{}: {e}", p.display())))?,
+        });
+    }
+    merged.ok_or_else(|| Error::Kubeconfig(format!("{} names no file", path.display())))
+}
+
+async fn client_for(kc: &Kubeconfig, context: &str) -> Result<kube::Client, String> {
+    let options = KubeConfigOptions {
+        context: Some(context.to_owned()),
+        ..Default::default()
+    };
+    let mut config = kube::Config::from_custom_kubeconfig(kc.clone(), &options)
+        .await
+        .map_err(|e| format!("cannot configure a client: {e}"))?;
+    config.connect_timeout = Some(CONNECT_TIMEOUT);
+    config.read_timeout = Some(READ_TIMEOUT);
+    kube::Client::try_from(config).map_err(|e| format!("cannot build a client: {e}"))
+}
