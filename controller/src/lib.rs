@@ -7,13 +7,11 @@
 //! decision is a call into the core.
 
 pub mod checks;
-pub mod commands;
 pub mod events;
 pub mod gate_access;
 pub mod ha_loop;
 pub mod health;
 pub mod peer;
-pub mod serving;
 pub mod state_store;
 pub mod telemetry;
 
@@ -107,6 +105,9 @@ pub enum Error {
     /// The HA loop stopped.
     #[error(transparent)]
     Ha(#[from] ha_loop::HaError),
+    /// The peer transport could not be set up.
+    #[error("peer transport: {0}")]
+    Peer(#[source] Box<peer::PeerError>),
     /// The HA configuration file is unusable.
     #[error("cannot use HA config {path}: {message}")]
     HaConfigFile {
@@ -173,11 +174,95 @@ pub async fn run(
             source,
         })?;
     let settings = health::HealthSettings::new(&args.cluster, &args.namespace);
-    if args.ha_config.is_some() {
-        // The mTLS peer transport is wired in by the peer module.
-        tracing::warn!("--ha-config given, but this build runs health evaluation only");
+    use futures::FutureExt;
+    let shutdown = shutdown.shared();
+    let ha = match &args.ha_config {
+        Some(path) => Some(peer_wiring(&args, path, shutdown.clone()).await?),
+        None => None,
+    };
+    run_with(client, settings, metrics_listener, ha, shutdown).await
+}
+
+/// Sends HA messages through the mTLS peer client without waiting.
+struct PeerOutbox(peer::PeerClient);
+
+impl ha_loop::Outbox for PeerOutbox {
+    fn send(&self, envelope: counterweight_core::ha::Envelope) {
+        // Dropped when the peer is slow: the protocol tolerates loss.
+        let _ = self.0.send_detached(envelope);
     }
-    run_with(client, settings, metrics_listener, None, shutdown).await
+}
+
+/// Starts the mTLS peer server and client for the HA group.
+async fn peer_wiring(
+    args: &Args,
+    path: &std::path::Path,
+    shutdown: impl std::future::Future<Output = ()> + Clone + Send + 'static,
+) -> Result<HaWiring, Error> {
+    let config = read_ha_config(path)?;
+    let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) else {
+        return Err(Error::Peer(Box::new(peer::PeerError::BadPeerArg {
+            arg: "--tls-cert/--tls-key/--tls-ca".into(),
+            message:
+                "all three are required with --ha-config: peers are authenticated by mutual TLS"
+                    .into(),
+        })));
+    };
+    let endpoints = peer::parse_peers(&args.peers).map_err(|e| Error::Peer(Box::new(e)))?;
+    let metrics = peer::PeerMetrics::default();
+    let tls = peer::PeerTls::load(
+        peer::TlsPaths {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        },
+        metrics.clone(),
+    )
+    .map_err(|e| Error::Peer(Box::new(e)))?;
+    let allowed = peer::PeerSet::new(config.member_names().filter(|n| *n != args.cluster))
+        .map_err(|e| Error::Peer(Box::new(e)))?;
+    let listener = tokio::net::TcpListener::bind(args.peer_listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: args.peer_listen,
+            source,
+        })?;
+    tracing::info!(listen = ?listener.local_addr().ok(), peers = ?args.peers, "peer protocol (mTLS)");
+    let (tx, inbox) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(peer::serve_with(
+        listener,
+        tls.clone(),
+        allowed,
+        tx,
+        peer::ServerOptions {
+            metrics: metrics.clone(),
+            ..Default::default()
+        },
+        shutdown.clone(),
+    ));
+    tokio::spawn(
+        tls.clone()
+            .watch(std::time::Duration::from_secs(5), shutdown),
+    );
+    let client = peer::PeerClient::new(
+        endpoints,
+        tls,
+        peer::ClientOptions {
+            metrics,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| Error::Peer(Box::new(e)))?;
+    // Operator commands arrive through the command request watcher when it
+    // is wired; until then the channel stays open and empty.
+    let (commands_tx, commands) = tokio::sync::mpsc::channel(8);
+    std::mem::forget(commands_tx);
+    Ok(HaWiring {
+        config,
+        outbox: std::sync::Arc::new(PeerOutbox(client)),
+        inbox,
+        commands,
+    })
 }
 
 /// Runs the controller on a given client and metrics listener, so tests can
