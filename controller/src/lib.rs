@@ -7,11 +7,13 @@
 //! decision is a call into the core.
 
 pub mod checks;
+pub mod commands;
 pub mod events;
 pub mod gate_access;
 pub mod ha_loop;
 pub mod health;
 pub mod peer;
+pub mod serving;
 pub mod state_store;
 pub mod telemetry;
 
