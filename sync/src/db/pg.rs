@@ -169,13 +169,16 @@ pub async fn alter_system(
     value: &str,
 ) -> Result<(), SyncError> {
     let name = setting.name();
+    // Two round trips: several statements in one simple query form one
+    // implicit transaction, and ALTER SYSTEM refuses to run in one.
     client
-        .batch_execute(&format!(
-            "ALTER SYSTEM SET {name} = {}; SELECT pg_reload_conf();",
-            literal(value)
-        ))
+        .batch_execute(&format!("ALTER SYSTEM SET {name} = {}", literal(value)))
         .await
-        .map_err(|e| SyncError::pg(format!("ALTER SYSTEM SET {name}"), e))
+        .map_err(|e| SyncError::pg(format!("ALTER SYSTEM SET {name}"), e))?;
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .map_err(|e| SyncError::pg("pg_reload_conf()", e))
 }
 
 /// `pg_wal_replay_pause()` / `pg_wal_replay_resume()` on a standby.

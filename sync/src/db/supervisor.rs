@@ -240,6 +240,15 @@ impl<S: ServerControl> DbSupervisor<S> {
             }
             Action::Rewind { from } => {
                 let from = self.peer_or_err(from)?;
+                // A freshly promoted primary records its new timeline in
+                // pg_control only at its next checkpoint; until then
+                // pg_rewind sees both sides on the old timeline and
+                // rewinds nothing (Patroni checkpoints first too).
+                let source = pg::connect(&from, self.cfg.connect_timeout).await?;
+                source
+                    .batch_execute("CHECKPOINT")
+                    .await
+                    .map_err(|e| SyncError::pg("CHECKPOINT on the rewind source", e))?;
                 self.cfg.tools.rewind(&from, &self.cfg.data_dir).await?;
                 // pg_rewind -R writes standby.signal and primary_conninfo;
                 // make sure of both even where it found nothing to rewind.

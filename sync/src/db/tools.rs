@@ -81,6 +81,8 @@ impl Tools {
                 stderr: tail(&out.stderr, 2000),
             });
         }
+        // pg_rewind and pg_basebackup report what they did on stderr.
+        tracing::info!(tool, output = %tail(&out.stderr, 2000), "finished");
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 

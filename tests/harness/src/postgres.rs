@@ -41,7 +41,10 @@ pub struct PgOptions {
 
 impl PgOptions {
     /// Settings for a streaming-replication pair that `pg_rewind` can
-    /// repair: hint bits WAL-logged, enough WAL kept for a rewound or lagging
+    /// repair: data checksums (recorded in the control file for good;
+    /// `wal_log_hints` given with `-c` alone is lost when `pg_rewind`
+    /// recovers a crashed target in single-user mode without it), hint bits
+    /// WAL-logged too, enough WAL kept for a rewound or lagging
     /// standby to catch up without an archive, fast feedback from standbys.
     pub fn replication() -> Self {
         let set = |k: &str, v: &str| (k.to_owned(), v.to_owned());
@@ -57,7 +60,7 @@ impl PgOptions {
                 set("wal_receiver_timeout", "10s"),
                 set("wal_retrieve_retry_interval", "500ms"),
             ],
-            data_checksums: false,
+            data_checksums: true,
         }
     }
 }
@@ -139,6 +142,25 @@ impl Postgres {
                 status: out.status.to_string(),
                 log_tail: String::from_utf8_lossy(&out.stderr).into_owned(),
             });
+        }
+        if !options.settings.is_empty() {
+            // Also in postgresql.conf, not only on the command line: tools
+            // that start the server themselves (pg_rewind's single-user
+            // crash recovery) must see wal_keep_size and friends, or that
+            // recovery recycles the WAL pg_rewind then needs. Base backups
+            // copy the file to replicas.
+            use std::io::Write;
+            let conf = data.join("postgresql.conf");
+            let lines: String = options
+                .settings
+                .iter()
+                .map(|(k, v)| format!("{k} = '{v}'\n"))
+                .collect();
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&conf)
+                .and_then(|mut f| f.write_all(lines.as_bytes()))
+                .map_err(|e| HarnessError::io("appending settings to postgresql.conf", e))?;
         }
         pg.resume().await?;
         Ok(pg)
@@ -225,8 +247,27 @@ impl Postgres {
 
     /// Kills the server at once (SIGKILL to its process group), like a
     /// machine loss: no shutdown checkpoint, no last WAL sent.
+    ///
+    /// Only the postmaster is killed first, so that its parent (`runuser`
+    /// under root) reaps it: killing the whole group at once would orphan
+    /// it, and a zombie postmaster left for PID 1 to reap keeps
+    /// `postmaster.pid` looking alive to the next server or `pg_rewind`.
+    /// Its backends exit when they notice it is gone; any left are killed
+    /// with the group.
     pub fn crash(&mut self) {
-        if let Some(mut p) = self.process.take() {
+        let Some(mut p) = self.process.take() else {
+            return;
+        };
+        let pid = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            p.reap(Instant::now() + Duration::from_secs(10));
+        } else {
             p.kill();
         }
     }

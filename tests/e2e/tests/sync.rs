@@ -1,0 +1,609 @@
+//! Synchronization pods (issue 8) end to end, without Kubernetes: two real
+//! PostgreSQL 15 servers from Debian's packages on loopback ("cluster a"
+//! starts active, "cluster b" standby), driven by `counterweight-sync`'s
+//! database supervisor, and two directories replicated by its rsync
+//! supervisor. The role and epoch each side is given stand for what the
+//! controller writes to the state ConfigMap; fencing of the old side is
+//! performed (or simulated by a crash) before the new side is told
+//! `active`, as the HA state machine guarantees.
+//!
+//! `bench_lag_and_failover_loss_under_pgbench` is ignored by default: it
+//! measures replication lag and failover data loss under a pgbench load
+//! (`cargo test -p counterweight-e2e --test sync -- --ignored --nocapture`).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use counterweight_core::ha::{
+    Action as HaAction, Body, ClusterSpec, Envelope, Event, HaConfig, HandoverReason,
+    HealthVerdict, Node, PROTOCOL_VERSION, Persisted,
+};
+use counterweight_core::state::{Role, RoleEpoch};
+use counterweight_e2e::{eventually, init_tracing};
+use counterweight_harness::{PG_USER, PgOptions, Postgres};
+use counterweight_sync::SyncError;
+use counterweight_sync::db::{
+    self, Action, ConnParams, DbConfig, DbSupervisor, Lsn, Peer, RefuseReason, ServerControl, Tools,
+};
+use counterweight_sync::files::supervisor::read_watermark;
+use counterweight_sync::files::{FilesConfig, FilesSupervisor};
+use tokio::sync::{Mutex, watch};
+
+const POLL: Duration = Duration::from_millis(100);
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Several PostgreSQL pairs at once on two shared cores make every deadline
+/// flaky; the tests of this file take turns.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// The harness server as the supervisor's [`ServerControl`].
+struct Harnessed(Postgres);
+
+fn harness_err(e: impl std::fmt::Display) -> SyncError {
+    SyncError::Tool {
+        tool: "postgres (harness)".into(),
+        status: e.to_string(),
+        stderr: String::new(),
+    }
+}
+
+impl ServerControl for Harnessed {
+    async fn running(&mut self) -> bool {
+        self.0.is_running()
+    }
+    async fn start(&mut self) -> Result<(), SyncError> {
+        self.0.resume().await.map_err(harness_err)
+    }
+    async fn stop(&mut self) -> Result<(), SyncError> {
+        self.0.stop_fast().map_err(harness_err)
+    }
+}
+
+type Sup = DbSupervisor<Harnessed>;
+
+fn active(epoch: u64) -> RoleEpoch {
+    RoleEpoch {
+        role: Role::Active,
+        epoch,
+    }
+}
+
+fn standby(epoch: u64) -> RoleEpoch {
+    RoleEpoch {
+        role: Role::Standby,
+        epoch,
+    }
+}
+
+fn params(port: u16, password: &str) -> ConnParams {
+    let mut p = ConnParams::new("127.0.0.1", port, PG_USER);
+    p.password = Some(password.to_owned());
+    p
+}
+
+fn supervisor(pg: Postgres, name: &str, peer: (&str, u16), sync_names: &str) -> Sup {
+    let cfg = DbConfig {
+        local: params(pg.port(), pg.password()),
+        data_dir: pg.data_dir(),
+        peers: vec![Peer {
+            name: peer.0.to_owned(),
+            params: params(peer.1, pg.password()),
+        }],
+        application_name: name.to_owned(),
+        synchronous_standby_names: sync_names.to_owned(),
+        tools: Tools {
+            bin_dir: pg.bin_dir().to_owned(),
+            run_as: Postgres::run_as().map(str::to_owned),
+        },
+        connect_timeout: Duration::from_secs(2),
+        promote_wait_seconds: 60,
+    };
+    DbSupervisor::new(cfg, Harnessed(pg), 0)
+}
+
+fn pg(sup: &mut Sup) -> &mut Postgres {
+    &mut sup.server_mut().0
+}
+
+async fn client(sup: &Sup) -> tokio_postgres::Client {
+    db::pg::connect(&sup.config().local, Duration::from_secs(5))
+        .await
+        .expect("connect")
+}
+
+/// Steps `sup` towards `state` until converged, tolerating waits until the
+/// deadline. Returns every action other than waits and `Nothing`.
+async fn settle(sup: &mut Sup, state: RoleEpoch) -> Vec<Action> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut taken = Vec::new();
+    loop {
+        let action = sup.step(state).await.expect("database step");
+        match action {
+            Action::Nothing => return taken,
+            Action::Wait { reason } => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{state:?} not reached: {reason}; actions so far {taken:?}"
+                );
+                tokio::time::sleep(POLL).await;
+            }
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{state:?} not reached: {taken:?}"
+                );
+                taken.push(other);
+            }
+        }
+    }
+}
+
+/// A primary "a" (active, epoch 1) with table `t`, and a standby "b" made
+/// from it by the supervisor (`pg_basebackup -R`).
+async fn pair(a_sync: &str, b_sync: &str) -> (Sup, Sup) {
+    let a_pg = Postgres::start_with(PgOptions::replication())
+        .await
+        .expect("start a");
+    let b_pg = Postgres::unstarted(PgOptions::replication(), a_pg.password()).expect("b dir");
+    let (ap, bp) = (a_pg.port(), b_pg.port());
+    let mut a = supervisor(a_pg, "a", ("b", bp), a_sync);
+    let mut b = supervisor(b_pg, "b", ("a", ap), b_sync);
+    // Before synchronous_standby_names is set: with it, commits on a wait
+    // for b, which does not exist yet.
+    client(&a)
+        .await
+        .batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, note text)")
+        .await
+        .expect("create table");
+    settle(&mut a, active(1)).await;
+    let actions = settle(&mut b, standby(1)).await;
+    assert_eq!(
+        actions,
+        vec![Action::BaseBackup { from: "a".into() }, Action::Start],
+        "a fresh standby is copied from the primary and started"
+    );
+    (a, b)
+}
+
+async fn insert_range(sup: &Sup, from: i64, to: i64) {
+    client(sup)
+        .await
+        .execute(
+            "INSERT INTO t SELECT g, 'row ' || g FROM generate_series($1::int8, $2::int8) g",
+            &[&from, &to],
+        )
+        .await
+        .expect("insert");
+}
+
+async fn ids(sup: &Sup) -> Result<BTreeSet<i64>, String> {
+    let c = db::pg::connect(&sup.config().local, Duration::from_secs(2))
+        .await
+        .map_err(|e| e.to_string())?;
+    let rows = c
+        .query("SELECT id FROM t", &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+async fn wait_for_ids(sup: &Sup, what: &str, want: impl Fn(&BTreeSet<i64>) -> bool) {
+    eventually(what, DEADLINE, POLL, || async {
+        let have = ids(sup).await?;
+        if want(&have) {
+            Ok(Some(()))
+        } else {
+            Err(format!(
+                "{} rows, first {:?}, last {:?}, has 101: {}",
+                have.len(),
+                have.first(),
+                have.last(),
+                have.contains(&101)
+            ))
+        }
+    })
+    .await;
+}
+
+fn range(from: i64, to: i64) -> BTreeSet<i64> {
+    (from..=to).collect()
+}
+
+#[tokio::test]
+async fn rows_written_on_the_active_appear_on_the_standby() {
+    init_tracing();
+    let _turn = SERIAL.lock().await;
+    let (a, b) = pair("", "").await;
+    insert_range(&a, 1, 1000).await;
+    wait_for_ids(&b, "1000 rows on the standby", |s| *s == range(1, 1000)).await;
+
+    // Both sides of the lag are readable.
+    let lag = b.lag().await.expect("standby lag");
+    assert!(lag.in_recovery && lag.streaming, "{lag:?}");
+    let replicas = eventually("a sees b streaming", DEADLINE, POLL, || async {
+        let r = a.replicas().await.map_err(|e| e.to_string())?;
+        Ok(r.iter()
+            .any(|r| r.application_name == "b" && r.state == "streaming")
+            .then_some(r))
+    })
+    .await;
+    assert_eq!(replicas[0].sync_state, "async");
+
+    // The standby rejects writes: it is a hot standby, not a second primary.
+    let err = client(&b)
+        .await
+        .execute("INSERT INTO t VALUES (0, 'no')", &[])
+        .await
+        .expect_err("read-only");
+    let message = err.as_db_error().map(|e| e.message().to_owned());
+    assert!(
+        message.as_deref().is_some_and(|m| m.contains("read-only")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn failover_promotes_the_standby_and_the_old_primary_rewinds_and_catches_up() {
+    init_tracing();
+    let _turn = SERIAL.lock().await;
+    let (mut a, mut b) = pair("", "").await;
+    insert_range(&a, 1, 100).await;
+    wait_for_ids(&b, "rows 1..100 on b", |s| *s == range(1, 100)).await;
+
+    // Diverge: rows 101..150 reach only a (b is down), then a is lost.
+    pg(&mut b).stop_fast().expect("stop b");
+    insert_range(&a, 101, 150).await;
+    pg(&mut a).crash();
+    pg(&mut b).resume().await.expect("restart b");
+
+    // The controller declares b active in epoch 2 (a is fenced: it is gone).
+    let actions = settle(&mut b, active(2)).await;
+    assert_eq!(actions, vec![Action::Promote { epoch: 2 }]);
+    insert_range(&b, 1001, 1100).await;
+    assert_eq!(ids(&b).await.expect("b ids"), {
+        let mut s = range(1, 100);
+        s.extend(range(1001, 1100));
+        s
+    });
+
+    // a comes back, learns it is standby in epoch 2: rewound from b (its
+    // rows 101..150 were never on the new timeline), then streams from b.
+    let actions = settle(&mut a, standby(2)).await;
+    assert_eq!(
+        actions,
+        vec![Action::Rewind { from: "b".into() }, Action::Start],
+        "the crashed former primary is rewound and restarted as a standby"
+    );
+    insert_range(&b, 1101, 1200).await;
+    wait_for_ids(&a, "a caught up with b", |s| {
+        s.contains(&1200) && !s.contains(&101) && s.len() == 300
+    })
+    .await;
+    let lag = a.lag().await.expect("a lag");
+    assert!(lag.in_recovery && lag.streaming, "{lag:?}");
+    // A stale state (epoch 1, active) must not make a primary of it again.
+    let stale = a.step(active(1)).await.expect("stale step");
+    assert!(matches!(stale, Action::Wait { .. }), "{stale:?}");
+}
+
+#[tokio::test]
+async fn promotion_waits_while_the_old_primary_still_answers() {
+    init_tracing();
+    let _turn = SERIAL.lock().await;
+    let (mut a, mut b) = pair("", "").await;
+    // a has not fenced yet: b must not promote.
+    let action = b.step(active(2)).await.expect("step");
+    assert!(
+        matches!(&action, Action::Wait { reason } if reason.contains("still a primary")),
+        "{action:?}"
+    );
+    // a's own supervisor fences it on demotion; then b promotes.
+    assert_eq!(a.step(standby(2)).await.expect("fence a"), Action::Fence);
+    assert_eq!(
+        settle(&mut b, active(2)).await,
+        vec![Action::Promote { epoch: 2 }]
+    );
+    // a (cleanly shut down) rejoins.
+    let actions = settle(&mut a, standby(2)).await;
+    assert_eq!(
+        actions,
+        vec![Action::Rewind { from: "b".into() }, Action::Start]
+    );
+    insert_range(&b, 1, 10).await;
+    wait_for_ids(&a, "a follows b", |s| *s == range(1, 10)).await;
+}
+
+/// Inserts one row per transaction until told to stop or a commit fails;
+/// returns the ids whose commit was acknowledged.
+async fn writer(params: ConnParams, first: i64, stop: Arc<AtomicBool>) -> Vec<i64> {
+    let mut acked = Vec::new();
+    let Ok(c) = db::pg::connect(&params, Duration::from_secs(5)).await else {
+        return acked;
+    };
+    let mut id = first;
+    while !stop.load(Ordering::Relaxed) {
+        match c.execute("INSERT INTO t VALUES ($1, 'w')", &[&id]).await {
+            Ok(_) => acked.push(id),
+            Err(_) => break,
+        }
+        id += 1;
+    }
+    acked
+}
+
+#[tokio::test]
+async fn no_row_acknowledged_under_synchronous_commit_is_lost_across_a_planned_switchover() {
+    init_tracing();
+    let _turn = SERIAL.lock().await;
+    let (mut a, mut b) = pair("FIRST 1 (b)", "FIRST 1 (a)").await;
+    eventually("b is a's synchronous standby", DEADLINE, POLL, || async {
+        let r = a.replicas().await.map_err(|e| e.to_string())?;
+        Ok(r.iter()
+            .any(|r| r.application_name == "b" && r.sync_state == "sync")
+            .then_some(()))
+    })
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|i| {
+            tokio::spawn(writer(
+                a.config().local.clone(),
+                i * 1_000_000,
+                Arc::clone(&stop),
+            ))
+        })
+        .collect();
+    eventually("writers commit on a", DEADLINE, POLL, || async {
+        let n = ids(&a).await?.len();
+        Ok((n >= 400).then_some(()))
+    })
+    .await;
+
+    // Planned switchover, in the order the handshake imposes: a fences
+    // (its database stops, mid-write), then b is told active.
+    assert_eq!(a.step(standby(2)).await.expect("fence a"), Action::Fence);
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = BTreeSet::new();
+    for w in writers {
+        acked.extend(w.await.expect("writer"));
+    }
+    let promoted = settle(&mut b, active(2)).await;
+    assert_eq!(promoted[0], Action::Promote { epoch: 2 });
+    let on_b = ids(&b).await.expect("b ids");
+    let lost: Vec<_> = acked.difference(&on_b).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged rows lost: {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(10)]
+    );
+    tracing::info!(
+        acked = acked.len(),
+        on_b = on_b.len(),
+        "switchover kept every acknowledged row"
+    );
+
+    // a rejoins as b's synchronous standby; b's commits then wait for a.
+    settle(&mut a, standby(2)).await;
+    eventually("a is b's synchronous standby", DEADLINE, POLL, || async {
+        let r = b.replicas().await.map_err(|e| e.to_string())?;
+        Ok(r.iter()
+            .any(|r| r.application_name == "a" && r.sync_state == "sync")
+            .then_some(()))
+    })
+    .await;
+    insert_range(&b, 10_000_000, 10_000_010).await;
+    wait_for_ids(&a, "a has b's new rows", |s| s.contains(&10_000_010)).await;
+}
+
+/// A lone HA node "b" (standby in epoch 1) whose health verdict includes
+/// data readiness, as the controller should compute it; returns its answer
+/// to a FIG. 9 prepare from "a".
+fn answer_to_prepare(data_ready: &Result<(), RefuseReason>) -> Body {
+    let mut cfg = HaConfig::new(
+        vec![
+            ClusterSpec {
+                name: "a".into(),
+                priority: 1,
+            },
+            ClusterSpec {
+                name: "b".into(),
+                priority: 0,
+            },
+        ],
+        None,
+    );
+    cfg.probe_interval_ms = 100;
+    cfg.lease_ms = 500;
+    cfg.margin_ms = 100;
+    cfg.candidate_fresh_ms = 300;
+    let stored = Persisted {
+        epoch: 1,
+        ..Persisted::initial()
+    };
+    let (mut node, _) = Node::start(cfg, "b", Some(stored), 1_000).expect("node");
+    node.handle(
+        1_000,
+        Event::Health(HealthVerdict {
+            abnormal: false,
+            meets_threshold: data_ready.is_ok(),
+        }),
+    );
+    let out = node.handle(
+        1_010,
+        Event::Message(Envelope {
+            version: PROTOCOL_VERSION,
+            from: "a".into(),
+            to: "b".into(),
+            epoch: 1,
+            body: Body::Prepare {
+                epoch: 1,
+                reason: HandoverReason::Switchover,
+            },
+        }),
+    );
+    out.into_iter()
+        .find_map(|a| match a {
+            HaAction::Send(env) if env.to == "a" => Some(env.body),
+            _ => None,
+        })
+        .expect("an answer to the prepare")
+}
+
+#[tokio::test]
+async fn a_standby_lagging_beyond_the_limit_refuses_a_prepare() {
+    init_tracing();
+    let _turn = SERIAL.lock().await;
+    const MAX_LAG: u64 = 1 << 20;
+    let (a, b) = pair("", "").await;
+    insert_range(&a, 1, 10).await;
+    wait_for_ids(&b, "b current", |s| s.len() == 10).await;
+    let lag = b.lag().await.expect("lag");
+    assert_eq!(db::assess(&lag, None, MAX_LAG), Ok(()));
+    assert!(matches!(
+        answer_to_prepare(&Ok(())),
+        Body::Ready { epoch: 1 }
+    ));
+
+    // Lag made on purpose: b keeps receiving WAL but stops replaying it.
+    db::pg::set_replay_paused(&client(&b).await, true)
+        .await
+        .expect("pause replay");
+    insert_range(&a, 11, 60_000).await;
+    let primary_lsn: Lsn = db::pg::current_lsn(&client(&a).await)
+        .await
+        .expect("primary lsn");
+    let lag = eventually("b lags more than 1 MiB", DEADLINE, POLL, || async {
+        let lag = b.lag().await.map_err(|e| e.to_string())?;
+        Ok(lag.bytes.is_some_and(|x| x > MAX_LAG).then_some(lag))
+    })
+    .await;
+    assert!(lag.replay_paused, "{lag:?}");
+    let verdict = db::assess(&lag, Some(primary_lsn), MAX_LAG);
+    let Err(RefuseReason::LagTooHigh { lag_bytes, .. }) = verdict else {
+        panic!("expected a refusal, got {verdict:?}");
+    };
+    assert!(lag_bytes > MAX_LAG);
+    match answer_to_prepare(&verdict) {
+        Body::Refuse { epoch: 1, reason } => assert!(reason.contains("not healthy"), "{reason}"),
+        other => panic!("expected refuse, got {other:?}"),
+    }
+    tracing::info!(%lag_bytes, reason = %verdict.unwrap_err(), "prepare refused");
+
+    // Replay resumes: the standby is ready again.
+    db::pg::set_replay_paused(&client(&b).await, false)
+        .await
+        .expect("resume replay");
+    eventually("b ready again", DEADLINE, POLL, || async {
+        let lag = b.lag().await.map_err(|e| e.to_string())?;
+        Ok(db::assess(&lag, Some(primary_lsn), MAX_LAG)
+            .is_ok()
+            .then_some(()))
+    })
+    .await;
+}
+
+fn read(dir: &Path, name: &str) -> Option<String> {
+    std::fs::read_to_string(dir.join(name)).ok()
+}
+
+#[tokio::test]
+async fn files_follow_the_active_and_flip_direction() {
+    init_tracing();
+    let _turn = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&dir_a).expect("mkdir a");
+    std::fs::create_dir_all(&dir_b).expect("mkdir b");
+    let (wm_a, wm_b) = (tmp.path().join("a.json"), tmp.path().join("b.json"));
+    let config = |dir: &Path, dest: &Path, wm: &Path| {
+        let mut c = FilesConfig::new(
+            dir.to_owned(),
+            vec![format!("{}/", dest.display())],
+            wm.to_owned(),
+        );
+        c.quiet = Duration::from_millis(100);
+        c.max_delay = Duration::from_millis(1000);
+        c
+    };
+    let (role_a, rx_a) = watch::channel(Some(active(1)));
+    let (role_b, rx_b) = watch::channel(Some(standby(1)));
+    let (stop, stop_rx) = watch::channel(false);
+    let sup_a = tokio::spawn(
+        FilesSupervisor::new(config(&dir_a, &dir_b, &wm_a)).run(rx_a, stop_rx.clone()),
+    );
+    let sup_b =
+        tokio::spawn(FilesSupervisor::new(config(&dir_b, &dir_a, &wm_b)).run(rx_b, stop_rx));
+
+    // Wait for a's first (empty) push so the watcher is surely running.
+    eventually("a's first sync", DEADLINE, POLL, || async {
+        Ok(read_watermark(&wm_a)
+            .ok()
+            .filter(|w| w.synced_seq >= 1)
+            .map(drop))
+    })
+    .await;
+    std::fs::create_dir_all(dir_a.join("sub")).expect("mkdir sub");
+    std::fs::write(dir_a.join("one.txt"), "one").expect("write");
+    std::fs::write(dir_a.join("sub/two.txt"), "two").expect("write");
+    let wm = eventually(
+        "files reach b; watermark current",
+        DEADLINE,
+        POLL,
+        || async {
+            let w = read_watermark(&wm_a).map_err(|e| e.to_string())?;
+            let there = read(&dir_b, "one.txt").as_deref() == Some("one")
+                && read(&dir_b, "sub/two.txt").as_deref() == Some("two");
+            Ok(
+                (there && w.oldest_unsynced_unix_ms.is_none() && w.synced_seq == w.seen_seq)
+                    .then_some(w),
+            )
+        },
+    )
+    .await;
+    assert_eq!(wm.role, Some(Role::Active));
+    assert!(
+        wm.synced_at_unix_ms.is_some() && wm.last_error.is_none(),
+        "{wm:?}"
+    );
+    std::fs::remove_file(dir_a.join("one.txt")).expect("rm");
+    eventually("deletion reaches b", DEADLINE, POLL, || async {
+        Ok((!dir_b.join("one.txt").exists()).then_some(()))
+    })
+    .await;
+
+    // Flip: a fences (standby), then b becomes active in epoch 2.
+    role_a.send_replace(Some(standby(2)));
+    role_b.send_replace(Some(active(2)));
+    std::fs::write(dir_b.join("three.txt"), "three").expect("write");
+    eventually("b's file reaches a", DEADLINE, POLL, || async {
+        Ok((read(&dir_a, "three.txt").as_deref() == Some("three")).then_some(()))
+    })
+    .await;
+    // The standby no longer pushes: a stray write at a is overwritten by
+    // b's next push (b's copy is the truth now), and never reaches b.
+    std::fs::write(dir_a.join("stray.txt"), "stray").expect("write");
+    let before = read_watermark(&wm_b).expect("wm b").synced_seq;
+    std::fs::write(dir_b.join("four.txt"), "four").expect("write");
+    eventually("b pushes again", DEADLINE, POLL, || async {
+        let w = read_watermark(&wm_b).map_err(|e| e.to_string())?;
+        Ok((w.synced_seq > before && read(&dir_a, "four.txt").is_some()).then_some(()))
+    })
+    .await;
+    assert!(!dir_b.join("stray.txt").exists());
+    assert!(
+        !dir_a.join("stray.txt").exists(),
+        "b's push deletes the stray file"
+    );
+    let wa = read_watermark(&wm_a).expect("wm a");
+    assert_eq!((wa.role, wa.epoch), (Some(Role::Standby), 2));
+
+    stop.send_replace(true);
+    sup_a.await.expect("join a").expect("a ran");
+    sup_b.await.expect("join b").expect("b ran");
+}
