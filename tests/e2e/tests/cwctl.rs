@@ -1,0 +1,594 @@
+//! `cwctl` end to end on two real control planes (issue 7, part 2).
+//!
+//! Each cluster runs the controller's health and HA loops in-process, with
+//! peers linked by an in-memory router (the mTLS transport has its own
+//! tests) and operator commands served by `commands::run` from the
+//! `counterweight-command` ConfigMap. `cwctl` runs as a library call against
+//! a kubeconfig with one context per cluster, exactly as the binary would.
+//! Checked: `status -o json` matches the ConfigMaps; `pause`/`resume` reach
+//! every controller; a bad request is rejected by the controller with a
+//! reason; `switchover --to west` makes west active through the controllers;
+//! `explain` tells the story; `check` fails with a readable hint on a
+//! garbage caBundle and passes once it is fixed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use counterweight_cli::status::Status;
+use counterweight_cli::{Args, Outcome};
+use counterweight_controller::HaWiring;
+use counterweight_controller::commands;
+use counterweight_controller::ha_loop::Outbox;
+use counterweight_core::ha::{ClusterSpec, Envelope, HaConfig};
+use counterweight_e2e::{eventually, init_tracing};
+use counterweight_harness::Cluster;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, PodSpec, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use tokio::sync::mpsc;
+
+const SYSTEM: &str = "counterweight-system";
+const APP: &str = "ems";
+
+/// Routes envelopes between in-process controllers (the pattern of
+/// failover.rs, without link cuts).
+#[derive(Default)]
+struct Router {
+    inboxes: Mutex<HashMap<String, mpsc::Sender<Envelope>>>,
+}
+
+struct RouterOutbox(Arc<Router>);
+
+impl Outbox for RouterOutbox {
+    fn send(&self, env: Envelope) {
+        if let Some(tx) = self.0.inboxes.lock().expect("lock").get(&env.to) {
+            let _ = tx.try_send(env);
+        }
+    }
+}
+
+fn meta(name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+const POLICY: &str = r#"
+interval: 300ms
+threshold: 0.6
+retries: 1
+components:
+  - name: web
+    namespaces: [ems]
+    selector: {matchLabels: {app: web}}
+    weight: 0.6
+  - name: api
+    namespaces: [ems]
+    selector: {matchLabels: {app: api}}
+    weight: 0.4
+"#;
+
+fn deployment(name: &str) -> Deployment {
+    let labels = BTreeMap::from([("app".to_owned(), name.to_owned())]);
+    Deployment {
+        metadata: meta(name),
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(labels.clone()),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![Container {
+                        name: "main".into(),
+                        image: Some("registry.invalid/ems:1".into()),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn prepare(cluster: &Cluster) {
+    let client = cluster.client();
+    let nss: Api<Namespace> = Api::all(client.clone());
+    for ns in [SYSTEM, APP] {
+        nss.create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: meta(ns),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("namespace");
+    }
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), APP);
+    eventually(
+        "default ServiceAccount",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async { sas.get_opt("default").await.map_err(|e| e.to_string()) },
+    )
+    .await;
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), APP);
+    for name in ["web", "api"] {
+        deploys
+            .create(&PostParams::default(), &deployment(name))
+            .await
+            .expect("deployment");
+    }
+    let cms: Api<ConfigMap> = Api::namespaced(client, SYSTEM);
+    cms.create(
+        &PostParams::default(),
+        &ConfigMap {
+            metadata: meta("counterweight-policy"),
+            data: Some(BTreeMap::from([(
+                "policy.yaml".to_owned(),
+                POLICY.to_owned(),
+            )])),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("policy");
+}
+
+fn ha_config(names: &[&str]) -> HaConfig {
+    let clusters = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| ClusterSpec {
+            name: (*n).into(),
+            priority: (names.len() - i) as u32,
+        })
+        .collect();
+    let mut c = HaConfig::new(clusters, None);
+    c.probe_interval_ms = 200;
+    c.lease_ms = 1500;
+    c.margin_ms = 300;
+    c.candidate_fresh_ms = 1000;
+    c
+}
+
+/// A controller with its command watcher, running in-process.
+struct Running {
+    // Dropping it stops the controller and the command watcher.
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _task: tokio::task::JoinHandle<Result<(), counterweight_controller::Error>>,
+    commands: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.commands.abort();
+    }
+}
+
+async fn start_controller(
+    cluster: &Cluster,
+    name: &str,
+    config: HaConfig,
+    router: &Arc<Router>,
+) -> Running {
+    let (tx, inbox) = mpsc::channel(256);
+    router.inboxes.lock().expect("lock").insert(name.into(), tx);
+    let (commands_tx, commands_rx) = mpsc::channel(8);
+    let commands = tokio::spawn(commands::run(
+        cluster.client(),
+        SYSTEM.to_owned(),
+        commands_tx,
+        std::future::pending(),
+    ));
+    let wiring = HaWiring {
+        config,
+        outbox: Arc::new(RouterOutbox(router.clone())),
+        inbox,
+        commands: commands_rx,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let settings = counterweight_controller::health::HealthSettings::new(name, SYSTEM);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(counterweight_controller::run_with(
+        cluster.client(),
+        settings,
+        listener,
+        Some(wiring),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Running {
+        _stop: stop,
+        _task: task,
+        commands,
+    }
+}
+
+/// Runs `cwctl` with `args` (after the program name) and returns its
+/// outcome and output.
+async fn cwctl(kubeconfig: &Path, args: &[&str]) -> (Result<Outcome, String>, String) {
+    let mut argv = vec![
+        "cwctl".to_owned(),
+        "--kubeconfig".to_owned(),
+        kubeconfig.display().to_string(),
+    ];
+    argv.extend(args.iter().map(|s| (*s).to_owned()));
+    let args = Args::try_parse_from(argv).expect("arguments");
+    let mut out = Vec::new();
+    let result = counterweight_cli::run(&args, &mut out)
+        .await
+        .map_err(|e| e.to_string());
+    (result, String::from_utf8_lossy(&out).into_owned())
+}
+
+async fn state(cms: &Api<ConfigMap>) -> BTreeMap<String, String> {
+    cms.get("counterweight-state")
+        .await
+        .ok()
+        .and_then(|cm| cm.data)
+        .unwrap_or_default()
+}
+
+fn webhook_configs(
+    ca_bundle: &[u8],
+) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
+    // Registered by URL on a closed port and scoped to a namespace label
+    // nobody has: the checks read them, nothing ever calls them.
+    let mut m: MutatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "counterweight-inject"},
+        "webhooks": [{
+            "name": "inject.counterweight.dev",
+            "clientConfig": {"url": "https://127.0.0.1:1/mutate-pods"},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                       "resources": ["pods"], "scope": "Namespaced"}],
+            "namespaceSelector": {"matchLabels": {"counterweight.dev/test-never": "x"}},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "failurePolicy": "Ignore",
+        }]
+    }))
+    .expect("mutating config");
+    let mut v: ValidatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "counterweight-policy"},
+        "webhooks": [{
+            "name": "policy.counterweight.dev",
+            "clientConfig": {"url": "https://127.0.0.1:1/validate-policy"},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
+                       "resources": ["configmaps"], "scope": "Namespaced"}],
+            "namespaceSelector": {"matchLabels": {"counterweight.dev/test-never": "x"}},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "failurePolicy": "Ignore",
+        }]
+    }))
+    .expect("validating config");
+    for h in m.webhooks.iter_mut().flatten() {
+        h.client_config.ca_bundle = Some(ByteString(ca_bundle.to_vec()));
+    }
+    for h in v.webhooks.iter_mut().flatten() {
+        h.client_config.ca_bundle = Some(ByteString(ca_bundle.to_vec()));
+    }
+    (m, v)
+}
+
+#[test]
+fn request_schema_is_shared_by_cwctl_and_the_controller() {
+    use counterweight_cli::request as cli;
+    assert_eq!(cli::COMMAND_CONFIGMAP, commands::COMMAND_CONFIGMAP);
+    assert_eq!(cli::COMMAND_KEY, commands::COMMAND_KEY);
+    assert_eq!(cli::TARGET_KEY, commands::TARGET_KEY);
+    assert_eq!(cli::ID_KEY, commands::ID_KEY);
+    assert_eq!(cli::REQUESTED_AT_KEY, commands::REQUESTED_AT_KEY);
+    assert_eq!(cli::HANDLED_ID_KEY, commands::HANDLED_ID_KEY);
+    assert_eq!(cli::RESULT_KEY, commands::RESULT_KEY);
+    assert_eq!(cli::ACCEPTED, commands::ACCEPTED);
+    // What cwctl files, the controller forwards.
+    let r = cli::Request::new(cli::Ask::Switchover("west".into()));
+    assert!(matches!(
+        commands::decide(&r.to_data(), k8s_openapi::jiff::Timestamp::now()),
+        commands::Decision::Forward { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cwctl_status_switchover_explain_and_check() {
+    init_tracing();
+    counterweight_harness::install_crypto_provider();
+    let clusters = counterweight_harness::start_named(&["east", "west"])
+        .await
+        .expect("clusters");
+    for c in &clusters {
+        prepare(c).await;
+    }
+    let kubeconfig = clusters[0].dir().join("cwctl.kubeconfig");
+    counterweight_harness::write_merged_kubeconfig(&clusters, &kubeconfig).expect("kubeconfig");
+    let cms: Vec<Api<ConfigMap>> = clusters
+        .iter()
+        .map(|c| Api::namespaced(c.client(), SYSTEM))
+        .collect();
+    let router = Arc::new(Router::default());
+    let config = ha_config(&["east", "west"]);
+    let _east = start_controller(&clusters[0], "east", config.clone(), &router).await;
+    let _west = start_controller(&clusters[1], "west", config, &router).await;
+
+    // east (preferred) is elected; both publish health and the HA view.
+    eventually(
+        "east active, both healthy with an HA view",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            let e = state(&cms[0]).await;
+            let w = state(&cms[1]).await;
+            let ready = e.get("state").map(String::as_str) == Some("active")
+                && w.get("state").map(String::as_str) == Some("standby")
+                && [&e, &w].iter().all(|d| {
+                    d.get("health")
+                        .is_some_and(|h| h.contains("\"verdict\":\"healthy\""))
+                        && d.contains_key("ha")
+                });
+            if ready {
+                Ok(Some(()))
+            } else {
+                Err(format!("east {e:?}, west {w:?}"))
+            }
+        },
+    )
+    .await;
+
+    // ── status -o json matches the ConfigMaps ──────────────────────────
+    let status = eventually(
+        "status -o json to match the ConfigMaps",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            let (r, out) = cwctl(&kubeconfig, &["status", "-o", "json"]).await;
+            assert_eq!(r, Ok(Outcome::Ok), "{out}");
+            let status: Status = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+            for (i, name) in ["east", "west"].iter().enumerate() {
+                let data = state(&cms[i]).await;
+                let c = status.cluster(name).ok_or(format!("{name} missing"))?;
+                let direct = counterweight_cli::status::from_data(name, Some(&data));
+                // Fields that do not move while nothing happens must agree
+                // exactly; the HA view's lease countdown moves every write.
+                let same = c.role.map(|r| r.to_string()) == data.get("state").cloned()
+                    && c.epoch.map(|e| e.to_string()) == data.get("epoch").cloned()
+                    && c.paused == direct.paused
+                    && c.health == direct.health
+                    && c.last_transition == direct.last_transition
+                    && c.policy == data.get("policy").cloned()
+                    && c.serving == direct.serving
+                    && c.unreachable.is_none();
+                if !same {
+                    return Err(format!("{name}: cwctl {c:?} vs ConfigMap {data:?}"));
+                }
+            }
+            Ok(Some(status))
+        },
+    )
+    .await;
+    assert_eq!(status.namespace, SYSTEM);
+    assert_eq!(status.actives().len(), 1);
+    let east_epoch = status.cluster("east").and_then(|c| c.epoch).expect("epoch");
+    let health = status
+        .cluster("east")
+        .and_then(|c| c.health.as_ref())
+        .expect("health");
+    assert_eq!(health.components.len(), 2);
+    assert!((health.threshold - 0.6).abs() < 1e-9);
+
+    let (r, table) = cwctl(&kubeconfig, &["status"]).await;
+    assert_eq!(r, Ok(Outcome::Ok));
+    println!("cwctl status:\n{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("east") && l.contains("active")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("west") && l.contains("standby")),
+        "{table}"
+    );
+    assert!(table.contains("web") && table.contains("0.60"), "{table}");
+
+    // ── pause / resume reach every controller ──────────────────────────
+    let (r, out) = cwctl(&kubeconfig, &["pause", "--timeout", "20s"]).await;
+    println!("cwctl pause:\n{out}");
+    assert_eq!(r, Ok(Outcome::Ok), "{out}");
+    for c in &cms {
+        assert_eq!(
+            state(c).await.get("paused").map(String::as_str),
+            Some("true")
+        );
+    }
+    let (r, out) = cwctl(&kubeconfig, &["resume", "--timeout", "20s"]).await;
+    assert_eq!(r, Ok(Outcome::Ok), "{out}");
+    for c in &cms {
+        assert_eq!(
+            state(c).await.get("paused").map(String::as_str),
+            Some("false")
+        );
+    }
+
+    // ── a bad request is answered with a reason, never executed ────────
+    cms[0]
+        .patch(
+            commands::COMMAND_CONFIGMAP,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"data": {
+                "command": "reboot", "id": "bad-1",
+                "requestedAt": k8s_openapi::jiff::Timestamp::now().to_string(),
+            }})),
+        )
+        .await
+        .expect("file a bad request");
+    let result = eventually(
+        "the controller to reject the bad request",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let cm = cms[0]
+                .get(commands::COMMAND_CONFIGMAP)
+                .await
+                .map_err(|e| e.to_string())?;
+            let d = cm.data.unwrap_or_default();
+            Ok((d.get("handledId").map(String::as_str) == Some("bad-1"))
+                .then(|| d.get("result").cloned().unwrap_or_default()))
+        },
+    )
+    .await;
+    assert!(
+        result.starts_with("rejected: ") && result.contains("reboot"),
+        "{result}"
+    );
+    assert_eq!(
+        state(&cms[0]).await.get("state").map(String::as_str),
+        Some("active")
+    );
+
+    // ── switchover through the controllers ─────────────────────────────
+    let (r, out) = cwctl(&kubeconfig, &["switchover", "--to", "nowhere"]).await;
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.contains("not one of the clusters")),
+        "{r:?} {out}"
+    );
+    let (r, out) = cwctl(
+        &kubeconfig,
+        &["switchover", "--to", "west", "--timeout", "30s"],
+    )
+    .await;
+    println!("cwctl switchover:\n{out}");
+    assert_eq!(r, Ok(Outcome::Ok), "{out}");
+    assert!(
+        out.contains("accepted") && out.contains("✓ west is active"),
+        "{out}"
+    );
+    let w = state(&cms[1]).await;
+    assert_eq!(w.get("state").map(String::as_str), Some("active"));
+    let west_epoch: u64 = w.get("epoch").and_then(|e| e.parse().ok()).expect("epoch");
+    assert!(west_epoch > east_epoch, "a new active takes a higher epoch");
+    eventually(
+        "east to record standby",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            Ok(
+                (state(&cms[0]).await.get("state").map(String::as_str) == Some("standby"))
+                    .then_some(()),
+            )
+        },
+    )
+    .await;
+    // The request went to the old active and was answered there.
+    let req = cms[0]
+        .get(commands::COMMAND_CONFIGMAP)
+        .await
+        .expect("request")
+        .data
+        .unwrap_or_default();
+    assert_eq!(req.get("command").map(String::as_str), Some("switchover"));
+    assert_eq!(req.get("target").map(String::as_str), Some("west"));
+    assert_eq!(req.get("result").map(String::as_str), Some("accepted"));
+    assert_eq!(req.get("handledId"), req.get("id"));
+
+    // ── explain tells the story ─────────────────────────────────────────
+    let explained = eventually(
+        "explain to show the handover",
+        Duration::from_secs(15),
+        Duration::from_millis(300),
+        || async {
+            let (r, out) = cwctl(&kubeconfig, &["explain"]).await;
+            assert_eq!(r, Ok(Outcome::Ok), "{out}");
+            Ok((out.contains("Last transition: ")
+                && out.contains("HandedOver")
+                && out.contains("Promoted"))
+            .then_some(out))
+        },
+    )
+    .await;
+    println!("cwctl explain:\n{explained}");
+
+    // ── check: a garbage caBundle fails with a hint; fixed, all pass ───
+    let ca = counterweight_certs::CertificateAuthority::new("cwctl-e2e-ca").expect("ca");
+    let good = ca.pem().cert_pem.as_bytes().to_vec();
+    for (i, c) in clusters.iter().enumerate() {
+        let bundle: &[u8] = if i == 0 { b"not a certificate" } else { &good };
+        let (mutating, _) = webhook_configs(bundle);
+        let (_, validating) = webhook_configs(&good);
+        Api::<MutatingWebhookConfiguration>::all(c.client())
+            .create(&PostParams::default(), &mutating)
+            .await
+            .expect("mutating");
+        Api::<ValidatingWebhookConfiguration>::all(c.client())
+            .create(&PostParams::default(), &validating)
+            .await
+            .expect("validating");
+    }
+    let (r, out) = cwctl(&kubeconfig, &["check"]).await;
+    println!("cwctl check (garbage caBundle on east):\n{out}");
+    assert_eq!(r, Ok(Outcome::ChecksFailed), "{out}");
+    let failed: Vec<&str> = out.lines().filter(|l| l.starts_with('✗')).collect();
+    assert_eq!(
+        failed,
+        [
+            "✗ webhook counterweight-inject: inject.counterweight.dev: caBundle holds no PEM certificate"
+        ],
+        "{out}"
+    );
+    let hint = out
+        .lines()
+        .skip_while(|l| !l.starts_with('✗'))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        hint.trim_start()
+            .starts_with("hint: set clientConfig.caBundle"),
+        "{out}"
+    );
+    // The JSON form carries the same verdict.
+    let (_, json) = cwctl(&kubeconfig, &["check", "-o", "json"]).await;
+    let report: counterweight_cli::check::Report = serde_json::from_str(&json).expect("json");
+    assert!(report.checks.iter().any(|c| !c.ok
+        && c.cluster.as_deref() == Some("east")
+        && c.name == "webhook counterweight-inject"));
+
+    let mwcs = Api::<MutatingWebhookConfiguration>::all(clusters[0].client());
+    let mut fixed = mwcs.get("counterweight-inject").await.expect("get");
+    for h in fixed.webhooks.iter_mut().flatten() {
+        h.client_config.ca_bundle = Some(ByteString(good.clone()));
+    }
+    mwcs.replace("counterweight-inject", &PostParams::default(), &fixed)
+        .await
+        .expect("fix caBundle");
+    let (r, out) = cwctl(&kubeconfig, &["check"]).await;
+    println!("cwctl check (fixed):\n{out}");
+    assert_eq!(r, Ok(Outcome::Ok), "{out}");
+    assert!(
+        out.contains("✓ peers: 2 clusters, one active: west"),
+        "{out}"
+    );
+}
