@@ -607,3 +607,133 @@ async fn files_follow_the_active_and_flip_direction() {
     sup_a.await.expect("join a").expect("a ran");
     sup_b.await.expect("join b").expect("b ran");
 }
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn summary(label: &str, mut v: Vec<f64>) -> String {
+    v.sort_by(f64::total_cmp);
+    format!(
+        "{label}: n={} p50={:.0} p90={:.0} p99={:.0} max={:.0}",
+        v.len(),
+        percentile(&v, 0.5),
+        percentile(&v, 0.9),
+        percentile(&v, 0.99),
+        v.last().copied().unwrap_or(f64::NAN)
+    )
+}
+
+/// One measurement: pgbench load on a for `load`, sampling lag, then a
+/// crash of a (unplanned failover) and promotion of b; counts the
+/// acknowledged rows of a side writer missing on b and the WAL bytes a had
+/// beyond b's promotion point.
+async fn measure(label: &str, a_sync: &str, load: Duration) {
+    let (mut a, mut b) = pair(a_sync, "").await;
+    let bin = pg(&mut a).bin_dir().to_owned();
+    let (port, password) = (pg(&mut a).port(), pg(&mut a).password().to_owned());
+    let pgbench = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(bin.join("pgbench"));
+        c.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", PG_USER])
+            .args(args)
+            .arg("postgres")
+            .env("PGPASSWORD", &password)
+            .kill_on_drop(true);
+        c
+    };
+    let init = pgbench(&["-i", "-s", "5", "-q"])
+        .output()
+        .await
+        .expect("pgbench -i");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let secs = (load.as_secs() + 10).to_string();
+    let mut bench = pgbench(&["-n", "-T", &secs, "-c", "4", "-j", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pgbench");
+    let stop = Arc::new(AtomicBool::new(false));
+    let side = tokio::spawn(writer(a.config().local.clone(), 1, Arc::clone(&stop)));
+
+    let (mut primary_bytes, mut primary_secs, mut standby_bytes) = (vec![], vec![], vec![]);
+    let started = Instant::now();
+    while started.elapsed() < load {
+        if let Ok(r) = a.replicas().await
+            && let Some(r) = r.iter().find(|r| r.application_name == "b")
+        {
+            primary_bytes.extend(r.bytes.map(|x| x as f64));
+            primary_secs.extend(r.replay_seconds.map(|s| s * 1000.0));
+        }
+        if let Ok(l) = b.lag().await {
+            standby_bytes.extend(l.bytes.map(|x| x as f64));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Unplanned failover: a is lost mid-load; b is promoted.
+    pg(&mut a).crash();
+    let crashed = Instant::now();
+    stop.store(true, Ordering::Relaxed);
+    let acked: BTreeSet<i64> = side.await.expect("writer").into_iter().collect();
+    settle(&mut b, active(2)).await;
+    let promote_ms = crashed.elapsed().as_millis();
+    let _ = bench.kill().await;
+    let on_b = ids(&b).await.expect("b ids");
+    let lost_rows = acked.difference(&on_b).count();
+    let history = client(&b)
+        .await
+        .query_one("SELECT pg_read_file('pg_wal/00000002.history')", &[])
+        .await
+        .expect("timeline history");
+    let history: String = history.get(0);
+    let fork: Lsn = history
+        .split_whitespace()
+        .nth(1)
+        .expect("switch point")
+        .parse()
+        .expect("lsn");
+    // a's WAL end: restart it alone (crash recovery replays all it wrote).
+    pg(&mut a).resume().await.expect("restart a");
+    let a_end = db::pg::current_lsn(&client(&a).await).await.expect("a lsn");
+    println!(
+        "== {label} (synchronous_standby_names = {a_sync:?}), pgbench -c 4 -j 2 -s 5, {load:?} load"
+    );
+    println!(
+        "{}",
+        summary("primary-side lag bytes (current - replay)", primary_bytes)
+    );
+    println!("{}", summary("primary-side replay_lag ms", primary_secs));
+    println!(
+        "{}",
+        summary("standby-side lag bytes (receive - replay)", standby_bytes)
+    );
+    println!(
+        "failover: crash -> b promoted in {promote_ms} ms; acknowledged side-writer rows {} lost {lost_rows}; \
+         WAL on a beyond b's switch point {} bytes (a end {a_end}, fork {fork}; includes a's end-of-recovery checkpoint record)",
+        acked.len(),
+        a_end.bytes_since(fork)
+    );
+    if !a_sync.is_empty() {
+        assert_eq!(
+            lost_rows, 0,
+            "synchronous commit must not lose acknowledged rows"
+        );
+    }
+}
+
+#[tokio::test]
+#[ignore = "benchmark: ~1 minute of pgbench; run with --ignored --nocapture"]
+async fn bench_lag_and_failover_loss_under_pgbench() {
+    init_tracing();
+    let _turn = SERIAL.lock().await;
+    measure("asynchronous", "", Duration::from_secs(20)).await;
+    measure("synchronous", "FIRST 1 (b)", Duration::from_secs(20)).await;
+}
