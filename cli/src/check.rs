@@ -4,7 +4,8 @@
 //! to do about it. Per cluster: the state ConfigMap is present and
 //! readable, the policy is present and valid with weights summing to 1, the
 //! webhook configurations exist with a caBundle of PEM certificates that do
-//! not expire within 30 days, the gate Role exists, and the API server's
+//! not expire within 30 days, the webhook runs (ready endpoints behind its
+//! Service, or a listener at its URL), the gate Role exists, and the API server's
 //! clock agrees with this machine's. Across clusters: every state record is
 //! readable and exactly one cluster is active.
 //!
@@ -24,11 +25,12 @@ use counterweight_core::policy::{Policy, WEIGHT_SUM_TOLERANCE};
 use counterweight_core::state::Role;
 use futures::future::join_all;
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::Role as RbacRole;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use serde::{Deserialize, Serialize};
 
 use crate::clusters::Target;
@@ -167,41 +169,27 @@ async fn cluster_checks(
     ));
     let now = SystemTime::now();
     let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    out.push(match mutating.get_opt(INJECT_WEBHOOK).await {
-        Ok(Some(w)) => bundles_check(
-            c,
-            &format!("webhook {INJECT_WEBHOOK}"),
+    let hooks = mutating.get_opt(INJECT_WEBHOOK).await.map(|o| {
+        o.map(|w| {
             w.webhooks
                 .unwrap_or_default()
                 .into_iter()
-                .map(|h| (h.name, h.client_config.ca_bundle.map(|b| b.0)))
-                .collect(),
-            now,
-        ),
-        other => missing(
-            c,
-            &format!("webhook {INJECT_WEBHOOK}"),
-            other.map(|o| o.is_some()),
-        ),
+                .map(|h| (h.name, h.client_config))
+                .collect::<Vec<_>>()
+        })
     });
+    out.extend(webhook_checks(c, &client, INJECT_WEBHOOK, hooks, now).await);
     let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    out.push(match validating.get_opt(POLICY_WEBHOOK).await {
-        Ok(Some(w)) => bundles_check(
-            c,
-            &format!("webhook {POLICY_WEBHOOK}"),
+    let hooks = validating.get_opt(POLICY_WEBHOOK).await.map(|o| {
+        o.map(|w| {
             w.webhooks
                 .unwrap_or_default()
                 .into_iter()
-                .map(|h| (h.name, h.client_config.ca_bundle.map(|b| b.0)))
-                .collect(),
-            now,
-        ),
-        other => missing(
-            c,
-            &format!("webhook {POLICY_WEBHOOK}"),
-            other.map(|o| o.is_some()),
-        ),
+                .map(|h| (h.name, h.client_config))
+                .collect::<Vec<_>>()
+        })
     });
+    out.extend(webhook_checks(c, &client, POLICY_WEBHOOK, hooks, now).await);
     let roles: Api<RbacRole> = Api::namespaced(client, namespace);
     out.push(match roles.get_opt(GATE_ROLE).await {
         Ok(Some(r)) => {
@@ -234,6 +222,102 @@ async fn cluster_checks(
         Err(e) => fail(c, "gate Role", e.to_string(), "cwctl needs get on roles in the controller namespace"),
     });
     (out, record)
+}
+
+/// The caBundle and the reachability checks of one webhook configuration.
+async fn webhook_checks(
+    c: Option<&str>,
+    client: &kube::Client,
+    config: &str,
+    got: Result<Option<Vec<(String, WebhookClientConfig)>>, kube::Error>,
+    now: SystemTime,
+) -> Vec<CheckResult> {
+    let name = format!("webhook {config}");
+    let hooks = match got {
+        Ok(Some(hooks)) => hooks,
+        other => return vec![missing(c, &name, other.map(|o| o.is_some()))],
+    };
+    let bundles = hooks
+        .iter()
+        .map(|(h, cc)| (h.clone(), cc.ca_bundle.as_ref().map(|b| b.0.clone())))
+        .collect();
+    let mut out = vec![bundles_check(c, &name, bundles, now)];
+    let reach_name = format!("webhook {config} reachable");
+    let mut details = Vec::new();
+    for (hook, cc) in &hooks {
+        match reachable(client, cc).await {
+            Ok(d) => details.push(format!("{hook}: {d}")),
+            Err(why) => {
+                out.push(fail(
+                    c,
+                    &reach_name,
+                    format!("{hook}: {why}"),
+                    "start the webhook (kubectl -n counterweight-system get deploy,pods \
+                     -l app.kubernetes.io/name=counterweight-webhook); while it is down, pod \
+                     creation in opted-in namespaces fails (failurePolicy: Fail)",
+                ));
+                return out;
+            }
+        }
+    }
+    out.push(pass(c, &reach_name, details.join("; ")));
+    out
+}
+
+/// Whether the API server has something to call: ready endpoints behind a
+/// `service` reference, or, for a `url` (local development), a listener
+/// this machine can connect to. It does not prove the API server's own
+/// network path, only that the webhook runs.
+async fn reachable(client: &kube::Client, cc: &WebhookClientConfig) -> Result<String, String> {
+    if let Some(svc) = &cc.service {
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &svc.namespace);
+        let list = slices
+            .list(
+                &ListParams::default().labels(&format!("kubernetes.io/service-name={}", svc.name)),
+            )
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot list the EndpointSlices of service {}/{}: {e}",
+                    svc.namespace, svc.name
+                )
+            })?;
+        let ready = list
+            .items
+            .iter()
+            .flat_map(|s| s.endpoints.iter().flatten())
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+            .count();
+        return if ready == 0 {
+            Err(format!(
+                "service {}/{} has no ready endpoints",
+                svc.namespace, svc.name
+            ))
+        } else {
+            Ok(format!(
+                "service {}/{}: {ready} ready endpoints",
+                svc.namespace, svc.name
+            ))
+        };
+    }
+    let Some(url) = &cc.url else {
+        return Err("clientConfig has neither service nor url".to_owned());
+    };
+    let uri: http::Uri = url.parse().map_err(|e| format!("url {url:?}: {e}"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("url {url:?} has no host"))?;
+    let port = uri.port_u16().unwrap_or(443);
+    match tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port)),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(format!("{url} accepts connections")),
+        Ok(Err(e)) => Err(format!("{url}: {e}")),
+        Err(_) => Err(format!("{url}: no connection within 3s")),
+    }
 }
 
 fn missing(c: Option<&str>, name: &str, got: Result<bool, kube::Error>) -> CheckResult {

@@ -251,15 +251,17 @@ async fn state(cms: &Api<ConfigMap>) -> BTreeMap<String, String> {
 }
 
 fn webhook_configs(
+    port: u16,
     ca_bundle: &[u8],
 ) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
-    // Registered by URL on a closed port and scoped to a namespace label
-    // nobody has: the checks read them, nothing ever calls them.
+    // Registered by URL on a port where nothing answers admission requests
+    // (a bare listener, so the reachability check connects) and scoped to
+    // a namespace label nobody has: nothing ever calls them.
     let mut m: MutatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "counterweight-inject"},
         "webhooks": [{
             "name": "inject.counterweight.dev",
-            "clientConfig": {"url": "https://127.0.0.1:1/mutate-pods"},
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate-pods")},
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
                        "resources": ["pods"], "scope": "Namespaced"}],
             "namespaceSelector": {"matchLabels": {"counterweight.dev/test-never": "x"}},
@@ -273,7 +275,7 @@ fn webhook_configs(
         "metadata": {"name": "counterweight-policy"},
         "webhooks": [{
             "name": "policy.counterweight.dev",
-            "clientConfig": {"url": "https://127.0.0.1:1/validate-policy"},
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate-policy")},
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
                        "resources": ["configmaps"], "scope": "Namespaced"}],
             "namespaceSelector": {"matchLabels": {"counterweight.dev/test-never": "x"}},
@@ -535,10 +537,13 @@ async fn cwctl_status_switchover_explain_and_check() {
     // ── check: a garbage caBundle fails with a hint; fixed, all pass ───
     let ca = counterweight_certs::CertificateAuthority::new("cwctl-e2e-ca").expect("ca");
     let good = ca.pem().cert_pem.as_bytes().to_vec();
+    // Stands in for the webhook's listener: `check` connects to it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = listener.local_addr().expect("addr").port();
     for (i, c) in clusters.iter().enumerate() {
         let bundle: &[u8] = if i == 0 { b"not a certificate" } else { &good };
-        let (mutating, _) = webhook_configs(bundle);
-        let (_, validating) = webhook_configs(&good);
+        let (mutating, _) = webhook_configs(port, bundle);
+        let (_, validating) = webhook_configs(port, &good);
         Api::<MutatingWebhookConfiguration>::all(c.client())
             .create(&PostParams::default(), &mutating)
             .await
