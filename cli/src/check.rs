@@ -599,7 +599,7 @@ async fn clock(client: &kube::Client, max_skew: Duration) -> Result<String, Cloc
     let response = tokio::time::timeout(Duration::from_secs(15), client.send(request))
         .await
         .map_err(|_| ClockError::Unreachable("no answer within 15s".to_owned()))?
-        .map_err(|e| ClockError::Unreachable(e.to_string()))?;
+        .map_err(|e| ClockError::Unreachable(crate::describe(&e)))?;
     let t1 = SystemTime::now();
     let Some(date) = response
         .headers()

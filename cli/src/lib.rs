@@ -19,6 +19,9 @@
 //! - `cwctl check` runs named checks with fix hints and exits non-zero if
 //!   any fails.
 //!
+//! Exit codes: 0 when done, 1 when `check` found a failing check, 2 when
+//! the command could not be carried out (the message says why).
+//!
 //! # As a kubectl plugin
 //!
 //! kubectl runs any `kubectl-<name>` executable on its `PATH` as
@@ -200,6 +203,22 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> Result<Outcome, E
         }
     }
     Ok(Outcome::Ok)
+}
+
+/// An error with its chain of sources, on one line: kube's top-level
+/// messages ("client error (Connect)") only say where the cause is.
+pub fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }
 
 fn print<T: serde::Serialize>(

@@ -1,25 +1,34 @@
 //! Entry point of `cwctl` (also usable as the kubectl plugin `kubectl cw`;
 //! see the library documentation).
 
+use std::process::ExitCode;
+
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<std::process::ExitCode> {
+async fn main() -> anyhow::Result<ExitCode> {
     rustls::crypto::ring::default_provider()
         .install_default()
         .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
     let args = counterweight_cli::Args::parse();
+    // cwctl reports unreachable clusters itself; kube's own connection
+    // errors would only repeat them, out of order.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kube_client=off")),
         )
         .with_writer(std::io::stderr)
         .init();
     let mut stdout = std::io::stdout();
-    match counterweight_cli::run(&args, &mut stdout).await? {
-        counterweight_cli::Outcome::Ok => Ok(std::process::ExitCode::SUCCESS),
+    match counterweight_cli::run(&args, &mut stdout).await {
+        Ok(counterweight_cli::Outcome::Ok) => Ok(ExitCode::SUCCESS),
         // Failed checks were printed with their hints; only the exit code is left.
-        counterweight_cli::Outcome::ChecksFailed => Ok(std::process::ExitCode::FAILURE),
+        Ok(counterweight_cli::Outcome::ChecksFailed) => Ok(ExitCode::from(1)),
+        // An operator-facing message, not a program fault: no backtrace.
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(2))
+        }
     }
 }

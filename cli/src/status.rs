@@ -164,7 +164,7 @@ async fn read_one(target: &Target, namespace: &str) -> ClusterStatus {
     let api: Api<ConfigMap> = Api::namespaced(client, namespace);
     match tokio::time::timeout(READ_DEADLINE, api.get_opt(names::STATE_CONFIGMAP)).await {
         Err(_) => unreachable(format!("no answer within {}s", READ_DEADLINE.as_secs())),
-        Ok(Err(e)) => unreachable(e.to_string()),
+        Ok(Err(e)) => unreachable(crate::describe(&e)),
         Ok(Ok(None)) => ClusterStatus {
             cluster: target.name.clone(),
             record_error: Some(format!(
