@@ -5,7 +5,8 @@
 //! readable, the policy is present and valid with weights summing to 1, the
 //! webhook configurations exist with a caBundle of PEM certificates that do
 //! not expire within 30 days, the webhook runs (ready endpoints behind its
-//! Service, or a listener at its URL), the gate Role exists, and the API server's
+//! Service, or a listener at its URL), the current user holds what `cwctl`
+//! needs, the gate Role exists, and the API server's
 //! clock agrees with this machine's. Across clusters: every state record is
 //! readable and exactly one cluster is active.
 //!
@@ -27,10 +28,13 @@ use futures::future::join_all;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::Role as RbacRole;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, PostParams};
 use serde::{Deserialize, Serialize};
 
 use crate::clusters::Target;
@@ -190,6 +194,7 @@ async fn cluster_checks(
         })
     });
     out.extend(webhook_checks(c, &client, POLICY_WEBHOOK, hooks, now).await);
+    out.push(operator_rbac(c, &client, namespace).await);
     let roles: Api<RbacRole> = Api::namespaced(client, namespace);
     out.push(match roles.get_opt(GATE_ROLE).await {
         Ok(Some(r)) => {
@@ -222,6 +227,79 @@ async fn cluster_checks(
         Err(e) => fail(c, "gate Role", e.to_string(), "cwctl needs get on roles in the controller namespace"),
     });
     (out, record)
+}
+
+/// What `cwctl` itself needs, asked of the API server for the current
+/// user (SelfSubjectAccessReview), so that a missing grant shows here rather
+/// than in the middle of a switchover.
+async fn operator_rbac(c: Option<&str>, client: &kube::Client, namespace: &str) -> CheckResult {
+    const NAME: &str = "operator RBAC";
+    let needs: [(&str, &str, &str, Option<&str>, &str); 4] = [
+        (
+            "",
+            "configmaps",
+            "get",
+            Some(names::STATE_CONFIGMAP),
+            "read the state",
+        ),
+        ("", "configmaps", "create", None, "file a command request"),
+        (
+            "",
+            "configmaps",
+            "update",
+            Some(crate::request::COMMAND_CONFIGMAP),
+            "replace a command request",
+        ),
+        ("events.k8s.io", "events", "list", None, "read Events"),
+    ];
+    let api: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let mut missing = Vec::new();
+    for (group, resource, verb, name, what) in needs {
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some(group.to_owned()),
+                    resource: Some(resource.to_owned()),
+                    verb: Some(verb.to_owned()),
+                    namespace: Some(namespace.to_owned()),
+                    name: name.map(str::to_owned),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match api.create(&PostParams::default(), &review).await {
+            Ok(r) if r.status.as_ref().is_some_and(|s| s.allowed) => {}
+            Ok(_) => missing.push(format!(
+                "{verb} {resource}{} ({what})",
+                name.map(|n| format!("/{n}")).unwrap_or_default()
+            )),
+            Err(e) => {
+                return fail(
+                    c,
+                    NAME,
+                    format!("cannot ask the API server: {}", crate::describe(&e)),
+                    "SelfSubjectAccessReview is open to every authenticated user by default",
+                );
+            }
+        }
+    }
+    if missing.is_empty() {
+        pass(
+            c,
+            NAME,
+            "you may read the state, file command requests and read Events".to_owned(),
+        )
+    } else {
+        fail(
+            c,
+            NAME,
+            format!("you may not {}", missing.join(", ")),
+            "bind the Role counterweight-operator of manifests/base/cwctl-rbac.yaml to yourself \
+             in counterweight-system",
+        )
+    }
 }
 
 /// The caBundle and the reachability checks of one webhook configuration.

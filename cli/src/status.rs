@@ -287,6 +287,36 @@ pub fn render(status: &Status) -> String {
         out.push_str(&table(&comp_rows));
     }
 
+    let peers: Vec<String> = status
+        .clusters
+        .iter()
+        .filter_map(|c| c.ha.as_ref().map(|h| (c, h)))
+        .filter(|(_, h)| !h.peers.is_empty())
+        .map(|(c, h)| {
+            let heard: Vec<String> = h
+                .peers
+                .iter()
+                .map(|(name, p)| {
+                    format!(
+                        "{name} {} in epoch {}, {:.1}s ago",
+                        p.status.to_lowercase(),
+                        p.epoch,
+                        p.last_heard_ms_ago as f64 / 1000.0
+                    )
+                })
+                .collect();
+            format!("{} hears: {}", c.cluster, heard.join("; "))
+        })
+        .collect();
+    if !peers.is_empty() {
+        out.push_str("\nPEERS (as each controller last published)\n");
+        for p in peers {
+            out.push_str("  ");
+            out.push_str(&p);
+            out.push('\n');
+        }
+    }
+
     let transitions: Vec<String> = status
         .clusters
         .iter()
@@ -534,6 +564,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("east: Promoted (epoch 3) at 2026-11-24T10:00:00Z"));
+        assert!(
+            text.contains("east hears: west standby in epoch 3, 0.1s ago"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! every controller; a bad request is rejected by the controller with a
 //! reason; `switchover --to west` makes west active through the controllers;
 //! `explain` tells the story; `check` fails with a readable hint on a
-//! garbage caBundle and passes once it is fixed.
+//! garbage caBundle and passes once it is fixed; an operator holding only
+//! the Roles of `manifests/base/cwctl-rbac.yaml` can check and switch over.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -292,6 +293,60 @@ fn webhook_configs(
         h.client_config.ca_bundle = Some(ByteString(ca_bundle.to_vec()));
     }
     (m, v)
+}
+
+/// Applies the operator RBAC of manifests/base/cwctl-rbac.yaml and binds
+/// it to `user`.
+async fn grant_operator(cluster: &Cluster, user: &str) {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../manifests/base/cwctl-rbac.yaml");
+    let text = std::fs::read_to_string(&path).expect("cwctl-rbac.yaml");
+    let client = cluster.client();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let value: serde_json::Value =
+            serde::Deserialize::deserialize(doc).expect("manifest document");
+        let pp = PostParams::default();
+        match value["kind"].as_str() {
+            Some("Role") => {
+                let role: Role = serde_json::from_value(value).expect("Role");
+                Api::<Role>::namespaced(client.clone(), SYSTEM)
+                    .create(&pp, &role)
+                    .await
+                    .expect("create Role");
+            }
+            Some("ClusterRole") => {
+                let role: ClusterRole = serde_json::from_value(value).expect("ClusterRole");
+                Api::<ClusterRole>::all(client.clone())
+                    .create(&pp, &role)
+                    .await
+                    .expect("create ClusterRole");
+            }
+            // The controller's own binding needs its ServiceAccount; the
+            // in-process controllers run as admin.
+            _ => {}
+        }
+    }
+    let subject = serde_json::json!([{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}]);
+    let rb: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("{user}-cwctl"), "namespace": SYSTEM},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "counterweight-operator"},
+        "subjects": subject,
+    }))
+    .expect("RoleBinding");
+    Api::<RoleBinding>::namespaced(client.clone(), SYSTEM)
+        .create(&PostParams::default(), &rb)
+        .await
+        .expect("create RoleBinding");
+    let crb: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("{user}-cwctl-check")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "counterweight-operator-check"},
+        "subjects": subject,
+    }))
+    .expect("ClusterRoleBinding");
+    Api::<ClusterRoleBinding>::all(client)
+        .create(&PostParams::default(), &crb)
+        .await
+        .expect("create ClusterRoleBinding");
 }
 
 #[test]
@@ -594,6 +649,61 @@ async fn cwctl_status_switchover_explain_and_check() {
     assert_eq!(r, Ok(Outcome::Ok), "{out}");
     assert!(
         out.contains("✓ peers: 2 clusters, one active: west"),
+        "{out}"
+    );
+    assert!(
+        out.contains("✓ webhook counterweight-inject reachable"),
+        "{out}"
+    );
+
+    // ── an operator with only manifests/base/cwctl-rbac.yaml ────────────
+    // Two per-cluster kubeconfigs, merged from a `:`-separated list.
+    let olga: Vec<String> = clusters
+        .iter()
+        .map(|c| {
+            c.user_kubeconfig("olga", &[])
+                .expect("user kubeconfig")
+                .display()
+                .to_string()
+        })
+        .collect();
+    let olga = std::path::PathBuf::from(olga.join(":"));
+    let (r, out) = cwctl(&olga, &["check", "--context", "east"]).await;
+    assert_eq!(r, Ok(Outcome::ChecksFailed), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l
+                .starts_with("✗ operator RBAC: you may not get configmaps/counterweight-state")),
+        "{out}"
+    );
+    for c in &clusters {
+        grant_operator(c, "olga").await;
+    }
+    let (r, out) = cwctl(&olga, &["check"]).await;
+    println!("cwctl check as olga:\n{out}");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("✓ operator RBAC"))
+            .count(),
+        2,
+        "{out}"
+    );
+    assert_eq!(r, Ok(Outcome::Ok), "{out}");
+    let (r, out) = cwctl(&olga, &["switchover", "--to", "east", "--timeout", "30s"]).await;
+    println!("cwctl switchover as olga:\n{out}");
+    assert_eq!(r, Ok(Outcome::Ok), "{out}");
+    assert_eq!(
+        state(&cms[0]).await.get("state").map(String::as_str),
+        Some("active")
+    );
+
+    // The webhook stops: the reachability check says so.
+    drop(listener);
+    let (r, out) = cwctl(&kubeconfig, &["check", "--context", "west"]).await;
+    assert_eq!(r, Ok(Outcome::ChecksFailed), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("✗ webhook counterweight-inject reachable")),
         "{out}"
     );
 }
