@@ -416,8 +416,10 @@ impl PodServing {
     pub async fn demote(&self) -> Result<Demotion, ServingError> {
         let started = Instant::now();
         self.shared.desired.send_replace(Some(false));
-        let (stopped, standby, to_restart) = fence(&self.shared).await?;
+        let (effects, stopped, standby, to_restart) = fence(&self.shared).await?;
         let fence_took = started.elapsed();
+        let (restarting, restarts) = spawn_restarts(&self.shared, &self.tasks, to_restart);
+        drop(effects);
         write_flag(&self.shared.store, false).await?;
         info!(
             stopped,
@@ -438,8 +440,6 @@ impl PodServing {
             )
             .await;
         }
-        let restarting = to_restart.len();
-        let restarts = spawn_restarts(&self.shared, &self.tasks, to_restart);
         Ok(Demotion {
             stopped,
             standby,
@@ -542,13 +542,19 @@ async fn patch_condition(
     }
 }
 
+/// The effects lock, handed back by [`fence`] so the restarts it found are
+/// registered before any reconcile pass can claim them.
+type FenceGuard<'a> = tokio::sync::MutexGuard<'a, ()>;
+
 /// Attempts of the fence before it reports failure.
 const FENCE_ROUNDS: usize = 5;
 
-/// Sets the condition False on every service pod; returns (stopped,
-/// standby, pods to restart) once no service pod has it True.
-async fn fence(shared: &Shared) -> Result<(usize, usize, Vec<PodRef>), ServingError> {
-    let _effects = shared.effects.lock().await;
+/// Sets the condition False on every service pod; returns (the effects
+/// lock, stopped, standby, pods to restart) once no service pod has it True.
+async fn fence(
+    shared: &Shared,
+) -> Result<(FenceGuard<'_>, usize, usize, Vec<PodRef>), ServingError> {
+    let effects = shared.effects.lock().await;
     let (mut stopped, mut standby) = (0, 0);
     let mut restart: Vec<PodRef> = Vec::new();
     let mut last_error = String::new();
@@ -566,7 +572,7 @@ async fn fence(shared: &Shared) -> Result<(usize, usize, Vec<PodRef>), ServingEr
         if work.is_empty() {
             restart.sort_by(|a, b| a.uid.cmp(&b.uid));
             restart.dedup();
-            return Ok((stopped, standby, restart));
+            return Ok((effects, stopped, standby, restart));
         }
         // Futures are built first (owning their inputs) so the stream holds
         // no closure over borrowed data, which keeps the future `Send`.
@@ -602,7 +608,7 @@ async fn fence(shared: &Shared) -> Result<(usize, usize, Vec<PodRef>), ServingEr
         if failed == 0 {
             restart.sort_by(|a, b| a.uid.cmp(&b.uid));
             restart.dedup();
-            return Ok((stopped, standby, restart));
+            return Ok((effects, stopped, standby, restart));
         }
         warn!(round, failed, error = %last_error, "some service pods could not be stopped; retrying");
         tokio::time::sleep(backoff(
@@ -619,7 +625,7 @@ async fn fence(shared: &Shared) -> Result<(usize, usize, Vec<PodRef>), ServingEr
         .filter(|p| serving_state(p) == ServingState::True)
         .count();
     if still == 0 {
-        return Ok((stopped, standby, restart));
+        return Ok((effects, stopped, standby, restart));
     }
     Err(ServingError::FenceIncomplete(still, last_error))
 }
@@ -683,31 +689,33 @@ async fn pass(shared: &Arc<Shared>, pods: &[Pod], tasks: &Arc<Mutex<JoinSet<()>>
     // next pass (the watch sees the new condition); pods found stopped now
     // are restarted here: this is how an interrupted demotion resumes.
     if !desired && !restart.is_empty() {
-        drop(spawn_restarts(shared, tasks, restart));
+        drop(spawn_restarts(shared, tasks, restart).1);
     }
     served
 }
 
-/// Starts a background batch restarting `pods` not already being restarted.
+/// Starts a background batch restarting `pods` not already being restarted;
+/// returns how many it took on and where its report will come.
 fn spawn_restarts(
     shared: &Arc<Shared>,
     tasks: &Arc<Mutex<JoinSet<()>>>,
     pods: Vec<PodRef>,
-) -> Option<oneshot::Receiver<RestartReport>> {
+) -> (usize, Option<oneshot::Receiver<RestartReport>>) {
     let fresh: Vec<PodRef> = match shared.restarting.lock() {
         Ok(mut busy) => pods
             .into_iter()
             .filter(|p| busy.insert(p.uid.clone()))
             .collect(),
-        Err(_) => return None,
+        Err(_) => return (0, None),
     };
     if fresh.is_empty() {
-        return None;
+        return (0, None);
     }
+    let count = fresh.len();
     let (tx, rx) = oneshot::channel();
     let shared = shared.clone();
     let Ok(mut set) = tasks.lock() else {
-        return None;
+        return (0, None);
     };
     // Reap finished tasks so the set does not grow without bound.
     while set.try_join_next().is_some() {}
@@ -716,7 +724,7 @@ fn spawn_restarts(
         // Nobody may wait for it (the HA loop does not): that is fine.
         let _ = tx.send(report);
     });
-    Some(rx)
+    (count, Some(rx))
 }
 
 async fn restart_batch(shared: &Shared, pods: Vec<PodRef>) -> RestartReport {
@@ -790,6 +798,9 @@ async fn restart_batch(shared: &Shared, pods: Vec<PodRef>) -> RestartReport {
     report
 }
 
+/// Longest wait for one eviction or delete request.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Restarts one pod: evicts it, retrying refusals with backoff, and deletes
 /// it once eviction has been refused for `delete_after`.
 async fn restart_one(shared: &Shared, p: &PodRef) -> Outcome {
@@ -804,11 +815,14 @@ async fn restart_one(shared: &Shared, p: &PodRef) -> Outcome {
     };
     let mut attempt: u32 = 0;
     loop {
+        debug!(pod = %p.name, attempt, "restart attempt");
         if *shared.desired.borrow() != Some(false) {
             return Outcome::Cancelled;
         }
         // The pod itself says whether it still needs the restart.
-        match api.get_opt(&p.name).await {
+        let current = api.get_opt(&p.name).await;
+        debug!(pod = %p.name, found = ?current.as_ref().map(Option::is_some), "read pod before restart");
+        match current {
             Ok(None) => return Outcome::Gone,
             Ok(Some(pod)) if pod.metadata.uid.as_deref() != Some(p.uid.as_str()) => {
                 return Outcome::Gone;
@@ -841,7 +855,12 @@ async fn restart_one(shared: &Shared, p: &PodRef) -> Outcome {
                 delete_options: Some(delete.clone()),
                 ..Default::default()
             };
-            match api.evict(&p.name, &params).await {
+            // Bounded: a request the server holds must not stall the restart.
+            let answer = tokio::time::timeout(API_TIMEOUT, api.evict(&p.name, &params))
+                .await
+                .unwrap_or_else(|_| Err(kube::Error::Service("eviction timed out".into())));
+            debug!(pod = %p.name, answer = ?answer.as_ref().map(drop), "eviction answer");
+            match answer {
                 Ok(_) => {
                     debug!(namespace = %p.namespace, pod = %p.name, "evicted");
                     return Outcome::Evicted;
@@ -895,43 +914,46 @@ async fn reconcile_loop(shared: Arc<Shared>, tasks: Weak<Mutex<JoinSet<()>>>) {
     .reflect(nss_writer)
     .map(|_| ());
     let mut changes = stream::select(pod_events, ns_events).boxed();
-    let mut desired = shared.desired.subscribe();
-    let mut ready = false;
-    loop {
-        tokio::select! {
-            ev = changes.next() => if ev.is_none() { return },
-            r = desired.changed() => if r.is_err() { return },
-            () = tokio::time::sleep(shared.config.resync) => {}
+    // The reflectors only fill while their stream is polled, so the stream
+    // is driven on its own, beside the passes, and only signals a change.
+    let changed = tokio::sync::Notify::new();
+    let drive = async {
+        while changes.next().await.is_some() {
+            changed.notify_one();
         }
-        // Let a burst of events settle into one pass.
-        let settle = tokio::time::sleep(Duration::from_millis(100));
-        tokio::pin!(settle);
+    };
+    let reconcile = async {
+        let mut desired = shared.desired.subscribe();
+        if pods.wait_until_ready().await.is_err() || nss.wait_until_ready().await.is_err() {
+            return;
+        }
         loop {
             tokio::select! {
-                ev = changes.next() => if ev.is_none() { return },
-                () = &mut settle => break,
+                () = changed.notified() => {}
+                r = desired.changed() => if r.is_err() { return },
+                () = tokio::time::sleep(shared.config.resync) => {}
             }
-        }
-        if !ready {
-            ready = pods.wait_until_ready().await.is_ok() && nss.wait_until_ready().await.is_ok();
-            if !ready {
-                continue;
-            }
-        }
-        let opted = opted_in(
-            &nss.state()
+            // Let a burst of events settle into one pass.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let opted = opted_in(
+                &nss.state()
+                    .iter()
+                    .map(|n| n.as_ref().clone())
+                    .collect::<Vec<_>>(),
+            );
+            let targets: Vec<Pod> = pods
+                .state()
                 .iter()
-                .map(|n| n.as_ref().clone())
-                .collect::<Vec<_>>(),
-        );
-        let targets: Vec<Pod> = pods
-            .state()
-            .iter()
-            .filter(|p| is_service_pod(p, &opted))
-            .map(|p| p.as_ref().clone())
-            .collect();
-        let Some(tasks) = tasks.upgrade() else { return };
-        pass(&shared, &targets, &tasks).await;
+                .filter(|p| is_service_pod(p, &opted))
+                .map(|p| p.as_ref().clone())
+                .collect();
+            let Some(tasks) = tasks.upgrade() else { return };
+            pass(&shared, &targets, &tasks).await;
+        }
+    };
+    tokio::select! {
+        () = drive => warn!("pod watch ended; serving reconcile loop stops"),
+        () = reconcile => {}
     }
 }
 
