@@ -452,6 +452,15 @@ async fn cwctl_status_switchover_explain_and_check() {
         .and_then(|c| c.health.as_ref())
         .expect("health");
     assert_eq!(health.components.len(), 2);
+    // The HA view is read too (cwctl mirrors the controller's JSON; a
+    // renamed field would silently drop it).
+    let ha = status
+        .cluster("east")
+        .and_then(|c| c.ha.as_ref())
+        .expect("east's HA view");
+    assert!(ha.serving, "{ha:?}");
+    assert!(ha.lease_expires_in_ms.is_some(), "{ha:?}");
+    assert!(ha.peers.contains_key("west"), "{ha:?}");
     assert!((health.threshold - 0.6).abs() < 1e-9);
 
     let (r, table) = cwctl(&kubeconfig, &["status"]).await;
