@@ -29,6 +29,18 @@
 //! [`evict_step`], [`backoff`]); the rest only reads the cluster and carries
 //! them out.
 //!
+//! ## Disruption budgets
+//!
+//! After the fence every service pod is NotReady (its readiness gate is
+//! False). A PodDisruptionBudget with the default `unhealthyPodEvictionPolicy`
+//! (`IfHealthyBudget`) then refuses every eviction, since the application is
+//! already below its budget, and the restart falls back to a delete after
+//! [`PodServingConfig::delete_after`]. Budgets that should let demotions go
+//! through at once set `unhealthyPodEvictionPolicy: AlwaysAllow`. A refused
+//! eviction rarely surfaces as a 429 here: kube's default client retries
+//! 429s itself, honouring the server's `Retry-After`, so each eviction call
+//! is bounded by a timeout and counted as refused when it runs out.
+//!
 //! The `serving` key of the state ConfigMap is kept as before, for `cwctl`.
 
 use std::collections::{BTreeSet, HashSet};
@@ -798,8 +810,10 @@ async fn restart_batch(shared: &Shared, pods: Vec<PodRef>) -> RestartReport {
     report
 }
 
-/// Longest wait for one eviction or delete request.
+/// Longest wait for one eviction request.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shortest wait for one eviction request, so it can at least be answered.
+const MIN_EVICT_WAIT: Duration = Duration::from_millis(500);
 
 /// Restarts one pod: evicts it, retrying refusals with backoff, and deletes
 /// it once eviction has been refused for `delete_after`.
@@ -820,9 +834,7 @@ async fn restart_one(shared: &Shared, p: &PodRef) -> Outcome {
             return Outcome::Cancelled;
         }
         // The pod itself says whether it still needs the restart.
-        let current = api.get_opt(&p.name).await;
-        debug!(pod = %p.name, found = ?current.as_ref().map(Option::is_some), "read pod before restart");
-        match current {
+        match api.get_opt(&p.name).await {
             Ok(None) => return Outcome::Gone,
             Ok(Some(pod)) if pod.metadata.uid.as_deref() != Some(p.uid.as_str()) => {
                 return Outcome::Gone;
@@ -855,11 +867,18 @@ async fn restart_one(shared: &Shared, p: &PodRef) -> Outcome {
                 delete_options: Some(delete.clone()),
                 ..Default::default()
             };
-            // Bounded: a request the server holds must not stall the restart.
-            let answer = tokio::time::timeout(API_TIMEOUT, api.evict(&p.name, &params))
-                .await
-                .unwrap_or_else(|_| Err(kube::Error::Service("eviction timed out".into())));
-            debug!(pod = %p.name, answer = ?answer.as_ref().map(drop), "eviction answer");
+            // Bounded, and never past the delete deadline: kube's default
+            // client retries a 429 itself, honouring the server's
+            // Retry-After (10 s for a budget) up to 15 times, so a refused
+            // eviction shows up here as a call that does not return.
+            let budget = API_TIMEOUT
+                .min(shared.config.delete_after.saturating_sub(started.elapsed()))
+                .max(MIN_EVICT_WAIT);
+            let Ok(answer) = tokio::time::timeout(budget, api.evict(&p.name, &params)).await else {
+                info!(namespace = %p.namespace, pod = %p.name, waited_ms = budget.as_millis(), "eviction not answered in time (refused by a disruption budget and retried by the client, or slow); trying again");
+                attempt = attempt.saturating_add(1);
+                continue;
+            };
             match answer {
                 Ok(_) => {
                     debug!(namespace = %p.namespace, pod = %p.name, "evicted");
