@@ -448,6 +448,9 @@ impl HealthLoop {
                 tracing::debug!(score = report.score, retry_count = report.retry_count, ?verdict, "interval evaluated");
             }
 
+            // The HA loop hears the verdict first: a handover must not wait
+            // for the Event and the explanation to be written.
+            self.reports.send_replace(Some(report.clone()));
             let serialized = serde_json::to_string(&report);
             self.metrics
                 .evaluation_seconds
@@ -493,7 +496,6 @@ impl HealthLoop {
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "could not serialize the health report"),
             }
-            self.reports.send_replace(Some(report));
         }
         .instrument(span)
         .await;

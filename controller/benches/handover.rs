@@ -1,0 +1,286 @@
+//! Handover time on real control planes: from the abnormal verdict on the
+//! active cluster to the standby's state ConfigMap showing `active`.
+//!
+//! Two local clusters, each with a `counterweight-controller` process; the
+//! controllers talk over loopback mutual TLS. Each round makes the active
+//! cluster's only component unready; its controller turns abnormal after
+//! (K+1)·interval and hands over (FIG. 9). The verdict time is the
+//! `eventTime` of the `ClusterAbnormal` Event (stamped by the controller just
+//! after it told its HA loop); the end is when a watch on the standby's
+//! ConfigMap sees `state: active`. Both clocks are this machine's.
+//!
+//! Run: `cargo bench -p counterweight-controller --bench handover`
+//! (`ROUNDS=n` to change the number of handovers; default 20).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
+use counterweight_harness::{Cluster, Process, free_port};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Pod, PodSpec};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+
+const SYSTEM: &str = "counterweight-system";
+const INTERVAL_MS: u64 = 200;
+const RETRIES: u64 = 0;
+
+async fn prepare(cluster: &Cluster) {
+    let client = cluster.client();
+    let nss: Api<Namespace> = Api::all(client.clone());
+    nss.create(
+        &PostParams::default(),
+        &Namespace {
+            metadata: ObjectMeta {
+                name: Some(SYSTEM.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("namespace");
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), SYSTEM);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sas.get_opt("default").await.ok().flatten().is_none() {
+        assert!(Instant::now() < deadline, "no default ServiceAccount");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), SYSTEM);
+    pods.create(
+        &PostParams::default(),
+        &Pod {
+            metadata: ObjectMeta {
+                name: Some("app".into()),
+                labels: Some(BTreeMap::from([("app".to_owned(), "app".to_owned())])),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(counterweight_harness::NODE_NAME.into()),
+                containers: vec![Container {
+                    name: "main".into(),
+                    image: Some("registry.invalid/app:1".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("pod");
+    let cms: Api<ConfigMap> = Api::namespaced(client, SYSTEM);
+    cms.create(
+        &PostParams::default(),
+        &ConfigMap {
+            metadata: ObjectMeta { name: Some("counterweight-policy".into()), ..Default::default() },
+            data: Some(BTreeMap::from([(
+                "policy.yaml".to_owned(),
+                format!("interval: {INTERVAL_MS}ms\nthreshold: 0.5\nretries: {RETRIES}\ncomponents:\n  - {{name: app, namespaces: [{SYSTEM}], selector: {{matchLabels: {{app: app}}}}, weight: 1}}\n"),
+            )])),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("policy");
+}
+
+fn start(
+    cluster: &Cluster,
+    name: &str,
+    peer: &str,
+    peer_port: u16,
+    own_port: u16,
+    dir: &Path,
+) -> Process {
+    Process::spawn(
+        name,
+        Path::new(env!("CARGO_BIN_EXE_counterweight-controller")),
+        &[
+            format!("--cluster={name}"),
+            format!("--kubeconfig={}", cluster.kubeconfig().display()),
+            format!("--ha-config={}", dir.join("ha.yaml").display()),
+            format!("--peer={peer}=https://127.0.0.1:{peer_port}"),
+            format!("--peer-listen=127.0.0.1:{own_port}"),
+            format!("--metrics-listen=127.0.0.1:{}", free_port().expect("port")),
+            format!(
+                "--tls-cert={}",
+                dir.join(format!("peer-{name}.crt")).display()
+            ),
+            format!(
+                "--tls-key={}",
+                dir.join(format!("peer-{name}.key")).display()
+            ),
+            format!("--tls-ca={}", dir.join("ca.crt").display()),
+        ],
+        &cluster.dir().join("logs/controller.log"),
+    )
+    .expect("controller starts")
+}
+
+async fn state(cms: &Api<ConfigMap>) -> Option<(bool, u64)> {
+    let d = cms.get_opt("counterweight-state").await.ok()??.data?;
+    Some((
+        d.get("state").map(String::as_str) == Some("active"),
+        d.get("epoch")?.parse().ok()?,
+    ))
+}
+
+async fn set_ready(cluster: &Cluster, ready: bool) {
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), SYSTEM);
+    let status = if ready { "True" } else { "False" };
+    pods.patch_status(
+        "app",
+        &PatchParams::default(),
+        &Patch::Strategic(
+            serde_json::json!({"status": {"conditions": [{"type": "Ready", "status": status}]}}),
+        ),
+    )
+    .await
+    .expect("patch pod status");
+}
+
+/// eventTime of the newest ClusterAbnormal Event after `after` (wall clock).
+async fn abnormal_at(
+    cluster: &Cluster,
+    after: k8s_openapi::jiff::Timestamp,
+) -> Option<k8s_openapi::jiff::Timestamp> {
+    let events: Api<Event> = Api::namespaced(cluster.client(), SYSTEM);
+    events
+        .list(&ListParams::default())
+        .await
+        .ok()?
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("ClusterAbnormal"))
+        // Repeats of an Event are folded into its series; the newest
+        // occurrence is then the series' last observed time.
+        .filter_map(|e| match e.series {
+            Some(s) => Some(s.last_observed_time.0),
+            None => e.event_time.map(|t| t.0),
+        })
+        .filter(|t| *t > after)
+        .max()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[tokio::main]
+async fn main() {
+    counterweight_harness::install_crypto_provider();
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(20);
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = CertificateAuthority::new("bench-peers").expect("CA");
+    ca.pem().write(dir.path(), "ca").expect("write");
+    for n in ["east", "west"] {
+        ca.issue(&LeafSpec::new(n, Usage::Peer).sans([format!("{n}.peers.counterweight.dev")]))
+            .expect("cert")
+            .write(dir.path(), &format!("peer-{n}"))
+            .expect("write");
+    }
+    std::fs::write(
+        dir.path().join("ha.yaml"),
+        "clusters:\n  - {name: east, priority: 2}\n  - {name: west, priority: 1}\nprobeIntervalMs: 100\nleaseMs: 1500\nmarginMs: 300\ncandidateFreshMs: 1000\n",
+    )
+    .expect("ha config");
+    let clusters = counterweight_harness::start_named(&["east", "west"])
+        .await
+        .expect("clusters");
+    for c in &clusters {
+        prepare(c).await;
+    }
+    let (pe, pw) = (free_port().expect("port"), free_port().expect("port"));
+    let mut east = start(&clusters[0], "east", "west", pw, pe, dir.path());
+    let mut west = start(&clusters[1], "west", "east", pe, pw, dir.path());
+    let cms: Vec<Api<ConfigMap>> = clusters
+        .iter()
+        .map(|c| Api::namespaced(c.client(), SYSTEM))
+        .collect();
+
+    // Wait for the first election.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut active = loop {
+        if let Some(i) = futures::future::join_all(cms.iter().map(state))
+            .await
+            .iter()
+            .position(|s| s.is_some_and(|s| s.0))
+        {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no active elected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    let mut samples = Vec::new();
+    for round in 0..rounds {
+        east.check_alive().expect("east runs");
+        west.check_alive().expect("west runs");
+        let standby = 1 - active;
+        let (_, epoch) = state(&cms[active]).await.expect("state");
+        // The standby must be a fresh, healthy candidate before the drop.
+        set_ready(&clusters[standby], true).await;
+        tokio::time::sleep(Duration::from_millis(4 * INTERVAL_MS)).await;
+        let mut watch = watcher(
+            cms[standby].clone(),
+            watcher::Config::default().fields("metadata.name=counterweight-state"),
+        )
+        .boxed();
+        let before = k8s_openapi::jiff::Timestamp::now();
+        set_ready(&clusters[active], false).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let promoted = loop {
+            let ev = tokio::time::timeout_at(deadline.into(), watch.next())
+                .await
+                .expect("standby promoted in time");
+            if let Some(Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm))) = ev {
+                let d = cm.data.unwrap_or_default();
+                if d.get("state").map(String::as_str) == Some("active")
+                    && d.get("epoch")
+                        .and_then(|e| e.parse::<u64>().ok())
+                        .is_some_and(|e| e > epoch)
+                {
+                    break k8s_openapi::jiff::Timestamp::now();
+                }
+            }
+        };
+        let verdict = loop {
+            if let Some(t) = abnormal_at(&clusters[active], before).await {
+                break t;
+            }
+            assert!(Instant::now() < deadline, "no ClusterAbnormal Event");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let ms = (promoted - verdict)
+            .total(k8s_openapi::jiff::Unit::Millisecond)
+            .expect("span");
+        println!(
+            "round {round}: {} -> {}: {ms:.1} ms",
+            ["east", "west"][active],
+            ["east", "west"][standby]
+        );
+        samples.push(ms);
+        active = standby;
+    }
+    samples.sort_by(f64::total_cmp);
+    println!(
+        "handover (abnormal verdict -> standby ConfigMap active) over {} rounds: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        samples.len(),
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99),
+        samples.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "configured detection time (K+1)*interval = {} ms (K = {RETRIES}, interval = {INTERVAL_MS} ms), probe interval 100 ms",
+        (RETRIES + 1) * INTERVAL_MS
+    );
+}
