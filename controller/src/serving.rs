@@ -341,7 +341,9 @@ impl RestartReport {
 /// What a demotion did by the time the fence was in place.
 #[derive(Debug)]
 pub struct Demotion {
-    /// Service pods whose condition went from True to False.
+    /// Service pods whose condition this call turned from True to False (the
+    /// watch loop, told the new state too, may have stopped some first; they
+    /// are counted in `restarting` all the same).
     pub stopped: usize,
     /// Service pods that got the condition False without having served.
     pub standby: usize,
