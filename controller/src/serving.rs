@@ -430,7 +430,20 @@ impl PodServing {
     pub async fn demote(&self) -> Result<Demotion, ServingError> {
         let started = Instant::now();
         self.shared.desired.send_replace(Some(false));
-        let (effects, stopped, standby, to_restart) = fence(&self.shared).await?;
+        let (effects, stopped, standby, to_restart) = match fence(&self.shared).await {
+            Ok(done) => done,
+            Err(e) => {
+                record(
+                    &self.shared,
+                    EventType::Warning,
+                    "FenceIncomplete",
+                    "Demote",
+                    &format!("could not stop every service pod from serving: {e}"),
+                )
+                .await;
+                return Err(e);
+            }
+        };
         let fence_took = started.elapsed();
         let (restarting, restarts) = spawn_restarts(&self.shared, &self.tasks, to_restart);
         drop(effects);

@@ -511,7 +511,18 @@ async fn restarted_controller_finishes_an_interrupted_demotion() {
 
     let demotion = first.demote().await.expect("demote");
     assert_eq!(demotion.restarting, n as usize);
-    // The budget refuses the evictions; the pods stay, stopped.
+    // The pods stop being Ready (KWOK evaluates the readiness gate as a
+    // kubelet would) and the budget refuses the evictions: they stay, stopped.
+    eventually(
+        "stopped pods NotReady",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            let ps = pods(&client, APP, "web").await?;
+            Ok(ps.iter().all(|p| !is_true(p, "Ready")).then_some(()))
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ps = pods(&client, APP, "web").await.expect("list pods");
     assert_eq!(
