@@ -91,7 +91,11 @@ pub enum Output {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
     /// State, epoch, lease and weighted health of every cluster.
-    Status,
+    Status {
+        /// Redraw every this often (e.g. `1s`) until interrupted; table output only.
+        #[arg(long, env = "CWCTL_WATCH", value_parser = parse_duration)]
+        watch: Option<Duration>,
+    },
     /// Why the last transition happened, with the health and Events behind it.
     Explain {
         /// Show at most this many Events (the most recent ones).
@@ -177,10 +181,25 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> Result<Outcome, E
     let targets = clusters::targets(args.kubeconfig.as_deref(), &args.contexts).await?;
     let ns = args.namespace.as_str();
     match &args.command {
-        Command::Status => {
+        Command::Status { watch: None } => {
             let status = status::gather(&targets, ns).await;
             print(out, args.output, &status, status::render)?;
         }
+        Command::Status { watch: Some(every) } => loop {
+            // Runs until the user interrupts it (Ctrl-C ends the process).
+            let started = std::time::Instant::now();
+            let status = status::gather(&targets, ns).await;
+            let text = status::render(&status);
+            // Clear the screen and home the cursor, then draw.
+            write!(
+                out,
+                "\x1b[2J\x1b[H{}  (every {:.1}s, Ctrl-C to stop)\n\n{text}",
+                k8s_openapi::jiff::Timestamp::now().strftime("%H:%M:%S"),
+                every.as_secs_f64()
+            )?;
+            out.flush()?;
+            tokio::time::sleep(every.saturating_sub(started.elapsed())).await;
+        },
         Command::Explain { events } => {
             let explanation = explain::gather(&targets, ns, *events).await;
             print(out, args.output, &explanation, explain::render)?;
