@@ -307,7 +307,14 @@ pub async fn run_with(
             &settings.namespace,
             &settings.state_name,
         );
-        let serving = std::sync::Arc::new(ha_loop::ConfigMapServing::new(store.clone()));
+        // Pod-level effects: the serving condition, the demotion fence and
+        // the restarts; the `serving` key of the state ConfigMap is kept too.
+        let serving = std::sync::Arc::new(serving::PodServing::start(
+            client.clone(),
+            store.clone(),
+            Some(events.clone()),
+            serving::PodServingConfig::default(),
+        ));
         let ha = ha_loop::HaLoop::new(
             &settings.cluster,
             wiring.config,
