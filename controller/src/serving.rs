@@ -94,6 +94,12 @@ pub struct PodServingConfig {
     pub backoff_max: Duration,
     /// Full reconciliation interval, besides the watch events.
     pub resync: Duration,
+    /// Wait between the fence and the first eviction. The pods are already
+    /// fenced (not Ready) meanwhile; if the cluster turns active again within
+    /// it (e.g. the HA loop's `set_serving(false)` at boot, followed by the
+    /// lease being regained), they serve again without a restart. Zero
+    /// restarts at once.
+    pub restart_delay: Duration,
 }
 
 impl Default for PodServingConfig {
@@ -104,6 +110,7 @@ impl Default for PodServingConfig {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
             resync: Duration::from_secs(10),
+            restart_delay: Duration::ZERO,
         }
     }
 }
@@ -757,6 +764,11 @@ fn spawn_restarts(
 async fn restart_batch(shared: &Shared, pods: Vec<PodRef>) -> RestartReport {
     let started = Instant::now();
     let total = pods.len();
+    if !shared.config.restart_delay.is_zero() {
+        // Each restart re-checks the desired state first, so a return to
+        // active during the delay cancels them.
+        tokio::time::sleep(shared.config.restart_delay).await;
+    }
     info!(
         pods = total,
         "restarting the service pods that were serving"

@@ -593,3 +593,68 @@ async fn restarted_controller_finishes_an_interrupted_demotion() {
     .await;
     never_serves(&client, "web", Duration::from_secs(2)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quick_repromotion_within_the_restart_delay_restarts_nothing() {
+    init_tracing();
+    let clusters = counterweight_harness::start_clusters(1)
+        .await
+        .expect("a local cluster starts");
+    let cluster = &clusters[0];
+    let client = cluster.client();
+    namespace(&client, SYSTEM, false).await;
+    namespace(&client, APP, true).await;
+    let n = 3;
+    Api::<Deployment>::namespaced(client.clone(), APP)
+        .create(&PostParams::default(), &deployment("web", n, None, true))
+        .await
+        .expect("create deployment");
+    running_pods(&client, APP, "web", n as usize).await;
+    let ps = serving_for(
+        cluster,
+        PodServingConfig {
+            restart_delay: Duration::from_secs(5),
+            ..Default::default()
+        },
+    );
+    ps.activate().await.expect("activate");
+    let serving_pods = |want: &'static str| {
+        let client = client.clone();
+        async move {
+            let ps = pods(&client, APP, "web").await?;
+            let ok = ps.len() == n as usize
+                && ps
+                    .iter()
+                    .all(|p| serving(p).map(|s| s.0).as_deref() == Some(want));
+            Ok(ok.then(|| ps.iter().map(uid).collect::<BTreeSet<_>>()))
+        }
+    };
+    let before = eventually(
+        "web pods serving",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || serving_pods("True"),
+    )
+    .await;
+    // As at a controller restart on the active side: fenced, then active again.
+    let demotion = ps.demote().await.expect("demote");
+    assert_eq!(demotion.restarting, n as usize);
+    ps.activate().await.expect("activate again");
+    let report = tokio::time::timeout(
+        Duration::from_secs(30),
+        demotion.restarts.expect("restarts started"),
+    )
+    .await
+    .expect("restarts finish in time")
+    .expect("restart report");
+    assert_eq!(report.cancelled, n as usize, "{report:?}");
+    assert_eq!(report.restarted(), 0);
+    let after = eventually(
+        "the same pods serving again",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || serving_pods("True"),
+    )
+    .await;
+    assert_eq!(after, before, "no pod was restarted");
+}
