@@ -179,7 +179,7 @@ pub async fn run(
     use futures::FutureExt;
     let shutdown = shutdown.shared();
     let ha = match &args.ha_config {
-        Some(path) => Some(peer_wiring(&args, path, shutdown.clone()).await?),
+        Some(path) => Some(peer_wiring(&args, &client, path, shutdown.clone()).await?),
         None => None,
     };
     run_with(client, settings, metrics_listener, ha, shutdown).await
@@ -198,6 +198,7 @@ impl ha_loop::Outbox for PeerOutbox {
 /// Starts the mTLS peer server and client for the HA group.
 async fn peer_wiring(
     args: &Args,
+    kube_client: &kube::Client,
     path: &std::path::Path,
     shutdown: impl std::future::Future<Output = ()> + Clone + Send + 'static,
 ) -> Result<HaWiring, Error> {
@@ -244,7 +245,7 @@ async fn peer_wiring(
     ));
     tokio::spawn(
         tls.clone()
-            .watch(std::time::Duration::from_secs(5), shutdown),
+            .watch(std::time::Duration::from_secs(5), shutdown.clone()),
     );
     let client = peer::PeerClient::new(
         endpoints,
@@ -255,10 +256,15 @@ async fn peer_wiring(
         },
     )
     .map_err(|e| Error::Peer(Box::new(e)))?;
-    // Operator commands arrive through the command request watcher when it
-    // is wired; until then the channel stays open and empty.
+    // Operator commands (cwctl switchover, pause, resume) arrive as requests
+    // the controller validates and answers.
     let (commands_tx, commands) = tokio::sync::mpsc::channel(8);
-    std::mem::forget(commands_tx);
+    tokio::spawn(commands::run(
+        kube_client.clone(),
+        args.namespace.clone(),
+        commands_tx,
+        shutdown,
+    ));
     Ok(HaWiring {
         config,
         outbox: std::sync::Arc::new(PeerOutbox(client)),
