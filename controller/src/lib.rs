@@ -319,7 +319,16 @@ pub async fn run_with(
             client.clone(),
             store.clone(),
             Some(events.clone()),
-            serving::PodServingConfig::default(),
+            serving::PodServingConfig {
+                // Every start fences (nothing serves before a lease), so a
+                // restarted active controller would otherwise restart all
+                // of its serving pods; a lease regained within this window
+                // cancels those restarts.
+                restart_delay: std::time::Duration::from_millis(
+                    wiring.config.lease_ms + wiring.config.margin_ms,
+                ),
+                ..Default::default()
+            },
         ));
         let ha = ha_loop::HaLoop::new(
             &settings.cluster,

@@ -332,9 +332,11 @@ async fn events(cluster: &Cluster) -> Vec<String> {
 }
 
 async fn wait_active(cms: &Api<ConfigMap>, what: &str, min_epoch: u64) -> Sample {
+    // Generous: on a loaded two-core machine three control planes, their
+    // Deployments and the first health intervals take a while.
     eventually(
         what,
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         Duration::from_millis(20),
         || async {
             Ok(sample(cms)
