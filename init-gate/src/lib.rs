@@ -81,11 +81,11 @@ pub struct Args {
     pub kubeconfig: Option<PathBuf>,
 
     /// FIG. 6 polling interval, used only while a watch cannot be established.
-    #[arg(long, env = "COUNTERWEIGHT_POLL_INTERVAL", default_value = "1s", value_parser = humantime_secs)]
+    #[arg(long, env = "COUNTERWEIGHT_POLL_INTERVAL", default_value = "1s", value_parser = counterweight_core::policy::parse_duration)]
     pub poll_interval: Duration,
 
     /// Give up after this long and exit 75 (EX_TEMPFAIL); waits forever if unset.
-    #[arg(long, env = "COUNTERWEIGHT_GATE_TIMEOUT", value_parser = humantime_secs)]
+    #[arg(long, env = "COUNTERWEIGHT_GATE_TIMEOUT", value_parser = counterweight_core::policy::parse_duration)]
     pub timeout: Option<Duration>,
 
     /// File the release epoch is written to before exiting 0.
@@ -95,23 +95,6 @@ pub struct Args {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "COUNTERWEIGHT_LOG_LEVEL", default_value = "info")]
     pub log_level: tracing::Level,
-}
-
-/// Parses durations like `500ms`, `2s`, `1m`.
-fn humantime_secs(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration; write e.g. 500ms, 2s or 1m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        _ => Err(format!("unknown unit {unit:?} in {s:?}; use ms, s or m")),
-    }
 }
 
 /// Why the gate did not release the pod.
@@ -275,12 +258,14 @@ mod tests {
 
     #[test]
     fn durations_parse_with_units_and_reject_garbage() {
-        assert_eq!(humantime_secs("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(humantime_secs("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(humantime_secs("3"), Ok(Duration::from_secs(3)));
-        assert_eq!(humantime_secs("1m"), Ok(Duration::from_secs(60)));
-        assert!(humantime_secs("1h").unwrap_err().contains("unknown unit"));
-        assert!(humantime_secs("x").is_err());
+        // The flags share the policy's duration syntax.
+        let parse = counterweight_core::policy::parse_duration;
+        assert_eq!(parse("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse("1d").unwrap_err().contains("unknown unit"));
+        assert!(parse("x").is_err());
     }
 
     #[test]
