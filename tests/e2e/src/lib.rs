@@ -1,5 +1,7 @@
-//! Helpers shared by Counterweight's end-to-end tests: bounded polling and
-//! test logging. The tests themselves live in `tests/`.
+//! Helpers shared by Counterweight's end-to-end tests: bounded polling, test
+//! logging and common fixtures. The tests themselves live in `tests/`.
+
+pub mod fixtures;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

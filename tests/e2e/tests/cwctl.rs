@@ -12,9 +12,9 @@
 //! garbage caBundle and passes once it is fixed; an operator holding only
 //! the Roles of `manifests/base/cwctl-rbac.yaml` can check and switch over.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -22,46 +22,21 @@ use counterweight_cli::status::Status;
 use counterweight_cli::{Args, Outcome};
 use counterweight_controller::HaWiring;
 use counterweight_controller::commands;
-use counterweight_controller::ha_loop::Outbox;
-use counterweight_core::ha::{ClusterSpec, Envelope, HaConfig};
+use counterweight_core::ha::{ClusterSpec, HaConfig};
+use counterweight_e2e::fixtures::{Router, create_namespaces, deployment, meta};
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::Cluster;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, PodSpec, PodTemplateSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio::sync::mpsc;
 
 const SYSTEM: &str = "counterweight-system";
 const APP: &str = "ems";
-
-/// Routes envelopes between in-process controllers (the pattern of
-/// failover.rs, without link cuts).
-#[derive(Default)]
-struct Router {
-    inboxes: Mutex<HashMap<String, mpsc::Sender<Envelope>>>,
-}
-
-struct RouterOutbox(Arc<Router>);
-
-impl Outbox for RouterOutbox {
-    fn send(&self, env: Envelope) {
-        if let Some(tx) = self.0.inboxes.lock().expect("lock").get(&env.to) {
-            let _ = tx.try_send(env);
-        }
-    }
-}
-
-fn meta(name: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        ..Default::default()
-    }
-}
 
 const POLICY: &str = r#"
 interval: 300ms
@@ -78,62 +53,13 @@ components:
     weight: 0.4
 "#;
 
-fn deployment(name: &str) -> Deployment {
-    let labels = BTreeMap::from([("app".to_owned(), name.to_owned())]);
-    Deployment {
-        metadata: meta(name),
-        spec: Some(DeploymentSpec {
-            replicas: Some(1),
-            selector: LabelSelector {
-                match_labels: Some(labels.clone()),
-                ..Default::default()
-            },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![Container {
-                        name: "main".into(),
-                        image: Some("registry.invalid/ems:1".into()),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }),
-            },
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 async fn prepare(cluster: &Cluster) {
     let client = cluster.client();
-    let nss: Api<Namespace> = Api::all(client.clone());
-    for ns in [SYSTEM, APP] {
-        nss.create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: meta(ns),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("namespace");
-    }
-    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), APP);
-    eventually(
-        "default ServiceAccount",
-        Duration::from_secs(60),
-        Duration::from_millis(100),
-        || async { sas.get_opt("default").await.map_err(|e| e.to_string()) },
-    )
-    .await;
+    create_namespaces(&client, &[SYSTEM, APP]).await;
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), APP);
     for name in ["web", "api"] {
         deploys
-            .create(&PostParams::default(), &deployment(name))
+            .create(&PostParams::default(), &deployment(name, 1, &[]))
             .await
             .expect("deployment");
     }
@@ -190,8 +116,7 @@ async fn start_controller(
     config: HaConfig,
     router: &Arc<Router>,
 ) -> Running {
-    let (tx, inbox) = mpsc::channel(256);
-    router.inboxes.lock().expect("lock").insert(name.into(), tx);
+    let inbox = router.connect(name);
     let (commands_tx, commands_rx) = mpsc::channel(8);
     let commands = tokio::spawn(commands::run(
         cluster.client(),
@@ -201,7 +126,7 @@ async fn start_controller(
     ));
     let wiring = HaWiring {
         config,
-        outbox: Arc::new(RouterOutbox(router.clone())),
+        outbox: router.outbox(),
         inbox,
         commands: commands_rx,
     };

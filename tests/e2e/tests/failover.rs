@@ -6,66 +6,24 @@
 //! state ConfigMap every 10 ms and fails the test on any sample that shows
 //! two actives.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use counterweight_controller::HaWiring;
-use counterweight_controller::ha_loop::Outbox;
-use counterweight_core::ha::{ClusterSpec, Command, Envelope, HaConfig};
+use counterweight_core::ha::{ClusterSpec, Command, HaConfig};
+use counterweight_e2e::fixtures::{Router, create_namespaces, deployment, meta};
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::Cluster;
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Pod, PodSpec, PodTemplateSpec};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::sync::mpsc;
 
 const SYSTEM: &str = "counterweight-system";
 const APP: &str = "ems";
-
-/// Routes envelopes between in-process controllers; links can be cut.
-#[derive(Default)]
-struct Router {
-    inboxes: Mutex<HashMap<String, mpsc::Sender<Envelope>>>,
-    cut: Mutex<HashSet<(String, String)>>,
-}
-
-impl Router {
-    fn cut(&self, a: &str, b: &str) {
-        let mut cut = self.cut.lock().expect("lock");
-        cut.insert((a.into(), b.into()));
-        cut.insert((b.into(), a.into()));
-    }
-}
-
-struct RouterOutbox(Arc<Router>);
-
-impl Outbox for RouterOutbox {
-    fn send(&self, env: Envelope) {
-        if self
-            .0
-            .cut
-            .lock()
-            .expect("lock")
-            .contains(&(env.from.clone(), env.to.clone()))
-        {
-            return;
-        }
-        if let Some(tx) = self.0.inboxes.lock().expect("lock").get(&env.to) {
-            let _ = tx.try_send(env);
-        }
-    }
-}
-
-fn meta(name: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        ..Default::default()
-    }
-}
 
 const POLICY: &str = r#"
 interval: 300ms
@@ -82,65 +40,16 @@ components:
     weight: 0.4
 "#;
 
-fn deployment(name: &str) -> Deployment {
-    let labels = BTreeMap::from([("app".to_owned(), name.to_owned())]);
-    Deployment {
-        metadata: meta(name),
-        spec: Some(DeploymentSpec {
-            replicas: Some(1),
-            selector: LabelSelector {
-                match_labels: Some(labels.clone()),
-                ..Default::default()
-            },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![Container {
-                        name: "main".into(),
-                        image: Some("registry.invalid/ems:1".into()),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }),
-            },
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 async fn prepare(cluster: &Cluster, with_workload: bool) {
     let client = cluster.client();
-    let nss: Api<Namespace> = Api::all(client.clone());
-    for ns in [SYSTEM, APP] {
-        nss.create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: meta(ns),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("namespace");
-    }
+    create_namespaces(&client, &[SYSTEM, APP]).await;
     if !with_workload {
         return;
     }
-    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), APP);
-    eventually(
-        "default ServiceAccount",
-        Duration::from_secs(60),
-        Duration::from_millis(100),
-        || async { sas.get_opt("default").await.map_err(|e| e.to_string()) },
-    )
-    .await;
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), APP);
     for name in ["web", "api"] {
         deploys
-            .create(&PostParams::default(), &deployment(name))
+            .create(&PostParams::default(), &deployment(name, 1, &[]))
             .await
             .expect("deployment");
     }
@@ -198,12 +107,11 @@ async fn start_controller(
     config: HaConfig,
     router: &Arc<Router>,
 ) -> Running {
-    let (tx, inbox) = mpsc::channel(256);
-    router.inboxes.lock().expect("lock").insert(name.into(), tx);
+    let inbox = router.connect(name);
     let (commands_tx, commands) = mpsc::channel(8);
     let wiring = HaWiring {
         config,
-        outbox: Arc::new(RouterOutbox(router.clone())),
+        outbox: router.outbox(),
         inbox,
         commands,
     };

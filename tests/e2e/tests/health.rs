@@ -4,59 +4,17 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use counterweight_e2e::fixtures::{deployment, meta};
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::{PG_USER, Postgres};
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, Pod, PodSpec, PodTemplateSpec, Secret,
-};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 const SYSTEM: &str = "counterweight-system";
 const APP: &str = "ems";
-
-fn meta(name: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        ..Default::default()
-    }
-}
-
-fn deployment(name: &str, replicas: i32, role: &str) -> Deployment {
-    let labels = BTreeMap::from([
-        ("app".to_owned(), name.to_owned()),
-        ("counterweight.dev/role".to_owned(), role.to_owned()),
-    ]);
-    Deployment {
-        metadata: meta(name),
-        spec: Some(DeploymentSpec {
-            replicas: Some(replicas),
-            selector: LabelSelector {
-                match_labels: Some(BTreeMap::from([("app".to_owned(), name.to_owned())])),
-                ..Default::default()
-            },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![Container {
-                        name: "main".into(),
-                        image: Some(format!("registry.invalid/{name}:1")),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }),
-            },
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 fn policy(threshold: f64, retries: u32, pg_port: u16, web_weight: f64, api_weight: f64) -> String {
     format!(
@@ -203,7 +161,10 @@ async fn weighted_health_follows_pods_checks_and_policy() {
         ("db", 1, "database"),
     ] {
         deploys
-            .create(&PostParams::default(), &deployment(name, replicas, role))
+            .create(
+                &PostParams::default(),
+                &deployment(name, replicas, &[("counterweight.dev/role", role)]),
+            )
             .await
             .expect("create deployment");
     }

@@ -1,0 +1,135 @@
+//! Objects and plumbing the end-to-end tests share: namespaces, KWOK-run
+//! Deployments, and an in-process router between controllers.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use counterweight_controller::ha_loop::Outbox;
+use counterweight_core::ha::Envelope;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, PodTemplateSpec, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, ObjectMeta, PostParams};
+use tokio::sync::mpsc;
+
+use crate::eventually;
+
+/// Metadata with just a name.
+pub fn meta(name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+/// A Deployment of `replicas` pods selected by `app=<name>`, carrying
+/// `extra_labels` too, with one container that KWOK "runs".
+pub fn deployment(name: &str, replicas: i32, extra_labels: &[(&str, &str)]) -> Deployment {
+    let selector = BTreeMap::from([("app".to_owned(), name.to_owned())]);
+    let mut labels = selector.clone();
+    labels.extend(
+        extra_labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    Deployment {
+        metadata: meta(name),
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![Container {
+                        name: "main".into(),
+                        image: Some(format!("registry.invalid/{name}:1")),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Creates the namespaces and waits until each has its `default`
+/// ServiceAccount, without which no pod is admitted there.
+pub async fn create_namespaces(client: &kube::Client, names: &[&str]) {
+    let nss: Api<Namespace> = Api::all(client.clone());
+    for ns in names {
+        nss.create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: meta(ns),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create namespace");
+    }
+    for ns in names {
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+        eventually(
+            "the default ServiceAccount",
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            || async { sas.get_opt("default").await.map_err(|e| e.to_string()) },
+        )
+        .await;
+    }
+}
+
+/// Routes HA envelopes between in-process controllers; links can be cut.
+#[derive(Default)]
+pub struct Router {
+    inboxes: Mutex<HashMap<String, mpsc::Sender<Envelope>>>,
+    cut: Mutex<HashSet<(String, String)>>,
+}
+
+impl Router {
+    /// Registers member `name` and returns its inbox.
+    pub fn connect(&self, name: &str) -> mpsc::Receiver<Envelope> {
+        let (tx, rx) = mpsc::channel(256);
+        self.inboxes
+            .lock()
+            .expect("router lock")
+            .insert(name.into(), tx);
+        rx
+    }
+
+    /// Drops every message between `a` and `b`, both ways, from now on.
+    pub fn cut(&self, a: &str, b: &str) {
+        let mut cut = self.cut.lock().expect("router lock");
+        cut.insert((a.into(), b.into()));
+        cut.insert((b.into(), a.into()));
+    }
+
+    /// An outbox that sends through this router.
+    pub fn outbox(self: &Arc<Self>) -> Arc<dyn Outbox> {
+        Arc::new(RouterOutbox(self.clone()))
+    }
+}
+
+struct RouterOutbox(Arc<Router>);
+
+impl Outbox for RouterOutbox {
+    fn send(&self, env: Envelope) {
+        let link = (env.from.clone(), env.to.clone());
+        if self.0.cut.lock().expect("router lock").contains(&link) {
+            return;
+        }
+        if let Some(tx) = self.0.inboxes.lock().expect("router lock").get(&env.to) {
+            // A full inbox is a lost message, which the protocol tolerates.
+            let _ = tx.try_send(env);
+        }
+    }
+}
