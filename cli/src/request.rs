@@ -41,23 +41,10 @@ use crate::Error;
 use crate::clusters::Target;
 use crate::status::{self, Status};
 
-/// Name of the request ConfigMap; the controller's
-/// `commands::COMMAND_CONFIGMAP` (the e2e test checks they agree).
-pub const COMMAND_CONFIGMAP: &str = "counterweight-command";
-/// Request key: `switchover`, `pause` or `resume`.
-pub const COMMAND_KEY: &str = "command";
-/// Request key: the cluster a switchover makes active.
-pub const TARGET_KEY: &str = "target";
-/// Request key: this request's identifier.
-pub const ID_KEY: &str = "id";
-/// Request key: RFC 3339 time of the request.
-pub const REQUESTED_AT_KEY: &str = "requestedAt";
-/// Answer key: id of the last request the controller handled.
-pub const HANDLED_ID_KEY: &str = "handledId";
-/// Answer key: `accepted` or `rejected: <why>`.
-pub const RESULT_KEY: &str = "result";
-/// Answer value for a request forwarded to the HA state machine.
-pub const ACCEPTED: &str = "accepted";
+pub use counterweight_core::request::{
+    ACCEPTED, COMMAND_CONFIGMAP, COMMAND_KEY, HANDLED_ID_KEY, ID_KEY, REQUESTED_AT_KEY, RESULT_KEY,
+    TARGET_KEY,
+};
 
 /// How often to look at the request and the state while waiting.
 const POLL: Duration = Duration::from_millis(200);

@@ -42,26 +42,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-/// Name of the request ConfigMap in the controller namespace.
-pub const COMMAND_CONFIGMAP: &str = "counterweight-command";
-/// Request key: `switchover`, `pause` or `resume`.
-pub const COMMAND_KEY: &str = "command";
-/// Request key: the cluster a switchover should make active.
-pub const TARGET_KEY: &str = "target";
-/// Request key: the requester's identifier of this request.
-pub const ID_KEY: &str = "id";
-/// Request key: RFC 3339 time the request was filed.
-pub const REQUESTED_AT_KEY: &str = "requestedAt";
-/// Answer key: the `id` of the last request handled.
-pub const HANDLED_ID_KEY: &str = "handledId";
-/// Answer key: `accepted` or `rejected: <why>`.
-pub const RESULT_KEY: &str = "result";
-/// Answer key: RFC 3339 time the answer was written.
-pub const HANDLED_AT_KEY: &str = "handledAt";
-/// Value of [`RESULT_KEY`] for a request forwarded to the HA loop.
-pub const ACCEPTED: &str = "accepted";
-/// Prefix of [`RESULT_KEY`] for a refused request; the reason follows.
-pub const REJECTED_PREFIX: &str = "rejected: ";
+pub use counterweight_core::request::{
+    ACCEPTED, COMMAND_CONFIGMAP, COMMAND_KEY, HANDLED_AT_KEY, HANDLED_ID_KEY, ID_KEY,
+    REJECTED_PREFIX, REQUESTED_AT_KEY, RESULT_KEY, TARGET_KEY,
+};
 /// Requests older than this are rejected instead of executed.
 pub const MAX_REQUEST_AGE: Duration = Duration::from_secs(300);
 /// Longest accepted `id`.

@@ -15,4 +15,5 @@ pub mod health;
 pub mod inject;
 pub mod names;
 pub mod policy;
+pub mod request;
 pub mod state;
