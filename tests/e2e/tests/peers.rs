@@ -377,29 +377,184 @@ fn start_on(
     dir: &Path,
     peer_port: u16,
 ) -> Node {
+    start_with(
+        cluster,
+        name,
+        &[(peer, peer_addr.to_owned())],
+        dir,
+        peer_port,
+        &ha_config(dir),
+    )
+}
+
+fn start_with(
+    cluster: &Cluster,
+    name: &str,
+    peers: &[(&str, String)],
+    dir: &Path,
+    peer_port: u16,
+    ha_file: &Path,
+) -> Node {
     let metrics_port = free_port().expect("port");
+    let mut args = vec![
+        format!("--cluster={name}"),
+        format!("--kubeconfig={}", cluster.kubeconfig().display()),
+        format!("--ha-config={}", ha_file.display()),
+    ];
+    args.extend(
+        peers
+            .iter()
+            .map(|(peer, addr)| format!("--peer={peer}=https://{addr}")),
+    );
     let process = Process::spawn(
         name,
         &controller_bin(),
         &[
-            format!("--cluster={name}"),
-            format!("--kubeconfig={}", cluster.kubeconfig().display()),
-            format!("--ha-config={}", ha_config(dir).display()),
-            format!("--peer={peer}=https://{peer_addr}"),
-            format!("--peer-listen=127.0.0.1:{peer_port}"),
-            format!("--metrics-listen=127.0.0.1:{metrics_port}"),
-            format!(
-                "--tls-cert={}",
-                dir.join(format!("peer-{name}.crt")).display()
-            ),
-            format!(
-                "--tls-key={}",
-                dir.join(format!("peer-{name}.key")).display()
-            ),
-            format!("--tls-ca={}", dir.join("ca.crt").display()),
-        ],
+            args,
+            vec![
+                format!("--peer-listen=127.0.0.1:{peer_port}"),
+                format!("--metrics-listen=127.0.0.1:{metrics_port}"),
+                format!(
+                    "--tls-cert={}",
+                    dir.join(format!("peer-{name}.crt")).display()
+                ),
+                format!(
+                    "--tls-key={}",
+                    dir.join(format!("peer-{name}.key")).display()
+                ),
+                format!("--tls-ca={}", dir.join("ca.crt").display()),
+            ],
+        ]
+        .concat(),
         &cluster.dir().join("logs/controller.log"),
     )
     .expect("controller starts");
     Node { process, peer_port }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_clusters_replace_a_killed_active_only_after_its_lease() {
+    init_tracing();
+    let names = ["east", "west", "north"];
+    let dir = tempfile::tempdir().expect("dir");
+    write_certs(dir.path(), &names);
+    let ha_file = dir.path().join("ha3.yaml");
+    std::fs::write(
+        &ha_file,
+        "clusters:\n  - {name: east, priority: 3}\n  - {name: west, priority: 2}\n  - {name: north, priority: 1}\nprobeIntervalMs: 200\nleaseMs: 1500\nmarginMs: 300\ncandidateFreshMs: 1000\n",
+    )
+    .expect("ha config");
+    let clusters = counterweight_harness::start_named(&names)
+        .await
+        .expect("clusters");
+    for c in &clusters {
+        prepare(c, None).await;
+    }
+    let cms: Vec<Api<ConfigMap>> = clusters
+        .iter()
+        .map(|c| Api::namespaced(c.client(), SYSTEM))
+        .collect();
+    let ports: Vec<u16> = names.iter().map(|_| free_port().expect("port")).collect();
+    let mut nodes: Vec<Option<Node>> = (0..names.len())
+        .map(|i| {
+            let peers: Vec<(&str, String)> = (0..names.len())
+                .filter(|j| *j != i)
+                .map(|j| (names[j], format!("127.0.0.1:{}", ports[j])))
+                .collect();
+            Some(start_with(
+                &clusters[i],
+                names[i],
+                &peers,
+                dir.path(),
+                ports[i],
+                &ha_file,
+            ))
+        })
+        .collect();
+    // One monitor per pair of clusters.
+    let mut monitors = Vec::new();
+    for a in 0..names.len() {
+        for b in a + 1..names.len() {
+            monitors.push(((a, b), monitor(cms[a].clone(), cms[b].clone())));
+        }
+    }
+    let (first, first_state) = eventually(
+        "an active among three clusters",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || async {
+            for (i, api) in cms.iter().enumerate() {
+                if let Some(s) = sample(api).await.filter(|s| s.active) {
+                    return Ok(Some((i, s)));
+                }
+            }
+            Ok(None)
+        },
+    )
+    .await;
+
+    // SIGKILL the active controller. Its ConfigMap keeps saying "active" in
+    // the old epoch; it no longer serves once its lease runs out, which is
+    // what the survivors wait for. Monitors that involve it stop here.
+    let mut victim = nodes[first].take().expect("the active runs");
+    victim.process.kill();
+    let killed = Instant::now();
+    let mut survivors_monitors = Vec::new();
+    for ((a, b), (task, found)) in monitors {
+        if a == first || b == first {
+            check_monitor(task, &found);
+        } else {
+            survivors_monitors.push((task, found));
+        }
+    }
+    let (next, promoted) = eventually(
+        "a surviving cluster to take over",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || async {
+            for (i, api) in cms.iter().enumerate().filter(|(i, _)| *i != first) {
+                if let Some(s) = sample(api)
+                    .await
+                    .filter(|s| s.active && s.epoch > first_state.epoch)
+                {
+                    return Ok(Some((i, s)));
+                }
+            }
+            Ok(None)
+        },
+    )
+    .await;
+    let took = killed.elapsed();
+    println!(
+        "{} took over from {} after {took:?} (epoch {} -> {})",
+        names[next], names[first], first_state.epoch, promoted.epoch
+    );
+    // The voters' promises to the killed active run `leaseMs` (1500) from
+    // its last renewal, sent at most about two probe intervals (2 x 200 ms,
+    // allowing one late tick) before the kill: nobody may promote earlier.
+    // Promote-on-silence would take over within a few probe intervals.
+    assert!(
+        took >= Duration::from_millis(1500 - 2 * 200),
+        "{} promoted after {took:?}, before the killed active's lease could have expired",
+        names[next]
+    );
+    // Stays a single active among the survivors for a while.
+    let hold = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < hold {
+        let mut active = 0;
+        for (i, api) in cms.iter().enumerate().filter(|(i, _)| *i != first) {
+            if sample(api).await.is_some_and(|s| s.active) {
+                active += 1;
+                assert_eq!(i, next, "the active changed without reason");
+            }
+        }
+        assert_eq!(active, 1, "exactly one surviving active");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (task, found) in survivors_monitors {
+        check_monitor(task, &found);
+    }
+    for node in nodes.iter_mut().flatten() {
+        node.process.check_alive().expect("survivors keep running");
+    }
 }
