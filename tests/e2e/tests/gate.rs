@@ -75,6 +75,8 @@ fn gate_binary() -> PathBuf {
 struct Gate {
     child: tokio::process::Child,
     lines: Arc<Mutex<Vec<String>>>,
+    // The tasks copying stdout and stderr into `lines`; they end at EOF.
+    readers: Vec<tokio::task::JoinHandle<()>>,
     epoch_file: PathBuf,
 }
 
@@ -97,6 +99,7 @@ impl Gate {
             .spawn()
             .expect("spawn counterweight-gate");
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         for stream in [
             child
                 .stdout
@@ -111,7 +114,7 @@ impl Gate {
         .flatten()
         {
             let lines = Arc::clone(&lines);
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut reader = BufReader::new(stream).lines();
                 while let Ok(Some(line)) = reader.next_line().await {
                     eprintln!("gate| {line}");
@@ -120,11 +123,12 @@ impl Gate {
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .push(line);
                 }
-            });
+            }));
         }
         Self {
             child,
             lines,
+            readers,
             epoch_file,
         }
     }
@@ -163,14 +167,23 @@ impl Gate {
         );
     }
 
+    /// Waits for the gate to exit and for its last log lines to be read:
+    /// lines still in the pipe at exit would otherwise be missed.
     async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        match tokio::time::timeout(within, self.child.wait()).await {
+        let status = match tokio::time::timeout(within, self.child.wait()).await {
             Ok(status) => status.expect("wait for the gate"),
             Err(_) => panic!(
                 "the gate did not exit within {within:?}; log:\n{}",
                 self.log()
             ),
+        };
+        for reader in self.readers.drain(..) {
+            tokio::time::timeout(within, reader)
+                .await
+                .expect("the gate's output ends after it exits")
+                .expect("log reader task");
         }
+        status
     }
 
     fn pid(&self) -> nix::unistd::Pid {
