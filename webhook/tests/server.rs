@@ -151,6 +151,25 @@ async fn certificate_rotation_under_load_loses_no_request() {
     }
     // A broken "rotation" is ignored: the last good certificate keeps serving.
     std::fs::write(w.dir.path().join("..v5/tls.crt"), "garbage").unwrap();
+    // Wait until the poller has actually tried the broken file; only then
+    // does traffic afterwards show that the last good certificate stayed.
+    let reload_errors = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"counterweight_webhook_cert_reloads_total{result="error"} "#)
+            })
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reload_errors(&w.handler.metrics.encode().unwrap()) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the broken certificate was never tried"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let before = ok.load(Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(10);
     while ok.load(Ordering::SeqCst) < before + 50 {
@@ -180,14 +199,7 @@ async fn certificate_rotation_under_load_loses_no_request() {
         "{metrics}"
     );
     // At least one: the poller may also catch the garbage file half written.
-    let errors: u64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(r#"counterweight_webhook_cert_reloads_total{result="error"} "#)
-        })
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0);
-    assert!(errors >= 1, "{metrics}");
+    assert!(reload_errors(&metrics) >= 1, "{metrics}");
     w.shutdown().await.unwrap();
 }
 
