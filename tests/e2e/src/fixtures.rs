@@ -133,3 +133,41 @@ impl Outbox for RouterOutbox {
         }
     }
 }
+
+/// An HA group of `names` (earlier names preferred) with test timings:
+/// probes every 200 ms, 1.5 s leases with a 300 ms margin.
+pub fn fast_ha_config(names: &[&str], witness: Option<&str>) -> counterweight_core::ha::HaConfig {
+    let clusters = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| counterweight_core::ha::ClusterSpec {
+            name: (*n).into(),
+            priority: u32::try_from(names.len() - i).expect("few clusters"),
+        })
+        .collect();
+    let mut c = counterweight_core::ha::HaConfig::new(clusters, witness.map(str::to_owned));
+    c.probe_interval_ms = 200;
+    c.lease_ms = 1500;
+    c.margin_ms = 300;
+    c.candidate_fresh_ms = 1000;
+    c
+}
+
+/// Creates the `counterweight-policy` ConfigMap in `namespace`.
+pub async fn install_policy(client: &kube::Client, namespace: &str, yaml: &str) {
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), namespace);
+    cms.create(
+        &PostParams::default(),
+        &k8s_openapi::api::core::v1::ConfigMap {
+            metadata: meta("counterweight-policy"),
+            data: Some(BTreeMap::from([(
+                "policy.yaml".to_owned(),
+                yaml.to_owned(),
+            )])),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("create the policy ConfigMap");
+}

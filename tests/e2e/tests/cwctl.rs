@@ -22,8 +22,10 @@ use counterweight_cli::status::Status;
 use counterweight_cli::{Args, Outcome};
 use counterweight_controller::HaWiring;
 use counterweight_controller::commands;
-use counterweight_core::ha::{ClusterSpec, HaConfig};
-use counterweight_e2e::fixtures::{Router, create_namespaces, deployment, meta};
+use counterweight_core::ha::HaConfig;
+use counterweight_e2e::fixtures::{
+    Router, create_namespaces, deployment, fast_ha_config, install_policy,
+};
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::Cluster;
 use k8s_openapi::ByteString;
@@ -63,37 +65,11 @@ async fn prepare(cluster: &Cluster) {
             .await
             .expect("deployment");
     }
-    let cms: Api<ConfigMap> = Api::namespaced(client, SYSTEM);
-    cms.create(
-        &PostParams::default(),
-        &ConfigMap {
-            metadata: meta("counterweight-policy"),
-            data: Some(BTreeMap::from([(
-                "policy.yaml".to_owned(),
-                POLICY.to_owned(),
-            )])),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("policy");
+    install_policy(&client, SYSTEM, POLICY).await;
 }
 
 fn ha_config(names: &[&str]) -> HaConfig {
-    let clusters = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| ClusterSpec {
-            name: (*n).into(),
-            priority: (names.len() - i) as u32,
-        })
-        .collect();
-    let mut c = HaConfig::new(clusters, None);
-    c.probe_interval_ms = 200;
-    c.lease_ms = 1500;
-    c.margin_ms = 300;
-    c.candidate_fresh_ms = 1000;
-    c
+    fast_ha_config(names, None)
 }
 
 /// A controller with its command watcher, running in-process.

@@ -6,13 +6,15 @@
 //! state ConfigMap every 10 ms and fails the test on any sample that shows
 //! two actives.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use counterweight_controller::HaWiring;
-use counterweight_core::ha::{ClusterSpec, Command, HaConfig};
-use counterweight_e2e::fixtures::{Router, create_namespaces, deployment, meta};
+use counterweight_core::ha::{Command, HaConfig};
+use counterweight_e2e::fixtures::{
+    Router, create_namespaces, deployment, fast_ha_config, install_policy,
+};
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::Cluster;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -53,37 +55,11 @@ async fn prepare(cluster: &Cluster, with_workload: bool) {
             .await
             .expect("deployment");
     }
-    let cms: Api<ConfigMap> = Api::namespaced(client, SYSTEM);
-    cms.create(
-        &PostParams::default(),
-        &ConfigMap {
-            metadata: meta("counterweight-policy"),
-            data: Some(BTreeMap::from([(
-                "policy.yaml".to_owned(),
-                POLICY.to_owned(),
-            )])),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("policy");
+    install_policy(&client, SYSTEM, POLICY).await;
 }
 
 fn ha_config(names: &[&str], witness: Option<&str>) -> HaConfig {
-    let clusters = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| ClusterSpec {
-            name: (*n).into(),
-            priority: (names.len() - i) as u32,
-        })
-        .collect();
-    let mut c = HaConfig::new(clusters, witness.map(str::to_owned));
-    c.probe_interval_ms = 200;
-    c.lease_ms = 1500;
-    c.margin_ms = 300;
-    c.candidate_fresh_ms = 1000;
-    c
+    fast_ha_config(names, witness)
 }
 
 /// A controller running in-process; dropping the stop sender stops it.
