@@ -70,7 +70,9 @@ pub struct Args {
     #[arg(long, env = "COUNTERWEIGHT_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
 
-    /// Run as a witness: no workloads, only votes for the peers.
+    /// Run as the HA config's witness: no pod watch, health or workload
+    /// effects, only votes for the peers. Must agree with the config's
+    /// `witness`, so a typo cannot turn a workload cluster into a voter.
     #[arg(long, env = "COUNTERWEIGHT_WITNESS")]
     pub witness: bool,
 
@@ -178,11 +180,16 @@ pub async fn run(
     let settings = health::HealthSettings::new(&args.cluster, &args.namespace);
     use futures::FutureExt;
     let shutdown = shutdown.shared();
+    // Created here so the peer transport counts into the same registry that
+    // `/metrics` serves.
+    let metrics = std::sync::Arc::new(telemetry::Metrics::new());
     let ha = match &args.ha_config {
-        Some(path) => Some(peer_wiring(&args, &client, path, shutdown.clone()).await?),
+        Some(path) => {
+            Some(peer_wiring(&args, &client, path, metrics.peer.clone(), shutdown.clone()).await?)
+        }
         None => None,
     };
-    run_with(client, settings, metrics_listener, ha, shutdown).await
+    run_inner(client, settings, metrics_listener, ha, metrics, shutdown).await
 }
 
 /// Sends HA messages through the mTLS peer client without waiting.
@@ -200,9 +207,27 @@ async fn peer_wiring(
     args: &Args,
     kube_client: &kube::Client,
     path: &std::path::Path,
+    metrics: peer::PeerMetrics,
     shutdown: impl std::future::Future<Output = ()> + Clone + Send + 'static,
 ) -> Result<HaWiring, Error> {
     let config = read_ha_config(path)?;
+    let named_witness = config.witness.as_deref() == Some(args.cluster.as_str());
+    if args.witness != named_witness {
+        return Err(Error::HaConfigFile {
+            path: path.display().to_string(),
+            message: if args.witness {
+                format!(
+                    "--witness is set but the config's witness is {:?}, not {:?}; set `witness: {}` or drop --witness",
+                    config.witness, args.cluster, args.cluster
+                )
+            } else {
+                format!(
+                    "{:?} is the config's witness; start it with --witness (it holds no workloads)",
+                    args.cluster
+                )
+            },
+        });
+    }
     let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) else {
         return Err(Error::Peer(Box::new(peer::PeerError::BadPeerArg {
             arg: "--tls-cert/--tls-key/--tls-ca".into(),
@@ -212,7 +237,6 @@ async fn peer_wiring(
         })));
     };
     let endpoints = peer::parse_peers(&args.peers).map_err(|e| Error::Peer(Box::new(e)))?;
-    let metrics = peer::PeerMetrics::default();
     let tls = peer::PeerTls::load(
         peer::TlsPaths {
             cert: cert.clone(),
@@ -282,13 +306,28 @@ pub async fn run_with(
     ha: Option<HaWiring>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let metrics = std::sync::Arc::new(telemetry::Metrics::new());
+    run_inner(client, settings, metrics_listener, ha, metrics, shutdown).await
+}
+
+async fn run_inner(
+    client: kube::Client,
+    settings: health::HealthSettings,
+    metrics_listener: tokio::net::TcpListener,
+    ha: Option<HaWiring>,
+    metrics: std::sync::Arc<telemetry::Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     use futures::FutureExt;
     let shutdown = shutdown.shared();
-    let metrics = std::sync::Arc::new(telemetry::Metrics::new());
     let probes = std::sync::Arc::new(telemetry::Probes::default());
+    let witness = ha
+        .as_ref()
+        .is_some_and(|w| w.config.witness.as_deref() == Some(settings.cluster.as_str()));
     tracing::info!(
         cluster = %settings.cluster,
         namespace = %settings.namespace,
+        witness,
         metrics = ?metrics_listener.local_addr().ok(),
         "starting controller"
     );
@@ -298,6 +337,59 @@ pub async fn run_with(
         probes.clone(),
         shutdown.clone(),
     ));
+    let result = match ha {
+        // A witness holds no workloads: no pod watch, no health, no gate
+        // RBAC, no pod effects. It only votes and keeps its votes in the
+        // state ConfigMap so a restart cannot forget a promise.
+        Some(wiring) if witness => {
+            let store = state_store::StateStore::new(
+                client.clone(),
+                &settings.namespace,
+                &settings.state_name,
+            );
+            let events = events::EventSink::new(
+                client.clone(),
+                &settings.cluster,
+                &settings.namespace,
+                &settings.state_name,
+            );
+            let serving = std::sync::Arc::new(ha_loop::ConfigMapServing::new(store.clone()));
+            let ha = ha_loop::HaLoop::new(
+                &settings.cluster,
+                wiring.config,
+                store,
+                events,
+                wiring.outbox,
+                serving,
+            );
+            let inputs = ha_loop::HaInputs {
+                inbox: wiring.inbox,
+                commands: wiring.commands,
+                health: None,
+            };
+            probes.set_ready(true);
+            ha.run(inputs, shutdown.clone()).await.map_err(Error::from)
+        }
+        ha => run_member(client, settings, ha, metrics, probes, shutdown.clone()).await,
+    };
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Error::Metrics(e)),
+        Err(e) => return Err(Error::Metrics(std::io::Error::other(e))),
+    }
+    result
+}
+
+/// A cluster member: health, gate RBAC and, with HA wiring, the HA loop
+/// driving the service pods.
+async fn run_member(
+    client: kube::Client,
+    settings: health::HealthSettings,
+    ha: Option<HaWiring>,
+    metrics: std::sync::Arc<telemetry::Metrics>,
+    probes: std::sync::Arc<telemetry::Probes>,
+    shutdown: impl std::future::Future<Output = ()> + Clone + Send + 'static,
+) -> Result<(), Error> {
     let gate_access = tokio::spawn(gate_access::run(
         client.clone(),
         settings.namespace.clone(),
@@ -353,11 +445,6 @@ pub async fn run_with(
             Ok(Err(e)) => return Err(e.into()),
             Err(e) => tracing::error!(error = %e, "HA loop panicked"),
         }
-    }
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(Error::Metrics(e)),
-        Err(e) => return Err(Error::Metrics(std::io::Error::other(e))),
     }
     result.map_err(Error::from)
 }

@@ -389,9 +389,9 @@ pub struct PeerMetrics {
     pub dropped: Family<PeerLabel, Counter>,
     /// Messages accepted from an authenticated peer into the inbox.
     pub received: Family<PeerLabel, Counter>,
-    /// Incoming requests refused, by reason (`unknown_peer`,
-    /// `identity_mismatch`, `malformed`, `version`, `too_large`, `body`,
-    /// `inbox_full`).
+    /// Incoming requests refused, by reason (`tls_handshake`, `tls_timeout`,
+    /// `unknown_peer`, `identity_mismatch`, `malformed`, `version`,
+    /// `too_large`, `body`, `inbox_full`).
     pub rejected: Family<ReasonLabel, Counter>,
     /// TLS material reloads, by result (`ok`, `error`).
     pub tls_reloads: Family<ReasonLabel, Counter>,
@@ -803,10 +803,12 @@ pub async fn serve_with(
                 Ok(Err(e)) => {
                     // Wrong CA, no client certificate, or not TLS at all.
                     tracing::info!(%remote, error = %e, "peer TLS handshake refused");
+                    PeerMetrics::reason(&state.metrics.rejected, "tls_handshake");
                     return;
                 }
                 Err(_) => {
                     tracing::info!(%remote, "peer TLS handshake timed out");
+                    PeerMetrics::reason(&state.metrics.rejected, "tls_timeout");
                     return;
                 }
             };

@@ -49,6 +49,8 @@ pub struct Metrics {
     /// Kubernetes API requests the controller made for health (state writes,
     /// Secret reads, Events); stays flat in steady state.
     pub api_requests: Counter,
+    /// The mTLS peer transport's counters, exported as `counterweight_peer_*`.
+    pub peer: crate::peer::PeerMetrics,
 }
 
 impl Metrics {
@@ -107,6 +109,7 @@ impl Metrics {
             "Kubernetes API requests made by the health loop",
             api_requests.clone(),
         );
+        let peer = crate::peer::PeerMetrics::register(registry.sub_registry_with_prefix("peer"));
         Self {
             registry,
             health_score,
@@ -117,6 +120,7 @@ impl Metrics {
             evaluation_seconds,
             policy_rejections,
             api_requests,
+            peer,
         }
     }
 

@@ -2,6 +2,7 @@
 //! logging and common fixtures. The tests themselves live in `tests/`.
 
 pub mod fixtures;
+pub mod ha;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
