@@ -112,6 +112,9 @@ pub struct HaInputs {
     pub commands: mpsc::Receiver<Command>,
     /// Health reports (none for a witness).
     pub health: Option<watch::Receiver<Option<HealthReport>>>,
+    /// New versions of the HA configuration; the core applies what may
+    /// change at run time and records why it rejects the rest.
+    pub config: Option<mpsc::Receiver<HaConfig>>,
 }
 
 /// One member's HA loop.
@@ -203,11 +206,12 @@ impl<S: Serving> HaLoop<S> {
         self.execute(&mut node, actions).await?;
         let mut abnormal = false;
         let mut last_view: Option<(HaView, Instant)> = None;
-        let probe = Duration::from_millis(self.config.probe_interval_ms);
         loop {
-            let next = node
-                .next_tick_ms()
-                .min(self.now_ms() + self.config.probe_interval_ms);
+            // The node's configuration, not the boot one: the probe interval
+            // may change at run time.
+            let probe_ms = node.config().probe_interval_ms;
+            let probe = Duration::from_millis(probe_ms);
+            let next = node.next_tick_ms().min(self.now_ms() + probe_ms);
             let wake = self.started + Duration::from_millis(next);
             let event = tokio::select! {
                 () = &mut shutdown => {
@@ -217,6 +221,12 @@ impl<S: Serving> HaLoop<S> {
                 () = tokio::time::sleep_until(wake) => Event::Tick,
                 Some(env) = inputs.inbox.recv() => Event::Message(env),
                 Some(cmd) = inputs.commands.recv() => Event::Command(cmd),
+                Some(cfg) = async {
+                    match inputs.config.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => Event::ConfigChanged(cfg),
                 Ok(()) = async {
                     match inputs.health.as_mut() {
                         Some(rx) => rx.changed().await,

@@ -132,6 +132,8 @@ pub struct HaWiring {
     pub inbox: tokio::sync::mpsc::Receiver<counterweight_core::ha::Envelope>,
     /// Operator commands.
     pub commands: tokio::sync::mpsc::Receiver<counterweight_core::ha::Command>,
+    /// Changed versions of the HA configuration file, if it is watched.
+    pub config_updates: Option<tokio::sync::mpsc::Receiver<counterweight_core::ha::HaConfig>>,
 }
 
 /// Reads an HA configuration file (YAML or JSON).
@@ -145,6 +147,55 @@ pub fn read_ha_config(path: &std::path::Path) -> Result<counterweight_core::ha::
         serde_yaml_ng::from_str(&text).map_err(|e| err(e.to_string()))?;
     config.validate().map_err(|e| err(e.to_string()))?;
     Ok(config)
+}
+
+/// Re-reads the HA configuration file every `every` (a mounted ConfigMap
+/// changes by a symlink swap, which a poll sees and inotify on the path
+/// does not) and hands each changed version that parses to the HA loop. The
+/// core decides what may change at run time and records an Event either
+/// way; a file that does not parse is logged, and the last good one stays.
+/// Ends when the HA loop is gone.
+async fn watch_ha_config(
+    path: PathBuf,
+    mut current: counterweight_core::ha::HaConfig,
+    updates: tokio::sync::mpsc::Sender<counterweight_core::ha::HaConfig>,
+    every: std::time::Duration,
+) {
+    let mut last_text = None::<String>;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = updates.closed() => return,
+            _ = tick.tick() => {}
+        }
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the HA config; keeping the one in force");
+                continue;
+            }
+        };
+        if last_text.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        last_text = Some(text.clone());
+        match serde_yaml_ng::from_str::<counterweight_core::ha::HaConfig>(&text) {
+            Ok(config) if config == current => {}
+            Ok(config) => {
+                tracing::info!(path = %path.display(), "HA config file changed");
+                current = config.clone();
+                if updates.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "the HA config file does not parse; keeping the one in force"
+            ),
+        }
+    }
 }
 
 /// Builds a Kubernetes client from `--kubeconfig`, or the in-cluster
@@ -289,11 +340,19 @@ async fn peer_wiring(
         commands_tx,
         shutdown,
     ));
+    let (config_tx, config_updates) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(watch_ha_config(
+        path.to_owned(),
+        config.clone(),
+        config_tx,
+        std::time::Duration::from_secs(5),
+    ));
     Ok(HaWiring {
         config,
         outbox: std::sync::Arc::new(PeerOutbox(client)),
         inbox,
         commands,
+        config_updates: Some(config_updates),
     })
 }
 
@@ -366,6 +425,7 @@ async fn run_inner(
                 inbox: wiring.inbox,
                 commands: wiring.commands,
                 health: None,
+                config: wiring.config_updates,
             };
             probes.set_ready(true);
             ha.run(inputs, shutdown.clone()).await.map_err(Error::from)
@@ -434,6 +494,7 @@ async fn run_member(
             inbox: wiring.inbox,
             commands: wiring.commands,
             health: Some(health.subscribe()),
+            config: wiring.config_updates,
         };
         tokio::spawn(ha.run(inputs, shutdown.clone()))
     });

@@ -105,6 +105,7 @@ async fn start_controller(
         outbox: router.outbox(),
         inbox,
         commands: commands_rx,
+        config_updates: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use counterweight_core::ha::HaConfig;
 use counterweight_e2e::fixtures::{create_namespaces, fast_ha_config, install_policy, meta};
 use counterweight_e2e::ha::{
-    Controller, Mesh, Monitor, SYSTEM, sample, write_ha_config, write_peer_certs,
+    Controller, Mesh, Monitor, SYSTEM, event_reasons, sample, write_ha_config, write_peer_certs,
     write_peer_certs_from,
 };
 use counterweight_e2e::{eventually, init_tracing};
@@ -161,12 +161,12 @@ async fn controllers_elect_over_mtls_and_a_cut_link_never_makes_two_actives() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn both_starting_active_is_resolved_para_0088() {
+async fn both_starting_active_is_resolved_para_0088_and_the_ha_config_reloads() {
     init_tracing();
     let names = ["east", "west"];
     let dir = tempfile::tempdir().expect("dir");
     write_peer_certs(dir.path(), &names);
-    let (_, ha_file) = group(dir.path(), &names);
+    let (config, ha_file) = group(dir.path(), &names);
     let clusters = counterweight_harness::start_named(&names)
         .await
         .expect("clusters");
@@ -211,7 +211,54 @@ async fn both_starting_active_is_resolved_para_0088() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // The HA config file changes under the running processes: a new probe
+    // interval applies, a new lease length is refused with a reason (every
+    // member must agree on it), and both keep running.
+    let mut faster = config.clone();
+    faster.probe_interval_ms = 250;
+    replace_ha_config(dir.path(), &faster);
+    for c in &clusters {
+        wait_reason(c, "ConfigApplied").await;
+    }
+    let mut longer = faster.clone();
+    longer.lease_ms = 3000;
+    replace_ha_config(dir.path(), &longer);
+    for c in &clusters {
+        wait_reason(c, "ConfigRejected").await;
+    }
+    east.process
+        .check_alive()
+        .expect("east survives a config change");
+    west.process
+        .check_alive()
+        .expect("west survives a config change");
     monitor.finish();
+}
+
+/// Rewrites the watched HA config file atomically, as a ConfigMap update
+/// would.
+fn replace_ha_config(dir: &std::path::Path, config: &HaConfig) {
+    let tmp = tempfile::tempdir_in(dir).expect("dir");
+    let file = write_ha_config(tmp.path(), config);
+    std::fs::rename(file, dir.join("ha.json")).expect("replace the HA config");
+}
+
+async fn wait_reason(cluster: &Cluster, reason: &str) {
+    eventually(
+        &format!("a {reason} Event in {}", cluster.name()),
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let ev = event_reasons(cluster).await;
+            if ev.iter().any(|r| r == reason) {
+                Ok(Some(()))
+            } else {
+                Err(format!("{ev:?}"))
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
