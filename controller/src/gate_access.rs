@@ -211,10 +211,12 @@ fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> GateAccessEr
 /// `controller_ns` in line with the namespaces' opt-in labels.
 ///
 /// Idempotent; call it whenever a namespace changes and periodically. The
-/// controller's identity needs: `list` on namespaces (cluster scope);
-/// `get`, `list`, `create`, `patch`, `delete` on roles and rolebindings in
-/// `controller_ns`; and (so that RBAC lets it grant them) `get`, `list`,
-/// `watch` on the state ConfigMap itself.
+/// controller's identity needs: `list` on namespaces (cluster scope; [`run`]
+/// also `watch`es them); `patch` and `create` (server-side apply of a Role
+/// that does not exist yet is authorized as both) on the Role [`GATE_ROLE`]
+/// in `controller_ns`; `list`, `create`, `patch`, `delete` on rolebindings
+/// there; and (so that RBAC lets it grant them) `get`, `list`, `watch` on
+/// the state ConfigMap itself. See `manifests/base/gate/`.
 pub async fn reconcile_gate_access(
     client: kube::Client,
     controller_ns: &str,

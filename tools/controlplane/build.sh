@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the pinned control-plane binaries (kube-apiserver, kube-controller-manager, kube-scheduler,
-# etcd, kwok) from the Go module proxy into a cache outside the checkout, keyed by
+# etcd, kwok) and kubectl from the Go module proxy into a cache outside the checkout, keyed by
 # version, and prints the directory that holds them. A warm cache costs nothing.
 #
 #   tools/controlplane/build.sh            # build what is missing, print bin dir
@@ -34,5 +34,11 @@ build kwok kwok sigs.k8s.io/kwok/cmd/kwok "-X sigs.k8s.io/kwok/pkg/consts.Versio
 build kubernetes kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$kver"
 build kubernetes kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$kver"
 build kubernetes kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$kver"
+# kubectl at the same version (version skew policy: exact match is always
+# supported). The manifests e2e test renders the Kustomize tree with
+# `kubectl kustomize` (embedded kustomize v5) and applies it with it. Last,
+# so that it reuses the packages the control-plane builds left in the Go
+# build cache (client-go, apimachinery, component-base).
+build kubernetes kubectl k8s.io/kubernetes/cmd/kubectl "$kver"
 
 echo "$bin"

@@ -15,18 +15,21 @@ use crate::HarnessError;
 pub const BIN_DIR_ENV: &str = "COUNTERWEIGHT_CONTROLPLANE_BIN";
 
 /// The directory holding etcd, kube-apiserver, kube-controller-manager,
-/// kube-scheduler and kwok.
+/// kube-scheduler, kwok and kubectl.
 #[derive(Debug, Clone)]
 pub struct Binaries {
     dir: PathBuf,
 }
 
-const NAMES: [&str; 5] = [
+const NAMES: [&str; 6] = [
     "etcd",
     "kube-apiserver",
     "kube-controller-manager",
     "kube-scheduler",
     "kwok",
+    // Not a control-plane process: the manifests test renders the Kustomize
+    // tree and applies it with the kubectl of the apiserver's exact version.
+    "kubectl",
 ];
 
 impl Binaries {
@@ -50,6 +53,11 @@ impl Binaries {
     /// Path of one binary.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// Path of kubectl, built at the same version as kube-apiserver.
+    pub fn kubectl(&self) -> PathBuf {
+        self.path("kubectl")
     }
 }
 

@@ -223,6 +223,17 @@ impl Cluster {
         self.ports
     }
 
+    /// The binaries this cluster runs, e.g. for [`Binaries::kubectl`].
+    pub fn binaries(&self) -> &Binaries {
+        &self.bins
+    }
+
+    /// Path of kubectl (same version as the apiserver); use it with
+    /// `--kubeconfig` [`Cluster::kubeconfig`].
+    pub fn kubectl(&self) -> PathBuf {
+        self.bins.kubectl()
+    }
+
     /// The API server URL.
     pub fn server_url(&self) -> String {
         format!("https://127.0.0.1:{}", self.ports.apiserver)

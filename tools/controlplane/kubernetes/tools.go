@@ -1,6 +1,6 @@
 //go:build tools
 
-// Package tools pins the Kubernetes control-plane commands that the
+// Package tools pins the Kubernetes control-plane commands (and kubectl) that the
 // Counterweight e2e tests run. Nothing here is product code.
 package tools
 
@@ -8,4 +8,7 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	// kubectl renders the manifests (`kubectl kustomize`) and applies them in
+	// the e2e tests; built here so it matches the apiserver's version exactly.
+	_ "k8s.io/kubernetes/cmd/kubectl"
 )
