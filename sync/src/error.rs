@@ -52,6 +52,18 @@ pub enum SyncError {
         #[source]
         source: counterweight_core::state::StateError,
     },
+    /// The state ConfigMap could not be read through the API.
+    #[error(
+        "state ConfigMap {namespace}/{name}: {message}; the pod's ServiceAccount needs `get` on it (the controller grants it to opted-in namespaces)"
+    )]
+    StateApi {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// What went wrong.
+        message: String,
+    },
     /// A value did not parse (an LSN, a conninfo, a setting).
     #[error("cannot parse {what} from {value:?}")]
     Parse {

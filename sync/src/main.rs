@@ -7,8 +7,9 @@
 //! - `lag`, `ready`: one-shot reads for probes, operators and the prepare
 //!   step.
 //!
-//! Role and epoch are read from the state ConfigMap mounted as a volume
-//! (`--state-dir`). Credentials come from files (a mounted Secret) or the
+//! Role and epoch are read from the state ConfigMap, through the API
+//! (`--state-configmap namespace/name`, the way for pods in the workload's
+//! namespace) or mounted as a volume (`--state-dir`). Credentials come from files (a mounted Secret) or the
 //! environment, never from flags shown by `ps`.
 
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ use counterweight_sync::db::{
     self, ConnParams, DbConfig, DbSupervisor, Lsn, Peer, Tools, supervisor::PgCtl,
 };
 use counterweight_sync::files::{FilesConfig, FilesSupervisor};
-use counterweight_sync::role::read_role_dir;
+use counterweight_sync::role::StateSource;
 use tokio::sync::watch;
 
 #[derive(Parser, Debug)]
@@ -105,13 +106,50 @@ impl LocalArgs {
     }
 }
 
+/// Where role and epoch come from: exactly one of the two.
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+struct StateArgs {
+    /// Directory with the state ConfigMap's keys as files (`state`,
+    /// `epoch`): a ConfigMap volume, only possible in the controller's
+    /// namespace.
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// The state ConfigMap as `namespace/name`, read through the API (in
+    /// cluster, or with KUBECONFIG): works from the workload's namespace.
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_STATE_CONFIGMAP")]
+    state_configmap: Option<String>,
+}
+
+impl StateArgs {
+    async fn source(&self) -> Result<StateSource> {
+        if let Some(dir) = &self.state_dir {
+            return Ok(StateSource::Dir(dir.clone()));
+        }
+        let text = self.state_configmap.as_deref().unwrap_or_default();
+        let (namespace, name) = text
+            .split_once('/')
+            .filter(|(ns, n)| !ns.is_empty() && !n.is_empty())
+            .with_context(|| {
+                format!("--state-configmap {text:?}: expected namespace/name, e.g. counterweight-system/counterweight-state")
+            })?;
+        let client = kube::Client::try_default().await.context(
+            "no Kubernetes client for --state-configmap: run in a pod or set KUBECONFIG",
+        )?;
+        Ok(StateSource::ConfigMap {
+            api: Box::new(kube::Api::namespaced(client, namespace)),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
 #[derive(Args, Debug)]
 struct DbArgs {
     #[command(flatten)]
     local: LocalArgs,
-    /// Directory with the state ConfigMap's keys as files (`state`, `epoch`).
-    #[arg(long, env = "COUNTERWEIGHT_SYNC_STATE_DIR")]
-    state_dir: PathBuf,
+    #[command(flatten)]
+    state: StateArgs,
     /// PostgreSQL data directory.
     #[arg(long, env = "PGDATA")]
     data_dir: PathBuf,
@@ -148,9 +186,8 @@ struct DbArgs {
 
 #[derive(Args, Debug)]
 struct FilesArgs {
-    /// Directory with the state ConfigMap's keys as files.
-    #[arg(long, env = "COUNTERWEIGHT_SYNC_STATE_DIR")]
-    state_dir: PathBuf,
+    #[command(flatten)]
+    state: StateArgs,
     /// Directory to replicate.
     #[arg(long, env = "COUNTERWEIGHT_SYNC_DIR")]
     dir: PathBuf,
@@ -230,6 +267,7 @@ async fn run_db(args: DbArgs) -> Result<()> {
         log: args.pg_log.clone(),
         options: args.pg_options.clone(),
     };
+    let source = args.state.source().await?;
     let mut sup = DbSupervisor::new(cfg, server, 0);
     let mut tick = tokio::time::interval(Duration::from_millis(args.interval_ms));
     loop {
@@ -237,7 +275,7 @@ async fn run_db(args: DbArgs) -> Result<()> {
             _ = tick.tick() => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
-        let state = match read_role_dir(&args.state_dir) {
+        let state = match source.read().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "state unreadable; treating as standby-without-action");
@@ -255,15 +293,21 @@ async fn run_files(args: FilesArgs) -> Result<()> {
     cfg.quiet = Duration::from_millis(args.quiet_ms);
     cfg.max_delay = Duration::from_millis(args.max_delay_ms);
     cfg.rsync_args = args.rsync_args;
-    let (role_tx, role_rx) = watch::channel(read_role_dir(&args.state_dir).ok());
+    let source = args.state.source().await?;
+    let (role_tx, role_rx) = watch::channel(source.read().await.ok());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let state_dir = args.state_dir.clone();
     let every = Duration::from_millis(args.interval_ms);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            let r = read_role_dir(&state_dir).ok();
+            let r = match source.read().await {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "state unreadable; replication paused");
+                    None
+                }
+            };
             role_tx.send_if_modified(|cur| {
                 let changed = *cur != r;
                 *cur = r;

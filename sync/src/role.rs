@@ -1,6 +1,7 @@
-//! Role and epoch of the local cluster, read from the state ConfigMap as a
-//! mounted volume (one file per key: `state`, `epoch`), plus the highest
-//! epoch this pod has acted on.
+//! Role and epoch of the local cluster, read from the state ConfigMap: as a
+//! mounted volume (one file per key: `state`, `epoch`), which only works in
+//! the controller's own namespace, or through the API from any namespace
+//! ([`StateSource`]); plus the highest epoch this pod has acted on.
 //!
 //! The ConfigMap's only writer is the controller, which writes
 //! `state: active` with a new epoch only after the previous active has
@@ -15,6 +16,50 @@ use std::path::Path;
 use counterweight_core::state::{EPOCH_KEY, RoleEpoch, STATE_KEY};
 
 use crate::SyncError;
+
+/// Where the sidecar learns its cluster's role and epoch.
+pub enum StateSource {
+    /// The state ConfigMap mounted as a volume at this directory. A
+    /// ConfigMap volume must come from the pod's own namespace.
+    Dir(std::path::PathBuf),
+    /// The state ConfigMap read through the API: works from the workload's
+    /// namespace, where synchronization pods live.
+    ConfigMap {
+        /// Client for the ConfigMap's namespace (boxed: it is large, and
+        /// read once per interval).
+        api: Box<kube::Api<k8s_openapi::api::core::v1::ConfigMap>>,
+        /// Its namespace, for messages.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+}
+
+impl StateSource {
+    /// Reads role and epoch once.
+    pub async fn read(&self) -> Result<RoleEpoch, SyncError> {
+        match self {
+            StateSource::Dir(dir) => read_role_dir(dir),
+            StateSource::ConfigMap {
+                api,
+                namespace,
+                name,
+            } => {
+                let err = |message: String| SyncError::StateApi {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    message,
+                };
+                let cm = api
+                    .get_opt(name)
+                    .await
+                    .map_err(|e| err(e.to_string()))?
+                    .ok_or_else(|| err("not found (is the controller running?)".into()))?;
+                RoleEpoch::from_data(cm.data.as_ref()).map_err(|e| err(e.to_string()))
+            }
+        }
+    }
+}
 
 /// Reads role and epoch from a directory holding the ConfigMap's keys as
 /// files (the layout of a ConfigMap volume, also used by tests).

@@ -34,6 +34,7 @@ use counterweight_sync::db::{
 };
 use counterweight_sync::files::supervisor::read_watermark;
 use counterweight_sync::files::{FilesConfig, FilesSupervisor};
+use counterweight_sync::role::StateSource;
 use tokio::sync::{Mutex, watch};
 
 const POLL: Duration = Duration::from_millis(100);
@@ -774,4 +775,77 @@ async fn bench_lag_and_failover_loss_under_pgbench() {
     let _turn = SERIAL.lock().await;
     measure("asynchronous", "", Duration::from_secs(20)).await;
     measure("synchronous", "FIRST 1 (b)", Duration::from_secs(20)).await;
+}
+
+/// The sidecars live in the workload's namespace, where a ConfigMap volume
+/// of the controller's state cannot reach: they read it through the API,
+/// as the namespace's ServiceAccounts, with the gate's RBAC.
+#[tokio::test]
+async fn the_sidecar_reads_the_state_through_the_api_with_the_gate_rbac() {
+    use counterweight_controller::gate_access::{binding_for, gate_role};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
+    use kube::api::{Api, PostParams};
+    init_tracing();
+    const SYSTEM: &str = "counterweight-system";
+    let clusters = counterweight_harness::start_named(&["east"])
+        .await
+        .expect("cluster");
+    let cluster = &clusters[0];
+    let admin = cluster.client();
+    counterweight_e2e::fixtures::create_namespaces(&admin, &[SYSTEM, "ems", "other"]).await;
+    Api::<RbacRole>::namespaced(admin.clone(), SYSTEM)
+        .create(&PostParams::default(), &gate_role(SYSTEM))
+        .await
+        .expect("gate Role");
+    Api::<RoleBinding>::namespaced(admin.clone(), SYSTEM)
+        .create(&PostParams::default(), &binding_for(SYSTEM, "ems"))
+        .await
+        .expect("binding for ems");
+    let source_as = |ns: &str| {
+        let kubeconfig = cluster
+            .user_kubeconfig(
+                &format!("system:serviceaccount:{ns}:ems-db"),
+                &[&format!("system:serviceaccounts:{ns}")],
+            )
+            .expect("kubeconfig");
+        async move {
+            let client = counterweight_controller::client(Some(&kubeconfig))
+                .await
+                .expect("client");
+            StateSource::ConfigMap {
+                api: Box::new(Api::namespaced(client, SYSTEM)),
+                namespace: SYSTEM.into(),
+                name: "counterweight-state".into(),
+            }
+        }
+    };
+    let ems = source_as("ems").await;
+    let e = ems.read().await.expect_err("no state yet");
+    assert!(e.to_string().contains("not found"), "{e}");
+
+    let mut state = ConfigMap::default();
+    state.metadata.name = Some("counterweight-state".into());
+    state.data = Some(
+        [("state", "active"), ("epoch", "3")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    );
+    Api::<ConfigMap>::namespaced(admin.clone(), SYSTEM)
+        .create(&PostParams::default(), &state)
+        .await
+        .expect("state");
+    assert_eq!(
+        ems.read().await.expect("read as ems"),
+        RoleEpoch {
+            role: Role::Active,
+            epoch: 3
+        }
+    );
+    // A namespace that is not opted in has no binding: refused, with the
+    // fix in the message.
+    let other = source_as("other").await;
+    let e = other.read().await.expect_err("not opted in");
+    assert!(e.to_string().contains("needs `get`"), "{e}");
 }
