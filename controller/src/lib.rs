@@ -175,6 +175,53 @@ pub struct HaWiring {
     pub config_updates: Option<tokio::sync::mpsc::Receiver<counterweight_core::ha::HaConfig>>,
 }
 
+impl HaWiring {
+    /// The HA loop of member `settings.cluster`, acting through `serving`,
+    /// and its inputs (`health` is `None` for the witness).
+    fn into_loop<S: ha_loop::Serving>(
+        self,
+        settings: &health::HealthSettings,
+        store: state_store::StateStore,
+        events: events::EventSink,
+        serving: std::sync::Arc<S>,
+        health: Option<
+            tokio::sync::watch::Receiver<Option<counterweight_core::health::HealthReport>>,
+        >,
+    ) -> (ha_loop::HaLoop<S>, ha_loop::HaInputs) {
+        let ha = ha_loop::HaLoop::new(
+            &settings.cluster,
+            self.config,
+            store,
+            events,
+            self.outbox,
+            serving,
+        );
+        let inputs = ha_loop::HaInputs {
+            inbox: self.inbox,
+            commands: self.commands,
+            health,
+            config: self.config_updates,
+        };
+        (ha, inputs)
+    }
+}
+
+/// The state ConfigMap store and the Event sink regarding it.
+fn state_and_events(
+    client: &kube::Client,
+    settings: &health::HealthSettings,
+) -> (state_store::StateStore, events::EventSink) {
+    let store =
+        state_store::StateStore::new(client.clone(), &settings.namespace, &settings.state_name);
+    let events = events::EventSink::new(
+        client.clone(),
+        &settings.cluster,
+        &settings.namespace,
+        &settings.state_name,
+    );
+    (store, events)
+}
+
 /// Reads an HA configuration file (YAML or JSON).
 pub fn read_ha_config(path: &std::path::Path) -> Result<counterweight_core::ha::HaConfig, Error> {
     let err = |message: String| Error::HaConfigFile {
@@ -513,32 +560,9 @@ async fn run_inner(
         // RBAC, no pod effects. It only votes and keeps its votes in the
         // state ConfigMap so a restart cannot forget a promise.
         Some(wiring) if witness => {
-            let store = state_store::StateStore::new(
-                client.clone(),
-                &settings.namespace,
-                &settings.state_name,
-            );
-            let events = events::EventSink::new(
-                client.clone(),
-                &settings.cluster,
-                &settings.namespace,
-                &settings.state_name,
-            );
+            let (store, events) = state_and_events(&client, &settings);
             let serving = std::sync::Arc::new(ha_loop::ConfigMapServing::new(store.clone()));
-            let ha = ha_loop::HaLoop::new(
-                &settings.cluster,
-                wiring.config,
-                store,
-                events,
-                wiring.outbox,
-                serving,
-            );
-            let inputs = ha_loop::HaInputs {
-                inbox: wiring.inbox,
-                commands: wiring.commands,
-                health: None,
-                config: wiring.config_updates,
-            };
+            let (ha, inputs) = wiring.into_loop(&settings, store, events, serving, None);
             probes.set_ready(true);
             ha.run(inputs, shutdown).await.map_err(Error::from)
         }
@@ -563,14 +587,7 @@ async fn run_member(
     ));
     let health = health::HealthLoop::new(client.clone(), settings.clone(), metrics, probes);
     let ha_task = ha.map(|wiring| {
-        let store =
-            state_store::StateStore::new(client.clone(), &settings.namespace, &settings.state_name);
-        let events = events::EventSink::new(
-            client.clone(),
-            &settings.cluster,
-            &settings.namespace,
-            &settings.state_name,
-        );
+        let (store, events) = state_and_events(&client, &settings);
         // Pod-level effects: the serving condition, the demotion fence and
         // the restarts; the `serving` key of the state ConfigMap is kept too.
         let serving = std::sync::Arc::new(serving::PodServing::start(
@@ -589,20 +606,8 @@ async fn run_member(
             },
         ));
         let serving = std::sync::Arc::new(ha_loop::StanceNoting::new(serving, health.stance()));
-        let ha = ha_loop::HaLoop::new(
-            &settings.cluster,
-            wiring.config,
-            store,
-            events,
-            wiring.outbox,
-            serving,
-        );
-        let inputs = ha_loop::HaInputs {
-            inbox: wiring.inbox,
-            commands: wiring.commands,
-            health: Some(health.subscribe()),
-            config: wiring.config_updates,
-        };
+        let (ha, inputs) =
+            wiring.into_loop(&settings, store, events, serving, Some(health.subscribe()));
         tokio::spawn(ha.run(inputs, shutdown.clone()))
     });
     let result = health.run(shutdown).await;

@@ -212,6 +212,24 @@ pub fn write_ha_config(dir: &Path, config: &HaConfig) -> PathBuf {
     path
 }
 
+/// What every multi-cluster controller test starts with: the clusters, a
+/// client for each state ConfigMap, peer certificates (see
+/// [`write_peer_certs`]) in a temporary directory, and the proxy mesh.
+pub async fn start_group(
+    names: &[&str],
+) -> (Vec<Cluster>, Vec<Api<ConfigMap>>, tempfile::TempDir, Mesh) {
+    let dir = tempfile::tempdir().expect("dir");
+    write_peer_certs(dir.path(), names);
+    let clusters = counterweight_harness::start_named(names)
+        .await
+        .expect("clusters");
+    let cms = clusters
+        .iter()
+        .map(|c| Api::namespaced(c.client(), SYSTEM))
+        .collect();
+    (clusters, cms, dir, Mesh::new(names).await)
+}
+
 /// Peer listeners for each member and one TCP proxy per directed link, so a
 /// test can cut any link in either direction while the processes run.
 pub struct Mesh {

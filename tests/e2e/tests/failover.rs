@@ -12,8 +12,8 @@ use counterweight_cli::{Args, Outcome};
 use counterweight_core::names;
 use counterweight_e2e::fixtures::{create_namespaces, deployment, fast_ha_config, install_policy};
 use counterweight_e2e::ha::{
-    Controller, Mesh, Monitor, SYSTEM, event_reasons, record, sample, wait_active, write_ha_config,
-    write_peer_certs,
+    Controller, Monitor, SYSTEM, event_reasons, record, sample, start_group, wait_active,
+    write_ha_config,
 };
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::Cluster;
@@ -208,21 +208,12 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
     init_tracing();
     counterweight_harness::install_crypto_provider();
     let names = ["east", "west"];
-    let clusters = counterweight_harness::start_named(&names)
-        .await
-        .expect("clusters");
+    let (clusters, cms, dir, mesh) = start_group(&names).await;
     for c in &clusters {
         prepare(c, true).await;
     }
-    let cms: Vec<Api<ConfigMap>> = clusters
-        .iter()
-        .map(|c| Api::namespaced(c.client(), SYSTEM))
-        .collect();
-    let dir = tempfile::tempdir().expect("dir");
-    write_peer_certs(dir.path(), &names);
     let config = fast_ha_config(&names, None);
     let ha_file = write_ha_config(dir.path(), &config);
-    let mesh = Mesh::new(&names).await;
     let mut east = Controller::start(&clusters[0], "east", &mesh, dir.path(), &ha_file, &[]);
     let mut west = Controller::start(&clusters[1], "west", &mesh, dir.path(), &ha_file, &[]);
     let monitor = Monitor::start(vec![
@@ -361,21 +352,12 @@ async fn with_a_witness_a_cut_link_keeps_one_active_and_an_isolated_active_is_re
  {
     init_tracing();
     let names = ["east", "west", "witness"];
-    let clusters = counterweight_harness::start_named(&names)
-        .await
-        .expect("clusters");
+    let (clusters, cms, dir, mesh) = start_group(&names).await;
     prepare(&clusters[0], true).await;
     prepare(&clusters[1], true).await;
     prepare(&clusters[2], false).await;
-    let cms: Vec<Api<ConfigMap>> = clusters
-        .iter()
-        .map(|c| Api::namespaced(c.client(), SYSTEM))
-        .collect();
-    let dir = tempfile::tempdir().expect("dir");
-    write_peer_certs(dir.path(), &names);
     let config = fast_ha_config(&["east", "west"], Some("witness"));
     let ha_file = write_ha_config(dir.path(), &config);
-    let mesh = Mesh::new(&names).await;
     let mut nodes: Vec<Controller> = names
         .iter()
         .zip(&clusters)

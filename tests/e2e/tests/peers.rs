@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use counterweight_core::ha::HaConfig;
 use counterweight_e2e::fixtures::{create_namespaces, fast_ha_config, install_policy, meta};
 use counterweight_e2e::ha::{
-    Controller, Mesh, Monitor, SYSTEM, event_reasons, sample, write_ha_config, write_peer_certs,
+    Controller, Monitor, SYSTEM, event_reasons, sample, start_group, write_ha_config,
     write_peer_certs_from,
 };
 use counterweight_e2e::{eventually, init_tracing};
@@ -104,20 +104,11 @@ async fn any_active(
 async fn controllers_elect_over_mtls_and_a_cut_link_never_makes_two_actives() {
     init_tracing();
     let names = ["east", "west"];
-    let dir = tempfile::tempdir().expect("dir");
-    write_peer_certs(dir.path(), &names);
+    let (clusters, cms, dir, mesh) = start_group(&names).await;
     let (_, ha_file) = group(dir.path(), &names);
-    let clusters = counterweight_harness::start_named(&names)
-        .await
-        .expect("clusters");
     for c in &clusters {
         prepare(c, None).await;
     }
-    let cms: Vec<Api<ConfigMap>> = clusters
-        .iter()
-        .map(|c| Api::namespaced(c.client(), SYSTEM))
-        .collect();
-    let mesh = Mesh::new(&names).await;
     let mut east = Controller::start(&clusters[0], "east", &mesh, dir.path(), &ha_file, &[]);
     let mut west = Controller::start(&clusters[1], "west", &mesh, dir.path(), &ha_file, &[]);
     let monitor = Monitor::start(vec![
@@ -164,20 +155,11 @@ async fn controllers_elect_over_mtls_and_a_cut_link_never_makes_two_actives() {
 async fn both_starting_active_is_resolved_para_0088_and_the_ha_config_reloads() {
     init_tracing();
     let names = ["east", "west"];
-    let dir = tempfile::tempdir().expect("dir");
-    write_peer_certs(dir.path(), &names);
+    let (clusters, cms, dir, mesh) = start_group(&names).await;
     let (config, ha_file) = group(dir.path(), &names);
-    let clusters = counterweight_harness::start_named(&names)
-        .await
-        .expect("clusters");
     // Both records say active, in the same epoch.
     prepare(&clusters[0], Some(("active", 3))).await;
     prepare(&clusters[1], Some(("active", 3))).await;
-    let cms: Vec<Api<ConfigMap>> = clusters
-        .iter()
-        .map(|c| Api::namespaced(c.client(), SYSTEM))
-        .collect();
-    let mesh = Mesh::new(&names).await;
     let mut east = Controller::start(&clusters[0], "east", &mesh, dir.path(), &ha_file, &[]);
     let mut west = Controller::start(&clusters[1], "west", &mesh, dir.path(), &ha_file, &[]);
     let resolved = eventually(
@@ -265,8 +247,7 @@ async fn wait_reason(cluster: &Cluster, reason: &str) {
 async fn a_peer_with_a_certificate_from_another_ca_is_refused_until_its_certificate_is_rotated() {
     init_tracing();
     let names = ["east", "west"];
-    let dir = tempfile::tempdir().expect("dir");
-    write_peer_certs(dir.path(), &names);
+    let (clusters, cms, dir, mesh) = start_group(&names).await;
     let (_, ha_file) = group(dir.path(), &names);
     // Keep west's good pair, and give it one from another CA with the right
     // name: only the CA is wrong. west still trusts the group's CA.
@@ -279,17 +260,9 @@ async fn a_peer_with_a_certificate_from_another_ca_is_refused_until_its_certific
         .expect("keep the good pair");
     }
     write_peer_certs_from(dir.path(), "rogue-ca", "counterweight-rogue", &["west"]);
-    let clusters = counterweight_harness::start_named(&names)
-        .await
-        .expect("clusters");
     for c in &clusters {
         prepare(c, None).await;
     }
-    let cms: Vec<Api<ConfigMap>> = clusters
-        .iter()
-        .map(|c| Api::namespaced(c.client(), SYSTEM))
-        .collect();
-    let mesh = Mesh::new(&names).await;
     let mut east = Controller::start(&clusters[0], "east", &mesh, dir.path(), &ha_file, &[]);
     let mut west = Controller::start(&clusters[1], "west", &mesh, dir.path(), &ha_file, &[]);
     let monitor = Monitor::start(vec![
@@ -360,20 +333,11 @@ async fn a_peer_with_a_certificate_from_another_ca_is_refused_until_its_certific
 async fn three_clusters_replace_a_killed_active_only_after_its_lease() {
     init_tracing();
     let names = ["east", "west", "north"];
-    let dir = tempfile::tempdir().expect("dir");
-    write_peer_certs(dir.path(), &names);
+    let (clusters, cms, dir, mesh) = start_group(&names).await;
     let (config, ha_file) = group(dir.path(), &names);
-    let clusters = counterweight_harness::start_named(&names)
-        .await
-        .expect("clusters");
     for c in &clusters {
         prepare(c, None).await;
     }
-    let cms: Vec<Api<ConfigMap>> = clusters
-        .iter()
-        .map(|c| Api::namespaced(c.client(), SYSTEM))
-        .collect();
-    let mesh = Mesh::new(&names).await;
     let mut nodes: Vec<Controller> = names
         .iter()
         .zip(&clusters)
