@@ -196,9 +196,10 @@ async fn wait(
             return Ok(());
         }
         if Instant::now() > deadline {
+            let seen: Vec<String> = view.sides.iter().map(view::Side::summary).collect();
             bail!(
-                "timed out after {timeout:?} waiting for {what}; last seen: {:#?}",
-                view.sides
+                "timed out after {timeout:?} waiting for {what}; last seen:\n  {}",
+                seen.join("\n  ")
             );
         }
         tokio::time::sleep(TICK).await;

@@ -15,6 +15,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -158,6 +159,7 @@ impl Stack {
             ems::deploy(&c.client()).await?;
         }
         for i in 0..CLUSTERS.len() {
+            stack.wait_gate_access(i).await?;
             let g = stack.start_gate(i, &gate_bin)?;
             stack.gates.push(g);
         }
@@ -274,6 +276,27 @@ impl Stack {
             &args,
             &cluster.dir().join("logs/controller.log"),
         )?)
+    }
+
+    /// Waits until the controller has granted the gate of `ems` pods read
+    /// access to the state (its RoleBinding exists); until then a gate
+    /// only logs 403s, which is correct but noise in a demo.
+    async fn wait_gate_access(&mut self, i: usize) -> Result<()> {
+        let name = counterweight_controller::gate_access::binding_name(ems::NAMESPACE);
+        let api: Api<RoleBinding> =
+            Api::namespaced(self.clusters[i].client(), names::SYSTEM_NAMESPACE);
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while api.get_opt(&name).await?.is_none() {
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: the controller did not create RoleBinding {name} within {STEP_TIMEOUT:?}",
+                    CLUSTERS[i]
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        Ok(())
     }
 
     fn start_gate(&self, i: usize, bin: &Path) -> Result<Gate> {

@@ -68,6 +68,30 @@ impl Side {
         })
     }
 
+    /// One line: role, epoch, S vs D and the pods, for error messages.
+    pub fn summary(&self) -> String {
+        let role = self
+            .status
+            .role
+            .map_or("no state record".to_owned(), |r| r.to_string());
+        let health = self
+            .status
+            .health
+            .as_ref()
+            .map_or("no health report".to_owned(), |h| {
+                format!("S={:.2} vs D={:.2}", h.score, h.threshold)
+            });
+        let pods = self
+            .pods
+            .as_deref()
+            .map_or("pods unknown".to_owned(), pods_line);
+        format!(
+            "{} {role} epoch {}, {health}; {pods}",
+            self.name,
+            self.epoch()
+        )
+    }
+
     fn service_pods(&self) -> Option<Vec<&(&'static str, AppPods)>> {
         self.pods
             .as_ref()
@@ -82,7 +106,11 @@ pub struct View {
     t0: Instant,
     /// The last look, in cluster order.
     pub sides: Vec<Side>,
-    printed_events: HashSet<(String, String, String, i32)>,
+    // (cluster, reason, note): an Event series that repeats is printed
+    // once; its later occurrences still count for the handover time.
+    printed_events: HashSet<(String, String, String)>,
+    // Every occurrence seen: (cluster, reason, note, time, count).
+    seen_events: HashSet<(String, String, String, Option<String>, i32)>,
     /// Events first seen since [`View::restart_clock`].
     pub fresh_events: Vec<EventLine>,
     gate_lines: Vec<usize>,
@@ -101,6 +129,7 @@ impl View {
             t0,
             sides: Vec::new(),
             printed_events: HashSet::new(),
+            seen_events: HashSet::new(),
             fresh_events: Vec::new(),
             gate_lines: vec![0; n],
             released: HashSet::new(),
@@ -185,7 +214,9 @@ impl View {
                 // The gate logs through tracing; keep its message only.
                 let msg = ["released:", "waiting:"]
                     .iter()
-                    .find_map(|k| line.find(k).map(|at| &line[at..]));
+                    .find_map(|k| line.find(k).map(|at| &line[at..]))
+                    // ... and drop the structured fields that follow it.
+                    .map(|m| m.split(" cluster=").next().unwrap_or(m));
                 if let Some(msg) = msg {
                     crate::say(self.t0, &format!("{cluster} gate of a new web pod: {msg}"));
                     if msg.starts_with("released:") {
@@ -199,22 +230,26 @@ impl View {
 
     fn report_events(&mut self, events: Vec<EventLine>) {
         for e in events {
-            let key = (e.cluster.clone(), e.reason.clone(), e.note.clone(), e.count);
-            if !self.printed_events.insert(key) {
+            let occurrence = (
+                e.cluster.clone(),
+                e.reason.clone(),
+                e.note.clone(),
+                e.time.clone(),
+                e.count,
+            );
+            if !self.seen_events.insert(occurrence) {
                 continue;
             }
-            let repeat = if e.count > 1 {
-                format!(" (x{})", e.count)
-            } else {
-                String::new()
-            };
-            self.say(&format!(
-                "{} Event {} {}{repeat}: {}",
-                e.cluster,
-                e.type_,
-                e.reason,
-                shorten(&e.note, 110)
-            ));
+            let key = (e.cluster.clone(), e.reason.clone(), e.note.clone());
+            if self.printed_events.insert(key) {
+                self.say(&format!(
+                    "{} Event {} {}: {}",
+                    e.cluster,
+                    e.type_,
+                    e.reason,
+                    shorten(&e.note, 110)
+                ));
+            }
             self.fresh_events.push(e);
         }
         if !self.handover_reported
