@@ -319,7 +319,7 @@ mod tests {
                 ready: 0,
                 required: 1,
                 selected: 1,
-                failing: Some("0 of 1 pods Running and Ready, 1 required".into()),
+                failing: Some("0 of 1 pods up, 1 required".into()),
             }],
         });
         let x = Explanation {

@@ -137,7 +137,7 @@ async fn set_ready(cluster: &Cluster, ready: bool) {
         "app",
         &PatchParams::default(),
         &Patch::Strategic(
-            serde_json::json!({"status": {"conditions": [{"type": "Ready", "status": status}]}}),
+            serde_json::json!({"status": {"conditions": [{"type": "Ready", "status": status}, {"type": "ContainersReady", "status": status}]}}),
         ),
     )
     .await

@@ -51,6 +51,7 @@ fn core_benchmarks() {
                     namespace: APP.into(),
                     labels: BTreeMap::from([("app".to_owned(), app_of(i).to_owned())]),
                     running_ready: true,
+                    at_gate: false,
                     ip: Some(format!("10.0.{}.{}", i / 256, i % 256)),
                 },
             )

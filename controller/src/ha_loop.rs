@@ -49,6 +49,29 @@ pub trait Serving: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 }
 
+/// A [`Serving`] that also keeps the health loop's [`ServingStance`]
+/// current, so health is judged by what the pods are meant to do.
+///
+/// [`ServingStance`]: crate::health::ServingStance
+pub struct StanceNoting<S> {
+    inner: Arc<S>,
+    stance: Arc<crate::health::ServingStance>,
+}
+
+impl<S: Serving> StanceNoting<S> {
+    /// Wraps `inner`, noting each switch in `stance` first.
+    pub fn new(inner: Arc<S>, stance: Arc<crate::health::ServingStance>) -> Self {
+        Self { inner, stance }
+    }
+}
+
+impl<S: Serving> Serving for StanceNoting<S> {
+    async fn set_serving(&self, serving: bool) -> Result<(), String> {
+        self.stance.set(serving);
+        self.inner.set_serving(serving).await
+    }
+}
+
 /// Serving recorded in the state ConfigMap (key `serving`): the minimal
 /// effect, until pod-level effects take over.
 pub struct ConfigMapServing {

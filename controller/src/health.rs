@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use counterweight_core::health::{
     CheckOutcome, HealthReport, Observation, PodFacts, RetryCounter, Tally, Verdict, evaluate,
+    pods_up,
 };
 use counterweight_core::names;
 use counterweight_core::policy::{Check, Policy, format_duration};
@@ -98,6 +99,38 @@ pub struct HealthLoop {
     store: StateStore,
     events: EventSink,
     reports: watch::Sender<Option<HealthReport>>,
+    stance: Arc<ServingStance>,
+}
+
+/// Whether this cluster's service pods are meant to serve, and since when;
+/// set by whatever turns serving on and off (the HA loop), read at each
+/// evaluation to decide what a pod waiting at the init-gate counts as.
+#[derive(Debug, Default)]
+pub struct ServingStance {
+    since: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl ServingStance {
+    /// Records that service pods now serve (or not).
+    pub fn set(&self, serving: bool) {
+        let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
+        match (serving, *since) {
+            (true, None) => *since = Some(std::time::Instant::now()),
+            (false, _) => *since = None,
+            (true, Some(_)) => {}
+        }
+    }
+
+    /// The stance for the core's health evaluation.
+    pub fn get(&self) -> counterweight_core::health::Stance {
+        let since = *self.since.lock().unwrap_or_else(|p| p.into_inner());
+        match since {
+            None => counterweight_core::health::Stance::Standby,
+            Some(t) => counterweight_core::health::Stance::Serving {
+                for_ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+            },
+        }
+    }
 }
 
 /// Mutable state of the loop, apart from its I/O handles.
@@ -139,7 +172,14 @@ impl HealthLoop {
             store,
             events,
             reports: watch::channel(None).0,
+            stance: Arc::default(),
         }
+    }
+
+    /// The serving stance this loop evaluates under; whoever switches
+    /// serving must keep it current.
+    pub fn stance(&self) -> Arc<ServingStance> {
+        self.stance.clone()
     }
 
     /// Receives every health report, at ticks and between them.
@@ -410,12 +450,15 @@ impl HealthLoop {
         let span = info_span!("evaluation", cluster = %self.settings.cluster, tick);
         async {
             let started = std::time::Instant::now();
+            let stance = self.stance.get();
+            let grace_ms =
+                u64::try_from(policy.gate_release_grace.as_millis()).unwrap_or(u64::MAX);
             let observations: Vec<Observation> = (0..policy.components.len())
                 .map(|i| {
                     let (selected, ready) = tally.counts(i);
                     Observation {
                         selected,
-                        ready,
+                        ready: pods_up(ready, tally.at_gate(i), stance, grace_ms),
                         checks: ev.checks.get(i).cloned().unwrap_or_default(),
                     }
                 })
@@ -676,14 +719,33 @@ pub fn strip_pod(pod: &mut Pod) {
     meta.finalizers = None;
     pod.spec = None;
     if let Some(status) = &mut pod.status {
-        let conditions = status
-            .conditions
-            .take()
-            .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect());
+        // Only what `PodFacts::of` reads: ContainersReady, and whether the
+        // init-gate is running.
+        let conditions = status.conditions.take().map(|cs| {
+            cs.into_iter()
+                .filter(|c| c.type_ == "ContainersReady")
+                .collect()
+        });
+        let gate = status.init_container_statuses.take().map(|ics| {
+            ics.into_iter()
+                .filter(|c| c.name == counterweight_core::inject::GATE_CONTAINER)
+                .map(|c| k8s_openapi::api::core::v1::ContainerStatus {
+                    name: c.name,
+                    state: c
+                        .state
+                        .map(|st| k8s_openapi::api::core::v1::ContainerState {
+                            running: st.running,
+                            ..Default::default()
+                        }),
+                    ..Default::default()
+                })
+                .collect()
+        });
         *status = k8s_openapi::api::core::v1::PodStatus {
             phase: status.phase.take(),
             pod_ip: status.pod_ip.take(),
             conditions,
+            init_container_statuses: gate,
             ..Default::default()
         };
     }

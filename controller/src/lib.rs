@@ -12,6 +12,7 @@ pub mod events;
 pub mod gate_access;
 pub mod ha_loop;
 pub mod health;
+pub mod leader;
 pub mod peer;
 pub mod serving;
 pub mod state_store;
@@ -81,6 +82,41 @@ pub struct Args {
     /// health.
     #[arg(long, env = "COUNTERWEIGHT_HA_CONFIG")]
     pub ha_config: Option<PathBuf>,
+
+    /// Run several replicas safely: only the holder of the Lease
+    /// `--leader-election-lease` acts; the others wait, NotReady.
+    #[arg(long, env = "COUNTERWEIGHT_LEADER_ELECT")]
+    pub leader_elect: bool,
+
+    /// Name of the leader Lease in `--namespace`.
+    #[arg(
+        long,
+        env = "COUNTERWEIGHT_LEADER_ELECTION_LEASE",
+        default_value = "counterweight-controller"
+    )]
+    pub leader_election_lease: String,
+
+    /// This replica's identity in the Lease; the pod name in a Deployment.
+    #[arg(long, env = "POD_NAME")]
+    pub leader_election_identity: Option<String>,
+
+    /// How long a silent leader's Lease must sit unchanged before another
+    /// replica takes over.
+    #[arg(long, env = "COUNTERWEIGHT_LEADER_LEASE_DURATION", default_value = "15s", value_parser = duration_arg)]
+    pub leader_lease_duration: std::time::Duration,
+
+    /// How long the leader keeps acting without renewing; shorter than the
+    /// lease duration.
+    #[arg(long, env = "COUNTERWEIGHT_LEADER_RENEW_DEADLINE", default_value = "10s", value_parser = duration_arg)]
+    pub leader_renew_deadline: std::time::Duration,
+
+    /// How often the leader renews and followers look again.
+    #[arg(long, env = "COUNTERWEIGHT_LEADER_RETRY_PERIOD", default_value = "2s", value_parser = duration_arg)]
+    pub leader_retry_period: std::time::Duration,
+}
+
+fn duration_arg(text: &str) -> Result<std::time::Duration, String> {
+    counterweight_core::policy::parse_duration(text)
 }
 
 /// Errors the controller reports to its binary.
@@ -112,6 +148,9 @@ pub enum Error {
     /// The peer transport could not be set up.
     #[error("peer transport: {0}")]
     Peer(#[source] Box<peer::PeerError>),
+    /// Leader election failed or leadership was lost.
+    #[error(transparent)]
+    Leader(#[from] leader::LeaderError),
     /// The HA configuration file is unusable.
     #[error("cannot use HA config {path}: {message}")]
     HaConfigFile {
@@ -221,6 +260,7 @@ pub async fn run(
     args: Args,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    use futures::FutureExt;
     let client = client(args.kubeconfig.as_deref()).await?;
     let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
@@ -229,18 +269,89 @@ pub async fn run(
             source,
         })?;
     let settings = health::HealthSettings::new(&args.cluster, &args.namespace);
-    use futures::FutureExt;
-    let shutdown = shutdown.shared();
+    let shutdown = shutdown.boxed().shared();
     // Created here so the peer transport counts into the same registry that
-    // `/metrics` serves.
+    // `/metrics` serves, and the probes answer while waiting for the Lease.
     let metrics = std::sync::Arc::new(telemetry::Metrics::new());
+    let probes = std::sync::Arc::new(telemetry::Probes::default());
+    let server = tokio::spawn(telemetry::serve(
+        metrics_listener,
+        metrics.clone(),
+        probes.clone(),
+        shutdown.clone(),
+    ));
+    let mut leadership = None;
+    let stop: futures::future::Shared<futures::future::BoxFuture<'static, ()>> = if args
+        .leader_elect
+    {
+        let config = leader::LeaderConfig {
+            namespace: args.namespace.clone(),
+            name: args.leader_election_lease.clone(),
+            identity: args.leader_election_identity.clone().unwrap_or_default(),
+            lease: args.leader_lease_duration,
+            renew_deadline: args.leader_renew_deadline,
+            retry: args.leader_retry_period,
+        };
+        probes.set_follower(true);
+        let Some(leading) = leader::acquire(client.clone(), config, shutdown.clone()).await? else {
+            return finish_server(server).await;
+        };
+        probes.set_follower(false);
+        let hold = tokio::spawn(leading.hold(shutdown.clone()));
+        let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+        leadership = Some((hold, lost_tx));
+        // Everything stops when the process is told to, or at once when
+        // the Lease is lost.
+        let shutdown = shutdown.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                _ = lost_rx => {}
+            }
+        }
+        .boxed()
+        .shared()
+    } else {
+        shutdown.clone()
+    };
+    metrics.leader.set(1);
+    let (stop, hold) = match leadership {
+        // Watch the holder: when it ends (lost or released), stop acting.
+        Some((hold, lost_tx)) => {
+            let watcher = tokio::spawn(async move {
+                let r = hold.await;
+                let _ = lost_tx.send(());
+                r
+            });
+            (stop, Some(watcher))
+        }
+        None => (stop, None),
+    };
     let ha = match &args.ha_config {
         Some(path) => {
-            Some(peer_wiring(&args, &client, path, metrics.peer.clone(), shutdown.clone()).await?)
+            Some(peer_wiring(&args, &client, path, metrics.peer.clone(), stop.clone()).await?)
         }
         None => None,
     };
-    run_inner(client, settings, metrics_listener, ha, metrics, shutdown).await
+    let result = run_inner(client, settings, ha, metrics.clone(), probes, stop).await;
+    metrics.leader.set(0);
+    if let Some(hold) = hold {
+        match hold.await {
+            Ok(Ok(Err(lost))) => return Err(lost.into()),
+            Ok(Ok(Ok(()))) => {}
+            Ok(Err(e)) | Err(e) => tracing::error!(error = %e, "leader election task failed"),
+        }
+    }
+    result?;
+    finish_server(server).await
+}
+
+async fn finish_server(server: tokio::task::JoinHandle<std::io::Result<()>>) -> Result<(), Error> {
+    match server.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::Metrics(e)),
+        Err(e) => Err(Error::Metrics(std::io::Error::other(e))),
+    }
 }
 
 /// Sends HA messages through the mTLS peer client without waiting.
@@ -365,21 +476,29 @@ pub async fn run_with(
     ha: Option<HaWiring>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    use futures::FutureExt;
+    let shutdown = shutdown.shared();
     let metrics = std::sync::Arc::new(telemetry::Metrics::new());
-    run_inner(client, settings, metrics_listener, ha, metrics, shutdown).await
+    metrics.leader.set(1);
+    let probes = std::sync::Arc::new(telemetry::Probes::default());
+    let server = tokio::spawn(telemetry::serve(
+        metrics_listener,
+        metrics.clone(),
+        probes.clone(),
+        shutdown.clone(),
+    ));
+    run_inner(client, settings, ha, metrics, probes, shutdown).await?;
+    finish_server(server).await
 }
 
 async fn run_inner(
     client: kube::Client,
     settings: health::HealthSettings,
-    metrics_listener: tokio::net::TcpListener,
     ha: Option<HaWiring>,
     metrics: std::sync::Arc<telemetry::Metrics>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    probes: std::sync::Arc<telemetry::Probes>,
+    shutdown: impl std::future::Future<Output = ()> + Clone + Send + 'static,
 ) -> Result<(), Error> {
-    use futures::FutureExt;
-    let shutdown = shutdown.shared();
-    let probes = std::sync::Arc::new(telemetry::Probes::default());
     let witness = ha
         .as_ref()
         .is_some_and(|w| w.config.witness.as_deref() == Some(settings.cluster.as_str()));
@@ -387,16 +506,9 @@ async fn run_inner(
         cluster = %settings.cluster,
         namespace = %settings.namespace,
         witness,
-        metrics = ?metrics_listener.local_addr().ok(),
         "starting controller"
     );
-    let server = tokio::spawn(telemetry::serve(
-        metrics_listener,
-        metrics.clone(),
-        probes.clone(),
-        shutdown.clone(),
-    ));
-    let result = match ha {
+    match ha {
         // A witness holds no workloads: no pod watch, no health, no gate
         // RBAC, no pod effects. It only votes and keeps its votes in the
         // state ConfigMap so a restart cannot forget a promise.
@@ -428,16 +540,10 @@ async fn run_inner(
                 config: wiring.config_updates,
             };
             probes.set_ready(true);
-            ha.run(inputs, shutdown.clone()).await.map_err(Error::from)
+            ha.run(inputs, shutdown).await.map_err(Error::from)
         }
-        ha => run_member(client, settings, ha, metrics, probes, shutdown.clone()).await,
-    };
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(Error::Metrics(e)),
-        Err(e) => return Err(Error::Metrics(std::io::Error::other(e))),
+        ha => run_member(client, settings, ha, metrics, probes, shutdown).await,
     }
-    result
 }
 
 /// A cluster member: health, gate RBAC and, with HA wiring, the HA loop
@@ -482,6 +588,7 @@ async fn run_member(
                 ..Default::default()
             },
         ));
+        let serving = std::sync::Arc::new(ha_loop::StanceNoting::new(serving, health.stance()));
         let ha = ha_loop::HaLoop::new(
             &settings.cluster,
             wiring.config,

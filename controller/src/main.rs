@@ -14,8 +14,14 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    // Kubernetes stops pods with SIGTERM; Ctrl-C is for humans. Either way
+    // the leader hands its Lease back on the way out.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
     };
     counterweight_controller::run(args, shutdown).await?;
     Ok(())

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub api_requests: Counter,
     /// The mTLS peer transport's counters, exported as `counterweight_peer_*`.
     pub peer: crate::peer::PeerMetrics,
+    /// 1 while this replica acts (it holds the leader Lease, or runs alone).
+    pub leader: Gauge,
 }
 
 impl Metrics {
@@ -110,6 +112,12 @@ impl Metrics {
             api_requests.clone(),
         );
         let peer = crate::peer::PeerMetrics::register(registry.sub_registry_with_prefix("peer"));
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica acts: it holds the leader Lease or runs without election",
+            leader.clone(),
+        );
         Self {
             registry,
             health_score,
@@ -121,6 +129,7 @@ impl Metrics {
             policy_rejections,
             api_requests,
             peer,
+            leader,
         }
     }
 
@@ -142,6 +151,7 @@ impl Default for Metrics {
 #[derive(Debug, Default)]
 pub struct Probes {
     ready: AtomicBool,
+    follower: AtomicBool,
 }
 
 impl Probes {
@@ -152,7 +162,13 @@ impl Probes {
 
     /// Whether the controller is ready.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && !self.follower.load(Ordering::Acquire)
+    }
+
+    /// Marks a replica that waits for the leader Lease: it is alive but
+    /// not ready, so Services (the peer port) reach only the leader.
+    pub fn set_follower(&self, follower: bool) {
+        self.follower.store(follower, Ordering::Release);
     }
 }
 
@@ -202,6 +218,11 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     if s.probes.is_ready() {
         (StatusCode::OK, "ok")
+    } else if s.probes.follower.load(Ordering::Acquire) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "following: another replica holds the leader Lease",
+        )
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "pod cache not synced yet")
     }

@@ -2,7 +2,7 @@
 //!
 //! Three pieces, all pure:
 //! - [`Tally`] keeps, per policy component, how many selected pods exist and
-//!   how many are Running and Ready. It is updated one pod event at a time,
+//!   how many are up (containers ready, or waiting at the init-gate). It is updated one pod event at a time,
 //!   so an evaluation costs O(components), not O(pods), however large the
 //!   cluster.
 //! - [`evaluate`] turns counts and active-check outcomes into s_j ∈ {0, 1}
@@ -26,8 +26,15 @@ pub struct PodFacts {
     pub namespace: String,
     /// Pod labels.
     pub labels: BTreeMap<String, String>,
-    /// Phase Running, condition Ready True, and not being deleted.
+    /// Phase Running, condition ContainersReady True, and not being
+    /// deleted. ContainersReady, not Ready: Ready also folds in the
+    /// `counterweight.dev/serving` readiness gate, which is the controller's
+    /// own output and False on every standby pod by design.
     pub running_ready: bool,
+    /// Blocked in the init-gate (its init container is running) and not
+    /// being deleted: the standby's way of being up (FIG. 3, "running but
+    /// not in service").
+    pub at_gate: bool,
     /// Pod IP, once assigned.
     pub ip: Option<String>,
 }
@@ -36,16 +43,53 @@ impl PodFacts {
     /// Extracts the facts from a pod object.
     pub fn of(pod: &Pod) -> Self {
         let status = pod.status.as_ref();
+        let alive = pod.metadata.deletion_timestamp.is_none();
         let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
         let ready = status
             .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "ContainersReady" && c.status == "True")
+            });
+        let at_gate = status
+            .and_then(|s| s.init_container_statuses.as_ref())
+            .is_some_and(|ics| {
+                ics.iter().any(|c| {
+                    c.name == crate::inject::GATE_CONTAINER
+                        && c.state.as_ref().is_some_and(|st| st.running.is_some())
+                })
+            });
         Self {
             namespace: pod.metadata.namespace.clone().unwrap_or_default(),
             labels: pod.metadata.labels.clone().unwrap_or_default(),
-            running_ready: running && ready && pod.metadata.deletion_timestamp.is_none(),
+            running_ready: running && ready && alive,
+            at_gate: at_gate && alive && !(running && ready),
             ip: status.and_then(|s| s.pod_ip.clone()),
         }
+    }
+}
+
+/// Whether the cluster's service pods are meant to serve, which decides
+/// what "up" means for a pod held at the init-gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stance {
+    /// Standby: a pod waiting at the gate is exactly what should be there.
+    Standby,
+    /// Serving (active) for this long: a pod still at the gate counts only
+    /// within the policy's `gateReleaseGrace`.
+    Serving {
+        /// Milliseconds since serving began.
+        for_ms: u64,
+    },
+}
+
+/// Pods of a component that count as up: the ready ones, plus those
+/// waiting at the gate while standing by or within the release grace.
+pub fn pods_up(ready: u32, at_gate: u32, stance: Stance, grace_ms: u64) -> u32 {
+    match stance {
+        Stance::Standby => ready + at_gate,
+        Stance::Serving { for_ms } if for_ms < grace_ms => ready + at_gate,
+        Stance::Serving { .. } => ready,
     }
 }
 
@@ -63,6 +107,7 @@ pub struct Tally {
 struct Counts {
     selected: u32,
     ready: u32,
+    at_gate: u32,
     // Ready pods with an IP, for active checks that dial a pod.
     ready_ips: BTreeMap<String, String>,
 }
@@ -71,6 +116,7 @@ struct Counts {
 struct Contribution {
     components: Vec<usize>,
     ready: bool,
+    at_gate: bool,
     ip: Option<String>,
 }
 
@@ -110,6 +156,8 @@ impl Tally {
                 if let Some(ip) = &facts.ip {
                     c.ready_ips.insert(key.to_owned(), ip.clone());
                 }
+            } else if facts.at_gate {
+                c.at_gate += 1;
             }
         }
         self.pods.insert(
@@ -117,6 +165,7 @@ impl Tally {
             Contribution {
                 components,
                 ready: facts.running_ready,
+                at_gate: facts.at_gate && !facts.running_ready,
                 ip: facts.ip.clone(),
             },
         );
@@ -135,6 +184,8 @@ impl Tally {
                 if old.ip.is_some() {
                     c.ready_ips.remove(key);
                 }
+            } else if old.at_gate {
+                c.at_gate -= 1;
             }
         }
     }
@@ -150,6 +201,12 @@ impl Tally {
             .get(index)
             .map(|c| (c.selected, c.ready))
             .unwrap_or((0, 0))
+    }
+
+    /// Pods of the component at `index` waiting at the init-gate (and not
+    /// ready).
+    pub fn at_gate(&self, index: usize) -> u32 {
+        self.counts.get(index).map_or(0, |c| c.at_gate)
     }
 
     /// The IP of some Running and Ready pod of the component, for checks
@@ -242,7 +299,7 @@ pub fn evaluate(policy: &Policy, observations: &[Observation]) -> Score {
                     "no pod matches the selector".to_owned()
                 } else {
                     format!(
-                        "{} of {} pods Running and Ready, {} required",
+                        "{} of {} pods up, {} required",
                         obs.ready, obs.selected, c.min_ready
                     )
                 })
@@ -436,6 +493,157 @@ mod tests {
             ));
         }
         Policy::from_yaml(&yaml).unwrap()
+    }
+
+    /// A pod in `ems` with `app=web` and the given status parts.
+    fn pod(
+        phase: &str,
+        conditions: &[(&str, &str)],
+        gate_running: Option<bool>,
+        deleting: bool,
+    ) -> Pod {
+        use k8s_openapi::api::core::v1::{
+            ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus,
+            PodCondition, PodStatus,
+        };
+        let mut p = Pod::default();
+        p.metadata.namespace = Some("ems".into());
+        p.metadata.labels = Some(BTreeMap::from([("app".to_owned(), "web".to_owned())]));
+        if deleting {
+            p.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ));
+        }
+        let gate = gate_running.map(|running| ContainerStatus {
+            name: crate::inject::GATE_CONTAINER.into(),
+            state: Some(if running {
+                ContainerState {
+                    running: Some(ContainerStateRunning::default()),
+                    ..Default::default()
+                }
+            } else {
+                ContainerState {
+                    terminated: Some(ContainerStateTerminated::default()),
+                    ..Default::default()
+                }
+            }),
+            ..Default::default()
+        });
+        p.status = Some(PodStatus {
+            phase: Some(phase.into()),
+            conditions: Some(
+                conditions
+                    .iter()
+                    .map(|(t, st)| PodCondition {
+                        type_: (*t).into(),
+                        status: (*st).into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            init_container_statuses: gate.map(|g| vec![g]),
+            ..Default::default()
+        });
+        p
+    }
+
+    #[test]
+    fn pod_facts_table() {
+        // (phase, conditions, gate running?, deleting) -> (running_ready, at_gate)
+        type Case<'a> = (
+            &'a str,
+            &'a [(&'a str, &'a str)],
+            Option<bool>,
+            bool,
+            bool,
+            bool,
+        );
+        let cases: &[Case] = &[
+            // Serving pod on the active side.
+            (
+                "Running",
+                &[("Ready", "True"), ("ContainersReady", "True")],
+                Some(false),
+                false,
+                true,
+                false,
+            ),
+            // Standby pod whose gate released earlier, serving condition
+            // False: Ready is False by our own readiness gate, still up.
+            (
+                "Running",
+                &[("Ready", "False"), ("ContainersReady", "True")],
+                Some(false),
+                false,
+                true,
+                false,
+            ),
+            // A crashed container: not up.
+            (
+                "Running",
+                &[("Ready", "False"), ("ContainersReady", "False")],
+                None,
+                false,
+                false,
+                false,
+            ),
+            // Blocked in the gate on a standby: at the gate.
+            (
+                "Pending",
+                &[("Initialized", "False")],
+                Some(true),
+                false,
+                false,
+                true,
+            ),
+            // Being deleted: neither.
+            ("Pending", &[], Some(true), true, false, false),
+            (
+                "Running",
+                &[("ContainersReady", "True")],
+                None,
+                true,
+                false,
+                false,
+            ),
+            // Pending without the gate (image pull, say): neither.
+            ("Pending", &[], None, false, false, false),
+        ];
+        for (i, (phase, conds, gate, deleting, ready, at_gate)) in cases.iter().enumerate() {
+            let f = PodFacts::of(&pod(phase, conds, *gate, *deleting));
+            assert_eq!((f.running_ready, f.at_gate), (*ready, *at_gate), "case {i}");
+        }
+    }
+
+    #[test]
+    fn pods_at_the_gate_count_on_standby_and_within_the_release_grace() {
+        assert_eq!(pods_up(1, 2, Stance::Standby, 1000), 3);
+        assert_eq!(pods_up(1, 2, Stance::Serving { for_ms: 999 }, 1000), 3);
+        assert_eq!(pods_up(1, 2, Stance::Serving { for_ms: 1000 }, 1000), 1);
+        assert_eq!(pods_up(0, 0, Stance::Standby, 0), 0);
+    }
+
+    #[test]
+    fn tally_counts_pods_at_the_gate_and_forgets_them() {
+        let p = policy(0.5, 0, &[("web", 1.0)]);
+        let mut t = Tally::new(&p);
+        let waiting = PodFacts::of(&pod("Pending", &[], Some(true), false));
+        t.upsert("ems/web-1", &waiting);
+        t.upsert("ems/web-2", &waiting);
+        assert_eq!((t.counts(0), t.at_gate(0)), ((2, 0), 2));
+        // Released and ready: moves from the gate to ready, not both.
+        let ready = PodFacts::of(&pod(
+            "Running",
+            &[("ContainersReady", "True")],
+            Some(false),
+            false,
+        ));
+        t.upsert("ems/web-1", &ready);
+        assert_eq!((t.counts(0), t.at_gate(0)), ((2, 1), 1));
+        t.remove("ems/web-2");
+        t.remove("ems/web-1");
+        assert_eq!((t.counts(0), t.at_gate(0)), ((0, 0), 0));
     }
 
     fn obs(up: &[bool]) -> Vec<Observation> {
@@ -670,7 +878,7 @@ components:
         );
         assert_eq!(
             one.components[0].failing.as_deref(),
-            Some("1 of 3 pods Running and Ready, 2 required")
+            Some("1 of 3 pods up, 2 required")
         );
         assert!(
             evaluate(
@@ -707,6 +915,7 @@ components:
             namespace: ns.into(),
             labels: BTreeMap::from([("app".to_owned(), app.to_owned())]),
             running_ready: ready,
+            at_gate: false,
             ip: Some(ip.into()),
         }
     }

@@ -13,6 +13,7 @@
 pub mod ha;
 pub mod health;
 pub mod inject;
+pub mod leader;
 pub mod names;
 pub mod policy;
 pub mod request;

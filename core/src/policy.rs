@@ -37,7 +37,16 @@ pub struct Policy {
     pub retries: u32,
     /// The weighted components, in the order written.
     pub components: Vec<Component>,
+    /// How long after its cluster starts serving a service pod still
+    /// waiting at the init-gate counts as up: gates release within moments
+    /// of a promotion, but the released containers need time to start.
+    /// Without it a fresh active would look degraded and hand back.
+    #[serde(with = "duration_text")]
+    pub gate_release_grace: Duration,
 }
+
+/// `gateReleaseGrace` when the policy leaves it out.
+pub const DEFAULT_GATE_RELEASE_GRACE: Duration = Duration::from_secs(60);
 
 /// What a component's pods do; decides whether the init-gate applies and
 /// which FIG. 8 branch checks it.
@@ -313,6 +322,7 @@ struct RawPolicy {
     interval: Option<String>,
     threshold: Option<f64>,
     retries: Option<i64>,
+    gate_release_grace: Option<String>,
     #[serde(default)]
     components: Vec<RawComponent>,
 }
@@ -482,13 +492,30 @@ impl RawPolicy {
             }
         }
 
-        match (interval, threshold, retries, p.0.is_empty()) {
-            (Some(interval), Some(threshold), Some(retries), true) => Ok(Policy {
-                interval,
-                threshold,
-                retries,
-                components,
-            }),
+        let gate_release_grace = match self.gate_release_grace.as_deref().map(parse_duration) {
+            None => Some(DEFAULT_GATE_RELEASE_GRACE),
+            Some(Ok(d)) => Some(d),
+            Some(Err(e)) => {
+                p.push("gateReleaseGrace", e);
+                None
+            }
+        };
+        match (
+            interval,
+            threshold,
+            retries,
+            gate_release_grace,
+            p.0.is_empty(),
+        ) {
+            (Some(interval), Some(threshold), Some(retries), Some(gate_release_grace), true) => {
+                Ok(Policy {
+                    interval,
+                    threshold,
+                    retries,
+                    components,
+                    gate_release_grace,
+                })
+            }
             _ => Err(PolicyErrors(p.0)),
         }
     }
@@ -906,5 +933,15 @@ components:
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn gate_release_grace_defaults_and_parses() {
+        let p = Policy::from_yaml(GOOD).unwrap();
+        assert_eq!(p.gate_release_grace, DEFAULT_GATE_RELEASE_GRACE);
+        let p = Policy::from_yaml(&format!("gateReleaseGrace: 90s\n{GOOD}")).unwrap();
+        assert_eq!(p.gate_release_grace, Duration::from_secs(90));
+        let e = Policy::from_yaml(&format!("gateReleaseGrace: soon\n{GOOD}")).unwrap_err();
+        assert!(e.to_string().contains("gateReleaseGrace"), "{e}");
     }
 }

@@ -92,7 +92,7 @@ async fn set_web_ready(cluster: &Cluster, ready: bool) {
             &p.metadata.name.expect("name"),
             &PatchParams::default(),
             &Patch::Strategic(
-                json!({"status": {"conditions": [{"type": "Ready", "status": status}]}}),
+                json!({"status": {"conditions": [{"type": "Ready", "status": status}, {"type": "ContainersReady", "status": status}]}}),
             ),
         )
         .await
