@@ -174,34 +174,38 @@ impl View {
                 pods,
             });
         }
-        for (i, new) in sides.iter().enumerate() {
-            let old = self.sides.get(i);
-            self.report_side(old, new);
-        }
-        self.sides = sides;
-        self.report_gates();
-        self.report_events(x.events);
-        Ok(())
-    }
-
-    fn report_side(&self, old: Option<&Side>, new: &Side) {
-        let name = &new.name;
-        let (ro, eo) = old.map_or((None, None), |o| (o.status.role, o.status.epoch));
-        if (new.status.role, new.status.epoch) != (ro, eo)
-            && let (Some(role), Some(epoch)) = (new.status.role, new.status.epoch)
-        {
-            self.say(&format!("{name} {role}, epoch {epoch}"));
-        }
-        if let Some(h) = &new.status.health {
-            let before = old.and_then(|o| o.status.health.as_ref());
-            if let Some(line) = health_change(name, new.active(), before, h) {
+        // Within one look, print in the order a person reads a handover:
+        // the verdict, the protocol steps (Events), the resulting roles,
+        // then the workload effects.
+        let old = std::mem::replace(&mut self.sides, sides);
+        for (i, new) in self.sides.iter().enumerate() {
+            if let Some(line) = health_line(old.get(i), new) {
                 self.say(&line);
             }
         }
-        let pods_now = new.pods.as_deref().map(pods_line);
-        if pods_now.is_some() && pods_now != old.and_then(|o| o.pods.as_deref().map(pods_line)) {
-            self.say(&format!("{name} pods: {}", pods_now.unwrap_or_default()));
+        self.report_events(x.events);
+        for (i, new) in self.sides.iter().enumerate() {
+            let before = old.get(i).map(|o| (o.status.role, o.status.epoch));
+            if before != Some((new.status.role, new.status.epoch))
+                && let (Some(role), Some(epoch)) = (new.status.role, new.status.epoch)
+            {
+                self.say(&format!("{} {role}, epoch {epoch}", new.name));
+            }
         }
+        if !self.handover_reported
+            && let Some(took) = handover_time(&self.fresh_events)
+        {
+            self.handover_reported = true;
+            self.say(&took);
+        }
+        for (i, new) in self.sides.iter().enumerate() {
+            let now = new.pods.as_deref().map(pods_line);
+            if now.is_some() && now != old.get(i).and_then(|o| o.pods.as_deref().map(pods_line)) {
+                self.say(&format!("{} pods: {}", new.name, now.unwrap_or_default()));
+            }
+        }
+        self.report_gates();
+        Ok(())
     }
 
     fn report_gates(&mut self) {
@@ -252,13 +256,14 @@ impl View {
             }
             self.fresh_events.push(e);
         }
-        if !self.handover_reported
-            && let Some(took) = handover_time(&self.fresh_events)
-        {
-            self.handover_reported = true;
-            self.say(&took);
-        }
     }
+}
+
+/// The health line for `new`, if its report changed in a way worth a line.
+fn health_line(old: Option<&Side>, new: &Side) -> Option<String> {
+    let now = new.status.health.as_ref()?;
+    let before = old.and_then(|o| o.status.health.as_ref());
+    health_change(&new.name, new.active(), before, now)
 }
 
 /// A line when the health report says something new worth a person's eye:
@@ -283,7 +288,8 @@ fn health_change(
     if !changed {
         return None;
     }
-    let (s, d) = (now.score, now.threshold);
+    // `+ 0.0` turns an empty sum's -0.0 into 0.0 for printing.
+    let (s, d) = (now.score + 0.0, now.threshold);
     let down: Vec<String> = now
         .components
         .iter()
@@ -321,7 +327,7 @@ fn pods_line(pods: &[(&'static str, AppPods)]) -> String {
                 (0, _) => format!("{app} no pods"),
                 (_, 0) => format!("{app} {}/{} serving", a.serving, a.total),
                 _ => format!(
-                    "{app} {}/{} serving ({held} held at the gate)",
+                    "{app} {}/{} serving ({held} held, serving=False)",
                     a.serving, a.total
                 ),
             }
