@@ -263,7 +263,10 @@ impl View {
 fn health_line(old: Option<&Side>, new: &Side) -> Option<String> {
     let now = new.status.health.as_ref()?;
     let before = old.and_then(|o| o.status.health.as_ref());
-    health_change(&new.name, new.active(), before, now)
+    // The look that sees the abnormal verdict often already sees the
+    // demotion it caused: it still counts as the active's verdict.
+    let was_or_is_active = new.active() || old.is_some_and(Side::active);
+    health_change(&new.name, was_or_is_active, before, now)
 }
 
 /// A line when the health report says something new worth a person's eye:

@@ -3,9 +3,9 @@
 //! no cluster directory behind; and Ctrl-C in the middle must stop it
 //! cleanly too.
 //!
-//! The demo runs the controller, webhook and gate binaries found next to it;
-//! this test builds them first (a no-op when they are up to date), as
-//! `tools/demo.sh` does.
+//! The demo runs the controller, webhook and gate binaries found next to it:
+//! build them first (`cargo build --workspace --bins`, as `tools/test.sh`
+//! does).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -19,22 +19,25 @@ use nix::unistd::Pid;
 /// Generous for a busy two-core machine: a run takes about a minute.
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
 
-fn build_binaries() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-p",
-            "counterweight-controller",
-            "-p",
-            "counterweight-webhook",
-            "-p",
-            "counterweight-gate",
-        ])
-        .current_dir(&root)
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "building the demo's binaries failed");
+/// The demo runs the binaries next to it; like the other e2e tests, this
+/// test expects them built (`tools/test.sh` runs `cargo build --workspace
+/// --bins` first) rather than building a different feature set itself.
+fn check_binaries() {
+    let dir = Path::new(env!("CARGO_BIN_EXE_counterweight-demo"))
+        .parent()
+        .expect("target dir")
+        .to_owned();
+    for name in [
+        "counterweight-controller",
+        "counterweight-webhook",
+        "counterweight-gate",
+    ] {
+        assert!(
+            dir.join(name).exists(),
+            "{} missing; run `cargo build --workspace --bins` (or tools/demo.sh) first",
+            dir.join(name).display()
+        );
+    }
 }
 
 /// The demo process with its stdout arriving line by line.
@@ -163,7 +166,7 @@ fn assert_has(out: &str, needle: &str) {
 /// two-core machine.
 #[test]
 fn demo_hands_over_and_cleans_up_after_once_and_after_ctrl_c() {
-    build_binaries();
+    check_binaries();
 
     // --once: the whole story, exit 0.
     let mut demo = Demo::start(&["--once"]);
