@@ -16,8 +16,8 @@ echo "==> control-plane binaries (cached under ~/.cache/counterweight; the first
 COUNTERWEIGHT_CONTROLPLANE_BIN=$(tools/controlplane/build.sh)
 export COUNTERWEIGHT_CONTROLPLANE_BIN
 
-echo "==> cargo build (controller, webhook, gate, demo)" >&2
-cargo build --locked -p counterweight-controller -p counterweight-webhook -p counterweight-gate -p counterweight-demo
+echo "==> cargo build (controller, webhook, gate, cwctl, demo)" >&2
+cargo build --locked -p counterweight-controller -p counterweight-webhook -p counterweight-gate -p counterweight-cli -p counterweight-demo
 
 # cargo run replaces itself with the demo, so Ctrl-C reaches the demo,
 # which stops everything it started.

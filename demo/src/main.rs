@@ -61,20 +61,19 @@ async fn main() -> Result<()> {
         .init();
     counterweight_harness::install_crypto_provider();
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
-    // Whichever way this select ends, the demo's future is dropped, and
-    // with it the Stack: every process is killed and every directory
-    // removed before main returns.
-    tokio::select! {
-        r = run(&args) => r,
-        _ = tokio::signal::ctrl_c() => {
-            println!("\nCtrl-C: stopping every process and removing the clusters' directories");
-            Ok(())
-        }
-        _ = term.recv() => {
-            println!("\nSIGTERM: stopping every process and removing the clusters' directories");
-            Ok(())
-        }
-    }
+    let mut demo = Box::pin(run(&args));
+    let why = tokio::select! {
+        r = &mut demo => return r,
+        _ = tokio::signal::ctrl_c() => "Ctrl-C",
+        _ = term.recv() => "SIGTERM",
+    };
+    // Dropping the demo's future drops the Stack it owns: every process is
+    // killed and every directory removed before main returns.
+    println!("\n{why}: stopping every process and removing the clusters' directories");
+    let stopping = Instant::now();
+    drop(demo);
+    println!("stopped in {:.1}s", stopping.elapsed().as_secs_f64());
+    Ok(())
 }
 
 async fn run(args: &Args) -> Result<()> {
@@ -141,6 +140,7 @@ async fn run(args: &Args) -> Result<()> {
                 && w.all_serving()
                 && e.none_serving()
                 && v.released.contains(west)
+                && v.handover_reported()
         },
     )
     .await?;
@@ -156,13 +156,22 @@ async fn run(args: &Args) -> Result<()> {
     }
 
     // 3. Live until Ctrl-C (or --live-for).
+    let kubectl = stack.clusters[0].kubectl();
+    let cwctl_bin = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.join("cwctl")))
+        .filter(|p| p.exists())
+        .map_or("cargo run -q -p counterweight-cli --".to_owned(), |p| {
+            p.display().to_string()
+        });
     println!(
-        "\nLive view until Ctrl-C. In another shell:\n\
+        "\nLive view until Ctrl-C. Try, in another shell:\n\
          \x20 export KUBECONFIG={}\n\
-         \x20 kubectl --context east -n ems scale deploy/web --replicas=2   # east heals (it stays standby: no preemption)\n\
-         \x20 cargo run -q -p counterweight-cli -- switchover --to east       # planned handover back\n\
-         \x20 cargo run -q -p counterweight-cli -- explain                    # why the last transition happened\n",
-        stack.kubeconfig.display()
+         \x20 {} --context east -n ems scale deploy/web --replicas=2   # east heals; it stays standby (no preemption)\n\
+         \x20 {cwctl_bin} switchover --to east   # planned handover back\n\
+         \x20 {cwctl_bin} explain                # why the last transition happened\n",
+        stack.kubeconfig.display(),
+        kubectl.display(),
     );
     let end = Instant::now() + Duration::from_secs(args.live_for);
     while Instant::now() < end {

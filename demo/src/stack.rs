@@ -57,6 +57,23 @@ pub struct Stack {
     pub kubeconfig: PathBuf,
 }
 
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Our processes first (each Process kills its group on drop), then
+        // the clusters in parallel: each waits up to 5 s for its API server
+        // to shut down gracefully, and one after the other doubles that.
+        self.gates.clear();
+        self.controllers.clear();
+        self.webhooks.clear();
+        let clusters = std::mem::take(&mut self.clusters);
+        std::thread::scope(|s| {
+            for c in clusters {
+                s.spawn(move || drop(c));
+            }
+        });
+    }
+}
+
 /// Where the workspace's binaries are: `$env`, else next to this binary
 /// (`cargo build` puts every binary of the workspace in one directory).
 fn workspace_bin(name: &str, env: &str) -> Result<PathBuf> {

@@ -149,6 +149,12 @@ impl View {
         self.t0.elapsed()
     }
 
+    /// Whether the handover time (from the Events) has been printed since
+    /// the clock was last restarted.
+    pub fn handover_reported(&self) -> bool {
+        self.handover_reported
+    }
+
     /// The side of `name` as last seen.
     pub fn side(&self, name: &str) -> Option<&Side> {
         self.sides.iter().find(|s| s.name == name)
@@ -304,16 +310,25 @@ fn health_change(
     } else {
         format!("; down: {}", down.join(", "))
     };
+    let cmp = if below { "<" } else { ">=" };
+    if !active {
+        // A standby's verdicts only matter when they cross D (it must be
+        // healthy to accept a handover); its report may pair a fresh S with
+        // the last interval's verdict, so say only which side of D it is.
+        return Some(if below {
+            format!("{name} below D (S={s:.2} < D={d:.2}{down})")
+        } else {
+            format!("{name} at or above D (S={s:.2} >= D={d:.2})")
+        });
+    }
     Some(match now.verdict {
-        Verdict::Healthy if !below => format!("{name} healthy (S={s:.2} >= D={d:.2})"),
-        // A standby's report is only written on crossings here.
-        Verdict::Healthy => format!("{name} below D (S={s:.2} < D={d:.2}{down})"),
+        Verdict::Healthy => format!("{name} healthy (S={s:.2} {cmp} D={d:.2}{down})"),
         Verdict::Degraded { retry_count } => format!(
-            "{name} degraded (S={s:.2} < D={d:.2}, retry {retry_count}/{}{down})",
+            "{name} degraded (S={s:.2} {cmp} D={d:.2}, retry {retry_count}/{}{down})",
             now.retries
         ),
         Verdict::Abnormal { retry_count } => format!(
-            "{name} abnormal (S={s:.2} < D={d:.2}, retry {retry_count}/{}{down})",
+            "{name} abnormal (S={s:.2} {cmp} D={d:.2}, retry {retry_count}/{}{down})",
             now.retries
         ),
     })
