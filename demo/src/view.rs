@@ -310,11 +310,12 @@ fn health_change(
     } else {
         format!("; down: {}", down.join(", "))
     };
-    let cmp = if below { "<" } else { ">=" };
-    if !active {
-        // A standby's verdicts only matter when they cross D (it must be
-        // healthy to accept a handover); its report may pair a fresh S with
-        // the last interval's verdict, so say only which side of D it is.
+    // The controller refreshes S as pods change but the verdict once per
+    // interval, so a report may pair a fresh S with the last verdict. Then,
+    // and for a standby (whose verdicts only matter when they cross D: it
+    // must be healthy to accept a handover), say which side of D it is.
+    let verdict_agrees = matches!(now.verdict, Verdict::Healthy) != below;
+    if !active || !verdict_agrees {
         return Some(if below {
             format!("{name} below D (S={s:.2} < D={d:.2}{down})")
         } else {
@@ -322,13 +323,13 @@ fn health_change(
         });
     }
     Some(match now.verdict {
-        Verdict::Healthy => format!("{name} healthy (S={s:.2} {cmp} D={d:.2}{down})"),
+        Verdict::Healthy => format!("{name} healthy (S={s:.2} >= D={d:.2})"),
         Verdict::Degraded { retry_count } => format!(
-            "{name} degraded (S={s:.2} {cmp} D={d:.2}, retry {retry_count}/{}{down})",
+            "{name} degraded (S={s:.2} < D={d:.2}, retry {retry_count}/{}{down})",
             now.retries
         ),
         Verdict::Abnormal { retry_count } => format!(
-            "{name} abnormal (S={s:.2} {cmp} D={d:.2}, retry {retry_count}/{}{down})",
+            "{name} abnormal (S={s:.2} < D={d:.2}, retry {retry_count}/{}{down})",
             now.retries
         ),
     })
