@@ -106,6 +106,7 @@ async fn run(args: &Args) -> Result<()> {
                 && !w.active()
                 && w.all_held()
                 && v.released.contains(east)
+                && v.has_event(east, "Promoted")
         },
     )
     .await?;

@@ -104,6 +104,8 @@ pub struct View {
     targets: Vec<Target>,
     gate_logs: Vec<(String, PathBuf)>,
     t0: Instant,
+    // `t0` on the wall clock, which Event times are on.
+    t0_wall: Timestamp,
     /// The last look, in cluster order.
     pub sides: Vec<Side>,
     // (cluster, reason, note): an Event series that repeats is printed
@@ -127,6 +129,7 @@ impl View {
             targets,
             gate_logs,
             t0,
+            t0_wall: Timestamp::now(),
             sides: Vec::new(),
             printed_events: HashSet::new(),
             seen_events: HashSet::new(),
@@ -140,6 +143,7 @@ impl View {
     /// Times printed from now on count from here.
     pub fn restart_clock(&mut self) {
         self.t0 = Instant::now();
+        self.t0_wall = Timestamp::now();
         self.fresh_events.clear();
         self.handover_reported = false;
     }
@@ -153,6 +157,13 @@ impl View {
     /// the clock was last restarted.
     pub fn handover_reported(&self) -> bool {
         self.handover_reported
+    }
+
+    /// Whether an Event `reason` of `cluster` has been seen.
+    pub fn has_event(&self, cluster: &str, reason: &str) -> bool {
+        self.printed_events
+            .iter()
+            .any(|(c, r, _)| c == cluster && r == reason)
     }
 
     /// The side of `name` as last seen.
@@ -199,7 +210,7 @@ impl View {
             }
         }
         if !self.handover_reported
-            && let Some(took) = handover_time(&self.fresh_events)
+            && let Some(took) = handover_time(&self.fresh_events, self.t0_wall)
         {
             self.handover_reported = true;
             self.say(&took);
@@ -360,23 +371,29 @@ fn pods_line(pods: &[(&'static str, AppPods)]) -> String {
     format!("{}; sync {}", service.join(", "), sync.join(", "))
 }
 
-/// "handover took N ms" from the Event times: the old active's latest
-/// `ClusterAbnormal` to the new active's `Promoted`, both first seen since
-/// the clock was restarted.
-fn handover_time(events: &[EventLine]) -> Option<String> {
+/// "handover took N ms" from the Event times: the latest `Promoted` since
+/// `since`, measured from the latest `ClusterAbnormal` of another cluster
+/// between `since` and it.
+fn handover_time(events: &[EventLine], since: Timestamp) -> Option<String> {
     let at = |e: &EventLine| e.time.as_deref()?.parse::<Timestamp>().ok();
-    let promoted = events.iter().find(|e| e.reason == "Promoted")?;
-    let abnormal = events
-        .iter()
-        .filter(|e| e.reason == "ClusterAbnormal" && e.cluster != promoted.cluster)
-        .filter_map(|e| Some((e, at(e)?)))
-        .filter(|(_, t)| at(promoted).is_some_and(|p| *t <= p))
+    let timed = || {
+        events
+            .iter()
+            .filter_map(move |e| Some((e, at(e)?)))
+            .filter(move |(_, t)| *t >= since)
+    };
+    let (promoted, p_at) = timed()
+        .filter(|(e, _)| e.reason == "Promoted")
         .max_by_key(|(_, t)| *t)?;
-    let took = at(promoted)?.duration_since(abnormal.1);
+    let (abnormal, a_at) = timed()
+        .filter(|(e, t)| {
+            e.reason == "ClusterAbnormal" && e.cluster != promoted.cluster && *t <= p_at
+        })
+        .max_by_key(|(_, t)| *t)?;
     Some(format!(
         "handover took {} ms ({} ClusterAbnormal -> {} Promoted, by Event times)",
-        took.as_millis(),
-        abnormal.0.cluster,
+        p_at.duration_since(a_at).as_millis(),
+        abnormal.cluster,
         promoted.cluster
     ))
 }
