@@ -222,7 +222,7 @@ async fn cluster_checks(
             c,
             "gate Role",
             format!("no Role {namespace}/{GATE_ROLE}: init-gates cannot read the state and stay blocked"),
-            "kubectl apply -k manifests/base (gate/gate-role.yaml), or start the controller, which applies it",
+            "kubectl apply -k manifests/overlays/<cluster> (it includes gate/gate-role.yaml), or start the controller, which applies it",
         ),
         Err(e) => fail(c, "gate Role", e.to_string(), "cwctl needs get on roles in the controller namespace"),
     });
@@ -404,7 +404,7 @@ fn missing(c: Option<&str>, name: &str, got: Result<bool, kube::Error>) -> Check
             c,
             name,
             "not found".to_owned(),
-            "kubectl apply -k manifests/base (webhook/); without it new service pods are not gated",
+            "kubectl apply -k manifests/overlays/<cluster> (it includes the webhook); without it new service pods are not gated",
         ),
         Err(e) => fail(
             c,

@@ -320,7 +320,10 @@ mod tests {
                 required: 1,
                 selected: 1,
                 failing: Some("0 of 1 pods up, 1 required".into()),
+                passed: vec![],
             }],
+            data_behind: vec![],
+            data: vec![],
         });
         let x = Explanation {
             status,

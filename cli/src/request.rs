@@ -554,6 +554,8 @@ mod tests {
             retry_count: 1,
             verdict: counterweight_core::health::Verdict::Degraded { retry_count: 1 },
             components: vec![],
+            data_behind: vec![],
+            data: vec![],
         });
         assert!(refused(plan_switchover(&sick, "west")).contains("below its health threshold"));
     }

@@ -435,8 +435,8 @@ mod tests {
                     ready: if score >= 0.6 { 2 } else { 0 },
                     required: 1,
                     selected: 2,
-                    failing: (score < 0.6)
-                        .then(|| "0 of 2 pods Running and Ready, 1 required".into()),
+                    failing: (score < 0.6).then(|| "0 of 2 pods up, 1 required".into()),
+                    passed: vec![],
                 },
                 ComponentHealth {
                     name: "api".into(),
@@ -446,8 +446,11 @@ mod tests {
                     required: 1,
                     selected: 1,
                     failing: None,
+                    passed: vec![],
                 },
             ],
+            data_behind: vec![],
+            data: vec![],
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use counterweight_core::health::CheckOutcome;
+use counterweight_core::health::{CheckOutcome, ReplicationProbe, replication_ready};
 use counterweight_core::policy::{Check, HttpCheck, PostgresCheck};
 use http_body_util::Empty;
 use hyper::body::Bytes;
@@ -39,7 +39,7 @@ pub async fn run(
     timeout: Duration,
     credentials: Option<&PgCredentials>,
 ) -> CheckOutcome {
-    let described = match check {
+    let mut described = match check {
         Check::Tcp(c) => format!("tcp {host}:{}", c.port),
         Check::Http(c) => format!("http GET {host}:{}{}", c.port, c.path),
         Check::Postgres(c) => format!("postgres {host}:{}/{}", c.port, c.database),
@@ -48,9 +48,9 @@ pub async fn run(
         match check {
             Check::Tcp(c) => TcpStream::connect((host, c.port))
                 .await
-                .map(drop)
+                .map(|_| None)
                 .map_err(|e| format!("connect failed: {e}")),
-            Check::Http(c) => http_get(host, c).await,
+            Check::Http(c) => http_get(host, c).await.map(|()| None),
             Check::Postgres(c) => match credentials {
                 Some(creds) => postgres(host, c, creds, timeout).await,
                 None => Err(format!(
@@ -61,7 +61,13 @@ pub async fn run(
         }
     };
     let error = match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(())) => None,
+        Ok(Ok(None)) => None,
+        Ok(Ok(Some(note))) => {
+            // What replication looked like, kept in the explanation: the
+            // data-loss estimate if this cluster takes over now.
+            described = format!("{described} ({note})");
+            None
+        }
         Ok(Err(e)) => Some(e),
         Err(_) => Some(format!("timed out after {timeout:?}")),
     };
@@ -103,7 +109,7 @@ async fn postgres(
     check: &PostgresCheck,
     creds: &PgCredentials,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<Option<String>, String> {
     let mut config = tokio_postgres::Config::new();
     config
         .host(host)
@@ -118,14 +124,48 @@ async fn postgres(
         .await
         .map_err(|e| format!("connect failed: {}", pg_message(&e)))?;
     let driver = tokio::spawn(connection);
-    let result = client
-        .simple_query("SELECT 1")
-        .await
-        .map(drop)
-        .map_err(|e| format!("SELECT 1 failed: {}", pg_message(&e)));
+    let result = match check.max_lag_bytes {
+        None => client
+            .simple_query("SELECT 1")
+            .await
+            .map(|_| None)
+            .map_err(|e| format!("SELECT 1 failed: {}", pg_message(&e))),
+        Some(max) => replication_probe(&client)
+            .await
+            .and_then(|probe| replication_ready(&probe, max).map(Some)),
+    };
     drop(client);
     driver.abort();
     result
+}
+
+/// Reads what [`replication_ready`] decides on, in one round trip.
+pub async fn replication_probe(
+    client: &tokio_postgres::Client,
+) -> Result<ReplicationProbe, String> {
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), \
+                    (SELECT status FROM pg_stat_wal_receiver LIMIT 1), \
+                    COALESCE(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0)::float8, \
+                    EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())::float8",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("replication query failed: {}", pg_message(&e)))?;
+    let lag: f64 = row.get(2);
+    Ok(ReplicationProbe {
+        in_recovery: row.get(0),
+        receiver: row.get(1),
+        // The diff is a numeric of whole bytes; negative only in a race
+        // between the two reads.
+        replay_lag_bytes: if lag.is_finite() && lag > 0.0 {
+            lag as u64
+        } else {
+            0
+        },
+        replay_age_s: row.get(3),
+    })
 }
 
 // tokio-postgres' Display is just "db error"; the server's message is in

@@ -149,6 +149,9 @@ pub struct HaLoop<S: Serving> {
     outbox: Arc<dyn Outbox>,
     serving: Arc<S>,
     started: Instant,
+    // How the synchronization components stood at the latest health
+    // report: recorded with a takeover as its data-loss estimate.
+    data: std::sync::Mutex<Vec<String>>,
 }
 
 impl<S: Serving> HaLoop<S> {
@@ -169,6 +172,7 @@ impl<S: Serving> HaLoop<S> {
             outbox,
             serving,
             started: Instant::now(),
+            data: std::sync::Mutex::default(),
         }
     }
 
@@ -257,6 +261,9 @@ impl<S: Serving> HaLoop<S> {
                     }
                 } => {
                     let report = inputs.health.as_ref().and_then(|rx| rx.borrow().clone());
+                    if let Some(r) = &report {
+                        *self.data.lock().unwrap_or_else(|p| p.into_inner()) = r.data.clone();
+                    }
                     Event::Health(verdict(report.as_ref(), &mut abnormal))
                 }
             };
@@ -317,11 +324,19 @@ impl<S: Serving> HaLoop<S> {
                         EventKind::Warning => EventType::Warning,
                     };
                     let reason = format!("{:?}", r.reason);
-                    info!(reason = %reason, message = %r.message, "HA transition");
+                    let mut message = r.message;
+                    if matches!(r.reason, Reason::Promoted | Reason::HandedOver) {
+                        let data = self.data.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        if !data.is_empty() {
+                            message =
+                                format!("{message}; data at this moment: {}", data.join("; "));
+                        }
+                    }
+                    info!(reason = %reason, message = %message, "HA transition");
                     if is_transition(r.reason) {
                         let t = serde_json::json!({
                             "reason": reason,
-                            "message": r.message,
+                            "message": message,
                             "role": node.role(),
                             "epoch": node.epoch(),
                             "at": now_rfc3339(),
@@ -329,7 +344,7 @@ impl<S: Serving> HaLoop<S> {
                         self.write_key(TRANSITION_KEY, t.to_string()).await;
                     }
                     self.events
-                        .record(type_, &reason, "HandOver", &r.message)
+                        .record(type_, &reason, "HandOver", &message)
                         .await;
                 }
             }
@@ -395,6 +410,7 @@ pub fn verdict(report: Option<&HealthReport>, abnormal: &mut bool) -> HealthVerd
     HealthVerdict {
         abnormal: *abnormal,
         meets_threshold: !below_threshold(r.score, r.threshold),
+        data_behind: !r.data_behind.is_empty(),
     }
 }
 
@@ -434,6 +450,8 @@ mod tests {
             retry_count: verdict.retry_count(),
             verdict,
             components: vec![],
+            data_behind: vec![],
+            data: vec![],
         }
     }
 

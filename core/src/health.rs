@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Policy, WEIGHT_SUM_TOLERANCE};
+use crate::policy::{Policy, Role, WEIGHT_SUM_TOLERANCE};
 
 /// What health needs to know about one pod; small, so that a watch cache of
 /// ten thousand pods stays cheap.
@@ -219,6 +219,44 @@ impl Tally {
     }
 }
 
+/// What a PostgreSQL server said about its replication, for a check with
+/// `maxLagBytes`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicationProbe {
+    /// `pg_is_in_recovery()`: a hot standby.
+    pub in_recovery: bool,
+    /// `pg_stat_wal_receiver.status`, if a receiver runs.
+    pub receiver: Option<String>,
+    /// WAL received but not yet replayed, in bytes.
+    pub replay_lag_bytes: u64,
+    /// Seconds since the last replayed transaction committed on the primary.
+    pub replay_age_s: Option<f64>,
+}
+
+/// Whether a database's replication state lets its cluster take over:
+/// a primary does; a standby must stream from its primary and be at most
+/// `max_lag_bytes` behind in replay. `Ok` carries a note for people (the
+/// data-loss estimate at failover), `Err` why not.
+pub fn replication_ready(probe: &ReplicationProbe, max_lag_bytes: u64) -> Result<String, String> {
+    if !probe.in_recovery {
+        return Ok("primary".to_owned());
+    }
+    let age = probe
+        .replay_age_s
+        .map(|s| format!(", last replayed commit {s:.1} s old"))
+        .unwrap_or_default();
+    let note = format!("standby, replay lag {} B{age}", probe.replay_lag_bytes);
+    match probe.receiver.as_deref() {
+        Some("streaming") => {}
+        Some(other) => return Err(format!("{note}; WAL receiver is {other}, not streaming")),
+        None => return Err(format!("{note}; no WAL receiver: not replicating")),
+    }
+    if probe.replay_lag_bytes > max_lag_bytes {
+        return Err(format!("{note} > maxLagBytes {max_lag_bytes}"));
+    }
+    Ok(note)
+}
+
 /// Outcome of one active check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckOutcome {
@@ -259,6 +297,10 @@ pub struct ComponentHealth {
     /// The first reason s_j is 0, if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failing: Option<String>,
+    /// Active checks that passed, as they describe themselves (a
+    /// replication check includes its lag).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passed: Vec<String>,
 }
 
 /// S and its terms.
@@ -323,6 +365,13 @@ pub fn evaluate(policy: &Policy, observations: &[Observation]) -> Score {
                 required: c.min_ready,
                 selected: obs.selected,
                 failing,
+                passed: obs
+                    .checks
+                    .iter()
+                    .flatten()
+                    .filter(|o| o.error.is_none())
+                    .map(|o| o.check.clone())
+                    .collect(),
             }
         })
         .collect();
@@ -430,6 +479,15 @@ pub struct HealthReport {
     pub verdict: Verdict,
     /// The terms of S.
     pub components: Vec<ComponentHealth>,
+    /// Synchronization components (roles `database`, `file-replication`)
+    /// that are down, with why: while any is, the data here is not current
+    /// and this cluster must not take over, whatever S says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_behind: Vec<String>,
+    /// How each synchronization component stands (its checks, with lag), for
+    /// the data-loss estimate recorded with a transition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<String>,
 }
 
 impl HealthReport {
@@ -441,6 +499,24 @@ impl HealthReport {
             retries: policy.retries,
             retry_count: verdict.retry_count(),
             verdict,
+            data: score
+                .components
+                .iter()
+                .zip(&policy.components)
+                .filter(|(_, c)| matches!(c.role, Role::Database | Role::FileReplication))
+                .map(|(h, _)| match (&h.failing, h.passed.is_empty()) {
+                    (Some(why), _) => format!("{}: {why}", h.name),
+                    (None, true) => format!("{}: {} of {} pods up", h.name, h.ready, h.selected),
+                    (None, false) => format!("{}: {}", h.name, h.passed.join("; ")),
+                })
+                .collect(),
+            data_behind: score
+                .components
+                .iter()
+                .zip(&policy.components)
+                .filter(|(h, c)| matches!(c.role, Role::Database | Role::FileReplication) && !h.up)
+                .map(|(h, _)| format!("{}: {}", h.name, h.failing.as_deref().unwrap_or("down")))
+                .collect(),
             components: score.components,
         }
     }
@@ -614,6 +690,45 @@ mod tests {
             let f = PodFacts::of(&pod(phase, conds, *gate, *deleting));
             assert_eq!((f.running_ready, f.at_gate), (*ready, *at_gate), "case {i}");
         }
+    }
+
+    #[test]
+    fn replication_readiness_table() {
+        let probe = |in_recovery, receiver: Option<&str>, lag| ReplicationProbe {
+            in_recovery,
+            receiver: receiver.map(str::to_owned),
+            replay_lag_bytes: lag,
+            replay_age_s: Some(0.5),
+        };
+        assert_eq!(
+            replication_ready(&probe(false, None, 0), 10),
+            Ok("primary".into())
+        );
+        let ok = replication_ready(&probe(true, Some("streaming"), 10), 10).unwrap();
+        assert!(ok.contains("replay lag 10 B"), "{ok}");
+        let e = replication_ready(&probe(true, Some("streaming"), 11), 10).unwrap_err();
+        assert!(e.contains("> maxLagBytes 10"), "{e}");
+        let e = replication_ready(&probe(true, Some("waiting"), 0), 10).unwrap_err();
+        assert!(e.contains("waiting, not streaming"), "{e}");
+        let e = replication_ready(&probe(true, None, 0), 10).unwrap_err();
+        assert!(e.contains("not replicating"), "{e}");
+    }
+
+    #[test]
+    fn synchronization_components_that_are_down_make_the_data_behind() {
+        let p = Policy::from_yaml(
+            "interval: 1s\nthreshold: 0.5\nretries: 0\ncomponents:\n  - {name: web, namespaces: [ems], selector: {matchLabels: {app: web}}, weight: 0.8}\n  - {name: db, namespaces: [ems], selector: {matchLabels: {app: db}}, weight: 0.2, role: database}\n",
+        )
+        .unwrap();
+        // S = 0.8 >= D, yet the database is down: eligible by score, not
+        // by data.
+        let r = HealthReport::new(&p, evaluate(&p, &obs(&[true, false])), Verdict::Healthy);
+        assert_eq!(r.data_behind.len(), 1, "{r:?}");
+        assert!(r.data_behind[0].starts_with("db: "), "{r:?}");
+        assert_eq!(r.data.len(), 1);
+        let r = HealthReport::new(&p, evaluate(&p, &obs(&[true, true])), Verdict::Healthy);
+        assert!(r.data_behind.is_empty());
+        assert_eq!(r.data, vec!["db: 1 of 1 pods up".to_owned()]);
     }
 
     #[test]

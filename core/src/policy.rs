@@ -241,6 +241,12 @@ pub struct PostgresCheck {
     pub database: String,
     /// Where the user name and password are.
     pub secret_ref: SecretRef,
+    /// On a hot standby, the most WAL (bytes) received but not yet replayed
+    /// for the check to pass, and the WAL receiver must be streaming; a
+    /// primary passes. Unset: only `SELECT 1`. This is what makes a lagging
+    /// standby refuse a handover (Patroni's `maximum_lag_on_failover`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lag_bytes: Option<u64>,
 }
 
 fn default_pg_port() -> u16 {

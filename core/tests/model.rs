@@ -33,10 +33,12 @@ const UNIT: u64 = 1000;
 const HEALTHY: HealthVerdict = HealthVerdict {
     abnormal: false,
     meets_threshold: true,
+    data_behind: false,
 };
 const ABNORMAL: HealthVerdict = HealthVerdict {
     abnormal: true,
     meets_threshold: false,
+    data_behind: false,
 };
 
 #[derive(Clone, Debug)]

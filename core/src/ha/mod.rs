@@ -87,12 +87,15 @@ pub struct HealthVerdict {
     pub abnormal: bool,
     /// The latest score S is at or above the threshold D.
     pub meets_threshold: bool,
+    /// A synchronization component (database, file replication) is down or
+    /// lagging: this cluster's data is not current.
+    pub data_behind: bool,
 }
 
 impl HealthVerdict {
-    /// Healthy enough to take over: S ≥ D now and not abnormal.
+    /// Fit to take over: S ≥ D now, not abnormal, and its data current.
     pub fn eligible(self) -> bool {
-        self.meets_threshold && !self.abnormal
+        self.meets_threshold && !self.abnormal && !self.data_behind
     }
 }
 
@@ -1129,6 +1132,11 @@ impl Node {
             ))
         } else if self.rec.role == Role::Active {
             Some(format!("{} is active itself", self.me))
+        } else if self.health.data_behind {
+            Some(format!(
+                "{}'s data is not current (a synchronization component is down or lagging)",
+                self.me
+            ))
         } else if !self.health.eligible() {
             Some(format!(
                 "{} is not healthy (abnormal: {}, score at or above threshold: {})",

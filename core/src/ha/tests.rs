@@ -29,14 +29,17 @@ fn cfg(names: &[(&str, u32)], witness: bool) -> HaConfig {
 const HEALTHY: HealthVerdict = HealthVerdict {
     abnormal: false,
     meets_threshold: true,
+    data_behind: false,
 };
 const ABNORMAL: HealthVerdict = HealthVerdict {
     abnormal: true,
     meets_threshold: false,
+    data_behind: false,
 };
 const LOW: HealthVerdict = HealthVerdict {
     abnormal: false,
     meets_threshold: false,
+    data_behind: false,
 };
 
 /// Executes actions like a controller would, over a reliable in-order
@@ -429,6 +432,46 @@ fn unhealthy_standby_refuses_prepare() {
     );
     sim.deliver_all();
     assert_eq!(sim.actives(), vec!["a"]);
+}
+
+#[test]
+fn a_standby_whose_data_is_behind_refuses_prepare_and_is_never_a_candidate() {
+    let behind = HealthVerdict {
+        data_behind: true,
+        ..HEALTHY
+    };
+    assert!(!behind.eligible());
+    let mut sim = Sim::settled(two());
+    sim.event("b", Event::Health(behind));
+    let out = sim.event(
+        "b",
+        Event::Message(Envelope {
+            version: PROTOCOL_VERSION,
+            from: "a".into(),
+            to: "b".into(),
+            epoch: 1,
+            body: Body::Prepare {
+                epoch: 1,
+                reason: HandoverReason::Abnormal,
+            },
+        }),
+    );
+    assert!(
+        out.iter().any(|a| matches!(
+            a,
+            Action::Send(Envelope {
+                body: Body::Refuse { reason, .. },
+                ..
+            }) if reason.contains("data is not current")
+        )),
+        "{out:?}"
+    );
+    // The active's own abnormal verdict finds no candidate either.
+    sim.run(4 * PROBE);
+    sim.event("a", Event::Health(ABNORMAL));
+    sim.run(4 * PROBE);
+    assert_eq!(sim.actives(), vec!["a"]);
+    assert!(!sim.reasons("a").contains(&Reason::HandoverStarted));
 }
 
 #[test]

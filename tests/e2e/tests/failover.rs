@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use counterweight_cli::{Args, Outcome};
+use counterweight_core::names;
 use counterweight_e2e::fixtures::{create_namespaces, deployment, fast_ha_config, install_policy};
 use counterweight_e2e::ha::{
     Controller, Mesh, Monitor, SYSTEM, event_reasons, record, sample, wait_active, write_ha_config,
@@ -17,7 +18,7 @@ use counterweight_e2e::ha::{
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::Cluster;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodReadinessGate};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -38,20 +39,122 @@ components:
     weight: 0.4
 "#;
 
+/// Namespaces, and with `with_workload` the sample EMS in an opted-in
+/// namespace: service Deployments `web` and `api` whose pods carry the
+/// serving readiness gate (as the webhook would inject it), a `database`
+/// synchronization Deployment, and the policy.
 async fn prepare(cluster: &Cluster, with_workload: bool) {
     let client = cluster.client();
     create_namespaces(&client, &[SYSTEM, APP]).await;
     if !with_workload {
         return;
     }
+    let nss: Api<Namespace> = Api::all(client.clone());
+    nss.patch(
+        APP,
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"labels": {names::INJECT_LABEL: names::INJECT_ENABLED}}}),
+        ),
+    )
+    .await
+    .expect("opt the namespace in");
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), APP);
-    for name in ["web", "api"] {
+    for (name, role) in [("web", "service"), ("api", "service"), ("db", "database")] {
+        let mut d = deployment(name, 1, &[(names::ROLE_LABEL, role)]);
+        if role == "service"
+            && let Some(spec) = d.spec.as_mut().and_then(|s| s.template.spec.as_mut())
+        {
+            spec.readiness_gates = Some(vec![PodReadinessGate {
+                condition_type: names::SERVING_CONDITION.into(),
+            }]);
+        }
         deploys
-            .create(&PostParams::default(), &deployment(name, 1, &[]))
+            .create(&PostParams::default(), &d)
             .await
             .expect("deployment");
     }
     install_policy(&client, SYSTEM, POLICY).await;
+}
+
+/// `(name, uid, serving condition)` of the `app` pods in `cluster`.
+async fn pods_of(cluster: &Cluster, app: &str) -> Vec<(String, String, Option<String>)> {
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), APP);
+    pods.list(&ListParams::default().labels(&format!("app={app}")))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| {
+            let serving = p
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| c.type_ == names::SERVING_CONDITION)
+                .map(|c| c.status);
+            (
+                p.metadata.name.unwrap_or_default(),
+                p.metadata.uid.unwrap_or_default(),
+                serving,
+            )
+        })
+        .collect()
+}
+
+/// Waits until every `web` and `api` pod of `cluster` serves (condition
+/// True); returns their uids.
+async fn all_serving(cluster: &Cluster, what: &str) -> Vec<String> {
+    eventually(
+        what,
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            let mut uids = Vec::new();
+            for app in ["web", "api"] {
+                let pods = pods_of(cluster, app).await;
+                if pods.is_empty() || pods.iter().any(|p| p.2.as_deref() != Some("True")) {
+                    return Err(format!("{app}: {pods:?}"));
+                }
+                uids.extend(pods.into_iter().map(|p| p.1));
+            }
+            Ok(Some(uids))
+        },
+    )
+    .await
+}
+
+/// Waits until every service pod that served in `cluster` (`served`) is
+/// gone, replaced by pods that do not serve.
+async fn restarted_blocked(cluster: &Cluster, served: &[String], what: &str) {
+    eventually(
+        what,
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            for app in ["web", "api"] {
+                let pods = pods_of(cluster, app).await;
+                let ok = !pods.is_empty()
+                    && pods
+                        .iter()
+                        .all(|p| !served.contains(&p.1) && p.2.as_deref() != Some("True"));
+                if !ok {
+                    return Err(format!("{app}: {pods:?}"));
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await;
+}
+
+async fn db_uids(cluster: &Cluster) -> Vec<String> {
+    pods_of(cluster, "db")
+        .await
+        .into_iter()
+        .map(|p| p.1)
+        .collect()
 }
 
 /// Runs `cwctl` (the library behind the binary) with `args`.
@@ -130,6 +233,10 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
     // Both healthy: the preferred cluster (east) is elected.
     let first = wait_active(&cms[0], "east to become active", 1).await;
     assert!(!sample(&cms[1]).await.is_some_and(|s| s.active));
+    // Its service pods serve; west's stay blocked.
+    let east_served = all_serving(&clusters[0], "east's service pods to serve").await;
+    let dbs = [db_uids(&clusters[0]).await, db_uids(&clusters[1]).await];
+    assert!(dbs.iter().all(|d| d.len() == 1), "{dbs:?}");
 
     // east's weighted health falls (web, w = 0.6): after (K+1) intervals it
     // is abnormal and hands over to west.
@@ -181,6 +288,22 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
         .unwrap_or_default();
     assert!(transition.contains("Promoted"), "{transition}");
 
+    // Workload effects, driven by the HA loop: west's service pods serve;
+    // every pod that served in east was restarted and is blocked; the
+    // database pods of both sides were never touched.
+    let west_served = all_serving(&clusters[1], "west's service pods to serve").await;
+    restarted_blocked(
+        &clusters[0],
+        &east_served,
+        "east's serving pods to be restarted, not serving",
+    )
+    .await;
+    assert_eq!(
+        [db_uids(&clusters[0]).await, db_uids(&clusters[1]).await],
+        dbs,
+        "synchronization pods are never restarted"
+    );
+
     // No preemption: east recovers and stays standby.
     set_web_ready(&clusters[0], true).await;
     stays_standby(
@@ -210,6 +333,18 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
     )
     .await;
     println!("switchover: epoch {} -> {}", promoted.epoch, back.epoch);
+    all_serving(&clusters[0], "east's service pods to serve again").await;
+    restarted_blocked(
+        &clusters[1],
+        &west_served,
+        "west's serving pods to be restarted after the switchover",
+    )
+    .await;
+    assert_eq!(
+        [db_uids(&clusters[0]).await, db_uids(&clusters[1]).await],
+        dbs,
+        "synchronization pods are never restarted"
+    );
     monitor.finish();
     east.process.check_alive().expect("east keeps running");
     west.process.check_alive().expect("west keeps running");

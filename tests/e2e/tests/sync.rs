@@ -17,16 +17,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use counterweight_controller::checks::{self, PgCredentials};
+use counterweight_controller::ha_loop::verdict;
 use counterweight_core::ha::{
     Action as HaAction, Body, ClusterSpec, Envelope, Event, HaConfig, HandoverReason,
     HealthVerdict, Node, PROTOCOL_VERSION, Persisted,
 };
+use counterweight_core::health::{HealthReport, Observation, Verdict, evaluate};
+use counterweight_core::policy::Policy;
 use counterweight_core::state::{Role, RoleEpoch};
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::{PG_USER, PgOptions, Postgres};
 use counterweight_sync::SyncError;
 use counterweight_sync::db::{
-    self, Action, ConnParams, DbConfig, DbSupervisor, Lsn, Peer, RefuseReason, ServerControl, Tools,
+    self, Action, ConnParams, DbConfig, DbSupervisor, Lsn, Peer, ServerControl, Tools,
 };
 use counterweight_sync::files::supervisor::read_watermark;
 use counterweight_sync::files::{FilesConfig, FilesSupervisor};
@@ -404,7 +408,7 @@ async fn no_row_acknowledged_under_synchronous_commit_is_lost_across_a_planned_s
 /// A lone HA node "b" (standby in epoch 1) whose health verdict includes
 /// data readiness, as the controller should compute it; returns its answer
 /// to a FIG. 9 prepare from "a".
-fn answer_to_prepare(data_ready: &Result<(), RefuseReason>) -> Body {
+fn answer_to_prepare(health: HealthVerdict) -> Body {
     let mut cfg = HaConfig::new(
         vec![
             ClusterSpec {
@@ -427,13 +431,7 @@ fn answer_to_prepare(data_ready: &Result<(), RefuseReason>) -> Body {
         ..Persisted::initial()
     };
     let (mut node, _) = Node::start(cfg, "b", Some(stored), 1_000).expect("node");
-    node.handle(
-        1_000,
-        Event::Health(HealthVerdict {
-            abnormal: false,
-            meets_threshold: data_ready.is_ok(),
-        }),
-    );
+    node.handle(1_000, Event::Health(health));
     let out = node.handle(
         1_010,
         Event::Message(Envelope {
@@ -455,6 +453,39 @@ fn answer_to_prepare(data_ready: &Result<(), RefuseReason>) -> Body {
         .expect("an answer to the prepare")
 }
 
+/// The controller's own health check of `sup`'s server, as a policy's
+/// `database` component with `maxLagBytes` runs it, carried through the
+/// core's evaluation to the HA verdict the standby's prepare answer uses.
+async fn database_verdict(sup: &Sup, max_lag: u64) -> (HealthVerdict, HealthReport) {
+    let local = &sup.config().local;
+    let policy = Policy::from_yaml(&format!(
+        "interval: 1s\nthreshold: 0.5\nretries: 0\ncomponents:\n  - name: ems-db\n    namespaces: [ems]\n    selector: {{matchLabels: {{app: db}}}}\n    weight: 1\n    role: database\n    checks:\n      - postgres: {{host: 127.0.0.1, port: {}, secretRef: {{name: db}}, maxLagBytes: {max_lag}}}\n",
+        local.port
+    ))
+    .expect("policy");
+    let creds = PgCredentials {
+        user: local.user.clone(),
+        password: local.password.clone().unwrap_or_default(),
+    };
+    let outcome = checks::run(
+        &policy.components[0].checks[0],
+        "127.0.0.1",
+        Duration::from_secs(5),
+        Some(&creds),
+    )
+    .await;
+    let score = evaluate(
+        &policy,
+        &[Observation {
+            selected: 1,
+            ready: 1,
+            checks: vec![Some(outcome)],
+        }],
+    );
+    let report = HealthReport::new(&policy, score, Verdict::Healthy);
+    (verdict(Some(&report), &mut false), report)
+}
+
 #[tokio::test]
 async fn a_standby_lagging_beyond_the_limit_refuses_a_prepare() {
     init_tracing();
@@ -463,46 +494,53 @@ async fn a_standby_lagging_beyond_the_limit_refuses_a_prepare() {
     let (a, b) = pair("", "").await;
     insert_range(&a, 1, 10).await;
     wait_for_ids(&b, "b current", |s| s.len() == 10).await;
-    let lag = b.lag().await.expect("lag");
-    assert_eq!(db::assess(&lag, None, MAX_LAG), Ok(()));
-    assert!(matches!(
-        answer_to_prepare(&Ok(())),
-        Body::Ready { epoch: 1 }
-    ));
+    let (v, report) = database_verdict(&b, MAX_LAG).await;
+    assert!(v.eligible(), "{report:?}");
+    assert!(
+        report
+            .data
+            .iter()
+            .any(|d| d.contains("standby, replay lag")),
+        "the data-loss estimate is recorded: {:?}",
+        report.data
+    );
+    assert!(matches!(answer_to_prepare(v), Body::Ready { epoch: 1 }));
+    // The primary passes the same check.
+    assert!(database_verdict(&a, MAX_LAG).await.0.eligible());
 
     // Lag made on purpose: b keeps receiving WAL but stops replaying it.
     db::pg::set_replay_paused(&client(&b).await, true)
         .await
         .expect("pause replay");
     insert_range(&a, 11, 60_000).await;
-    let primary_lsn: Lsn = db::pg::current_lsn(&client(&a).await)
-        .await
-        .expect("primary lsn");
-    let lag = eventually("b lags more than 1 MiB", DEADLINE, POLL, || async {
-        let lag = b.lag().await.map_err(|e| e.to_string())?;
-        Ok(lag.bytes.is_some_and(|x| x > MAX_LAG).then_some(lag))
+    let (v, report) = eventually("b lags more than 1 MiB", DEADLINE, POLL, || async {
+        let (v, report) = database_verdict(&b, MAX_LAG).await;
+        Ok((!v.eligible()).then_some((v, report)))
     })
     .await;
-    assert!(lag.replay_paused, "{lag:?}");
-    let verdict = db::assess(&lag, Some(primary_lsn), MAX_LAG);
-    let Err(RefuseReason::LagTooHigh { lag_bytes, .. }) = verdict else {
-        panic!("expected a refusal, got {verdict:?}");
-    };
-    assert!(lag_bytes > MAX_LAG);
-    match answer_to_prepare(&verdict) {
-        Body::Refuse { epoch: 1, reason } => assert!(reason.contains("not healthy"), "{reason}"),
+    assert!(v.data_behind, "{report:?}");
+    assert!(
+        report.data_behind[0].contains("> maxLagBytes 1048576"),
+        "{:?}",
+        report.data_behind
+    );
+    match answer_to_prepare(v) {
+        Body::Refuse { epoch: 1, reason } => {
+            assert!(reason.contains("data is not current"), "{reason}");
+        }
         other => panic!("expected refuse, got {other:?}"),
     }
-    tracing::info!(%lag_bytes, reason = %verdict.unwrap_err(), "prepare refused");
+    tracing::info!(why = ?report.data_behind, "prepare refused");
 
     // Replay resumes: the standby is ready again.
     db::pg::set_replay_paused(&client(&b).await, false)
         .await
         .expect("resume replay");
     eventually("b ready again", DEADLINE, POLL, || async {
-        let lag = b.lag().await.map_err(|e| e.to_string())?;
-        Ok(db::assess(&lag, Some(primary_lsn), MAX_LAG)
-            .is_ok()
+        Ok(database_verdict(&b, MAX_LAG)
+            .await
+            .0
+            .eligible()
             .then_some(()))
     })
     .await;
