@@ -443,6 +443,11 @@ impl HealthLoop {
     /// Evaluates S; at a tick also advances Table 1's counter. Publishes the
     /// explanation, metrics, Events and the report channel.
     async fn publish(&self, ev: &mut Evaluator, tick: bool) {
+        // Before the pod cache has synced every component would look down:
+        // say nothing rather than something false.
+        if !ev.synced {
+            return;
+        }
         let Some(policy) = ev.policy.clone() else {
             return;
         };

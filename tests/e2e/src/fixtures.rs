@@ -171,3 +171,41 @@ pub async fn install_policy(client: &kube::Client, namespace: &str, yaml: &str) 
     .await
     .expect("create the policy ConfigMap");
 }
+
+/// The sample EMS policy of the HA tests: `web` (0.6) and `api` (0.4) in
+/// namespace `ems`, D = 0.6, K = 1, every 300 ms.
+pub const EMS_POLICY: &str = r#"
+interval: 300ms
+threshold: 0.6
+retries: 1
+components:
+  - name: web
+    namespaces: [ems]
+    selector: {matchLabels: {app: web}}
+    weight: 0.6
+  - name: api
+    namespaces: [ems]
+    selector: {matchLabels: {app: api}}
+    weight: 0.4
+"#;
+
+/// Runs `cwctl` (the library behind the binary, exactly as `main` does)
+/// with `args` after the program name; its outcome and output.
+pub async fn cwctl(
+    kubeconfig: &std::path::Path,
+    args: &[&str],
+) -> (Result<counterweight_cli::Outcome, String>, String) {
+    use clap::Parser;
+    let mut argv = vec![
+        "cwctl".to_owned(),
+        "--kubeconfig".to_owned(),
+        kubeconfig.display().to_string(),
+    ];
+    argv.extend(args.iter().map(|s| (*s).to_owned()));
+    let args = counterweight_cli::Args::try_parse_from(argv).expect("arguments");
+    let mut out = Vec::new();
+    let result = counterweight_cli::run(&args, &mut out)
+        .await
+        .map_err(|e| e.to_string());
+    (result, String::from_utf8_lossy(&out).into_owned())
+}

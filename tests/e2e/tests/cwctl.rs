@@ -17,14 +17,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use counterweight_cli::Outcome;
 use counterweight_cli::status::Status;
-use counterweight_cli::{Args, Outcome};
 use counterweight_controller::HaWiring;
 use counterweight_controller::commands;
 use counterweight_core::ha::HaConfig;
 use counterweight_e2e::fixtures::{
-    Router, create_namespaces, deployment, fast_ha_config, install_policy,
+    EMS_POLICY, Router, create_namespaces, cwctl, deployment, fast_ha_config, install_policy,
 };
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::Cluster;
@@ -40,21 +39,6 @@ use tokio::sync::mpsc;
 const SYSTEM: &str = "counterweight-system";
 const APP: &str = "ems";
 
-const POLICY: &str = r#"
-interval: 300ms
-threshold: 0.6
-retries: 1
-components:
-  - name: web
-    namespaces: [ems]
-    selector: {matchLabels: {app: web}}
-    weight: 0.6
-  - name: api
-    namespaces: [ems]
-    selector: {matchLabels: {app: api}}
-    weight: 0.4
-"#;
-
 async fn prepare(cluster: &Cluster) {
     let client = cluster.client();
     create_namespaces(&client, &[SYSTEM, APP]).await;
@@ -65,7 +49,7 @@ async fn prepare(cluster: &Cluster) {
             .await
             .expect("deployment");
     }
-    install_policy(&client, SYSTEM, POLICY).await;
+    install_policy(&client, SYSTEM, EMS_POLICY).await;
 }
 
 fn ha_config(names: &[&str]) -> HaConfig {
@@ -126,23 +110,6 @@ async fn start_controller(
         _task: task,
         commands,
     }
-}
-
-/// Runs `cwctl` with `args` (after the program name) and returns its
-/// outcome and output.
-async fn cwctl(kubeconfig: &Path, args: &[&str]) -> (Result<Outcome, String>, String) {
-    let mut argv = vec![
-        "cwctl".to_owned(),
-        "--kubeconfig".to_owned(),
-        kubeconfig.display().to_string(),
-    ];
-    argv.extend(args.iter().map(|s| (*s).to_owned()));
-    let args = Args::try_parse_from(argv).expect("arguments");
-    let mut out = Vec::new();
-    let result = counterweight_cli::run(&args, &mut out)
-        .await
-        .map_err(|e| e.to_string());
-    (result, String::from_utf8_lossy(&out).into_owned())
 }
 
 async fn state(cms: &Api<ConfigMap>) -> BTreeMap<String, String> {

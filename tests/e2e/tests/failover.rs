@@ -4,13 +4,13 @@
 //! ConfigMap every 10 ms and fails the test on any sample that shows two
 //! actives.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use counterweight_cli::{Args, Outcome};
+use counterweight_cli::Outcome;
 use counterweight_core::names;
-use counterweight_e2e::fixtures::{create_namespaces, deployment, fast_ha_config, install_policy};
+use counterweight_e2e::fixtures::{
+    EMS_POLICY, create_namespaces, cwctl, deployment, fast_ha_config, install_policy,
+};
 use counterweight_e2e::ha::{
     Controller, Monitor, SYSTEM, event_reasons, record, sample, start_group, wait_active,
     write_ha_config,
@@ -23,21 +23,6 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const APP: &str = "ems";
-
-const POLICY: &str = r#"
-interval: 300ms
-threshold: 0.6
-retries: 1
-components:
-  - name: web
-    namespaces: [ems]
-    selector: {matchLabels: {app: web}}
-    weight: 0.6
-  - name: api
-    namespaces: [ems]
-    selector: {matchLabels: {app: api}}
-    weight: 0.4
-"#;
 
 /// Namespaces, and with `with_workload` the sample EMS in an opted-in
 /// namespace: service Deployments `web` and `api` whose pods carry the
@@ -74,7 +59,7 @@ async fn prepare(cluster: &Cluster, with_workload: bool) {
             .await
             .expect("deployment");
     }
-    install_policy(&client, SYSTEM, POLICY).await;
+    install_policy(&client, SYSTEM, EMS_POLICY).await;
 }
 
 /// `(name, uid, serving condition)` of the `app` pods in `cluster`.
@@ -155,22 +140,6 @@ async fn db_uids(cluster: &Cluster) -> Vec<String> {
         .into_iter()
         .map(|p| p.1)
         .collect()
-}
-
-/// Runs `cwctl` (the library behind the binary) with `args`.
-async fn cwctl(kubeconfig: &Path, args: &[&str]) -> (Result<Outcome, String>, String) {
-    let mut argv = vec![
-        "cwctl".to_owned(),
-        "--kubeconfig".to_owned(),
-        kubeconfig.display().to_string(),
-    ];
-    argv.extend(args.iter().map(|s| (*s).to_owned()));
-    let args = Args::try_parse_from(argv).expect("arguments");
-    let mut out = Vec::new();
-    let result = counterweight_cli::run(&args, &mut out)
-        .await
-        .map_err(|e| e.to_string());
-    (result, String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Holds for `d`, asserting on every state sample that `cms` is not active.

@@ -9,12 +9,13 @@
 //! `cargo build -p counterweight-webhook -p counterweight-certs`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use counterweight_e2e::ha::workspace_bin;
 use counterweight_e2e::{eventually, init_tracing};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
@@ -32,28 +33,9 @@ const ON: &str = "cw-on";
 const OFF: &str = "cw-off";
 const SYSTEM: &str = "counterweight-system";
 
-fn binary(env: &str, name: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(env) {
-        return PathBuf::from(p);
-    }
-    // target/<profile>/deps/<this test> -> target/<profile>/<name>
-    let exe = std::env::current_exe().expect("current exe");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join(name))
-        .expect("target dir");
-    assert!(
-        path.exists(),
-        "{} not found; run `cargo build -p counterweight-webhook -p counterweight-certs` first, or set {env}",
-        path.display()
-    );
-    path
-}
-
 /// Runs `cw-certs dev` into `dir`: a CA and a serving cert with SAN 127.0.0.1.
 fn make_certs(dir: &Path) {
-    let out = std::process::Command::new(binary("CW_CERTS_BIN", "cw-certs"))
+    let out = std::process::Command::new(workspace_bin("cw-certs", "CW_CERTS_BIN"))
         .arg("--out")
         .arg(dir)
         .args(["dev", "--clusters", "c0"])
@@ -283,27 +265,29 @@ async fn webhook_injects_skips_validates_and_survives_rotation() {
     let port = counterweight_harness::free_port().expect("port");
     let ops_port = counterweight_harness::free_port().expect("port");
     let log = std::fs::File::create(work.join("webhook.log")).expect("log file");
-    let mut child =
-        tokio::process::Command::new(binary("COUNTERWEIGHT_WEBHOOK_BIN", "counterweight-webhook"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--metrics-listen",
-                &format!("127.0.0.1:{ops_port}"),
-                "--cluster-name",
-                "c0",
-                "--tls-poll-ms",
-                "100",
-            ])
-            .arg("--tls-cert")
-            .arg(serving.join("tls.crt"))
-            .arg("--tls-key")
-            .arg(serving.join("tls.key"))
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the webhook");
+    let mut child = tokio::process::Command::new(workspace_bin(
+        "counterweight-webhook",
+        "COUNTERWEIGHT_WEBHOOK_BIN",
+    ))
+    .args([
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--metrics-listen",
+        &format!("127.0.0.1:{ops_port}"),
+        "--cluster-name",
+        "c0",
+        "--tls-poll-ms",
+        "100",
+    ])
+    .arg("--tls-cert")
+    .arg(serving.join("tls.crt"))
+    .arg("--tls-key")
+    .arg(serving.join("tls.key"))
+    .stdout(Stdio::from(log.try_clone().expect("log")))
+    .stderr(Stdio::from(log))
+    .kill_on_drop(true)
+    .spawn()
+    .expect("start the webhook");
     eventually(
         "webhook /readyz",
         Duration::from_secs(30),
