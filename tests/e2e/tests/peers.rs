@@ -125,7 +125,7 @@ async fn controllers_elect_over_mtls_and_a_cut_link_never_makes_two_actives() {
     let active = &cms[elected.0];
     eventually(
         "the isolated active to fence",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         Duration::from_millis(20),
         || async { Ok(sample(active).await.filter(|s| !s.active)) },
     )
@@ -164,7 +164,7 @@ async fn both_starting_active_is_resolved_para_0088_and_the_ha_config_reloads() 
     let mut west = Controller::start(&clusters[1], "west", &mesh, dir.path(), &ha_file, &[]);
     let resolved = eventually(
         "exactly one active, in a higher epoch",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         Duration::from_millis(20),
         || async {
             let (Some(e), Some(w)) = (sample(&cms[0]).await, sample(&cms[1]).await) else {
@@ -229,7 +229,7 @@ fn replace_ha_config(dir: &std::path::Path, config: &HaConfig) {
 async fn wait_reason(cluster: &Cluster, reason: &str) {
     eventually(
         &format!("a {reason} Event in {}", cluster.name()),
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         Duration::from_millis(200),
         || async {
             let ev = event_reasons(cluster).await;
@@ -274,7 +274,7 @@ async fn a_peer_with_a_certificate_from_another_ca_is_refused_until_its_certific
     // neither side reaches a majority of two.
     let refused = eventually(
         "east to refuse west's TLS handshakes",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         Duration::from_millis(100),
         || async {
             let n = east
