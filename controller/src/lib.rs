@@ -344,11 +344,21 @@ pub async fn run(
             return finish_server(server).await;
         };
         probes.set_follower(false);
-        let hold = tokio::spawn(leading.hold(shutdown.clone()));
+        // The Lease is handed back only once everything has stopped acting
+        // (after `run_inner` returns), never while the HA loop may still
+        // write; until then it keeps being renewed.
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let hold = tokio::spawn(leading.hold(async move {
+            let _ = release_rx.await;
+        }));
         let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
-        leadership = Some((hold, lost_tx));
-        // Everything stops when the process is told to, or at once when
-        // the Lease is lost.
+        // Watch the holder: when it ends (lost), stop acting at once.
+        let watcher = tokio::spawn(async move {
+            let r = hold.await;
+            let _ = lost_tx.send(());
+            r
+        });
+        leadership = Some((watcher, release_tx));
         let shutdown = shutdown.clone();
         async move {
             tokio::select! {
@@ -362,18 +372,6 @@ pub async fn run(
         shutdown.clone()
     };
     metrics.leader.set(1);
-    let (stop, hold) = match leadership {
-        // Watch the holder: when it ends (lost or released), stop acting.
-        Some((hold, lost_tx)) => {
-            let watcher = tokio::spawn(async move {
-                let r = hold.await;
-                let _ = lost_tx.send(());
-                r
-            });
-            (stop, Some(watcher))
-        }
-        None => (stop, None),
-    };
     let ha = match &args.ha_config {
         Some(path) => {
             Some(peer_wiring(&args, &client, path, metrics.peer.clone(), stop.clone()).await?)
@@ -382,8 +380,9 @@ pub async fn run(
     };
     let result = run_inner(client, settings, ha, metrics.clone(), probes, stop).await;
     metrics.leader.set(0);
-    if let Some(hold) = hold {
-        match hold.await {
+    if let Some((watcher, release)) = leadership {
+        let _ = release.send(());
+        match watcher.await {
             Ok(Ok(Err(lost))) => return Err(lost.into()),
             Ok(Ok(Ok(()))) => {}
             Ok(Err(e)) | Err(e) => tracing::error!(error = %e, "leader election task failed"),
