@@ -355,6 +355,13 @@ pub struct Node {
     me: String,
     rec: Persisted,
     health: HealthVerdict,
+    // "Data behind", as judged against a live active: a "behind" verdict
+    // counts only once an active is heard after it (`data_behind_pending`
+    // until then). When the active dies its replication stops by
+    // necessity, and a "behind" that no live active confirms says nothing
+    // about what a takeover would lose.
+    data_behind_judged: bool,
+    data_behind_pending: bool,
     eligible_since: Option<u64>,
     serving: bool,
     // The lease held (role active) or sought (candidacy, role standby).
@@ -413,6 +420,8 @@ impl Node {
         let mut node = Self {
             me: me.to_owned(),
             health: HealthVerdict::default(),
+            data_behind_judged: false,
+            data_behind_pending: false,
             eligible_since: None,
             serving: false,
             claim: None,
@@ -821,10 +830,22 @@ impl Node {
 
     // ---- events ----
 
-    fn on_health(&mut self, now: u64, v: HealthVerdict) {
+    fn on_health(&mut self, now: u64, mut v: HealthVerdict) {
         if self.is_witness() {
             return;
         }
+        // Data found current is believed at once; "behind" waits for a
+        // live active to confirm it (see `confirm_data_behind`), since the
+        // death of the active also stops replication (a WAL receiver no
+        // longer streams, a marker ages) and must not keep every standby
+        // from taking over.
+        if v.data_behind {
+            self.data_behind_pending |= !self.data_behind_judged;
+        } else {
+            self.data_behind_judged = false;
+            self.data_behind_pending = false;
+        }
+        v.data_behind = self.data_behind_judged;
         if v.eligible() {
             self.eligible_since.get_or_insert(now);
         } else {
@@ -1059,6 +1080,17 @@ impl Node {
         }
     }
 
+    /// An active was heard: a pending "data behind" is real (the active is
+    /// alive and this member still is not current).
+    fn confirm_data_behind(&mut self) {
+        if self.data_behind_pending {
+            self.data_behind_pending = false;
+            self.data_behind_judged = true;
+            self.health.data_behind = true;
+            self.eligible_since = None;
+        }
+    }
+
     /// Updates the view of a peer and reacts to a competing active (para
     /// 0088, both active: higher epoch, then preference, stays).
     fn observe(
@@ -1087,6 +1119,9 @@ impl Node {
             if answered.is_some() {
                 view.answered_probe_ms = answered;
             }
+        }
+        if status.role == Role::Active && epoch >= self.rec.epoch {
+            self.confirm_data_behind();
         }
         if status.role != Role::Active || epoch < self.rec.epoch {
             return;
@@ -1123,6 +1158,8 @@ impl Node {
         reason: HandoverReason,
         out: &mut Vec<Action>,
     ) {
+        // Only an active prepares a handover: it is alive.
+        self.confirm_data_behind();
         let refusal = if self.is_witness() {
             Some("the witness holds no workloads".to_owned())
         } else if epoch < self.rec.epoch {

@@ -607,6 +607,49 @@ fn dead_active_is_replaced_only_after_its_lease() {
 }
 
 #[test]
+fn data_judged_current_while_the_active_was_heard_lets_a_standby_replace_a_dead_active() {
+    let mut sim = Sim::settled(cfg(&[("a", 3), ("b", 2)], true));
+    // b was current while a was alive...
+    sim.event("b", Event::Health(HEALTHY));
+    sim.crash("a");
+    sim.run(PROBE);
+    // ...then its replication stopped with a (the WAL receiver no longer
+    // streams): that must not block the takeover.
+    let stopped = HealthVerdict {
+        data_behind: true,
+        ..HEALTHY
+    };
+    sim.event("b", Event::Health(stopped));
+    sim.run(3 * LEASE);
+    assert_eq!(sim.actives(), vec!["b"]);
+}
+
+#[test]
+fn data_judged_behind_while_the_active_was_heard_keeps_a_standby_out_after_it_dies() {
+    let mut sim = Sim::settled(cfg(&[("a", 3), ("b", 2)], true));
+    let behind = HealthVerdict {
+        data_behind: true,
+        ..HEALTHY
+    };
+    // b lagged while a was alive, and a was heard after that.
+    sim.event("b", Event::Health(behind));
+    sim.run(2 * PROBE);
+    sim.crash("a");
+    sim.run(3 * LEASE);
+    sim.event("b", Event::Health(behind));
+    sim.run(3 * LEASE);
+    assert!(
+        sim.actives().is_empty(),
+        "a standby that was behind must not take over on its own"
+    );
+    // Found current again (say an operator let it catch up from a backup):
+    // believed at once.
+    sim.event("b", Event::Health(HEALTHY));
+    sim.run(3 * LEASE);
+    assert_eq!(sim.actives(), vec!["b"]);
+}
+
+#[test]
 fn preempt_hands_back_after_healthy_period() {
     let mut c = cfg(&[("a", 3), ("b", 2)], true);
     c.preempt_after_ms = Some(2 * LEASE);
