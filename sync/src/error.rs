@@ -26,6 +26,15 @@ pub enum SyncError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// TLS for a PostgreSQL connection cannot be set up (a bad `sslmode`,
+    /// an unreadable CA bundle).
+    #[error("PostgreSQL TLS: {what}: {message}")]
+    Tls {
+        /// What was being set up.
+        what: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A PostgreSQL connection or query did not finish in time.
     #[error("PostgreSQL: {what}: timed out")]
     Timeout {

@@ -58,8 +58,9 @@ struct LocalArgs {
     /// File holding the password (a mounted Secret key).
     #[arg(long, env = "COUNTERWEIGHT_SYNC_PG_PASSWORD_FILE")]
     pg_password_file: Option<PathBuf>,
-    /// libpq sslmode for replication connections to peers
-    /// (e.g. verify-full).
+    /// sslmode for connections to peers (e.g. verify-full): libpq's for
+    /// replication and tools, the same rules for the sidecar's own SQL
+    /// probes (rustls). Not used for the local server on loopback.
     #[arg(long, env = "COUNTERWEIGHT_SYNC_SSLMODE")]
     sslmode: Option<String>,
     /// CA bundle for verify-ca / verify-full.
@@ -97,8 +98,14 @@ impl LocalArgs {
         Ok(p)
     }
 
+    /// The local server, without the peers' TLS settings: it is reached on
+    /// loopback in the same pod, where a verify-full check of the peers'
+    /// host name could not pass (pg_hba lets 127.0.0.1 in without TLS).
     fn local(&self) -> Result<ConnParams> {
-        self.params(&self.pg_host, self.pg_port)
+        let mut p = self.params(&self.pg_host, self.pg_port)?;
+        p.sslmode = None;
+        p.sslrootcert = None;
+        Ok(p)
     }
 
     fn timeout(&self) -> Duration {
