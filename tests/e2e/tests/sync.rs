@@ -860,6 +860,103 @@ async fn the_files_endpoint_reports_how_current_each_side_is() {
     b.stop().await;
 }
 
+/// The sidecar's own SQL connections to a peer follow `--sslmode` and
+/// `--sslrootcert` as libpq does: against a real PostgreSQL serving a
+/// certificate from the `certs` crate's CA for the name `localhost`.
+#[tokio::test]
+async fn the_sidecars_sql_probes_use_tls_as_sslmode_says() {
+    use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
+    use counterweight_harness::ServerTls;
+    init_tracing();
+    let _turn = SERIAL.lock().await;
+    let ca = CertificateAuthority::new("counterweight test database CA").expect("CA");
+    let other_ca = CertificateAuthority::new("some other CA").expect("other CA");
+    let leaf = ca
+        .issue(&LeafSpec::new("db.east", Usage::Server).sans(["localhost"]))
+        .expect("server certificate");
+    let pg = Postgres::start_with(PgOptions {
+        tls: Some(ServerTls {
+            cert_pem: leaf.cert_pem.clone(),
+            key_pem: leaf.key_pem.clone(),
+        }),
+        ..PgOptions::default()
+    })
+    .await
+    .expect("postgres with TLS");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (ca_file, wrong_ca) = (tmp.path().join("ca.crt"), tmp.path().join("other.crt"));
+    std::fs::write(&ca_file, &ca.pem().cert_pem).expect("ca file");
+    std::fs::write(&wrong_ca, &other_ca.pem().cert_pem).expect("other ca file");
+    let conn = |host: &str, mode: &str, root: Option<&Path>| {
+        let mut p = ConnParams::new(host, pg.port(), PG_USER);
+        p.password = Some(pg.password().to_owned());
+        p.sslmode = Some(mode.to_owned());
+        p.sslrootcert = root.map(|r| r.display().to_string());
+        p
+    };
+    let timeout = Duration::from_secs(5);
+    let encrypted = |client: tokio_postgres::Client| async move {
+        client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("pg_stat_ssl")
+            .get::<_, bool>(0)
+    };
+
+    // verify-full to the certificate's name: encrypted and authenticated.
+    let c = db::pg::connect(&conn("localhost", "verify-full", Some(&ca_file)), timeout)
+        .await
+        .expect("verify-full to localhost");
+    assert!(encrypted(c).await);
+    assert_eq!(
+        db::pg::peer_state(&conn("localhost", "verify-full", Some(&ca_file)), timeout).await,
+        db::PeerState::Primary
+    );
+    // verify-ca checks the chain only: an address not in the certificate
+    // passes.
+    let c = db::pg::connect(&conn("127.0.0.1", "verify-ca", Some(&ca_file)), timeout)
+        .await
+        .expect("verify-ca to 127.0.0.1");
+    assert!(encrypted(c).await);
+    // verify-full checks the name: that address is refused, saying why.
+    let e = db::pg::connect(&conn("127.0.0.1", "verify-full", Some(&ca_file)), timeout)
+        .await
+        .err()
+        .expect("verify-full to a name not in the certificate")
+        .to_string();
+    assert!(
+        e.contains("TLS handshake") && e.contains("not valid for name"),
+        "{e}"
+    );
+    // A certificate from another CA is refused, saying so.
+    let e = db::pg::connect(&conn("localhost", "verify-full", Some(&wrong_ca)), timeout)
+        .await
+        .err()
+        .expect("wrong CA")
+        .to_string();
+    assert!(
+        e.contains("TLS handshake") && e.contains("UnknownIssuer"),
+        "{e}"
+    );
+    assert_eq!(
+        db::pg::peer_state(&conn("localhost", "verify-full", Some(&wrong_ca)), timeout).await,
+        db::PeerState::Unreachable
+    );
+    // require without a CA: encrypted, not authenticated (libpq's meaning).
+    let c = db::pg::connect(&conn("127.0.0.1", "require", None), timeout)
+        .await
+        .expect("require");
+    assert!(encrypted(c).await);
+    // disable: plain.
+    let c = db::pg::connect(&conn("127.0.0.1", "disable", None), timeout)
+        .await
+        .expect("disable");
+    assert!(!encrypted(c).await);
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
