@@ -370,11 +370,21 @@ mod tests {
     }
 
     /// (case, local, marker, now, maxAge, Ok?, words the note or reason must hold)
+    type Case<'a> = (
+        &'a str,
+        Watermark,
+        Option<Marker>,
+        u64,
+        u64,
+        bool,
+        &'a [&'a str],
+    );
+
     #[test]
     fn freshness_table() {
         use Role::{Active, Standby};
         let long_error = format!("rsync to x failed\n{}", "e".repeat(1000));
-        let cases: Vec<(&str, Watermark, Option<Marker>, u64, u64, bool, &[&str])> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "unknown role",
                 wm(None, 0, None, None),

@@ -924,8 +924,7 @@ async fn the_sidecars_sql_probes_use_tls_as_sslmode_says() {
     // verify-full checks the name: that address is refused, saying why.
     let e = db::pg::connect(&conn("127.0.0.1", "verify-full", Some(&ca_file)), timeout)
         .await
-        .err()
-        .expect("verify-full to a name not in the certificate")
+        .expect_err("verify-full to a name not in the certificate")
         .to_string();
     assert!(
         e.contains("TLS handshake") && e.contains("not valid for name"),
@@ -934,8 +933,7 @@ async fn the_sidecars_sql_probes_use_tls_as_sslmode_says() {
     // A certificate from another CA is refused, saying so.
     let e = db::pg::connect(&conn("localhost", "verify-full", Some(&wrong_ca)), timeout)
         .await
-        .err()
-        .expect("wrong CA")
+        .expect_err("wrong CA")
         .to_string();
     assert!(
         e.contains("TLS handshake") && e.contains("UnknownIssuer"),
