@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use counterweight_core::health::{CheckOutcome, ReplicationProbe, replication_ready};
 use counterweight_core::policy::{Check, HttpCheck, PostgresCheck};
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use tokio::net::TcpStream;
 
@@ -93,15 +93,48 @@ async fn http_get(host: &str, check: &HttpCheck) -> Result<(), String> {
         .header(http::header::USER_AGENT, "counterweight-controller")
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("bad request for path {:?}: {e}", check.path))?;
-    let result = sender.send_request(req).await;
+    let result = async {
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        // A failing endpoint often says why in its body (the files
+        // sidecar's `/ready` does, e.g. how old the copy is): keep its
+        // first line in the explanation. Bounded: at most BODY_LIMIT bytes
+        // are read, and the whole check is under the check timeout.
+        let status = resp.status();
+        let reason = Limited::new(resp.into_body(), BODY_LIMIT)
+            .collect()
+            .await
+            .ok()
+            .map(|b| first_line(&b.to_bytes()))
+            .filter(|l| !l.is_empty());
+        Err(match reason {
+            Some(r) => format!("answered {status}: {r}"),
+            None => format!("answered {status}"),
+        })
+    }
+    .await;
     drop(sender);
     driver.abort();
-    let resp = result.map_err(|e| format!("request failed: {e}"))?;
-    if resp.status().is_success() {
-        Ok(())
-    } else {
-        Err(format!("answered {}", resp.status()))
-    }
+    result
+}
+
+/// Most of a failing answer's body read for its reason.
+const BODY_LIMIT: usize = 1024;
+
+/// The first non-empty line of `body`, as text, at most 300 characters.
+fn first_line(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or_default();
+    line.chars().take(300).collect()
 }
 
 async fn postgres(
@@ -239,6 +272,43 @@ mod tests {
         });
         let bad = run(&check, "127.0.0.1", Duration::from_secs(1), None).await;
         assert!(bad.error.unwrap().contains("503"));
+    }
+
+    /// A query string reaches the server as written, and a failing
+    /// answer's first body line becomes the reason.
+    #[tokio::test]
+    async fn http_check_sends_the_query_and_keeps_the_reason() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).await.unwrap();
+            let body = "standby: copy is 12000 ms old > maxAgeMs 10000\nmore\n";
+            let resp = format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(resp.as_bytes()).await.unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        let check = Check::Http(HttpCheck {
+            port,
+            path: "/ready?maxAgeMs=10000".into(),
+            host: None,
+        });
+        let out = run(&check, "127.0.0.1", Duration::from_secs(2), None).await;
+        assert_eq!(
+            out.error.as_deref(),
+            Some(
+                "answered 503 Service Unavailable: standby: copy is 12000 ms old > maxAgeMs 10000"
+            )
+        );
+        let request = server.await.unwrap();
+        assert!(
+            request.starts_with("GET /ready?maxAgeMs=10000 HTTP/1.1"),
+            "{request}"
+        );
     }
 
     #[tokio::test]

@@ -222,6 +222,27 @@ pub struct HttpCheck {
     pub host: Option<String>,
 }
 
+/// Checks an HTTP check's request target: an origin-form path starting
+/// with `/`, optionally with a query string (`/ready?maxAgeMs=10000`), in
+/// visible ASCII (percent-encode anything else), without a fragment (never
+/// sent to a server).
+fn http_path_problem(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} must start with /"));
+    }
+    if path.contains('#') {
+        return Err(format!(
+            "{path:?}: a #fragment is never sent to the server; remove it"
+        ));
+    }
+    if let Some(c) = path.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "{path:?}: {c:?} is not allowed in a request target (percent-encode it)"
+        ));
+    }
+    Ok(())
+}
+
 fn default_http_path() -> String {
     "/".to_owned()
 }
@@ -632,8 +653,10 @@ impl RawComponent {
                 p.push(cf("port"), "must be in 1..=65535");
             }
             match &c {
-                Check::Http(h) if !h.path.starts_with('/') => {
-                    p.push(cf("path"), format!("{:?} must start with /", h.path));
+                Check::Http(h) => {
+                    if let Err(e) = http_path_problem(&h.path) {
+                        p.push(cf("path"), e);
+                    }
                 }
                 Check::Postgres(pg) => {
                     if pg.secret_ref.name.is_empty() {
@@ -772,6 +795,28 @@ components:
       - tcp: {port: 873}
       - http: {port: 8080, path: /healthz}
 "#;
+
+    #[test]
+    fn http_paths_may_carry_a_query_but_no_fragment_or_spaces() {
+        for ok in ["/", "/healthz", "/ready?maxAgeMs=10000", "/a%20b?x=1&y=2"] {
+            assert_eq!(http_path_problem(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("ready", "must start with /"),
+            ("/ready#top", "fragment"),
+            ("/a b", "percent-encode"),
+            ("/caf\u{e9}", "percent-encode"),
+        ] {
+            let e = http_path_problem(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let yaml = GOOD.replace("path: /healthz", "path: \"/ready?maxAgeMs=10000\"");
+        let p = Policy::from_yaml(&yaml).unwrap();
+        let Check::Http(h) = &p.component("files").unwrap().checks[1] else {
+            panic!("expected an http check")
+        };
+        assert_eq!(h.path, "/ready?maxAgeMs=10000");
+    }
 
     #[test]
     fn a_good_policy_parses_with_defaults() {

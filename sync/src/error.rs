@@ -17,14 +17,25 @@ pub enum SyncError {
         #[source]
         source: std::io::Error,
     },
-    /// A PostgreSQL query or connection failed.
-    #[error("PostgreSQL: {what}: {source}")]
+    /// A PostgreSQL query or connection failed. The message carries the
+    /// driver error's causes: `tokio-postgres` prints only its kind ("db
+    /// error", "error performing TLS handshake"), which alone says nothing.
+    #[error("PostgreSQL: {what}: {}", with_causes(source))]
     Postgres {
         /// What was being done.
         what: String,
         /// The driver error.
         #[source]
         source: tokio_postgres::Error,
+    },
+    /// TLS for a PostgreSQL connection cannot be set up (a bad `sslmode`,
+    /// an unreadable CA bundle).
+    #[error("PostgreSQL TLS: {what}: {message}")]
+    Tls {
+        /// What was being set up.
+        what: String,
+        /// What is wrong.
+        message: String,
     },
     /// A PostgreSQL connection or query did not finish in time.
     #[error("PostgreSQL: {what}: timed out")]
@@ -81,6 +92,24 @@ pub enum SyncError {
         #[source]
         source: notify::Error,
     },
+}
+
+/// `error` followed by its causes, `: `-separated (at most a few levels:
+/// a chain is short, and a cyclic one must not loop).
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    for _ in 0..8 {
+        let Some(c) = cause else { break };
+        let more = c.to_string();
+        // Some wrappers repeat their cause's text; keep it once.
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 impl SyncError {

@@ -20,7 +20,7 @@ use clap::{Args, Parser, Subcommand};
 use counterweight_sync::db::{
     self, ConnParams, DbConfig, DbSupervisor, Lsn, Peer, Tools, supervisor::PgCtl,
 };
-use counterweight_sync::files::{FilesConfig, FilesSupervisor};
+use counterweight_sync::files::{self, FilesConfig, FilesSupervisor, http::Endpoint};
 use counterweight_sync::role::StateSource;
 use tokio::sync::watch;
 
@@ -58,8 +58,9 @@ struct LocalArgs {
     /// File holding the password (a mounted Secret key).
     #[arg(long, env = "COUNTERWEIGHT_SYNC_PG_PASSWORD_FILE")]
     pg_password_file: Option<PathBuf>,
-    /// libpq sslmode for replication connections to peers
-    /// (e.g. verify-full).
+    /// sslmode for connections to peers (e.g. verify-full): libpq's for
+    /// replication and tools, the same rules for the sidecar's own SQL
+    /// probes (rustls). Not used for the local server on loopback.
     #[arg(long, env = "COUNTERWEIGHT_SYNC_SSLMODE")]
     sslmode: Option<String>,
     /// CA bundle for verify-ca / verify-full.
@@ -97,8 +98,14 @@ impl LocalArgs {
         Ok(p)
     }
 
+    /// The local server, without the peers' TLS settings: it is reached on
+    /// loopback in the same pod, where a verify-full check of the peers'
+    /// host name could not pass (pg_hba lets 127.0.0.1 in without TLS).
     fn local(&self) -> Result<ConnParams> {
-        self.params(&self.pg_host, self.pg_port)
+        let mut p = self.params(&self.pg_host, self.pg_port)?;
+        p.sslmode = None;
+        p.sslrootcert = None;
+        Ok(p)
     }
 
     fn timeout(&self) -> Duration {
@@ -214,6 +221,21 @@ struct FilesArgs {
     /// How often the state directory is re-read.
     #[arg(long, env = "COUNTERWEIGHT_SYNC_INTERVAL_MS", default_value_t = 1000)]
     interval_ms: u64,
+    /// Serve `GET /watermark` and `GET /ready[?maxAgeMs=N]` on this
+    /// address (e.g. 0.0.0.0:8081) for the policy's http check.
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// `/ready`'s limit when the request gives no maxAgeMs.
+    #[arg(
+        long,
+        env = "COUNTERWEIGHT_SYNC_MAX_WATERMARK_AGE_MS",
+        default_value_t = 10_000
+    )]
+    max_watermark_age_ms: u64,
+    /// Longest time between two markers pushed to the standbys while
+    /// active (keep well under the max watermark age).
+    #[arg(long, env = "COUNTERWEIGHT_SYNC_HEARTBEAT_MS", default_value_t = 2000)]
+    heartbeat_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -293,6 +315,9 @@ async fn run_files(args: FilesArgs) -> Result<()> {
     cfg.quiet = Duration::from_millis(args.quiet_ms);
     cfg.max_delay = Duration::from_millis(args.max_delay_ms);
     cfg.rsync_args = args.rsync_args;
+    cfg.heartbeat = Duration::from_millis(args.heartbeat_ms);
+    let dir = cfg.dir.clone();
+    let supervisor = FilesSupervisor::new(cfg);
     let source = args.state.source().await?;
     let (role_tx, role_rx) = watch::channel(source.read().await.ok());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -315,11 +340,28 @@ async fn run_files(args: FilesArgs) -> Result<()> {
             });
         }
     });
+    if let Some(addr) = args.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--listen {addr}"))?;
+        tracing::info!(%addr, "files: serving /watermark and /ready");
+        let endpoint = Endpoint {
+            watermark: supervisor.subscribe(),
+            dir,
+            default_max_age_ms: args.max_watermark_age_ms,
+        };
+        let stop = stop_rx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = files::http::serve(listener, endpoint, stop).await {
+                tracing::error!(error = %e, "files endpoint stopped");
+            }
+        });
+    }
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
         let _ = stop_tx.send(true);
     });
-    FilesSupervisor::new(cfg).run(role_rx, stop_rx).await?;
+    supervisor.run(role_rx, stop_rx).await?;
     Ok(())
 }
 

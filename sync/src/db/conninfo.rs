@@ -122,9 +122,8 @@ impl ConnParams {
     }
 
     /// A `tokio-postgres` configuration for SQL connections from the
-    /// sidecar. TLS for these is not wired (see the crate README): the
-    /// sidecar talks to its own server on loopback and probes peers with
-    /// `sslmode` honoured only by libpq tools.
+    /// sidecar, without TLS: [`super::pg::connect`] adds it from `sslmode`
+    /// and `sslrootcert` ([`super::tls`]).
     pub fn tokio_config(&self, connect_timeout: Duration) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         c.host(&self.host)

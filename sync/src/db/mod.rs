@@ -17,6 +17,7 @@ pub mod decide;
 pub mod lag;
 pub mod pg;
 pub mod supervisor;
+pub mod tls;
 pub mod tools;
 
 pub use conninfo::ConnParams;

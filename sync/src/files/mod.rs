@@ -12,6 +12,7 @@
 //! becomes active it first pushes its whole directory (what it has is, by
 //! the state's decision, the truth from now on, as with the database).
 
+pub mod http;
 pub mod supervisor;
 
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use counterweight_core::state::Role;
 use serde::{Deserialize, Serialize};
 
-pub use supervisor::{FilesConfig, FilesSupervisor};
+pub use supervisor::{FilesConfig, FilesSupervisor, read_marker};
 
 /// Batches changes: a batch is due `quiet` after its last change, or
 /// `max_delay` after its first, whichever comes first. Pure: the caller
@@ -116,8 +117,149 @@ pub struct Watermark {
     /// When the oldest change not yet synced happened (Unix ms); `None`
     /// when the destinations are current.
     pub oldest_unsynced_unix_ms: Option<u64>,
-    /// The last sync's error, cleared by a success.
+    /// The last push's error (of the directory or of the marker), cleared
+    /// by a success of the same kind.
     pub last_error: Option<String>,
+    /// On a standby: the marker the active last pushed into this copy
+    /// ([`Marker`]). Filled in by the HTTP endpoint, never written to the
+    /// watermark file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<Marker>,
+}
+
+/// File name of the [`Marker`] an active pushes into every destination
+/// (the standby's directory). Excluded from the directory's own `rsync`
+/// runs (so `--delete` keeps it and a new active never pushes a stale one)
+/// and ignored by the watcher.
+pub const MARKER_NAME: &str = ".counterweight-marker.json";
+
+/// What the active pushes into a destination after each successful sync and
+/// every heartbeat: how current that copy is, in the active's clock. The
+/// standby reads it to judge its own copy (it cannot see the active's
+/// directory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Marker {
+    /// The pushing active's epoch.
+    pub epoch: u64,
+    /// When the active wrote the marker (Unix ms, active's clock).
+    pub written_at_unix_ms: u64,
+    /// Every change the active saw before this time (Unix ms, active's
+    /// clock) is in this copy: the oldest change not yet synced to every
+    /// destination, or `written_at_unix_ms` when none waited.
+    pub complete_as_of_unix_ms: u64,
+    /// The active's `syncedSeq` then.
+    pub synced_seq: u64,
+}
+
+impl Marker {
+    /// The marker an active with watermark `w` writes at `now_unix_ms`.
+    pub fn from_watermark(w: &Watermark, now_unix_ms: u64) -> Self {
+        Self {
+            epoch: w.epoch,
+            written_at_unix_ms: now_unix_ms,
+            complete_as_of_unix_ms: w.oldest_unsynced_unix_ms.unwrap_or(now_unix_ms),
+            synced_seq: w.synced_seq,
+        }
+    }
+}
+
+/// Longest error text kept in a one-line reason.
+const REASON_MAX_CHARS: usize = 300;
+
+/// Makes a (possibly multi-line) error fit one line of bounded length, for
+/// an HTTP answer that ends up in the controller's health explanation.
+fn one_line(text: &str) -> String {
+    let joined = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" / ");
+    if joined.chars().count() > REASON_MAX_CHARS {
+        let cut: String = joined.chars().take(REASON_MAX_CHARS).collect();
+        format!("{cut}...")
+    } else {
+        joined
+    }
+}
+
+/// Whether this side's files are current, the rule behind `GET /ready`
+/// (the policy's `http` check on the `file-replication` component). `Ok`
+/// carries a note, `Err` the one-line reason. Pure: the caller passes the
+/// local watermark, the marker found in the local directory and the time.
+///
+/// - **Active** (the pusher): its own directory is the truth; what is
+///   judged is whether the standbys keep up. Current when the last push
+///   (directory or heartbeat marker) did not fail and the oldest change not
+///   yet at every destination is at most `max_age_ms` old. Same clock on
+///   both ends of the subtraction: no skew.
+/// - **Standby** (the receiver): current when the active's [`Marker`] is
+///   in its directory, comes from an epoch at least its own (an older one
+///   is from a previous active: nothing from the current one arrived yet),
+///   and the copy is complete as of at most `max_age_ms` ago. The age
+///   subtracts the active's clock from the standby's, so it is off by their
+///   skew (bounded by the controllers' lease margin, which `cwctl check`
+///   verifies); a marker from the future counts as age 0. The active
+///   pushes the marker at least every heartbeat even without changes, so a
+///   healthy pair stays under `heartbeat + skew`; choose `max_age_ms` well
+///   above that.
+/// - **Unknown role** (state unreadable): not current, nothing is pushed.
+pub fn freshness(
+    local: &Watermark,
+    received: Option<&Marker>,
+    now_unix_ms: u64,
+    max_age_ms: u64,
+) -> Result<String, String> {
+    match local.role {
+        None => Err("role unknown (state not readable): not replicating".to_owned()),
+        Some(Role::Active) => {
+            if let Some(e) = &local.last_error {
+                return Err(format!(
+                    "active (epoch {}): last push failed: {}",
+                    local.epoch,
+                    one_line(e)
+                ));
+            }
+            let age = local.age_ms(now_unix_ms);
+            if age > max_age_ms {
+                return Err(format!(
+                    "active (epoch {}): oldest unsynced change is {age} ms old > maxAgeMs {max_age_ms}",
+                    local.epoch
+                ));
+            }
+            Ok(format!(
+                "active (epoch {}): synced up to change {} of {}, oldest unsynced {age} ms old",
+                local.epoch, local.synced_seq, local.seen_seq
+            ))
+        }
+        Some(Role::Standby) => {
+            let Some(m) = received else {
+                return Err(format!(
+                    "standby (epoch {}): no marker from an active in {MARKER_NAME}: how current this copy is is unknown",
+                    local.epoch
+                ));
+            };
+            if m.epoch < local.epoch {
+                return Err(format!(
+                    "standby (epoch {}): the marker is from epoch {}, nothing pushed by the current active yet",
+                    local.epoch, m.epoch
+                ));
+            }
+            let age = now_unix_ms.saturating_sub(m.complete_as_of_unix_ms);
+            let heard = now_unix_ms.saturating_sub(m.written_at_unix_ms);
+            if age > max_age_ms {
+                return Err(format!(
+                    "standby (epoch {}): copy is {age} ms old > maxAgeMs {max_age_ms} (last marker from the active in epoch {} written {heard} ms ago)",
+                    local.epoch, m.epoch
+                ));
+            }
+            Ok(format!(
+                "standby (epoch {}): copy is {age} ms old (active epoch {}, synced change {})",
+                local.epoch, m.epoch, m.synced_seq
+            ))
+        }
+    }
 }
 
 impl Watermark {
@@ -203,5 +345,220 @@ mod tests {
         w.oldest_unsynced_unix_ms = Some(5_000);
         assert_eq!(w.age_ms(7_000), 2_000);
         assert!(!w.is_current(7_000, 1_999));
+    }
+
+    fn wm(role: Option<Role>, epoch: u64, oldest: Option<u64>, error: Option<&str>) -> Watermark {
+        Watermark {
+            role,
+            epoch,
+            seen_seq: 5,
+            synced_seq: 4,
+            synced_at_unix_ms: Some(9_000),
+            oldest_unsynced_unix_ms: oldest,
+            last_error: error.map(str::to_owned),
+            received: None,
+        }
+    }
+
+    fn marker(epoch: u64, written: u64, complete: u64) -> Marker {
+        Marker {
+            epoch,
+            written_at_unix_ms: written,
+            complete_as_of_unix_ms: complete,
+            synced_seq: 7,
+        }
+    }
+
+    /// (case, local, marker, now, maxAge, Ok?, words the note or reason must hold)
+    type Case<'a> = (
+        &'a str,
+        Watermark,
+        Option<Marker>,
+        u64,
+        u64,
+        bool,
+        &'a [&'a str],
+    );
+
+    #[test]
+    fn freshness_table() {
+        use Role::{Active, Standby};
+        let long_error = format!("rsync to x failed\n{}", "e".repeat(1000));
+        let cases: Vec<Case> = vec![
+            (
+                "unknown role",
+                wm(None, 0, None, None),
+                None,
+                10_000,
+                1_000,
+                false,
+                &["role unknown"],
+            ),
+            (
+                "active, all synced",
+                wm(Some(Active), 3, None, None),
+                None,
+                10_000,
+                1_000,
+                true,
+                &["active (epoch 3)", "change 4 of 5", "0 ms"],
+            ),
+            (
+                "active, young unsynced change",
+                wm(Some(Active), 3, Some(9_500), None),
+                None,
+                10_000,
+                1_000,
+                true,
+                &["500 ms old"],
+            ),
+            (
+                "active, at the limit",
+                wm(Some(Active), 3, Some(9_000), None),
+                None,
+                10_000,
+                1_000,
+                true,
+                &["1000 ms old"],
+            ),
+            (
+                "active, old unsynced change",
+                wm(Some(Active), 3, Some(8_999), None),
+                None,
+                10_000,
+                1_000,
+                false,
+                &["1001 ms old > maxAgeMs 1000"],
+            ),
+            (
+                "active, failing destination",
+                wm(
+                    Some(Active),
+                    3,
+                    None,
+                    Some("rsync to b failed (exit status: 11): No space\n  left"),
+                ),
+                None,
+                10_000,
+                1_000,
+                false,
+                &["last push failed", "No space / left"],
+            ),
+            (
+                "active, failure wins over age",
+                wm(Some(Active), 3, Some(1), Some("boom")),
+                None,
+                10_000,
+                1_000,
+                false,
+                &["boom"],
+            ),
+            (
+                "active, long error is cut",
+                wm(Some(Active), 3, None, Some(&long_error)),
+                None,
+                10_000,
+                1_000,
+                false,
+                &["rsync to x failed / eee", "..."],
+            ),
+            (
+                "active ignores a stale marker in its dir",
+                wm(Some(Active), 3, None, None),
+                Some(marker(1, 0, 0)),
+                10_000,
+                1_000,
+                true,
+                &["active"],
+            ),
+            (
+                "standby, no marker",
+                wm(Some(Standby), 3, None, None),
+                None,
+                10_000,
+                1_000,
+                false,
+                &["no marker", MARKER_NAME],
+            ),
+            (
+                "standby, fresh marker",
+                wm(Some(Standby), 3, None, None),
+                Some(marker(3, 9_800, 9_700)),
+                10_000,
+                1_000,
+                true,
+                &["300 ms old", "active epoch 3"],
+            ),
+            (
+                "standby, marker from a newer epoch",
+                wm(Some(Standby), 3, None, None),
+                Some(marker(4, 9_800, 9_800)),
+                10_000,
+                1_000,
+                true,
+                &["active epoch 4"],
+            ),
+            (
+                "standby, marker from an older epoch",
+                wm(Some(Standby), 3, None, None),
+                Some(marker(2, 9_900, 9_900)),
+                10_000,
+                1_000,
+                false,
+                &["from epoch 2", "nothing pushed"],
+            ),
+            (
+                "standby, pushes stopped",
+                wm(Some(Standby), 3, None, None),
+                Some(marker(3, 7_000, 7_000)),
+                10_000,
+                1_000,
+                false,
+                &["copy is 3000 ms old > maxAgeMs 1000", "written 3000 ms ago"],
+            ),
+            (
+                "standby, active alive but behind",
+                wm(Some(Standby), 3, None, None),
+                Some(marker(3, 9_900, 5_000)),
+                10_000,
+                1_000,
+                false,
+                &["5000 ms old", "written 100 ms ago"],
+            ),
+            (
+                "standby, marker from the future (skew)",
+                wm(Some(Standby), 3, None, None),
+                Some(marker(3, 10_400, 10_400)),
+                10_000,
+                1_000,
+                true,
+                &["0 ms old"],
+            ),
+        ];
+        for (case, local, m, now, max, ok, words) in cases {
+            let got = freshness(&local, m.as_ref(), now, max);
+            assert_eq!(got.is_ok(), ok, "{case}: {got:?}");
+            let text = got.unwrap_or_else(|e| e);
+            assert!(!text.contains('\n'), "{case}: one line: {text}");
+            assert!(text.chars().count() < 500, "{case}: bounded: {text}");
+            for w in words {
+                assert!(text.contains(w), "{case}: {text:?} lacks {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_marker_is_complete_as_of_the_oldest_unsynced_change() {
+        let mut w = wm(Some(Role::Active), 2, None, None);
+        assert_eq!(
+            Marker::from_watermark(&w, 5_000).complete_as_of_unix_ms,
+            5_000
+        );
+        w.oldest_unsynced_unix_ms = Some(4_000);
+        let m = Marker::from_watermark(&w, 5_000);
+        assert_eq!(
+            (m.epoch, m.complete_as_of_unix_ms, m.synced_seq),
+            (2, 4_000, 4)
+        );
     }
 }

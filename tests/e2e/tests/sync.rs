@@ -33,7 +33,7 @@ use counterweight_sync::db::{
     self, Action, ConnParams, DbConfig, DbSupervisor, Lsn, Peer, ServerControl, Tools,
 };
 use counterweight_sync::files::supervisor::read_watermark;
-use counterweight_sync::files::{FilesConfig, FilesSupervisor};
+use counterweight_sync::files::{FilesConfig, FilesSupervisor, MARKER_NAME};
 use counterweight_sync::role::StateSource;
 use tokio::sync::{Mutex, watch};
 
@@ -645,6 +645,314 @@ async fn files_follow_the_active_and_flip_direction() {
     stop.send_replace(true);
     sup_a.await.expect("join a").expect("a ran");
     sup_b.await.expect("join b").expect("b ran");
+}
+
+/// Plain `GET` over HTTP/1.0 (the server closes the connection after the
+/// answer), bounded by a deadline: status and body.
+async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("no status in {head:?}"))?;
+        Ok((status, body.to_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| "no answer within 5 s".to_owned())?
+}
+
+/// A files supervisor with its `/watermark` + `/ready` endpoint on a
+/// loopback port; both stop with `stop`.
+struct FilesSide {
+    port: u16,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), SyncError>>,
+    role: watch::Sender<Option<RoleEpoch>>,
+}
+
+async fn files_side(cfg: FilesConfig, role: RoleEpoch) -> FilesSide {
+    use counterweight_sync::files::http::{Endpoint, serve};
+    let (role_tx, role_rx) = watch::channel(Some(role));
+    let (stop, stop_rx) = watch::channel(false);
+    let sup = FilesSupervisor::new(cfg.clone());
+    let endpoint = Endpoint {
+        watermark: sup.subscribe(),
+        dir: cfg.dir.clone(),
+        default_max_age_ms: 60_000,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(serve(listener, endpoint, stop_rx.clone()));
+    let task = tokio::spawn(sup.run(role_rx, stop_rx));
+    FilesSide {
+        port,
+        stop,
+        task,
+        role: role_tx,
+    }
+}
+
+impl FilesSide {
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        self.task.await.expect("join").expect("supervisor ran");
+        drop(self.role);
+    }
+}
+
+/// The policy's http check on the files sidecar, as the controller runs it.
+async fn files_ready(port: u16, max_age_ms: u64) -> Option<String> {
+    let check = counterweight_core::policy::Check::Http(counterweight_core::policy::HttpCheck {
+        port,
+        path: format!("/ready?maxAgeMs={max_age_ms}"),
+        host: None,
+    });
+    checks::run(&check, "127.0.0.1", Duration::from_secs(5), None)
+        .await
+        .error
+}
+
+/// Issue 8's "file watermark age" as an active check: the standby's
+/// `/ready` follows the markers the active pushes (current while it
+/// pushes, even without changes; stale, naming the age, once it stops;
+/// current again when it resumes), and the active's follows its
+/// destinations (a failing one makes it 503 until it works again).
+#[tokio::test]
+async fn the_files_endpoint_reports_how_current_each_side_is() {
+    init_tracing();
+    let _turn = SERIAL.lock().await;
+    const MAX_AGE_MS: u64 = 1500;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let [dir_a, dir_b, dir_c] = ["a", "b", "c"].map(|n| tmp.path().join(n));
+    for d in [&dir_a, &dir_b, &dir_c] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    let config = |dir: &Path, dests: &[&Path], wm: &str| {
+        let mut c = FilesConfig::new(
+            dir.to_owned(),
+            dests.iter().map(|d| format!("{}/", d.display())).collect(),
+            tmp.path().join(wm),
+        );
+        c.quiet = Duration::from_millis(50);
+        c.max_delay = Duration::from_millis(500);
+        c.retry = Duration::from_millis(300);
+        c.heartbeat = Duration::from_millis(200);
+        c
+    };
+    // a pushes to b (the standby) and to c (a second destination we break).
+    let cfg_a = config(&dir_a, &[&dir_b, &dir_c], "a.json");
+    let a = files_side(cfg_a.clone(), active(1)).await;
+    let b = files_side(config(&dir_b, &[&dir_a], "b.json"), standby(1)).await;
+
+    eventually("b's copy current", DEADLINE, POLL, || async {
+        Ok(match files_ready(b.port, MAX_AGE_MS).await {
+            None => Some(()),
+            Some(e) => return Err(e),
+        })
+    })
+    .await;
+    assert_eq!(files_ready(a.port, MAX_AGE_MS).await, None);
+
+    // While a pushes, with changes and without, b stays current for longer
+    // than the limit: heartbeats refresh its marker, and the directory
+    // pushes (with --delete) keep it.
+    let window = Instant::now() + Duration::from_millis(3 * MAX_AGE_MS);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut i = 0;
+    while Instant::now() < window {
+        tick.tick().await;
+        if i % 2 == 0 {
+            std::fs::write(dir_a.join(format!("f{i}.txt")), "x").expect("write");
+        }
+        i += 1;
+        assert_eq!(files_ready(b.port, MAX_AGE_MS).await, None, "sample {i}");
+    }
+    eventually("the last file reaches b", DEADLINE, POLL, || async {
+        Ok(read(&dir_b, &format!("f{}.txt", (i - 1) / 2 * 2)).map(drop))
+    })
+    .await;
+    let (status, body) = http_get(b.port, "/watermark").await.expect("watermark");
+    assert_eq!(status, 200, "{body}");
+    let w: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(w["role"], "standby", "{w}");
+    assert_eq!(w["received"]["epoch"], 1, "{w}");
+    let (status, body) = http_get(a.port, "/ready").await.expect("a ready");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("active (epoch 1)"), "{body}");
+
+    // a stops pushing: once the limit has passed, b's copy is stale and its
+    // answer says how old it is.
+    a.stop().await;
+    let stopped = Instant::now();
+    let reason = eventually("b's copy stale", DEADLINE, POLL, || async {
+        Ok(files_ready(b.port, MAX_AGE_MS).await)
+    })
+    .await;
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(MAX_AGE_MS) - Duration::from_millis(300),
+        "stale too early: {reason}"
+    );
+    assert!(reason.contains("503"), "{reason}");
+    assert!(
+        reason.contains("ms old > maxAgeMs 1500"),
+        "the reason names the age: {reason}"
+    );
+    // A larger limit in the query is honoured.
+    assert_eq!(files_ready(b.port, 3_600_000).await, None);
+
+    // a resumes: b is current again.
+    let a = files_side(cfg_a.clone(), active(1)).await;
+    eventually("b's copy current again", DEADLINE, POLL, || async {
+        Ok(files_ready(b.port, MAX_AGE_MS)
+            .await
+            .is_none()
+            .then_some(()))
+    })
+    .await;
+
+    // One of a's destinations breaks (a file where the directory was): a's
+    // own answer turns 503 with the failed push, and recovers with it.
+    std::fs::remove_dir_all(&dir_c).expect("rm c");
+    std::fs::write(&dir_c, "not a directory").expect("file c");
+    std::fs::write(dir_a.join("after.txt"), "x").expect("write");
+    let reason = eventually(
+        "a reports the failing destination",
+        DEADLINE,
+        POLL,
+        || async { Ok(files_ready(a.port, MAX_AGE_MS).await) },
+    )
+    .await;
+    assert!(reason.contains("last push failed"), "{reason}");
+    assert!(reason.contains(&dir_c.display().to_string()), "{reason}");
+    std::fs::remove_file(&dir_c).expect("rm file c");
+    std::fs::create_dir_all(&dir_c).expect("mkdir c");
+    // The answer may turn 200 as soon as the marker reaches c again, before
+    // the pending change does (it is younger than the limit): wait for both.
+    eventually("a current again, c caught up", DEADLINE, POLL, || async {
+        let ready = files_ready(a.port, MAX_AGE_MS).await.is_none();
+        Ok((ready && read(&dir_c, "after.txt").as_deref() == Some("x")).then_some(()))
+    })
+    .await;
+    assert!(read(&dir_c, MARKER_NAME).is_some(), "c gets markers too");
+    assert!(
+        read(&dir_a, MARKER_NAME).is_none(),
+        "the active's own directory never gets one"
+    );
+
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The sidecar's own SQL connections to a peer follow `--sslmode` and
+/// `--sslrootcert` as libpq does: against a real PostgreSQL serving a
+/// certificate from the `certs` crate's CA for the name `localhost`.
+#[tokio::test]
+async fn the_sidecars_sql_probes_use_tls_as_sslmode_says() {
+    use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
+    use counterweight_harness::ServerTls;
+    init_tracing();
+    let _turn = SERIAL.lock().await;
+    let ca = CertificateAuthority::new("counterweight test database CA").expect("CA");
+    let other_ca = CertificateAuthority::new("some other CA").expect("other CA");
+    let leaf = ca
+        .issue(&LeafSpec::new("db.east", Usage::Server).sans(["localhost"]))
+        .expect("server certificate");
+    let pg = Postgres::start_with(PgOptions {
+        tls: Some(ServerTls {
+            cert_pem: leaf.cert_pem.clone(),
+            key_pem: leaf.key_pem.clone(),
+        }),
+        ..PgOptions::default()
+    })
+    .await
+    .expect("postgres with TLS");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (ca_file, wrong_ca) = (tmp.path().join("ca.crt"), tmp.path().join("other.crt"));
+    std::fs::write(&ca_file, &ca.pem().cert_pem).expect("ca file");
+    std::fs::write(&wrong_ca, &other_ca.pem().cert_pem).expect("other ca file");
+    let conn = |host: &str, mode: &str, root: Option<&Path>| {
+        let mut p = ConnParams::new(host, pg.port(), PG_USER);
+        p.password = Some(pg.password().to_owned());
+        p.sslmode = Some(mode.to_owned());
+        p.sslrootcert = root.map(|r| r.display().to_string());
+        p
+    };
+    let timeout = Duration::from_secs(5);
+    let encrypted = |client: tokio_postgres::Client| async move {
+        client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("pg_stat_ssl")
+            .get::<_, bool>(0)
+    };
+
+    // verify-full to the certificate's name: encrypted and authenticated.
+    let c = db::pg::connect(&conn("localhost", "verify-full", Some(&ca_file)), timeout)
+        .await
+        .expect("verify-full to localhost");
+    assert!(encrypted(c).await);
+    assert_eq!(
+        db::pg::peer_state(&conn("localhost", "verify-full", Some(&ca_file)), timeout).await,
+        db::PeerState::Primary
+    );
+    // verify-ca checks the chain only: an address not in the certificate
+    // passes.
+    let c = db::pg::connect(&conn("127.0.0.1", "verify-ca", Some(&ca_file)), timeout)
+        .await
+        .expect("verify-ca to 127.0.0.1");
+    assert!(encrypted(c).await);
+    // verify-full checks the name: that address is refused, saying why.
+    let e = db::pg::connect(&conn("127.0.0.1", "verify-full", Some(&ca_file)), timeout)
+        .await
+        .expect_err("verify-full to a name not in the certificate")
+        .to_string();
+    assert!(
+        e.contains("TLS handshake") && e.contains("not valid for name"),
+        "{e}"
+    );
+    // A certificate from another CA is refused, saying so.
+    let e = db::pg::connect(&conn("localhost", "verify-full", Some(&wrong_ca)), timeout)
+        .await
+        .expect_err("wrong CA")
+        .to_string();
+    assert!(
+        e.contains("TLS handshake") && e.contains("UnknownIssuer"),
+        "{e}"
+    );
+    assert_eq!(
+        db::pg::peer_state(&conn("localhost", "verify-full", Some(&wrong_ca)), timeout).await,
+        db::PeerState::Unreachable
+    );
+    // require without a CA: encrypted, not authenticated (libpq's meaning).
+    let c = db::pg::connect(&conn("127.0.0.1", "require", None), timeout)
+        .await
+        .expect("require");
+    assert!(encrypted(c).await);
+    // disable: plain.
+    let c = db::pg::connect(&conn("127.0.0.1", "disable", None), timeout)
+        .await
+        .expect("disable");
+    assert!(!encrypted(c).await);
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

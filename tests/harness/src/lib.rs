@@ -30,7 +30,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 pub use binaries::{BIN_DIR_ENV, Binaries};
-pub use postgres::{PG_USER, PgOptions, Postgres};
+pub use postgres::{PG_USER, PgOptions, Postgres, ServerTls};
 pub use process::Process;
 pub use proxy::{Mode, TcpProxy};
 

@@ -37,6 +37,25 @@ pub struct PgOptions {
     pub settings: Vec<(String, String)>,
     /// `initdb --data-checksums`; `pg_rewind` needs this or `wal_log_hints`.
     pub data_checksums: bool,
+    /// Serve TLS (`ssl = on`) with this certificate and key (PEM), e.g.
+    /// issued by the `certs` crate. Plain connections stay allowed.
+    pub tls: Option<ServerTls>,
+}
+
+/// A server certificate and key for [`PgOptions::tls`].
+#[derive(Clone)]
+pub struct ServerTls {
+    /// Certificate chain, PEM.
+    pub cert_pem: String,
+    /// Private key, PEM.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for ServerTls {
+    // Never print the key, even in test failure output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").finish_non_exhaustive()
+    }
 }
 
 impl PgOptions {
@@ -61,6 +80,7 @@ impl PgOptions {
                 set("wal_retrieve_retry_interval", "500ms"),
             ],
             data_checksums: true,
+            tls: None,
         }
     }
 }
@@ -161,6 +181,29 @@ impl Postgres {
                 .open(&conf)
                 .and_then(|mut f| f.write_all(lines.as_bytes()))
                 .map_err(|e| HarnessError::io("appending settings to postgresql.conf", e))?;
+        }
+        if let Some(tls) = &options.tls {
+            // PostgreSQL refuses a key readable by others; the files live in
+            // the server's own directory, given to the server user below.
+            use std::os::unix::fs::PermissionsExt;
+            let (cert, key) = (
+                pg.dir.path().join("server.crt"),
+                pg.dir.path().join("server.key"),
+            );
+            std::fs::write(&cert, &tls.cert_pem)
+                .and_then(|()| std::fs::write(&key, &tls.key_pem))
+                .and_then(|()| {
+                    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                })
+                .map_err(|e| HarnessError::io("writing the server's TLS files", e))?;
+            chown_to_pg(pg.dir.path())?;
+            for (k, v) in [
+                ("ssl", "on".to_owned()),
+                ("ssl_cert_file", cert.display().to_string()),
+                ("ssl_key_file", key.display().to_string()),
+            ] {
+                pg.settings.push((k.to_owned(), v));
+            }
         }
         pg.resume().await?;
         Ok(pg)
