@@ -20,16 +20,36 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
 use counterweight_certs::CertificateAuthority;
 use counterweight_webhook::{MUTATE_PATH, ServeOptions};
+use http::{StatusCode, header};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 
-/// The bare endpoint: same TLS and HTTP stack, a fixed body, no work.
+/// The baseline handler: reads the body, parses it and echoes an allowed
+/// AdmissionReview with its uid (`common::bare_echo`), without injecting;
+/// same status, content type and body limit as the webhook's.
+async fn bare_review(body: Bytes) -> Response {
+    match common::bare_echo(&body) {
+        Some(answer) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            answer,
+        )
+            .into_response(),
+        None => (StatusCode::BAD_REQUEST, "not an AdmissionReview").into_response(),
+    }
+}
+
+/// The baseline endpoint: the webhook's TLS and HTTP stack (rustls with ring,
+/// ALPN h2 and http/1.1, hyper-util's auto builder, TCP_NODELAY) around
+/// [`bare_review`].
 async fn start_bare(ca: &CertificateAuthority) -> SocketAddr {
     let pair = common::serving_pair(ca);
     let certs = rustls_pki_types::CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
@@ -46,8 +66,11 @@ async fn start_bare(ca: &CertificateAuthority) -> SocketAddr {
     .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let body: &'static [u8] = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"x","allowed":true,"status":{}}}"#;
-    let router = Router::new().route(MUTATE_PATH, post(move |_b: Bytes| async move { body }));
+    let router = Router::new()
+        .route(MUTATE_PATH, post(bare_review))
+        .layer(DefaultBodyLimit::max(
+            ServeOptions::default().max_body_bytes,
+        ));
     let service = TowerToHyperService::new(router);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -10,22 +10,43 @@
 //! a log line, because a broken webhook must never break the cluster. Every
 //! answer echoes the request uid. Nothing here panics on any input; the fuzz
 //! test in `tests/` drives arbitrary bytes through [`Handler::handle`].
+//!
+//! ## Why its own wire types
+//!
+//! The body is read once, from bytes, into [`ReviewIn`]: the fields the
+//! webhook acts on are borrowed from the body, the ones it only requires are
+//! checked without being built, and the object stays raw JSON until the
+//! endpoint knows what it should be, then goes straight into a `Pod` or
+//! `ConfigMap`. kube-core's `AdmissionReview<DynamicObject>` buffers the
+//! whole body twice (two `#[serde(flatten)]`s) and needs a `serde_json::Value`
+//! round trip to become a `Pod`; with the patch built per request, that was
+//! most of the handler's time. The answer is serialized once, from
+//! [`ReviewOut`], with the patch pre-serialized by
+//! [`counterweight_core::inject::Injector`].
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 use std::time::Instant;
 
-use counterweight_core::inject::{Decision, InjectorConfig, inject};
+use counterweight_core::inject::{Injector, InjectorConfig, PatchBytes};
 use counterweight_core::names::{INJECT_ENABLED, INJECT_LABEL, POLICY_CONFIGMAP, POLICY_KEY};
 use counterweight_core::policy::Policy;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube_core::DynamicObject;
-use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
 
 use crate::metrics::{Endpoint, Metrics, Outcome};
 
 /// The only AdmissionReview version the webhook speaks (the configurations
 /// ask for `admissionReviewVersions: ["v1"]`).
 pub const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
+
+/// Labels of a namespace that opted in, shared by every request under
+/// [`NamespaceLabels::TrustSelector`] instead of being built for each.
+static OPTED_IN: LazyLock<BTreeMap<String, String>> =
+    LazyLock::new(|| BTreeMap::from([(INJECT_LABEL.to_owned(), INJECT_ENABLED.to_owned())]));
 
 /// Where the labels of a pod's namespace come from.
 ///
@@ -46,12 +67,12 @@ pub enum NamespaceLabels {
 }
 
 impl NamespaceLabels {
-    fn labels(&self, namespace: &str) -> BTreeMap<String, String> {
+    fn labels(&self, namespace: &str) -> Cow<'_, BTreeMap<String, String>> {
         match self {
-            NamespaceLabels::TrustSelector => {
-                BTreeMap::from([(INJECT_LABEL.to_owned(), INJECT_ENABLED.to_owned())])
-            }
-            NamespaceLabels::Fixed(map) => map.get(namespace).cloned().unwrap_or_default(),
+            NamespaceLabels::TrustSelector => Cow::Borrowed(&OPTED_IN),
+            NamespaceLabels::Fixed(map) => map
+                .get(namespace)
+                .map_or_else(|| Cow::Owned(BTreeMap::new()), Cow::Borrowed),
         }
     }
 }
@@ -81,12 +102,72 @@ impl Reply {
 /// Answers AdmissionReviews. Cheap to share behind an `Arc`.
 #[derive(Debug, Clone)]
 pub struct Handler {
-    /// How the gate is built.
-    pub injector: InjectorConfig,
+    /// How the gate is built (the configuration and its pre-serialized patch parts).
+    pub injector: Injector,
     /// Where namespace labels come from.
     pub namespaces: NamespaceLabels,
     /// Where outcomes are counted.
     pub metrics: Metrics,
+}
+
+/// An incoming AdmissionReview, as far as the webhook reads it.
+///
+/// Required fields are those `admission.k8s.io/v1` and kube-core require;
+/// the ones the webhook does not use are checked for presence only
+/// ([`IgnoredAny`] skips their value without building it). Strings borrow
+/// from the body unless they hold escapes.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewIn<'a> {
+    #[serde(borrow)]
+    api_version: Cow<'a, str>,
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    request: Option<RequestIn<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestIn<'a> {
+    #[serde(borrow)]
+    uid: Cow<'a, str>,
+    #[serde(borrow)]
+    kind: KindIn<'a>,
+    #[allow(dead_code)]
+    resource: IgnoredAny,
+    #[serde(default, borrow)]
+    sub_resource: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    name: Cow<'a, str>,
+    #[serde(default, borrow)]
+    namespace: Option<Cow<'a, str>>,
+    operation: Operation,
+    #[allow(dead_code)]
+    user_info: IgnoredAny,
+    /// The object, still raw JSON: the endpoint decides what it must be.
+    #[serde(default, borrow)]
+    object: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct KindIn<'a> {
+    #[allow(dead_code)]
+    group: IgnoredAny,
+    #[allow(dead_code)]
+    version: IgnoredAny,
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
+}
+
+/// The admission operations of `admission.k8s.io/v1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+enum Operation {
+    Create,
+    Update,
+    Delete,
+    Connect,
 }
 
 /// The AdmissionReview answer as written on the wire. kube-core's own
@@ -99,59 +180,76 @@ pub struct Handler {
 struct ReviewOut<'a> {
     api_version: &'static str,
     kind: &'static str,
-    response: ResponseOut<'a>,
+    response: &'a Answer<'a>,
 }
 
-#[derive(serde::Serialize)]
+/// The `response` of an AdmissionReview answer.
+#[derive(Debug, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-struct ResponseOut<'a> {
+struct Answer<'a> {
     uid: &'a str,
     allowed: bool,
     /// Only on denials: an allowed answer carries no status.
     #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<&'a kube_core::Status>,
+    status: Option<Denial>,
+    /// The JSON patch, base64-encoded.
     #[serde(skip_serializing_if = "Option::is_none")]
     patch: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     patch_type: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    warnings: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
 }
 
-impl<'a> From<&'a AdmissionResponse> for ReviewOut<'a> {
-    fn from(r: &'a AdmissionResponse) -> Self {
-        use base64::Engine;
-        let patch = r
-            .patch
-            .as_ref()
-            .map(|p| base64::engine::general_purpose::STANDARD.encode(p));
+/// The `status` of a denial: a `metav1.Status` with only the message, as
+/// kube-core's `AdmissionResponse::deny` writes it.
+#[derive(Debug, serde::Serialize)]
+struct Denial {
+    message: String,
+}
+
+impl<'a> Answer<'a> {
+    fn allow(uid: &'a str) -> Self {
         Self {
-            api_version: REVIEW_API_VERSION,
-            kind: "AdmissionReview",
-            response: ResponseOut {
-                uid: &r.uid,
-                allowed: r.allowed,
-                status: (!r.allowed).then_some(&r.result),
-                patch_type: patch.as_ref().map(|_| "JSONPatch"),
-                patch,
-                warnings: r.warnings.as_deref(),
-            },
+            uid,
+            allowed: true,
+            status: None,
+            patch: None,
+            patch_type: None,
+            warnings: Vec::new(),
+        }
+    }
+
+    fn deny(self, message: String) -> Self {
+        Self {
+            allowed: false,
+            status: Some(Denial { message }),
+            ..self
+        }
+    }
+
+    fn with_patch(self, patch: &[u8]) -> Self {
+        use base64::Engine;
+        Self {
+            patch: Some(base64::engine::general_purpose::STANDARD.encode(patch)),
+            patch_type: Some("JSONPatch"),
+            ..self
         }
     }
 }
 
 /// A review we understood well enough to answer, or why not.
-enum Verdict {
-    Answered(AdmissionResponse),
+enum Verdict<'a> {
+    Answered(Answer<'a>),
     /// Allowed unchanged with this warning.
-    Unhandled(AdmissionResponse, String),
+    Unhandled(Answer<'a>, String),
 }
 
 impl Handler {
     /// Creates a handler with fresh metrics.
     pub fn new(injector: InjectorConfig, namespaces: NamespaceLabels) -> Self {
         Self {
-            injector,
+            injector: Injector::new(injector),
             namespaces,
             metrics: Metrics::new(),
         }
@@ -167,46 +265,52 @@ impl Handler {
     }
 
     fn handle_inner(&self, endpoint: Endpoint, body: &[u8]) -> Reply {
-        let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
+        let review: ReviewIn<'_> = match serde_json::from_slice(body) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "request body is not an AdmissionReview");
                 return Reply::bad_request(format!("request body is not an AdmissionReview: {e}"));
             }
         };
-        if review.types.kind != "AdmissionReview" || review.types.api_version != REVIEW_API_VERSION
-        {
+        if review.kind != "AdmissionReview" || review.api_version != REVIEW_API_VERSION {
             return Reply::bad_request(format!(
                 "expected kind AdmissionReview, apiVersion {REVIEW_API_VERSION}; got kind {:?}, apiVersion {:?}",
-                review.types.kind, review.types.api_version
+                review.kind, review.api_version
             ));
         }
-        let request: AdmissionRequest<DynamicObject> = match review.try_into() {
-            Ok(r) => r,
-            Err(_) => return Reply::bad_request("AdmissionReview has no request".into()),
+        let Some(request) = review.request else {
+            return Reply::bad_request("AdmissionReview has no request".into());
         };
+        // Fields are recorded as plain strings (no `Display` formatting); a
+        // pod created from a generateName has no name yet, so `mutate`
+        // records the generateName instead.
         let span = tracing::info_span!(
             "admission",
             endpoint = endpoint.as_str(),
-            uid = %request.uid,
+            uid = &*request.uid,
             namespace = request.namespace.as_deref().unwrap_or(""),
-            name = %request.name,
-            kind = %request.kind.kind,
+            name = (!request.name.is_empty()).then_some(&*request.name),
+            kind = &*request.kind.kind,
         );
         let _entered = span.enter();
         let verdict = match endpoint {
-            Endpoint::Mutate => self.mutate(&request),
+            Endpoint::Mutate => self.mutate(&request, &span),
             Endpoint::ValidatePolicy => self.validate_policy(&request),
         };
-        let (response, outcome) = match verdict {
-            Verdict::Answered(r) => (r, Outcome::Answered),
-            Verdict::Unhandled(mut r, warning) => {
+        let (answer, outcome) = match verdict {
+            Verdict::Answered(a) => (a, Outcome::Answered),
+            Verdict::Unhandled(mut a, warning) => {
                 tracing::warn!(%warning, "allowing a review the webhook cannot handle");
-                r.warnings = Some(vec![format!("counterweight: {warning}")]);
-                (r, Outcome::Unhandled)
+                a.warnings = vec![format!("counterweight: {warning}")];
+                (a, Outcome::Unhandled)
             }
         };
-        match serde_json::to_vec(&ReviewOut::from(&response)) {
+        let out = ReviewOut {
+            api_version: REVIEW_API_VERSION,
+            kind: "AdmissionReview",
+            response: &answer,
+        };
+        match serde_json::to_vec(&out) {
             Ok(body) => Reply {
                 status: 200,
                 body,
@@ -223,18 +327,13 @@ impl Handler {
         }
     }
 
-    fn mutate(&self, request: &AdmissionRequest<DynamicObject>) -> Verdict {
-        let allow = AdmissionResponse::from(request);
+    fn mutate<'a>(&self, request: &'a RequestIn<'a>, span: &tracing::Span) -> Verdict<'a> {
+        let allow = Answer::allow(&request.uid);
         if request.kind.kind != "Pod" || request.sub_resource.is_some() {
-            let what = format!(
-                "{}{}",
-                request.kind.kind,
-                request
-                    .sub_resource
-                    .as_deref()
-                    .map(|s| format!("/{s}"))
-                    .unwrap_or_default()
-            );
+            let what = match request.sub_resource.as_deref() {
+                Some(sub) => format!("{}/{sub}", request.kind.kind),
+                None => request.kind.kind.clone().into_owned(),
+            };
             return Verdict::Unhandled(
                 allow,
                 format!("the pod webhook was sent a {what}; check the webhook rules"),
@@ -249,11 +348,7 @@ impl Handler {
                 ),
             );
         }
-        let pod: Pod = match request
-            .object
-            .as_ref()
-            .map(|o| serde_json::to_value(o).and_then(serde_json::from_value))
-        {
+        let pod: Pod = match request.object.map(|o| serde_json::from_str(o.get())) {
             Some(Ok(pod)) => pod,
             Some(Err(e)) => {
                 return Verdict::Unhandled(allow, format!("pod not injected: unreadable pod: {e}"));
@@ -265,12 +360,22 @@ impl Handler {
                 );
             }
         };
+        if request.name.is_empty() {
+            if let Some(name) = pod
+                .metadata
+                .name
+                .as_deref()
+                .or(pod.metadata.generate_name.as_deref())
+            {
+                span.record("name", name);
+            }
+        }
         let namespace = match request
             .namespace
             .as_deref()
             .or(pod.metadata.namespace.as_deref())
         {
-            Some(ns) if !ns.is_empty() => ns.to_owned(),
+            Some(ns) if !ns.is_empty() => ns,
             _ => {
                 return Verdict::Unhandled(
                     allow,
@@ -278,35 +383,29 @@ impl Handler {
                 );
             }
         };
-        let labels = self.namespaces.labels(&namespace);
-        match inject(&pod, &labels, &namespace, &self.injector) {
-            Decision::Inject(patch) => match allow.clone().with_patch(patch) {
-                Ok(patched) => {
-                    self.metrics.injections.inc();
-                    tracing::info!("injected the init-gate");
-                    Verdict::Answered(patched)
-                }
-                Err(e) => Verdict::Unhandled(
-                    allow,
-                    format!("pod not injected: patch did not serialize: {e}"),
-                ),
-            },
-            Decision::Skip(reason) => {
+        let labels = self.namespaces.labels(namespace);
+        match self.injector.decide(&pod, &labels, namespace) {
+            PatchBytes::Inject(patch) => {
+                self.metrics.injections.inc();
+                tracing::info!("injected the init-gate");
+                Verdict::Answered(allow.with_patch(&patch))
+            }
+            PatchBytes::Skip(reason) => {
                 self.metrics.skip(reason);
                 tracing::debug!(reason = reason.as_str(), "not injecting");
-                let mut r = allow;
+                let mut a = allow;
                 if reason.is_suspicious() {
-                    r.warnings = Some(vec![format!(
+                    a.warnings = vec![format!(
                         "counterweight: init-gate not injected ({reason}); check the pod's counterweight.dev/role label and volume names"
-                    )]);
+                    )];
                 }
-                Verdict::Answered(r)
+                Verdict::Answered(a)
             }
         }
     }
 
-    fn validate_policy(&self, request: &AdmissionRequest<DynamicObject>) -> Verdict {
-        let allow = AdmissionResponse::from(request);
+    fn validate_policy<'a>(&self, request: &'a RequestIn<'a>) -> Verdict<'a> {
+        let allow = Answer::allow(&request.uid);
         if request.kind.kind != "ConfigMap" {
             return Verdict::Unhandled(
                 allow,
@@ -321,11 +420,7 @@ impl Handler {
         if request.operation == Operation::Delete || request.name != POLICY_CONFIGMAP {
             return Verdict::Answered(allow);
         }
-        let cm: ConfigMap = match request
-            .object
-            .as_ref()
-            .map(|o| serde_json::to_value(o).and_then(serde_json::from_value))
-        {
+        let cm: ConfigMap = match request.object.map(|o| serde_json::from_str(o.get())) {
             Some(Ok(cm)) => cm,
             Some(Err(e)) => {
                 return Verdict::Unhandled(

@@ -1,0 +1,71 @@
+//! Time of the admission handler alone (no HTTP, no TLS) per review, next to
+//! the baseline endpoint's per-request work (`common::bare_echo`), so a
+//! regression in parsing, injection or serialization shows up without the
+//! noise of sockets.
+//!
+//! Run: `cargo bench -p counterweight-webhook --bench handler`
+//! (`BENCH_ITERATIONS` sets the calls per measurement, default 200,000).
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use counterweight_webhook::metrics::Endpoint;
+
+/// Mean time per call of `f` over `n` calls, after a warm-up of `n / 10`.
+fn per_call<R>(n: u32, mut f: impl FnMut() -> R) -> f64 {
+    for _ in 0..n / 10 {
+        black_box(f());
+    }
+    let t = Instant::now();
+    for _ in 0..n {
+        black_box(f());
+    }
+    t.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+}
+
+fn main() {
+    let n: u32 = std::env::var("BENCH_ITERATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200_000);
+    let h = common::handler();
+    let inject = common::pod_review("bench", "shop");
+    let skip = common::pod_review("bench", "kube-system");
+    // Sanity: the cases do what their names say.
+    let injected = h.handle(Endpoint::Mutate, &inject);
+    assert!(common::response_of(&injected.body).get("patch").is_some());
+    assert!(
+        common::response_of(&h.handle(Endpoint::Mutate, &skip).body)
+            .get("patch")
+            .is_none()
+    );
+    assert!(common::bare_echo(&inject).is_some());
+
+    println!(
+        "{n} calls each; review {} bytes, injected answer {} bytes",
+        inject.len(),
+        injected.body.len()
+    );
+    let cases: [(&str, Box<dyn FnMut() -> usize>); 3] = [
+        (
+            "handle: pod CREATE, injected",
+            Box::new(|| h.handle(Endpoint::Mutate, &inject).body.len()),
+        ),
+        (
+            "handle: pod CREATE, skipped (kube-system)",
+            Box::new(|| h.handle(Endpoint::Mutate, &skip).body.len()),
+        ),
+        (
+            "baseline: parse, echo uid",
+            Box::new(|| common::bare_echo(&inject).map_or(0, |b| b.len())),
+        ),
+    ];
+    for (name, mut f) in cases {
+        println!("{name:42} {:7.2} µs", per_call(n, &mut f));
+    }
+}
