@@ -22,6 +22,7 @@
 //! marked with a synchronization role or the opt-out annotation; an operator
 //! who wants the opposite sets [`InjectorConfig::skip_host_network`].
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use json_patch::jsonptr::PointerBuf;
@@ -255,14 +256,145 @@ pub fn inject(
     namespace: &str,
     config: &InjectorConfig,
 ) -> Decision {
-    match skip_reason(pod, namespace_labels, namespace, config) {
+    let view = PodView::from(pod);
+    match skip_reason(&view, namespace_labels, namespace, config) {
         Some(reason) => Decision::Skip(reason),
-        None => Decision::Inject(patch(pod, config)),
+        None => Decision::Inject(patch(&view, config)),
+    }
+}
+
+/// The parts of a pod the injector reads, and nothing else.
+///
+/// [`inject`] takes a whole [`Pod`] and looks at it through this view; the
+/// webhook deserializes the view straight from the AdmissionReview's object
+/// with [`serde`]: names, labels and annotations borrow from the request
+/// body, and everything else in the pod (containers, probes, env, status) is
+/// skipped without being built. Fields keep the requiredness and types they
+/// have in the Kubernetes API (a volume or init container must have a
+/// `name`, a readiness gate a `conditionType`), so a pod that is malformed
+/// *where the rules look* fails to deserialize just as a [`Pod`] would.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct PodView<'a> {
+    /// The pod's metadata, as far as read.
+    #[serde(default, borrow)]
+    pub metadata: MetaView<'a>,
+    /// The pod's spec, as far as read.
+    #[serde(default, borrow)]
+    pub spec: Option<SpecView<'a>>,
+}
+
+/// Labels or annotations: keys and values borrowed where the JSON has no escapes.
+pub type StringMap<'a> = BTreeMap<Cow<'a, str>, Cow<'a, str>>;
+
+/// The metadata fields of a [`PodView`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetaView<'a> {
+    /// `metadata.name` (often unset at CREATE: see `generate_name`).
+    #[serde(default, borrow)]
+    pub name: Option<Cow<'a, str>>,
+    /// `metadata.generateName`.
+    #[serde(default, borrow)]
+    pub generate_name: Option<Cow<'a, str>>,
+    /// `metadata.namespace`.
+    #[serde(default, borrow)]
+    pub namespace: Option<Cow<'a, str>>,
+    /// `metadata.labels`.
+    #[serde(default, borrow)]
+    pub labels: Option<StringMap<'a>>,
+    /// `metadata.annotations`.
+    #[serde(default, borrow)]
+    pub annotations: Option<StringMap<'a>>,
+}
+
+/// The spec fields of a [`PodView`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpecView<'a> {
+    /// Names of `spec.initContainers`.
+    #[serde(default, borrow)]
+    pub init_containers: Option<Vec<Named<'a>>>,
+    /// `spec.readinessGates`.
+    #[serde(default, borrow)]
+    pub readiness_gates: Option<Vec<ReadinessGateView<'a>>>,
+    /// Names of `spec.volumes`.
+    #[serde(default, borrow)]
+    pub volumes: Option<Vec<Named<'a>>>,
+    /// `spec.hostNetwork`.
+    #[serde(default)]
+    pub host_network: Option<bool>,
+    /// `spec.automountServiceAccountToken`.
+    #[serde(default)]
+    pub automount_service_account_token: Option<bool>,
+}
+
+/// A container or volume, by its (required) name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Named<'a> {
+    /// The name.
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
+}
+
+/// A readiness gate, by its (required) condition type.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadinessGateView<'a> {
+    /// The condition type.
+    #[serde(borrow)]
+    pub condition_type: Cow<'a, str>,
+}
+
+impl<'a> From<&'a Pod> for PodView<'a> {
+    fn from(pod: &'a Pod) -> Self {
+        let borrow = |s: &'a Option<String>| s.as_deref().map(Cow::Borrowed);
+        let map = |m: &'a Option<BTreeMap<String, String>>| {
+            m.as_ref().map(|m| {
+                m.iter()
+                    .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str())))
+                    .collect()
+            })
+        };
+        let meta = &pod.metadata;
+        Self {
+            metadata: MetaView {
+                name: borrow(&meta.name),
+                generate_name: borrow(&meta.generate_name),
+                namespace: borrow(&meta.namespace),
+                labels: map(&meta.labels),
+                annotations: map(&meta.annotations),
+            },
+            spec: pod.spec.as_ref().map(|s| SpecView {
+                init_containers: s.init_containers.as_ref().map(|cs| {
+                    cs.iter()
+                        .map(|c| Named {
+                            name: Cow::Borrowed(&c.name),
+                        })
+                        .collect()
+                }),
+                readiness_gates: s.readiness_gates.as_ref().map(|gs| {
+                    gs.iter()
+                        .map(|g| ReadinessGateView {
+                            condition_type: Cow::Borrowed(&g.condition_type),
+                        })
+                        .collect()
+                }),
+                volumes: s.volumes.as_ref().map(|vs| {
+                    vs.iter()
+                        .map(|v| Named {
+                            name: Cow::Borrowed(&v.name),
+                        })
+                        .collect()
+                }),
+                host_network: s.host_network,
+                automount_service_account_token: s.automount_service_account_token,
+            }),
+        }
     }
 }
 
 fn skip_reason(
-    pod: &Pod,
+    pod: &PodView<'_>,
     namespace_labels: &BTreeMap<String, String>,
     namespace: &str,
     config: &InjectorConfig,
@@ -277,17 +409,22 @@ fn skip_reason(
         return Some(Skip::NamespaceNotEnabled);
     }
     let meta = &pod.metadata;
-    let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key));
+    let annotation = |key: &str| {
+        meta.annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .map(|v| &**v)
+    };
     if annotation(MIRROR_ANNOTATION).is_some() {
         return Some(Skip::MirrorPod);
     }
-    if annotation(INJECT_ANNOTATION).map(String::as_str) == Some(INJECT_DISABLED) {
+    if annotation(INJECT_ANNOTATION) == Some(INJECT_DISABLED) {
         return Some(Skip::OptedOut);
     }
     match meta.labels.as_ref().and_then(|l| l.get(ROLE_LABEL)) {
         None => {}
         Some(role) if role == SERVICE_ROLE => {}
-        Some(role) if SYNC_ROLES.contains(&role.as_str()) => return Some(Skip::SyncRole),
+        Some(role) if SYNC_ROLES.contains(&&**role) => return Some(Skip::SyncRole),
         Some(_) => return Some(Skip::UnknownRole),
     }
     let spec = pod.spec.as_ref();
@@ -315,7 +452,7 @@ fn skip_reason(
 /// says nothing we cannot see the ServiceAccount from here, so the gate gets
 /// the token the pod gets (an SA with automount off and a pod that does not
 /// override it is documented as unsupported).
-fn needs_own_token(pod: &Pod) -> bool {
+fn needs_own_token(pod: &PodView<'_>) -> bool {
     pod.spec
         .as_ref()
         .and_then(|s| s.automount_service_account_token)
@@ -439,7 +576,7 @@ impl Step {
 
 /// The steps of the patch for `pod`, in order: marker, gate, readiness gate
 /// (unless the pod already declares it), volumes.
-fn plan(pod: &Pod, config: &InjectorConfig) -> [Option<Step>; 4] {
+fn plan(pod: &PodView<'_>, config: &InjectorConfig) -> [Option<Step>; 4] {
     let own_token = needs_own_token(pod);
     let spec = pod.spec.as_ref();
     let annotation = match pod.metadata.annotations {
@@ -465,7 +602,7 @@ fn plan(pod: &Pod, config: &InjectorConfig) -> [Option<Step>; 4] {
     [Some(annotation), Some(gate), readiness, Some(volumes)]
 }
 
-fn patch(pod: &Pod, config: &InjectorConfig) -> Patch {
+fn patch(pod: &PodView<'_>, config: &InjectorConfig) -> Patch {
     Patch(
         plan(pod, config)
             .into_iter()
@@ -498,9 +635,10 @@ fn gate_volumes(config: &InjectorConfig, own_token: bool) -> Vec<Value> {
 /// [`Patch`] on every call: several microseconds of allocation, for output
 /// that depends only on the configuration and four facts about the pod. An
 /// `Injector` serializes each of the patch's possible parts once, at
-/// construction, and [`Injector::decide`] answers a pod by concatenating the
-/// parts its facts select. The rules are the same code as [`inject`]'s, and
-/// the bytes are those of `serde_json::to_vec` of [`inject`]'s patch.
+/// construction, and [`Injector::decide`] answers a [`PodView`] by
+/// concatenating the parts its facts select. The rules are the same code as
+/// [`inject`]'s, and the bytes are those of `serde_json::to_vec` of
+/// [`inject`]'s patch.
 #[derive(Debug, Clone)]
 pub struct Injector {
     config: InjectorConfig,
@@ -542,7 +680,7 @@ impl Injector {
     /// with the patch already serialized.
     pub fn decide(
         &self,
-        pod: &Pod,
+        pod: &PodView<'_>,
         namespace_labels: &BTreeMap<String, String>,
         namespace: &str,
     ) -> PatchBytes {
@@ -1134,8 +1272,9 @@ mod tests {
             }
         }
 
-        /// The pre-serialized injector answers every pod exactly as
-        /// [`inject`] does, byte for byte, whatever the configuration.
+        /// The pod view deserialized from a pod's JSON reads what [`inject`]
+        /// reads, and the pre-serialized injector answers it exactly as
+        /// [`inject`] answers the pod, byte for byte, whatever the configuration.
         #[test]
         fn injector_bytes_are_injects_patch(
             pod in arb_pod(),
@@ -1151,7 +1290,11 @@ mod tests {
             };
             let labels = if ns_enabled { enabled() } else { BTreeMap::new() };
             let injector = Injector::new(cfg.clone());
-            match (inject(&pod, &labels, ns, &cfg), injector.decide(&pod, &labels, ns)) {
+            // The view as the webhook gets it: deserialized from the pod's JSON.
+            let json = serde_json::to_string(&pod).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let view: PodView<'_> = serde_json::from_str(&json).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(&view, &PodView::from(&pod));
+            match (inject(&pod, &labels, ns, &cfg), injector.decide(&view, &labels, ns)) {
                 (Decision::Inject(p), PatchBytes::Inject(bytes)) => {
                     let expected = serde_json::to_vec(&p).map_err(|e| TestCaseError::fail(e.to_string()))?;
                     prop_assert_eq!(String::from_utf8_lossy(&bytes), String::from_utf8_lossy(&expected));

@@ -51,21 +51,17 @@ fn main() {
         inject.len(),
         injected.body.len()
     );
-    let cases: [(&str, Box<dyn FnMut() -> usize>); 3] = [
-        (
-            "handle: pod CREATE, injected",
-            Box::new(|| h.handle(Endpoint::Mutate, &inject).body.len()),
-        ),
-        (
-            "handle: pod CREATE, skipped (kube-system)",
-            Box::new(|| h.handle(Endpoint::Mutate, &skip).body.len()),
-        ),
-        (
-            "baseline: parse, echo uid",
-            Box::new(|| common::bare_echo(&inject).map_or(0, |b| b.len())),
-        ),
-    ];
-    for (name, mut f) in cases {
-        println!("{name:42} {:7.2} µs", per_call(n, &mut f));
-    }
+    let line = |name: &str, micros: f64| println!("{name:42} {micros:7.2} µs");
+    line(
+        "handle: pod CREATE, injected",
+        per_call(n, || h.handle(Endpoint::Mutate, &inject)),
+    );
+    line(
+        "handle: pod CREATE, skipped (kube-system)",
+        per_call(n, || h.handle(Endpoint::Mutate, &skip)),
+    );
+    line(
+        "baseline: parse, echo uid",
+        per_call(n, || common::bare_echo(&inject)),
+    );
 }

@@ -13,26 +13,28 @@
 //!
 //! ## Why its own wire types
 //!
-//! The body is read once, from bytes, into [`ReviewIn`]: the fields the
+//! The body is read once, from bytes, into `ReviewIn`: the fields the
 //! webhook acts on are borrowed from the body, the ones it only requires are
 //! checked without being built, and the object stays raw JSON until the
-//! endpoint knows what it should be, then goes straight into a `Pod` or
+//! endpoint knows what it should be, then goes straight into a pod view or a
 //! `ConfigMap`. kube-core's `AdmissionReview<DynamicObject>` buffers the
 //! whole body twice (two `#[serde(flatten)]`s) and needs a `serde_json::Value`
 //! round trip to become a `Pod`; with the patch built per request, that was
-//! most of the handler's time. The answer is serialized once, from
-//! [`ReviewOut`], with the patch pre-serialized by
-//! [`counterweight_core::inject::Injector`].
+//! most of the handler's time. The pod is read through
+//! [`counterweight_core::inject::PodView`] (only the fields the injection
+//! rules look at), the patch comes pre-serialized from
+//! [`counterweight_core::inject::Injector`], and the answer is written once,
+//! into one buffer.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use std::time::Instant;
 
-use counterweight_core::inject::{Injector, InjectorConfig, PatchBytes};
+use counterweight_core::inject::{Injector, InjectorConfig, PatchBytes, PodView};
 use counterweight_core::names::{INJECT_ENABLED, INJECT_LABEL, POLICY_CONFIGMAP, POLICY_KEY};
 use counterweight_core::policy::Policy;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::ConfigMap;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
@@ -170,42 +172,23 @@ enum Operation {
     Connect,
 }
 
-/// The AdmissionReview answer as written on the wire. kube-core's own
-/// serialization writes the patch bytes as a JSON array of numbers (several
-/// bytes of JSON per patch byte); Go's `[]byte` convention, and what the API
-/// server documents, is base64, which is a quarter of the size and much
-/// cheaper to produce.
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ReviewOut<'a> {
-    api_version: &'static str,
-    kind: &'static str,
-    response: &'a Answer<'a>,
-}
-
 /// The `response` of an AdmissionReview answer.
-#[derive(Debug, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug)]
 struct Answer<'a> {
     uid: &'a str,
     allowed: bool,
-    /// Only on denials: an allowed answer carries no status.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<Denial>,
-    /// The JSON patch, base64-encoded.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patch: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patch_type: Option<&'static str>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// The message of a denial: an allowed answer carries no status.
+    denial: Option<String>,
+    /// The JSON patch, as JSON bytes; written base64-encoded.
+    patch: Option<Vec<u8>>,
     warnings: Vec<String>,
 }
 
 /// The `status` of a denial: a `metav1.Status` with only the message, as
 /// kube-core's `AdmissionResponse::deny` writes it.
-#[derive(Debug, serde::Serialize)]
-struct Denial {
-    message: String,
+#[derive(serde::Serialize)]
+struct Denial<'a> {
+    message: &'a str,
 }
 
 impl<'a> Answer<'a> {
@@ -213,9 +196,8 @@ impl<'a> Answer<'a> {
         Self {
             uid,
             allowed: true,
-            status: None,
+            denial: None,
             patch: None,
-            patch_type: None,
             warnings: Vec::new(),
         }
     }
@@ -223,18 +205,62 @@ impl<'a> Answer<'a> {
     fn deny(self, message: String) -> Self {
         Self {
             allowed: false,
-            status: Some(Denial { message }),
+            denial: Some(message),
             ..self
         }
     }
 
-    fn with_patch(self, patch: &[u8]) -> Self {
-        use base64::Engine;
+    fn with_patch(self, patch: Vec<u8>) -> Self {
         Self {
-            patch: Some(base64::engine::general_purpose::STANDARD.encode(patch)),
-            patch_type: Some("JSONPatch"),
+            patch: Some(patch),
             ..self
         }
+    }
+
+    /// The whole AdmissionReview answer as JSON, in one buffer.
+    ///
+    /// Written field by field rather than through a `Serialize` struct so the
+    /// patch can be base64-encoded straight into the output: serde would need
+    /// it as a `String` first and then scan all of it for characters to
+    /// escape, of which the base64 alphabet has none. Every string that comes
+    /// from the request or from messages goes through `serde_json`. The patch
+    /// is base64, Go's `[]byte` convention that the API server documents
+    /// (kube-core's own serialization writes an array of numbers, several
+    /// times the size).
+    fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        use base64::Engine;
+        let base64 = base64::engine::general_purpose::STANDARD;
+        let patch_len = self.patch.as_ref().map_or(0, |p| p.len() / 3 * 4 + 4);
+        let mut out = Vec::with_capacity(192 + patch_len);
+        out.extend_from_slice(br#"{"apiVersion":""#);
+        out.extend_from_slice(REVIEW_API_VERSION.as_bytes());
+        out.extend_from_slice(br#"","kind":"AdmissionReview","response":{"uid":"#);
+        serde_json::to_writer(&mut out, self.uid)?;
+        out.extend_from_slice(if self.allowed {
+            br#","allowed":true"#.as_slice()
+        } else {
+            br#","allowed":false"#.as_slice()
+        });
+        if let Some(message) = &self.denial {
+            out.extend_from_slice(br#","status":"#);
+            serde_json::to_writer(&mut out, &Denial { message })?;
+        }
+        if let Some(patch) = &self.patch {
+            out.extend_from_slice(br#","patchType":"JSONPatch","patch":""#);
+            let start = out.len();
+            out.resize(start + patch.len().div_ceil(3) * 4, 0);
+            let written = base64
+                .encode_slice(patch, &mut out[start..])
+                .map_err(serde::ser::Error::custom)?;
+            out.truncate(start + written);
+            out.push(b'"');
+        }
+        if !self.warnings.is_empty() {
+            out.extend_from_slice(br#","warnings":"#);
+            serde_json::to_writer(&mut out, &self.warnings)?;
+        }
+        out.extend_from_slice(b"}}");
+        Ok(out)
     }
 }
 
@@ -305,12 +331,7 @@ impl Handler {
                 (a, Outcome::Unhandled)
             }
         };
-        let out = ReviewOut {
-            api_version: REVIEW_API_VERSION,
-            kind: "AdmissionReview",
-            response: &answer,
-        };
-        match serde_json::to_vec(&out) {
+        match answer.to_json() {
             Ok(body) => Reply {
                 status: 200,
                 body,
@@ -348,7 +369,7 @@ impl Handler {
                 ),
             );
         }
-        let pod: Pod = match request.object.map(|o| serde_json::from_str(o.get())) {
+        let pod: PodView<'_> = match request.object.map(|o| serde_json::from_str(o.get())) {
             Some(Ok(pod)) => pod,
             Some(Err(e)) => {
                 return Verdict::Unhandled(allow, format!("pod not injected: unreadable pod: {e}"));
@@ -360,15 +381,14 @@ impl Handler {
                 );
             }
         };
-        if request.name.is_empty() {
-            if let Some(name) = pod
+        if request.name.is_empty()
+            && let Some(name) = pod
                 .metadata
                 .name
                 .as_deref()
                 .or(pod.metadata.generate_name.as_deref())
-            {
-                span.record("name", name);
-            }
+        {
+            span.record("name", name);
         }
         let namespace = match request
             .namespace
@@ -388,7 +408,7 @@ impl Handler {
             PatchBytes::Inject(patch) => {
                 self.metrics.injections.inc();
                 tracing::info!("injected the init-gate");
-                Verdict::Answered(allow.with_patch(&patch))
+                Verdict::Answered(allow.with_patch(patch))
             }
             PatchBytes::Skip(reason) => {
                 self.metrics.skip(reason);
@@ -535,6 +555,26 @@ mod tests {
     }
 
     #[test]
+    fn uids_needing_escapes_are_echoed_exactly() {
+        let h = handler();
+        for uid in [
+            "a\"b",
+            "back\\slash",
+            "tab\there",
+            "ünï\u{1F600}",
+            "</script>",
+        ] {
+            let mut v: Value =
+                serde_json::from_slice(&review("Pod", "pods", "CREATE", "shop", "", pod()))
+                    .unwrap();
+            v["request"]["uid"] = json!(uid);
+            let r = response(&h.handle(Endpoint::Mutate, &serde_json::to_vec(&v).unwrap()));
+            assert_eq!(r["uid"], uid);
+            assert_eq!(r["patchType"], "JSONPatch");
+        }
+    }
+
+    #[test]
     fn skips_are_allowed_without_patch_and_counted() {
         let h = handler();
         let mut p = pod();
@@ -613,14 +653,36 @@ mod tests {
                 json!({"metadata": {}}),
             ),
             review("Pod", "pods", "UPDATE", "shop", "p", pod()),
+            // Unreadable where the injection rules look (the pod is read
+            // through `PodView`, which skips fields the rules never read,
+            // such as `containers`: the API server decoded the object before
+            // sending it and validates the patched result anyway).
             review(
                 "Pod",
                 "pods",
                 "CREATE",
                 "shop",
                 "p",
-                json!({"metadata": {}, "spec": {"containers": "nope"}}),
+                json!({"metadata": {}, "spec": {"containers": [], "initContainers": "nope"}}),
             ),
+            review(
+                "Pod",
+                "pods",
+                "CREATE",
+                "shop",
+                "p",
+                json!({"metadata": {"labels": {"app": 7}}, "spec": {"containers": []}}),
+            ),
+            review(
+                "Pod",
+                "pods",
+                "CREATE",
+                "shop",
+                "p",
+                json!({"metadata": {}, "spec": {"volumes": [{"emptyDir": {}}]}}),
+            ),
+            review("Pod", "pods", "CREATE", "shop", "p", json!(5)),
+            review("Pod", "pods", "CREATE", "shop", "p", Value::Null),
             review("Pod", "pods", "CREATE", "", "p", pod()),
         ];
         for body in cases {
