@@ -267,12 +267,17 @@ pub fn inject(
 ///
 /// [`inject`] takes a whole [`Pod`] and looks at it through this view; the
 /// webhook deserializes the view straight from the AdmissionReview's object
-/// with [`serde`]: names, labels and annotations borrow from the request
-/// body, and everything else in the pod (containers, probes, env, status) is
-/// skipped without being built. Fields keep the requiredness and types they
-/// have in the Kubernetes API (a volume or init container must have a
-/// `name`, a readiness gate a `conditionType`), so a pod that is malformed
-/// *where the rules look* fails to deserialize just as a [`Pod`] would.
+/// with [`serde`], and everything else in the pod (containers, probes, env,
+/// status) is skipped without being built. The `Cow`s let [`inject`] borrow
+/// from a [`Pod`]; from JSON, serde borrows only direct `Cow` fields (the
+/// container, volume and condition names) and copies strings inside options
+/// and maps, a handful of small allocations. Fields keep the requiredness
+/// and types they have in the Kubernetes API (a volume or init container
+/// must have a `name`, a readiness gate a `conditionType`), so a pod that is
+/// malformed *where the rules look* fails to deserialize just as a [`Pod`]
+/// would; one malformed elsewhere (say `containers`) is not this view's
+/// concern: the API server decoded the object before sending it and
+/// validates the patched pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 pub struct PodView<'a> {
     /// The pod's metadata, as far as read.
@@ -283,7 +288,7 @@ pub struct PodView<'a> {
     pub spec: Option<SpecView<'a>>,
 }
 
-/// Labels or annotations: keys and values borrowed where the JSON has no escapes.
+/// Labels or annotations.
 pub type StringMap<'a> = BTreeMap<Cow<'a, str>, Cow<'a, str>>;
 
 /// The metadata fields of a [`PodView`].

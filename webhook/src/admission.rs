@@ -14,8 +14,8 @@
 //! ## Why its own wire types
 //!
 //! The body is read once, from bytes, into `ReviewIn`: the fields the
-//! webhook acts on are borrowed from the body, the ones it only requires are
-//! checked without being built, and the object stays raw JSON until the
+//! webhook acts on are read (mostly borrowed from the body), the ones it
+//! only requires are checked without being built, and the object stays raw JSON until the
 //! endpoint knows what it should be, then goes straight into a pod view or a
 //! `ConfigMap`. kube-core's `AdmissionReview<DynamicObject>` buffers the
 //! whole body twice (two `#[serde(flatten)]`s) and needs a `serde_json::Value`
@@ -116,8 +116,9 @@ pub struct Handler {
 ///
 /// Required fields are those `admission.k8s.io/v1` and kube-core require;
 /// the ones the webhook does not use are checked for presence only
-/// ([`IgnoredAny`] skips their value without building it). Strings borrow
-/// from the body unless they hold escapes.
+/// ([`IgnoredAny`] skips their value without building it). Direct `Cow`
+/// fields borrow from the body unless they hold escapes; the optional ones
+/// are copied (serde borrows only direct `Cow` fields).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct ReviewIn<'a> {
