@@ -1,14 +1,19 @@
 //! Throughput and latency of the admission endpoint over TLS keep-alive,
-//! side by side with a bare axum + rustls endpoint that returns a fixed body.
+//! side by side with a baseline axum + rustls endpoint that reads and parses
+//! the same review and echoes an allowed answer with its uid, without
+//! injecting (`common::bare_echo`).
 //!
 //! Closed loop: N kept-alive HTTPS/1.1 connections (N = 2..64) each send a
 //! pod-CREATE AdmissionReview as fast as answers come back, for a fixed time.
 //! Open loop: 1,000 requests/s spread over 8 connections, to read p99 at a
-//! steady rate. Client and servers share this machine's cores, so absolute
-//! numbers are a floor; the ratio to the bare endpoint is the point.
+//! steady rate. Client and servers share this machine's cores (and one tokio
+//! runtime), so absolute numbers are a floor; the ratio to the baseline is
+//! the point. Both sides run in alternating turns (see [`compare`]).
 //!
 //! Run: `cargo bench -p counterweight-webhook --bench admission`
-//! (`BENCH_SECONDS` sets the time per point, default 2).
+//! (`BENCH_SECONDS` sets the time per side and point, default 2;
+//! `BENCH_ROUNDS` the number of alternating turns, default 4; `BENCH_LOG`
+//! turns the webhook's logging on, see [`install_log_subscriber`]).
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -172,26 +177,94 @@ async fn load(
     }
 }
 
+impl Sample {
+    /// Pools two runs of the same side: requests and time add up, latencies merge.
+    fn merge(&mut self, other: Sample) {
+        self.requests += other.requests;
+        self.elapsed += other.elapsed;
+        self.latencies.extend(other.latencies);
+        self.failures += other.failures;
+    }
+}
+
+/// Loads the webhook and the baseline in `rounds` alternating turns of
+/// `run / rounds` each, swapping who goes first every round, and pools each
+/// side's turns. Alternation makes both sides see the same machine: a
+/// neighbour's burst of CPU, allocator warm-up or the first connections'
+/// costs would otherwise fall on whichever side ran at that moment.
+async fn compare(
+    webhook: SocketAddr,
+    bare: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+    conns: usize,
+    run: Duration,
+    rounds: u32,
+    interval: Option<Duration>,
+) -> (Sample, Sample) {
+    let turn = run / rounds;
+    let empty = || Sample {
+        requests: 0,
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+        failures: 0,
+    };
+    let (mut w, mut b) = (empty(), empty());
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            w.merge(load(webhook, tls, conns, turn, interval).await);
+            b.merge(load(bare, tls, conns, turn, interval).await);
+        } else {
+            b.merge(load(bare, tls, conns, turn, interval).await);
+            w.merge(load(webhook, tls, conns, turn, interval).await);
+        }
+    }
+    (w, b)
+}
+
+/// With `BENCH_LOG` set (e.g. `info`), installs the binary's log subscriber
+/// (`tracing_subscriber::fmt` with that filter) writing to `/dev/null`: the
+/// webhook then pays for its span per request and its log lines, formatting
+/// and one `write(2)` per line, as in production (where the lines go to
+/// stdout). Unset, nothing is logged, as in earlier runs of this benchmark.
+fn install_log_subscriber() -> Option<String> {
+    let filter = std::env::var("BENCH_LOG").ok()?;
+    let null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .unwrap();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&filter))
+        .with_writer(std::sync::Mutex::new(null))
+        .init();
+    Some(filter)
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)
 }
 
 fn main() {
+    let log = install_log_subscriber();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let secs: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+        let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+        let secs = env("BENCH_SECONDS", 2);
+        let rounds = env("BENCH_ROUNDS", 4).max(1) as u32;
         let run = Duration::from_secs(secs);
         let webhook = common::start(ServeOptions::default()).await;
         let tls = common::client_config(&webhook.ca_pem());
         let bare = start_bare(&webhook.ca).await;
-        println!("closed loop, {secs}s per point, keep-alive HTTPS/1.1, pod CREATE review ({} bytes)", common::pod_review("bench", "shop").len());
+        println!(
+            "closed loop, {secs}s per side and point in {rounds} alternating turns, keep-alive HTTPS/1.1, pod CREATE review ({} bytes), webhook logging: {}",
+            common::pod_review("bench", "shop").len(),
+            log.as_deref().unwrap_or("off (set BENCH_LOG=info for the binary's level)")
+        );
         println!("{:>5} | {:>10} {:>8} {:>8} | {:>10} {:>8} {:>8} | {:>6}", "conns", "webhook/s", "p50 ms", "p99 ms", "bare/s", "p50 ms", "p99 ms", "ratio");
         for conns in [2, 4, 8, 16, 32, 64] {
-            let mut w = load(webhook.admission, &tls, conns, run, None).await;
-            let mut b = load(bare, &tls, conns, run, None).await;
+            let (mut w, mut b) = compare(webhook.admission, bare, &tls, conns, run, rounds, None).await;
             assert_eq!(w.failures + b.failures, 0, "failed requests");
             println!(
                 "{conns:>5} | {:>10.0} {:>8} {:>8} | {:>10.0} {:>8} {:>8} | {:>5.0}%",
@@ -201,8 +274,8 @@ fn main() {
             );
         }
         // 1,000 requests/s: 8 connections at one request per 8 ms each.
-        let mut w = load(webhook.admission, &tls, 8, run, Some(Duration::from_millis(8))).await;
-        let mut b = load(bare, &tls, 8, run, Some(Duration::from_millis(8))).await;
+        let (mut w, mut b) = compare(webhook.admission, bare, &tls, 8, run, rounds, Some(Duration::from_millis(8))).await;
+        assert_eq!(w.failures + b.failures, 0, "failed requests");
         println!(
             "open loop 1000 req/s (8 conns): webhook {:.0}/s p50 {} ms p99 {} ms | bare {:.0}/s p50 {} ms p99 {} ms",
             w.rps(), ms(w.pct(0.5)), ms(w.pct(0.99)), b.rps(), ms(b.pct(0.5)), ms(b.pct(0.99))
