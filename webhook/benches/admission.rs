@@ -103,11 +103,31 @@ struct Sample {
     elapsed: Duration,
     latencies: Vec<Duration>,
     failures: usize,
+    /// CPU time (user + system) this process used during the runs.
+    cpu: Duration,
+}
+
+/// CPU time (user + system, all threads) this process has used so far, from
+/// `/proc/self/stat` (fields 14 and 15, in USER_HZ ticks, 100 per second on
+/// Linux). Client and server are in this process, so CPU per request covers
+/// both; on a machine shared with other work it is a steadier comparison
+/// than throughput, which also measures how much CPU the neighbours left.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // The command name (field 2) may hold spaces; fields after it do not.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
 }
 
 impl Sample {
     fn rps(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+    /// Microseconds of CPU (client and server) per request.
+    fn cpu_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64
     }
     fn pct(&mut self, p: f64) -> Duration {
         self.latencies.sort_unstable();
@@ -135,6 +155,7 @@ async fn load(
         senders.push(common::connect(addr, Some(tls)).await.unwrap().0);
     }
     let start = Instant::now();
+    let cpu_start = process_cpu();
     let deadline = start + run;
     let tasks: Vec<_> = senders
         .into_iter()
@@ -174,6 +195,7 @@ async fn load(
         elapsed: start.elapsed(),
         latencies,
         failures,
+        cpu: process_cpu() - cpu_start,
     }
 }
 
@@ -184,6 +206,7 @@ impl Sample {
         self.elapsed += other.elapsed;
         self.latencies.extend(other.latencies);
         self.failures += other.failures;
+        self.cpu += other.cpu;
     }
 }
 
@@ -207,6 +230,7 @@ async fn compare(
         elapsed: Duration::ZERO,
         latencies: Vec::new(),
         failures: 0,
+        cpu: Duration::ZERO,
     };
     let (mut w, mut b) = (empty(), empty());
     for round in 0..rounds {
@@ -262,15 +286,16 @@ fn main() {
             common::pod_review("bench", "shop").len(),
             log.as_deref().unwrap_or("off (set BENCH_LOG=info for the binary's level)")
         );
-        println!("{:>5} | {:>10} {:>8} {:>8} | {:>10} {:>8} {:>8} | {:>6}", "conns", "webhook/s", "p50 ms", "p99 ms", "bare/s", "p50 ms", "p99 ms", "ratio");
+        println!("ratio = webhook/s over bare/s; cpu = CPU µs per request, client and server together; cpu ratio = bare's over the webhook's");
+        println!("{:>5} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} {:>6} | {:>6} {:>9}", "conns", "webhook/s", "p50 ms", "p99 ms", "cpu", "bare/s", "p50 ms", "p99 ms", "cpu", "ratio", "cpu ratio");
         for conns in [2, 4, 8, 16, 32, 64] {
             let (mut w, mut b) = compare(webhook.admission, bare, &tls, conns, run, rounds, None).await;
             assert_eq!(w.failures + b.failures, 0, "failed requests");
             println!(
-                "{conns:>5} | {:>10.0} {:>8} {:>8} | {:>10.0} {:>8} {:>8} | {:>5.0}%",
-                w.rps(), ms(w.pct(0.5)), ms(w.pct(0.99)),
-                b.rps(), ms(b.pct(0.5)), ms(b.pct(0.99)),
-                100.0 * w.rps() / b.rps()
+                "{conns:>5} | {:>10.0} {:>8} {:>8} {:>6.1} | {:>10.0} {:>8} {:>8} {:>6.1} | {:>5.0}% {:>8.0}%",
+                w.rps(), ms(w.pct(0.5)), ms(w.pct(0.99)), w.cpu_us(),
+                b.rps(), ms(b.pct(0.5)), ms(b.pct(0.99)), b.cpu_us(),
+                100.0 * w.rps() / b.rps(), 100.0 * b.cpu_us() / w.cpu_us()
             );
         }
         // 1,000 requests/s: 8 connections at one request per 8 ms each.
