@@ -246,7 +246,8 @@ async fn compare(
 }
 
 /// With `BENCH_LOG` set (e.g. `info`), installs the binary's log subscriber
-/// (`tracing_subscriber::fmt` with that filter) writing to `/dev/null`: the
+/// ([`counterweight_webhook::log_subscriber`] with that filter, no ANSI as
+/// in a pod) writing to `/dev/null`: the
 /// webhook then pays for its span per request and its log lines, formatting
 /// and one `write(2)` per line, as in production (where the lines go to
 /// stdout). Unset, nothing is logged, as in earlier runs of this benchmark.
@@ -256,10 +257,12 @@ fn install_log_subscriber() -> Option<String> {
         .write(true)
         .open("/dev/null")
         .unwrap();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&filter))
-        .with_writer(std::sync::Mutex::new(null))
-        .init();
+    tracing::subscriber::set_global_default(counterweight_webhook::log_subscriber(
+        tracing_subscriber::EnvFilter::new(&filter),
+        std::sync::Mutex::new(null),
+        false,
+    ))
+    .unwrap();
     Some(filter)
 }
 
