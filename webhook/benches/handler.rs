@@ -16,6 +16,38 @@ use std::time::Instant;
 
 use counterweight_webhook::metrics::Endpoint;
 
+/// A pod review closer to production than `common::pod_review`: four
+/// containers with twenty environment variables, probes, resources and
+/// mounts each, and the annotations a Deployment's pods carry.
+fn large_pod_review() -> bytes::Bytes {
+    let mut review: serde_json::Value =
+        serde_json::from_slice(&common::pod_review("bench", "shop")).unwrap();
+    let container = |i: usize| {
+        serde_json::json!({
+            "name": format!("app-{i}"),
+            "image": format!("registry.invalid/team/app-{i}:1.2.3"),
+            "env": (0..20).map(|e| serde_json::json!({"name": format!("SETTING_{e}"), "value": format!("value-{e}-of-container-{i}")})).collect::<Vec<_>>(),
+            "ports": [{"containerPort": 8080 + i, "name": "http", "protocol": "TCP"}],
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080 + i}, "periodSeconds": 5},
+            "livenessProbe": {"httpGet": {"path": "/live", "port": 8080 + i}, "periodSeconds": 10},
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}},
+            "volumeMounts": [{"name": "config", "mountPath": "/etc/app"}, {"name": "data", "mountPath": "/var/lib/app"}],
+        })
+    };
+    let object = &mut review["request"]["object"];
+    object["metadata"]["annotations"] = serde_json::json!({
+        "kubectl.kubernetes.io/restartedAt": "2025-01-01T00:00:00Z",
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9090",
+    });
+    object["spec"]["containers"] = (0..4).map(container).collect();
+    object["spec"]["volumes"] = serde_json::json!([
+        {"name": "config", "configMap": {"name": "app-config"}},
+        {"name": "data", "emptyDir": {}},
+    ]);
+    bytes::Bytes::from(serde_json::to_vec(&review).unwrap())
+}
+
 /// Mean time per call of `f` over `n` calls, after a warm-up of `n / 10`.
 fn per_call<R>(n: u32, mut f: impl FnMut() -> R) -> f64 {
     for _ in 0..n / 10 {
@@ -36,6 +68,7 @@ fn main() {
     let h = common::handler();
     let inject = common::pod_review("bench", "shop");
     let skip = common::pod_review("bench", "kube-system");
+    let large = large_pod_review();
     // Sanity: the cases do what their names say.
     let injected = h.handle(Endpoint::Mutate, &inject);
     assert!(common::response_of(&injected.body).get("patch").is_some());
@@ -55,6 +88,14 @@ fn main() {
     line(
         "handle: pod CREATE, injected",
         per_call(n, || h.handle(Endpoint::Mutate, &inject)),
+    );
+    line(
+        &format!("handle: large pod ({} bytes), injected", large.len()),
+        per_call(n / 4, || h.handle(Endpoint::Mutate, &large)),
+    );
+    line(
+        "baseline: large pod, parse, echo uid",
+        per_call(n / 4, || common::bare_echo(&large)),
     );
     line(
         "handle: pod CREATE, skipped (kube-system)",

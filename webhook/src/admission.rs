@@ -15,14 +15,14 @@
 //!
 //! The body is read once, from bytes, into `ReviewIn`: the fields the
 //! webhook acts on are read (mostly borrowed from the body), the ones it
-//! only requires are checked without being built, and the object stays raw JSON until the
-//! endpoint knows what it should be, then goes straight into a pod view or a
-//! `ConfigMap`. kube-core's `AdmissionReview<DynamicObject>` buffers the
-//! whole body twice (two `#[serde(flatten)]`s) and needs a `serde_json::Value`
-//! round trip to become a `Pod`; with the patch built per request, that was
-//! most of the handler's time. The pod is read through
+//! only requires are checked without being built, and the object is read as
+//! what the endpoint needs in the same pass: a pod through
 //! [`counterweight_core::inject::PodView`] (only the fields the injection
-//! rules look at), the patch comes pre-serialized from
+//! rules look at), or raw JSON that becomes a `ConfigMap`. kube-core's
+//! `AdmissionReview<DynamicObject>` buffers the whole body twice (two
+//! `#[serde(flatten)]`s) and needs a `serde_json::Value` round trip to
+//! become a `Pod`; with the patch built per request, that was most of the
+//! handler's time. The patch comes pre-serialized from
 //! [`counterweight_core::inject::Injector`], and the answer is written once,
 //! into one buffer.
 
@@ -119,20 +119,23 @@ pub struct Handler {
 /// ([`IgnoredAny`] skips their value without building it). Direct `Cow`
 /// fields borrow from the body unless they hold escapes; the optional ones
 /// are copied (serde borrows only direct `Cow` fields).
+///
+/// `O` is what the object is read as: a [`PodView`] for the pod endpoint, so
+/// the pod is read in the same pass as the review, or raw JSON.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ReviewIn<'a> {
+#[serde(rename_all = "camelCase", bound(deserialize = "O: Deserialize<'de>"))]
+struct ReviewIn<'a, O> {
     #[serde(borrow)]
     api_version: Cow<'a, str>,
     #[serde(borrow)]
     kind: Cow<'a, str>,
     #[serde(default, borrow)]
-    request: Option<RequestIn<'a>>,
+    request: Option<RequestIn<'a, O>>,
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RequestIn<'a> {
+#[serde(rename_all = "camelCase", bound(deserialize = "O: Deserialize<'de>"))]
+struct RequestIn<'a, O> {
     #[serde(borrow)]
     uid: Cow<'a, str>,
     #[serde(borrow)]
@@ -148,9 +151,64 @@ struct RequestIn<'a> {
     operation: Operation,
     #[allow(dead_code)]
     user_info: IgnoredAny,
-    /// The object, still raw JSON: the endpoint decides what it must be.
-    #[serde(default, borrow)]
-    object: Option<&'a RawValue>,
+    #[serde(default)]
+    object: Option<O>,
+}
+
+impl<'a, O> RequestIn<'a, O> {
+    fn map_object<P>(self, f: impl FnOnce(O) -> P) -> RequestIn<'a, P> {
+        RequestIn {
+            uid: self.uid,
+            kind: self.kind,
+            resource: self.resource,
+            sub_resource: self.sub_resource,
+            name: self.name,
+            namespace: self.namespace,
+            operation: self.operation,
+            user_info: self.user_info,
+            object: self.object.map(f),
+        }
+    }
+}
+
+/// A pod review's object: the pod, or why it could not be read.
+type PodObject<'a> = Result<PodView<'a>, serde_json::Error>;
+
+/// Reads `body` as an AdmissionReview whose object is read as `O`, or the
+/// 400 answer if it is not one.
+fn read_review<'a, O: Deserialize<'a>>(body: &'a [u8]) -> Result<RequestIn<'a, O>, Reply> {
+    let review: ReviewIn<'a, O> = serde_json::from_slice(body).map_err(|e| {
+        tracing::warn!(error = %e, "request body is not an AdmissionReview");
+        Reply::bad_request(format!("request body is not an AdmissionReview: {e}"))
+    })?;
+    checked(review)
+}
+
+/// The request of a review that is an `admission.k8s.io/v1` AdmissionReview
+/// with a request, or the 400 answer.
+fn checked<O>(review: ReviewIn<'_, O>) -> Result<RequestIn<'_, O>, Reply> {
+    if review.kind != "AdmissionReview" || review.api_version != REVIEW_API_VERSION {
+        return Err(Reply::bad_request(format!(
+            "expected kind AdmissionReview, apiVersion {REVIEW_API_VERSION}; got kind {:?}, apiVersion {:?}",
+            review.kind, review.api_version
+        )));
+    }
+    review
+        .request
+        .ok_or_else(|| Reply::bad_request("AdmissionReview has no request".into()))
+}
+
+/// Reads a pod review in one pass over the body, the pod included. Only if
+/// that fails is the body read again with the object kept raw, to tell a
+/// body that is no AdmissionReview (400) from a review whose pod is
+/// unreadable (allowed with a warning): the answers are those of always
+/// reading in two steps, without scanning the object twice when it is fine.
+fn read_pod_review(body: &[u8]) -> Result<RequestIn<'_, PodObject<'_>>, Reply> {
+    if let Ok(review) = serde_json::from_slice::<ReviewIn<'_, PodView<'_>>>(body) {
+        return checked(review).map(|r| r.map_object(Ok));
+    }
+    let request: RequestIn<'_, &RawValue> = read_review(body)?;
+    Ok(request.map_object(|raw| serde_json::from_str(raw.get())))
 }
 
 #[derive(Deserialize)]
@@ -292,22 +350,25 @@ impl Handler {
     }
 
     fn handle_inner(&self, endpoint: Endpoint, body: &[u8]) -> Reply {
-        let review: ReviewIn<'_> = match serde_json::from_slice(body) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "request body is not an AdmissionReview");
-                return Reply::bad_request(format!("request body is not an AdmissionReview: {e}"));
-            }
-        };
-        if review.kind != "AdmissionReview" || review.api_version != REVIEW_API_VERSION {
-            return Reply::bad_request(format!(
-                "expected kind AdmissionReview, apiVersion {REVIEW_API_VERSION}; got kind {:?}, apiVersion {:?}",
-                review.kind, review.api_version
-            ));
+        match endpoint {
+            Endpoint::Mutate => match read_pod_review(body) {
+                Ok(request) => self.answer(endpoint, &request, |r, span| self.mutate(r, span)),
+                Err(reply) => reply,
+            },
+            Endpoint::ValidatePolicy => match read_review::<&RawValue>(body) {
+                Ok(request) => self.answer(endpoint, &request, |r, _| self.validate_policy(r)),
+                Err(reply) => reply,
+            },
         }
-        let Some(request) = review.request else {
-            return Reply::bad_request("AdmissionReview has no request".into());
-        };
+    }
+
+    /// Decides `request` with `decide` inside the request's span and writes the answer.
+    fn answer<'a, O>(
+        &self,
+        endpoint: Endpoint,
+        request: &'a RequestIn<'a, O>,
+        decide: impl FnOnce(&'a RequestIn<'a, O>, &tracing::Span) -> Verdict<'a>,
+    ) -> Reply {
         // Fields are recorded as plain strings (no `Display` formatting); a
         // pod created from a generateName has no name yet, so `mutate`
         // records the generateName instead.
@@ -320,10 +381,7 @@ impl Handler {
             kind = &*request.kind.kind,
         );
         let _entered = span.enter();
-        let verdict = match endpoint {
-            Endpoint::Mutate => self.mutate(&request, &span),
-            Endpoint::ValidatePolicy => self.validate_policy(&request),
-        };
+        let verdict = decide(request, &span);
         let (answer, outcome) = match verdict {
             Verdict::Answered(a) => (a, Outcome::Answered),
             Verdict::Unhandled(mut a, warning) => {
@@ -349,7 +407,11 @@ impl Handler {
         }
     }
 
-    fn mutate<'a>(&self, request: &'a RequestIn<'a>, span: &tracing::Span) -> Verdict<'a> {
+    fn mutate<'a>(
+        &self,
+        request: &'a RequestIn<'a, PodObject<'a>>,
+        span: &tracing::Span,
+    ) -> Verdict<'a> {
         let allow = Answer::allow(&request.uid);
         if request.kind.kind != "Pod" || request.sub_resource.is_some() {
             let what = match request.sub_resource.as_deref() {
@@ -370,7 +432,7 @@ impl Handler {
                 ),
             );
         }
-        let pod: PodView<'_> = match request.object.map(|o| serde_json::from_str(o.get())) {
+        let pod = match &request.object {
             Some(Ok(pod)) => pod,
             Some(Err(e)) => {
                 return Verdict::Unhandled(allow, format!("pod not injected: unreadable pod: {e}"));
@@ -405,7 +467,7 @@ impl Handler {
             }
         };
         let labels = self.namespaces.labels(namespace);
-        match self.injector.decide(&pod, &labels, namespace) {
+        match self.injector.decide(pod, &labels, namespace) {
             PatchBytes::Inject(patch) => {
                 self.metrics.injections.inc();
                 // Debug, like the skips: a line per admitted pod at the
@@ -431,7 +493,7 @@ impl Handler {
         }
     }
 
-    fn validate_policy<'a>(&self, request: &'a RequestIn<'a>) -> Verdict<'a> {
+    fn validate_policy<'a>(&self, request: &'a RequestIn<'a, &'a RawValue>) -> Verdict<'a> {
         let allow = Answer::allow(&request.uid);
         if request.kind.kind != "ConfigMap" {
             return Verdict::Unhandled(
