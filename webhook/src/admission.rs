@@ -140,6 +140,7 @@ struct RequestIn<'a, O> {
     uid: Cow<'a, str>,
     #[serde(borrow)]
     kind: KindIn<'a>,
+    // Required but never read: deserializing is the presence check.
     #[allow(dead_code)]
     resource: IgnoredAny,
     #[serde(default, borrow)]
@@ -213,6 +214,7 @@ fn read_pod_review(body: &[u8]) -> Result<RequestIn<'_, PodObject<'_>>, Reply> {
 
 #[derive(Deserialize)]
 struct KindIn<'a> {
+    // Required but never read, like `RequestIn::resource`.
     #[allow(dead_code)]
     group: IgnoredAny,
     #[allow(dead_code)]
