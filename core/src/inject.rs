@@ -22,6 +22,7 @@
 //! marked with a synchronization role or the opt-out annotation; an operator
 //! who wants the opposite sets [`InjectorConfig::skip_host_network`].
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use json_patch::jsonptr::PointerBuf;
@@ -255,14 +256,150 @@ pub fn inject(
     namespace: &str,
     config: &InjectorConfig,
 ) -> Decision {
-    match skip_reason(pod, namespace_labels, namespace, config) {
+    let view = PodView::from(pod);
+    match skip_reason(&view, namespace_labels, namespace, config) {
         Some(reason) => Decision::Skip(reason),
-        None => Decision::Inject(patch(pod, config)),
+        None => Decision::Inject(patch(&view, config)),
+    }
+}
+
+/// The parts of a pod the injector reads, and nothing else.
+///
+/// [`inject`] takes a whole [`Pod`] and looks at it through this view; the
+/// webhook deserializes the view straight from the AdmissionReview's object
+/// with [`serde`], and everything else in the pod (containers, probes, env,
+/// status) is skipped without being built. The `Cow`s let [`inject`] borrow
+/// from a [`Pod`]; from JSON, serde borrows only direct `Cow` fields (the
+/// container, volume and condition names) and copies strings inside options
+/// and maps, a handful of small allocations. Fields keep the requiredness
+/// and types they have in the Kubernetes API (a volume or init container
+/// must have a `name`, a readiness gate a `conditionType`), so a pod that is
+/// malformed *where the rules look* fails to deserialize just as a [`Pod`]
+/// would; one malformed elsewhere (say `containers`) is not this view's
+/// concern: the API server decoded the object before sending it and
+/// validates the patched pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct PodView<'a> {
+    /// The pod's metadata, as far as read.
+    #[serde(default, borrow)]
+    pub metadata: MetaView<'a>,
+    /// The pod's spec, as far as read.
+    #[serde(default, borrow)]
+    pub spec: Option<SpecView<'a>>,
+}
+
+/// Labels or annotations.
+pub type StringMap<'a> = BTreeMap<Cow<'a, str>, Cow<'a, str>>;
+
+/// The metadata fields of a [`PodView`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetaView<'a> {
+    /// `metadata.name` (often unset at CREATE: see `generate_name`).
+    #[serde(default, borrow)]
+    pub name: Option<Cow<'a, str>>,
+    /// `metadata.generateName`.
+    #[serde(default, borrow)]
+    pub generate_name: Option<Cow<'a, str>>,
+    /// `metadata.namespace`.
+    #[serde(default, borrow)]
+    pub namespace: Option<Cow<'a, str>>,
+    /// `metadata.labels`.
+    #[serde(default, borrow)]
+    pub labels: Option<StringMap<'a>>,
+    /// `metadata.annotations`.
+    #[serde(default, borrow)]
+    pub annotations: Option<StringMap<'a>>,
+}
+
+/// The spec fields of a [`PodView`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpecView<'a> {
+    /// Names of `spec.initContainers`.
+    #[serde(default, borrow)]
+    pub init_containers: Option<Vec<Named<'a>>>,
+    /// `spec.readinessGates`.
+    #[serde(default, borrow)]
+    pub readiness_gates: Option<Vec<ReadinessGateView<'a>>>,
+    /// Names of `spec.volumes`.
+    #[serde(default, borrow)]
+    pub volumes: Option<Vec<Named<'a>>>,
+    /// `spec.hostNetwork`.
+    #[serde(default)]
+    pub host_network: Option<bool>,
+    /// `spec.automountServiceAccountToken`.
+    #[serde(default)]
+    pub automount_service_account_token: Option<bool>,
+}
+
+/// A container or volume, by its (required) name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Named<'a> {
+    /// The name.
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
+}
+
+/// A readiness gate, by its (required) condition type.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadinessGateView<'a> {
+    /// The condition type.
+    #[serde(borrow)]
+    pub condition_type: Cow<'a, str>,
+}
+
+impl<'a> From<&'a Pod> for PodView<'a> {
+    fn from(pod: &'a Pod) -> Self {
+        let borrow = |s: &'a Option<String>| s.as_deref().map(Cow::Borrowed);
+        let map = |m: &'a Option<BTreeMap<String, String>>| {
+            m.as_ref().map(|m| {
+                m.iter()
+                    .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str())))
+                    .collect()
+            })
+        };
+        let meta = &pod.metadata;
+        Self {
+            metadata: MetaView {
+                name: borrow(&meta.name),
+                generate_name: borrow(&meta.generate_name),
+                namespace: borrow(&meta.namespace),
+                labels: map(&meta.labels),
+                annotations: map(&meta.annotations),
+            },
+            spec: pod.spec.as_ref().map(|s| SpecView {
+                init_containers: s.init_containers.as_ref().map(|cs| {
+                    cs.iter()
+                        .map(|c| Named {
+                            name: Cow::Borrowed(&c.name),
+                        })
+                        .collect()
+                }),
+                readiness_gates: s.readiness_gates.as_ref().map(|gs| {
+                    gs.iter()
+                        .map(|g| ReadinessGateView {
+                            condition_type: Cow::Borrowed(&g.condition_type),
+                        })
+                        .collect()
+                }),
+                volumes: s.volumes.as_ref().map(|vs| {
+                    vs.iter()
+                        .map(|v| Named {
+                            name: Cow::Borrowed(&v.name),
+                        })
+                        .collect()
+                }),
+                host_network: s.host_network,
+                automount_service_account_token: s.automount_service_account_token,
+            }),
+        }
     }
 }
 
 fn skip_reason(
-    pod: &Pod,
+    pod: &PodView<'_>,
     namespace_labels: &BTreeMap<String, String>,
     namespace: &str,
     config: &InjectorConfig,
@@ -277,17 +414,22 @@ fn skip_reason(
         return Some(Skip::NamespaceNotEnabled);
     }
     let meta = &pod.metadata;
-    let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key));
+    let annotation = |key: &str| {
+        meta.annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .map(|v| &**v)
+    };
     if annotation(MIRROR_ANNOTATION).is_some() {
         return Some(Skip::MirrorPod);
     }
-    if annotation(INJECT_ANNOTATION).map(String::as_str) == Some(INJECT_DISABLED) {
+    if annotation(INJECT_ANNOTATION) == Some(INJECT_DISABLED) {
         return Some(Skip::OptedOut);
     }
     match meta.labels.as_ref().and_then(|l| l.get(ROLE_LABEL)) {
         None => {}
         Some(role) if role == SERVICE_ROLE => {}
-        Some(role) if SYNC_ROLES.contains(&role.as_str()) => return Some(Skip::SyncRole),
+        Some(role) if SYNC_ROLES.contains(&&**role) => return Some(Skip::SyncRole),
         Some(_) => return Some(Skip::UnknownRole),
     }
     let spec = pod.spec.as_ref();
@@ -315,58 +457,168 @@ fn skip_reason(
 /// says nothing we cannot see the ServiceAccount from here, so the gate gets
 /// the token the pod gets (an SA with automount off and a pod that does not
 /// override it is documented as unsupported).
-fn needs_own_token(pod: &Pod) -> bool {
+fn needs_own_token(pod: &PodView<'_>) -> bool {
     pod.spec
         .as_ref()
         .and_then(|s| s.automount_service_account_token)
         == Some(false)
 }
 
-fn patch(pod: &Pod, config: &InjectorConfig) -> Patch {
+/// One part of the patch, chosen by the few facts about the pod that shape
+/// it. The patch is a short list of these; every step's operations depend on
+/// nothing but the step and the [`InjectorConfig`], which is what lets an
+/// [`Injector`] serialize each of them once and answer every pod by
+/// concatenation. [`patch`] and [`Injector::decide`] share [`plan`] and
+/// [`Step::ops`], so they cannot drift apart (a property test checks they
+/// produce the same bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// The pod has no annotations: add the map with the marker.
+    AnnotationsNew,
+    /// Add the marker to the pod's annotations.
+    AnnotationAdd,
+    /// The pod has no init containers: add the list with the gate.
+    GateNew { own_token: bool },
+    /// Insert the gate before the pod's init containers.
+    GateFirst { own_token: bool },
+    /// Append the gate after the pod's init containers.
+    GateLast { own_token: bool },
+    /// The pod has no readiness gates: add the list with ours.
+    ReadinessNew,
+    /// Append our readiness gate to the pod's.
+    ReadinessAppend,
+    /// The pod has no volumes: add the list with the gate's.
+    VolumesNew { own_token: bool },
+    /// Append the gate's volumes to the pod's.
+    VolumesAppend { own_token: bool },
+}
+
+impl Step {
+    const COUNT: usize = 14;
+    const ALL: [Step; Step::COUNT] = [
+        Step::AnnotationsNew,
+        Step::AnnotationAdd,
+        Step::GateNew { own_token: false },
+        Step::GateNew { own_token: true },
+        Step::GateFirst { own_token: false },
+        Step::GateFirst { own_token: true },
+        Step::GateLast { own_token: false },
+        Step::GateLast { own_token: true },
+        Step::ReadinessNew,
+        Step::ReadinessAppend,
+        Step::VolumesNew { own_token: false },
+        Step::VolumesNew { own_token: true },
+        Step::VolumesAppend { own_token: false },
+        Step::VolumesAppend { own_token: true },
+    ];
+
+    /// Position in [`Step::ALL`].
+    fn index(self) -> usize {
+        let t = |own_token: bool| usize::from(own_token);
+        match self {
+            Step::AnnotationsNew => 0,
+            Step::AnnotationAdd => 1,
+            Step::GateNew { own_token } => 2 + t(own_token),
+            Step::GateFirst { own_token } => 4 + t(own_token),
+            Step::GateLast { own_token } => 6 + t(own_token),
+            Step::ReadinessNew => 8,
+            Step::ReadinessAppend => 9,
+            Step::VolumesNew { own_token } => 10 + t(own_token),
+            Step::VolumesAppend { own_token } => 12 + t(own_token),
+        }
+    }
+
+    /// The RFC 6902 operations of this step.
+    fn ops(self, config: &InjectorConfig) -> Vec<PatchOperation> {
+        let add = |tokens: &[&str], value: Value| {
+            PatchOperation::Add(AddOperation {
+                path: PointerBuf::from_tokens(tokens.iter().copied()),
+                value,
+            })
+        };
+        let gate = |own_token| to_value(&gate_container(config, own_token));
+        let readiness = || {
+            to_value(&PodReadinessGate {
+                condition_type: SERVING_CONDITION.into(),
+            })
+        };
+        match self {
+            // `from_tokens` escapes the `/` in the key as `~1`.
+            Step::AnnotationAdd => vec![add(
+                &["metadata", "annotations", STATUS_ANNOTATION],
+                Value::String(STATUS_INJECTED.into()),
+            )],
+            Step::AnnotationsNew => vec![add(
+                &["metadata", "annotations"],
+                serde_json::json!({ STATUS_ANNOTATION: STATUS_INJECTED }),
+            )],
+            Step::GateNew { own_token } => vec![add(
+                &["spec", "initContainers"],
+                Value::Array(vec![gate(own_token)]),
+            )],
+            Step::GateFirst { own_token } => {
+                vec![add(&["spec", "initContainers", "0"], gate(own_token))]
+            }
+            Step::GateLast { own_token } => {
+                vec![add(&["spec", "initContainers", "-"], gate(own_token))]
+            }
+            Step::ReadinessNew => vec![add(
+                &["spec", "readinessGates"],
+                Value::Array(vec![readiness()]),
+            )],
+            Step::ReadinessAppend => vec![add(&["spec", "readinessGates", "-"], readiness())],
+            Step::VolumesNew { own_token } => vec![add(
+                &["spec", "volumes"],
+                Value::Array(gate_volumes(config, own_token)),
+            )],
+            Step::VolumesAppend { own_token } => gate_volumes(config, own_token)
+                .into_iter()
+                .map(|v| add(&["spec", "volumes", "-"], v))
+                .collect(),
+        }
+    }
+}
+
+/// The steps of the patch for `pod`, in order: marker, gate, readiness gate
+/// (unless the pod already declares it), volumes.
+fn plan(pod: &PodView<'_>, config: &InjectorConfig) -> [Option<Step>; 4] {
     let own_token = needs_own_token(pod);
     let spec = pod.spec.as_ref();
-    let mut ops = Vec::new();
-
-    let mut add = |tokens: &[&str], value: Value| {
-        ops.push(PatchOperation::Add(AddOperation {
-            path: PointerBuf::from_tokens(tokens.iter().copied()),
-            value,
-        }));
+    let annotation = match pod.metadata.annotations {
+        Some(_) => Step::AnnotationAdd,
+        None => Step::AnnotationsNew,
     };
-
-    // Annotation. `from_tokens` escapes the `/` in the key as `~1`.
-    match pod.metadata.annotations {
-        Some(_) => add(
-            &["metadata", "annotations", STATUS_ANNOTATION],
-            Value::String(STATUS_INJECTED.into()),
-        ),
-        None => add(
-            &["metadata", "annotations"],
-            serde_json::json!({ STATUS_ANNOTATION: STATUS_INJECTED }),
-        ),
-    }
-
-    // The gate container.
-    let gate = to_value(&gate_container(config, own_token));
-    match spec.and_then(|s| s.init_containers.as_ref()) {
-        None => add(&["spec", "initContainers"], Value::Array(vec![gate])),
+    let gate = match spec.and_then(|s| s.init_containers.as_ref()) {
+        None => Step::GateNew { own_token },
         Some(_) => match config.position {
-            GatePosition::First => add(&["spec", "initContainers", "0"], gate),
-            GatePosition::Last => add(&["spec", "initContainers", "-"], gate),
+            GatePosition::First => Step::GateFirst { own_token },
+            GatePosition::Last => Step::GateLast { own_token },
         },
-    }
+    };
+    let readiness = match spec.and_then(|s| s.readiness_gates.as_ref()) {
+        None => Some(Step::ReadinessNew),
+        Some(gates) if gates.iter().any(|g| g.condition_type == SERVING_CONDITION) => None,
+        Some(_) => Some(Step::ReadinessAppend),
+    };
+    let volumes = match spec.and_then(|s| s.volumes.as_ref()) {
+        None => Step::VolumesNew { own_token },
+        Some(_) => Step::VolumesAppend { own_token },
+    };
+    [Some(annotation), Some(gate), readiness, Some(volumes)]
+}
 
-    // Readiness gate, unless the pod already declares it.
-    let rg = to_value(&PodReadinessGate {
-        condition_type: SERVING_CONDITION.into(),
-    });
-    match spec.and_then(|s| s.readiness_gates.as_ref()) {
-        None => add(&["spec", "readinessGates"], Value::Array(vec![rg])),
-        Some(gates) if gates.iter().any(|g| g.condition_type == SERVING_CONDITION) => {}
-        Some(_) => add(&["spec", "readinessGates", "-"], rg),
-    }
+fn patch(pod: &PodView<'_>, config: &InjectorConfig) -> Patch {
+    Patch(
+        plan(pod, config)
+            .into_iter()
+            .flatten()
+            .flat_map(|step| step.ops(config))
+            .collect(),
+    )
+}
 
-    // Volumes: scratch for the epoch file, and the token if the pod has none.
+/// The gate's volumes: scratch for the epoch file, and the token if the pod has none.
+fn gate_volumes(config: &InjectorConfig, own_token: bool) -> Vec<Value> {
     let mut volumes = vec![to_value(&Volume {
         name: RUN_VOLUME.into(),
         empty_dir: Some(EmptyDirVolumeSource {
@@ -378,16 +630,82 @@ fn patch(pod: &Pod, config: &InjectorConfig) -> Patch {
     if own_token {
         volumes.push(to_value(&token_volume(config)));
     }
-    match spec.and_then(|s| s.volumes.as_ref()) {
-        None => add(&["spec", "volumes"], Value::Array(volumes)),
-        Some(_) => {
-            for v in volumes {
-                add(&["spec", "volumes", "-"], v);
-            }
-        }
+    volumes
+}
+
+/// An injector with its patch pieces serialized in advance.
+///
+/// [`inject`] builds the gate container, volumes and readiness gate as
+/// Kubernetes structs, converts them to JSON values and collects a
+/// [`Patch`] on every call: several microseconds of allocation, for output
+/// that depends only on the configuration and four facts about the pod. An
+/// `Injector` serializes each of the patch's possible parts once, at
+/// construction, and [`Injector::decide`] answers a [`PodView`] by
+/// concatenating the parts its facts select. The rules are the same code as
+/// [`inject`]'s, and the bytes are those of `serde_json::to_vec` of
+/// [`inject`]'s patch.
+#[derive(Debug, Clone)]
+pub struct Injector {
+    config: InjectorConfig,
+    /// `Step::ALL[i]`'s operations as JSON, comma-separated, without brackets.
+    fragments: [String; Step::COUNT],
+}
+
+/// What [`Injector::decide`] answers: the JSON patch bytes, or why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatchBytes {
+    /// Apply this RFC 6902 patch (a JSON array) to the pod.
+    Inject(Vec<u8>),
+    /// Leave the pod as it is, for this reason.
+    Skip(Skip),
+}
+
+impl Injector {
+    /// Serializes every patch part `config` can produce.
+    pub fn new(config: InjectorConfig) -> Self {
+        let fragments = Step::ALL.map(|step| {
+            // A list of operations serializes as `[op,op]`; keep the inside
+            // so steps join with commas. Serializing JSON values with string
+            // keys cannot fail; `null`, like `to_value`'s fallback, would make
+            // the API server reject the patch loudly, never apply a wrong one.
+            let text = serde_json::to_string(&step.ops(&config)).unwrap_or_default();
+            text.strip_prefix('[')
+                .and_then(|t| t.strip_suffix(']'))
+                .map_or_else(|| "null".to_owned(), str::to_owned)
+        });
+        Self { config, fragments }
     }
 
-    Patch(ops)
+    /// The configuration the parts were built from.
+    pub fn config(&self) -> &InjectorConfig {
+        &self.config
+    }
+
+    /// The same decision as [`inject`] with this injector's configuration,
+    /// with the patch already serialized.
+    pub fn decide(
+        &self,
+        pod: &PodView<'_>,
+        namespace_labels: &BTreeMap<String, String>,
+        namespace: &str,
+    ) -> PatchBytes {
+        if let Some(reason) = skip_reason(pod, namespace_labels, namespace, &self.config) {
+            return PatchBytes::Skip(reason);
+        }
+        let steps = plan(pod, &self.config);
+        let parts = steps.iter().flatten().map(|s| &self.fragments[s.index()]);
+        let len = parts.clone().map(|f| f.len() + 1).sum::<usize>() + 1;
+        let mut out = Vec::with_capacity(len);
+        out.push(b'[');
+        for (i, fragment) in parts.enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(fragment.as_bytes());
+        }
+        out.push(b']');
+        PatchBytes::Inject(out)
+    }
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Value {
@@ -831,6 +1149,21 @@ mod tests {
     }
 
     #[test]
+    fn every_injector_fragment_is_a_list_of_add_operations() {
+        let injector = Injector::new(config());
+        for (step, fragment) in Step::ALL.iter().zip(&injector.fragments) {
+            assert_eq!(Step::ALL[step.index()], *step, "index of {step:?}");
+            let ops: Patch = serde_json::from_str(&format!("[{fragment}]"))
+                .unwrap_or_else(|e| panic!("{step:?}: {e}: {fragment}"));
+            assert!(!ops.0.is_empty(), "{step:?}");
+            assert!(
+                ops.0.iter().all(|op| matches!(op, PatchOperation::Add(_))),
+                "{step:?}"
+            );
+        }
+    }
+
+    #[test]
     fn skip_names_are_stable_and_distinct() {
         let names: std::collections::BTreeSet<_> = Skip::ALL.iter().map(|s| s.as_str()).collect();
         assert_eq!(names.len(), Skip::ALL.len());
@@ -941,6 +1274,38 @@ mod tests {
                 let out = apply(&pod, &p).map_err(TestCaseError::fail)?;
                 let ics = out.spec.unwrap().init_containers.unwrap();
                 prop_assert_eq!(&ics[ics.len() - 1].name, GATE_CONTAINER);
+            }
+        }
+
+        /// The pod view deserialized from a pod's JSON reads what [`inject`]
+        /// reads, and the pre-serialized injector answers it exactly as
+        /// [`inject`] answers the pod, byte for byte, whatever the configuration.
+        #[test]
+        fn injector_bytes_are_injects_patch(
+            pod in arb_pod(),
+            last in any::<bool>(),
+            skip_host_network in any::<bool>(),
+            ns in prop_oneof![Just(NS), Just("kube-system"), Just(SYSTEM_NAMESPACE)],
+            ns_enabled in any::<bool>(),
+        ) {
+            let cfg = InjectorConfig {
+                position: if last { GatePosition::Last } else { GatePosition::First },
+                skip_host_network,
+                ..config()
+            };
+            let labels = if ns_enabled { enabled() } else { BTreeMap::new() };
+            let injector = Injector::new(cfg.clone());
+            // The view as the webhook gets it: deserialized from the pod's JSON.
+            let json = serde_json::to_string(&pod).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let view: PodView<'_> = serde_json::from_str(&json).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(&view, &PodView::from(&pod));
+            match (inject(&pod, &labels, ns, &cfg), injector.decide(&view, &labels, ns)) {
+                (Decision::Inject(p), PatchBytes::Inject(bytes)) => {
+                    let expected = serde_json::to_vec(&p).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_eq!(String::from_utf8_lossy(&bytes), String::from_utf8_lossy(&expected));
+                }
+                (Decision::Skip(a), PatchBytes::Skip(b)) => prop_assert_eq!(a, b),
+                (a, b) => prop_assert!(false, "inject said {a:?}, the injector {b:?}"),
             }
         }
 

@@ -1,14 +1,19 @@
 //! Throughput and latency of the admission endpoint over TLS keep-alive,
-//! side by side with a bare axum + rustls endpoint that returns a fixed body.
+//! side by side with a baseline axum + rustls endpoint that reads and parses
+//! the same review and echoes an allowed answer with its uid, without
+//! injecting (`common::bare_echo`).
 //!
 //! Closed loop: N kept-alive HTTPS/1.1 connections (N = 2..64) each send a
 //! pod-CREATE AdmissionReview as fast as answers come back, for a fixed time.
 //! Open loop: 1,000 requests/s spread over 8 connections, to read p99 at a
-//! steady rate. Client and servers share this machine's cores, so absolute
-//! numbers are a floor; the ratio to the bare endpoint is the point.
+//! steady rate. Client and servers share this machine's cores (and one tokio
+//! runtime), so absolute numbers are a floor; the ratio to the baseline is
+//! the point. Both sides run in alternating turns (see [`compare`]).
 //!
 //! Run: `cargo bench -p counterweight-webhook --bench admission`
-//! (`BENCH_SECONDS` sets the time per point, default 2).
+//! (`BENCH_SECONDS` sets the time per side and point, default 2;
+//! `BENCH_ROUNDS` the number of alternating turns, default 4; `BENCH_LOG`
+//! turns the webhook's logging on, see [`install_log_subscriber`]).
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -20,16 +25,36 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
 use counterweight_certs::CertificateAuthority;
 use counterweight_webhook::{MUTATE_PATH, ServeOptions};
+use http::{StatusCode, header};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 
-/// The bare endpoint: same TLS and HTTP stack, a fixed body, no work.
+/// The baseline handler: reads the body, parses it and echoes an allowed
+/// AdmissionReview with its uid (`common::bare_echo`), without injecting;
+/// same status, content type and body limit as the webhook's.
+async fn bare_review(body: Bytes) -> Response {
+    match common::bare_echo(&body) {
+        Some(answer) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            answer,
+        )
+            .into_response(),
+        None => (StatusCode::BAD_REQUEST, "not an AdmissionReview").into_response(),
+    }
+}
+
+/// The baseline endpoint: the webhook's TLS and HTTP stack (rustls with ring,
+/// ALPN h2 and http/1.1, hyper-util's auto builder, TCP_NODELAY) around
+/// [`bare_review`].
 async fn start_bare(ca: &CertificateAuthority) -> SocketAddr {
     let pair = common::serving_pair(ca);
     let certs = rustls_pki_types::CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
@@ -46,8 +71,11 @@ async fn start_bare(ca: &CertificateAuthority) -> SocketAddr {
     .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let body: &'static [u8] = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"x","allowed":true,"status":{}}}"#;
-    let router = Router::new().route(MUTATE_PATH, post(move |_b: Bytes| async move { body }));
+    let router = Router::new()
+        .route(MUTATE_PATH, post(bare_review))
+        .layer(DefaultBodyLimit::max(
+            ServeOptions::default().max_body_bytes,
+        ));
     let service = TowerToHyperService::new(router);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -75,11 +103,31 @@ struct Sample {
     elapsed: Duration,
     latencies: Vec<Duration>,
     failures: usize,
+    /// CPU time (user + system) this process used during the runs.
+    cpu: Duration,
+}
+
+/// CPU time (user + system, all threads) this process has used so far, from
+/// `/proc/self/stat` (fields 14 and 15, in USER_HZ ticks, 100 per second on
+/// Linux). Client and server are in this process, so CPU per request covers
+/// both; on a machine shared with other work it is a steadier comparison
+/// than throughput, which also measures how much CPU the neighbours left.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // The command name (field 2) may hold spaces; fields after it do not.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
 }
 
 impl Sample {
     fn rps(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+    /// Microseconds of CPU (client and server) per request.
+    fn cpu_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64
     }
     fn pct(&mut self, p: f64) -> Duration {
         self.latencies.sort_unstable();
@@ -107,6 +155,7 @@ async fn load(
         senders.push(common::connect(addr, Some(tls)).await.unwrap().0);
     }
     let start = Instant::now();
+    let cpu_start = process_cpu();
     let deadline = start + run;
     let tasks: Vec<_> = senders
         .into_iter()
@@ -146,7 +195,75 @@ async fn load(
         elapsed: start.elapsed(),
         latencies,
         failures,
+        cpu: process_cpu() - cpu_start,
     }
+}
+
+impl Sample {
+    /// Pools two runs of the same side: requests and time add up, latencies merge.
+    fn merge(&mut self, other: Sample) {
+        self.requests += other.requests;
+        self.elapsed += other.elapsed;
+        self.latencies.extend(other.latencies);
+        self.failures += other.failures;
+        self.cpu += other.cpu;
+    }
+}
+
+/// Loads the webhook and the baseline in `rounds` alternating turns of
+/// `run / rounds` each, swapping who goes first every round, and pools each
+/// side's turns. Alternation makes both sides see the same machine: a
+/// neighbour's burst of CPU, allocator warm-up or the first connections'
+/// costs would otherwise fall on whichever side ran at that moment.
+async fn compare(
+    webhook: SocketAddr,
+    bare: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+    conns: usize,
+    run: Duration,
+    rounds: u32,
+    interval: Option<Duration>,
+) -> (Sample, Sample) {
+    let turn = run / rounds;
+    let empty = || Sample {
+        requests: 0,
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+        failures: 0,
+        cpu: Duration::ZERO,
+    };
+    let (mut w, mut b) = (empty(), empty());
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            w.merge(load(webhook, tls, conns, turn, interval).await);
+            b.merge(load(bare, tls, conns, turn, interval).await);
+        } else {
+            b.merge(load(bare, tls, conns, turn, interval).await);
+            w.merge(load(webhook, tls, conns, turn, interval).await);
+        }
+    }
+    (w, b)
+}
+
+/// With `BENCH_LOG` set (e.g. `info`), installs the binary's log subscriber
+/// ([`counterweight_webhook::log_subscriber`] with that filter, no ANSI as
+/// in a pod) writing to `/dev/null`: the
+/// webhook then pays for its span per request and its log lines, formatting
+/// and one `write(2)` per line, as in production (where the lines go to
+/// stdout). Unset, nothing is logged, as in earlier runs of this benchmark.
+fn install_log_subscriber() -> Option<String> {
+    let filter = std::env::var("BENCH_LOG").ok()?;
+    let null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .unwrap();
+    tracing::subscriber::set_global_default(counterweight_webhook::log_subscriber(
+        tracing_subscriber::EnvFilter::new(&filter),
+        std::sync::Mutex::new(null),
+        false,
+    ))
+    .unwrap();
+    Some(filter)
 }
 
 fn ms(d: Duration) -> String {
@@ -154,32 +271,39 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
+    let log = install_log_subscriber();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let secs: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+        let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+        let secs = env("BENCH_SECONDS", 2);
+        let rounds = env("BENCH_ROUNDS", 4).max(1) as u32;
         let run = Duration::from_secs(secs);
         let webhook = common::start(ServeOptions::default()).await;
         let tls = common::client_config(&webhook.ca_pem());
         let bare = start_bare(&webhook.ca).await;
-        println!("closed loop, {secs}s per point, keep-alive HTTPS/1.1, pod CREATE review ({} bytes)", common::pod_review("bench", "shop").len());
-        println!("{:>5} | {:>10} {:>8} {:>8} | {:>10} {:>8} {:>8} | {:>6}", "conns", "webhook/s", "p50 ms", "p99 ms", "bare/s", "p50 ms", "p99 ms", "ratio");
+        println!(
+            "closed loop, {secs}s per side and point in {rounds} alternating turns, keep-alive HTTPS/1.1, pod CREATE review ({} bytes), webhook logging: {}",
+            common::pod_review("bench", "shop").len(),
+            log.as_deref().unwrap_or("off (set BENCH_LOG=info for the binary's level)")
+        );
+        println!("ratio = webhook/s over bare/s; cpu = CPU µs per request, client and server together; cpu ratio = bare's over the webhook's");
+        println!("{:>5} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} {:>6} | {:>6} {:>9}", "conns", "webhook/s", "p50 ms", "p99 ms", "cpu", "bare/s", "p50 ms", "p99 ms", "cpu", "ratio", "cpu ratio");
         for conns in [2, 4, 8, 16, 32, 64] {
-            let mut w = load(webhook.admission, &tls, conns, run, None).await;
-            let mut b = load(bare, &tls, conns, run, None).await;
+            let (mut w, mut b) = compare(webhook.admission, bare, &tls, conns, run, rounds, None).await;
             assert_eq!(w.failures + b.failures, 0, "failed requests");
             println!(
-                "{conns:>5} | {:>10.0} {:>8} {:>8} | {:>10.0} {:>8} {:>8} | {:>5.0}%",
-                w.rps(), ms(w.pct(0.5)), ms(w.pct(0.99)),
-                b.rps(), ms(b.pct(0.5)), ms(b.pct(0.99)),
-                100.0 * w.rps() / b.rps()
+                "{conns:>5} | {:>10.0} {:>8} {:>8} {:>6.1} | {:>10.0} {:>8} {:>8} {:>6.1} | {:>5.0}% {:>8.0}%",
+                w.rps(), ms(w.pct(0.5)), ms(w.pct(0.99)), w.cpu_us(),
+                b.rps(), ms(b.pct(0.5)), ms(b.pct(0.99)), b.cpu_us(),
+                100.0 * w.rps() / b.rps(), 100.0 * b.cpu_us() / w.cpu_us()
             );
         }
         // 1,000 requests/s: 8 connections at one request per 8 ms each.
-        let mut w = load(webhook.admission, &tls, 8, run, Some(Duration::from_millis(8))).await;
-        let mut b = load(bare, &tls, 8, run, Some(Duration::from_millis(8))).await;
+        let (mut w, mut b) = compare(webhook.admission, bare, &tls, 8, run, rounds, Some(Duration::from_millis(8))).await;
+        assert_eq!(w.failures + b.failures, 0, "failed requests");
         println!(
             "open loop 1000 req/s (8 conns): webhook {:.0}/s p50 {} ms p99 {} ms | bare {:.0}/s p50 {} ms p99 {} ms",
             w.rps(), ms(w.pct(0.5)), ms(w.pct(0.99)), b.rps(), ms(b.pct(0.5)), ms(b.pct(0.99))

@@ -1,8 +1,9 @@
 //! Fuzzing of the AdmissionReview handler with proptest: random bytes,
 //! random JSON, and valid reviews with random parts replaced. The handler
 //! must never panic, must answer 200 or 400 (413 is the HTTP layer's), and
-//! every 200 must be an AdmissionReview echoing the request uid. The number
-//! of executions is printed; set `FUZZ_CASES` to run more.
+//! every 200 must be an AdmissionReview echoing the request uid, with any
+//! patch base64 of a non-empty JSON array. The number of executions is
+//! printed; set `FUZZ_CASES` to run more.
 
 #![allow(clippy::unwrap_used)]
 
@@ -133,6 +134,17 @@ fn check(body: &[u8]) -> Result<(), TestCaseError> {
                 request_uid.clone()
             );
             prop_assert!(v["response"]["allowed"].is_boolean());
+            // A patch is base64 of a JSON array of operations, typed as such.
+            if let Some(patch) = v["response"].get("patch") {
+                use base64::Engine;
+                prop_assert_eq!(&v["response"]["patchType"], "JSONPatch");
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(patch.as_str().unwrap_or_default())
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let ops: Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert!(ops.as_array().is_some_and(|a| !a.is_empty()), "{}", ops);
+            }
         }
     }
     Ok(())

@@ -256,3 +256,44 @@ pub fn response_of(body: &[u8]) -> serde_json::Value {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap();
     v["response"].clone()
 }
+
+/// The work of the benchmark's baseline endpoint for one request: what any
+/// correct AdmissionReview endpoint must do at the least. It parses the whole
+/// body (serde_json scans and validates every byte, building only the uid)
+/// and answers an allowed AdmissionReview echoing the uid, without injecting.
+/// `None` for a body without a `request.uid`.
+pub fn bare_echo(body: &[u8]) -> Option<Vec<u8>> {
+    use std::borrow::Cow;
+    #[derive(serde::Deserialize)]
+    struct ReviewIn<'a> {
+        #[serde(borrow)]
+        request: RequestIn<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct RequestIn<'a> {
+        #[serde(borrow)]
+        uid: Cow<'a, str>,
+    }
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ReviewOut<'a> {
+        api_version: &'static str,
+        kind: &'static str,
+        response: ResponseOut<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct ResponseOut<'a> {
+        uid: &'a str,
+        allowed: bool,
+    }
+    let review: ReviewIn<'_> = serde_json::from_slice(body).ok()?;
+    serde_json::to_vec(&ReviewOut {
+        api_version: "admission.k8s.io/v1",
+        kind: "AdmissionReview",
+        response: ResponseOut {
+            uid: &review.request.uid,
+            allowed: true,
+        },
+    })
+    .ok()
+}
