@@ -14,6 +14,8 @@ async fn main() -> anyhow::Result<ExitCode> {
     // cwctl reports unreachable clusters itself; kube's own connection
     // errors would only repeat them, out of order.
     tracing_subscriber::fmt()
+        // Colour codes only for a terminal: in a pod they litter the logs.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kube_client=off")),

@@ -23,8 +23,8 @@ pub const WEIGHT_SUM_TOLERANCE: f64 = 1e-9;
 /// check timeouts dominate and the counter K stops meaning anything.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
-/// A validated health policy. Construct it with [`Policy::from_yaml`] or
-/// [`Policy::validate`]; every value in it has been checked.
+/// A validated health policy. Construct it with [`Policy::from_yaml`]; every
+/// value in it has been checked.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Policy {

@@ -11,6 +11,8 @@
 //! the point. Both sides run in alternating turns (see [`compare`]).
 //!
 //! Run: `cargo bench -p counterweight-webhook --bench admission`
+//! (`BENCH_BASELINE=fixed`: the baseline returns a fixed body without
+//! reading the request, as the issue first specified)
 //! (`BENCH_SECONDS` sets the time per side and point, default 2;
 //! `BENCH_ROUNDS` the number of alternating turns, default 4; `BENCH_LOG`
 //! turns the webhook's logging on, see [`install_log_subscriber`]).
@@ -52,6 +54,18 @@ async fn bare_review(body: Bytes) -> Response {
     }
 }
 
+/// The issue's literal baseline (`BENCH_BASELINE=fixed`): a fixed allowed
+/// AdmissionReview, whatever was sent. It reads no body and parses
+/// nothing, which no webhook can do, so it is the floor of the stack's cost.
+async fn fixed_review() -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"fixed","allowed":true}}"#,
+    )
+        .into_response()
+}
+
 /// The baseline endpoint: the webhook's TLS and HTTP stack (rustls with ring,
 /// ALPN h2 and http/1.1, hyper-util's auto builder, TCP_NODELAY) around
 /// [`bare_review`].
@@ -71,8 +85,14 @@ async fn start_bare(ca: &CertificateAuthority) -> SocketAddr {
     .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let fixed = std::env::var("BENCH_BASELINE").is_ok_and(|v| v == "fixed");
+    let route = if fixed {
+        post(fixed_review)
+    } else {
+        post(bare_review)
+    };
     let router = Router::new()
-        .route(MUTATE_PATH, post(bare_review))
+        .route(MUTATE_PATH, route)
         .layer(DefaultBodyLimit::max(
             ServeOptions::default().max_body_bytes,
         ));
@@ -289,6 +309,7 @@ fn main() {
             common::pod_review("bench", "shop").len(),
             log.as_deref().unwrap_or("off (set BENCH_LOG=info for the binary's level)")
         );
+        println!("baseline: {}", if std::env::var("BENCH_BASELINE").is_ok_and(|v| v == "fixed") { "fixed body, request not read" } else { "reads and parses the review, echoes the uid" });
         println!("ratio = webhook/s over bare/s; cpu = CPU µs per request, client and server together; cpu ratio = bare's over the webhook's");
         println!("{:>5} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} {:>6} | {:>6} {:>9}", "conns", "webhook/s", "p50 ms", "p99 ms", "cpu", "bare/s", "p50 ms", "p99 ms", "cpu", "ratio", "cpu ratio");
         for conns in [2, 4, 8, 16, 32, 64] {
