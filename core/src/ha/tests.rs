@@ -403,23 +403,25 @@ fn abnormal_without_fresh_candidate_stays_active() {
     assert!(!r.contains(&Reason::HandoverStarted));
 }
 
+/// a's FIG. 9 prepare to b, in epoch 1.
+fn prepare_from_a() -> Event {
+    Event::Message(Envelope {
+        version: PROTOCOL_VERSION,
+        from: "a".into(),
+        to: "b".into(),
+        epoch: 1,
+        body: Body::Prepare {
+            epoch: 1,
+            reason: HandoverReason::Abnormal,
+        },
+    })
+}
+
 #[test]
 fn unhealthy_standby_refuses_prepare() {
     let mut sim = Sim::settled(two());
     sim.event("b", Event::Health(LOW));
-    let out = sim.event(
-        "b",
-        Event::Message(Envelope {
-            version: PROTOCOL_VERSION,
-            from: "a".into(),
-            to: "b".into(),
-            epoch: 1,
-            body: Body::Prepare {
-                epoch: 1,
-                reason: HandoverReason::Abnormal,
-            },
-        }),
-    );
+    let out = sim.event("b", prepare_from_a());
     assert!(
         out.iter().any(|a| matches!(
             a,
@@ -443,19 +445,7 @@ fn a_standby_whose_data_is_behind_refuses_prepare_and_is_never_a_candidate() {
     assert!(!behind.eligible());
     let mut sim = Sim::settled(two());
     sim.event("b", Event::Health(behind));
-    let out = sim.event(
-        "b",
-        Event::Message(Envelope {
-            version: PROTOCOL_VERSION,
-            from: "a".into(),
-            to: "b".into(),
-            epoch: 1,
-            body: Body::Prepare {
-                epoch: 1,
-                reason: HandoverReason::Abnormal,
-            },
-        }),
-    );
+    let out = sim.event("b", prepare_from_a());
     assert!(
         out.iter().any(|a| matches!(
             a,

@@ -66,6 +66,18 @@ pub async fn wait_active(cms: &Api<ConfigMap>, what: &str, min_epoch: u64) -> Sa
     .await
 }
 
+/// Asserts for `d`, sampling every 50 ms, that none of `cms` is active.
+pub async fn nobody_active_for(cms: &[Api<ConfigMap>], d: Duration, why: &str) {
+    let until = std::time::Instant::now() + d;
+    while std::time::Instant::now() < until {
+        for api in cms {
+            let s = sample(api).await;
+            assert!(!s.is_some_and(|s| s.active), "{why}: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Reasons of the Events in the controller's namespace, oldest first.
 pub async fn event_reasons(cluster: &Cluster) -> Vec<String> {
     let api: Api<Event> = Api::namespaced(cluster.client(), SYSTEM);

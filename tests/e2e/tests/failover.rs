@@ -12,13 +12,13 @@ use counterweight_e2e::fixtures::{
     EMS_POLICY, create_namespaces, cwctl, deployment, fast_ha_config, install_policy,
 };
 use counterweight_e2e::ha::{
-    Controller, Monitor, SYSTEM, event_reasons, record, sample, start_group, wait_active,
-    write_ha_config,
+    Controller, Monitor, SYSTEM, event_reasons, nobody_active_for, record, sample, start_group,
+    wait_active, write_ha_config,
 };
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::Cluster;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodReadinessGate};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodReadinessGate};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -142,15 +142,6 @@ async fn db_uids(cluster: &Cluster) -> Vec<String> {
         .collect()
 }
 
-/// Holds for `d`, asserting on every state sample that `cms` is not active.
-async fn stays_standby(cms: &Api<ConfigMap>, d: Duration, why: &str) {
-    let until = Instant::now() + d;
-    while Instant::now() < until {
-        assert!(!sample(cms).await.is_some_and(|s| s.active), "{why}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn set_web_ready(cluster: &Cluster, ready: bool) {
     let pods: Api<Pod> = Api::namespaced(cluster.client(), APP);
     let status = if ready { "True" } else { "False" };
@@ -266,8 +257,8 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
 
     // No preemption: east recovers and stays standby.
     set_web_ready(&clusters[0], true).await;
-    stays_standby(
-        &cms[0],
+    nobody_active_for(
+        std::slice::from_ref(&cms[0]),
         Duration::from_secs(3),
         "a recovered former active must stay standby",
     )
@@ -380,8 +371,8 @@ async fn with_a_witness_a_cut_link_keeps_one_active_and_an_isolated_active_is_re
     // Healed, east rejoins as a standby: no preemption, no second active.
     mesh.heal("east", "west");
     mesh.heal("east", "witness");
-    stays_standby(
-        &cms[0],
+    nobody_active_for(
+        std::slice::from_ref(&cms[0]),
         Duration::from_secs(3),
         "a healed former active must stay standby",
     )

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use counterweight_core::ha::HaConfig;
 use counterweight_e2e::fixtures::{create_namespaces, fast_ha_config, install_policy, meta};
 use counterweight_e2e::ha::{
-    Controller, Monitor, SYSTEM, event_reasons, sample, start_group, write_ha_config,
-    write_peer_certs_from,
+    Controller, Monitor, SYSTEM, event_reasons, nobody_active_for, sample, start_group,
+    write_ha_config, write_peer_certs_from,
 };
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::Cluster;
@@ -131,17 +131,12 @@ async fn controllers_elect_over_mtls_and_a_cut_link_never_makes_two_actives() {
     )
     .await;
     println!("isolated active fenced after {:?}", cut.elapsed());
-    let hold = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < hold {
-        for api in &cms {
-            let s = sample(api).await;
-            assert!(
-                !s.is_some_and(|s| s.active),
-                "nobody may be active while the link is cut: {s:?}"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    nobody_active_for(
+        &cms,
+        Duration::from_secs(3),
+        "nobody may be active while the link is cut",
+    )
+    .await;
 
     // Heal: one of them becomes active again, in a higher epoch.
     mesh.heal("east", "west");
@@ -287,17 +282,12 @@ async fn a_peer_with_a_certificate_from_another_ca_is_refused_until_its_certific
         },
     )
     .await;
-    let hold = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < hold {
-        for api in &cms {
-            let s = sample(api).await;
-            assert!(
-                !s.is_some_and(|s| s.active),
-                "no majority may form with a refused peer: {s:?}"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    nobody_active_for(
+        &cms,
+        Duration::from_secs(3),
+        "no majority may form with a refused peer",
+    )
+    .await;
     let received_from_west = east
         .metric(
             "counterweight_peer_messages_received_total",
