@@ -706,6 +706,37 @@ fn both_active_resolves_by_epoch_then_priority() {
 }
 
 #[test]
+fn both_active_from_hand_written_records_without_votes_resolve_to_one() {
+    // What an operator (or the e2e test) writes: `state: active`, an
+    // epoch, no vote. Whatever the start order, exactly one ends active.
+    let bare = Persisted {
+        role: Role::Active,
+        epoch: 3,
+        vote: None,
+        paused: false,
+    };
+    for b_late in [0, 1, PROBE / 2, PROBE, 3 * PROBE] {
+        let mut sim = Sim::new(two(), &[("a", bare.clone()), ("b", bare.clone())]);
+        if b_late > 0 {
+            sim.crash("b");
+            sim.run(b_late);
+            sim.disks.insert("b".to_owned(), bare.clone());
+            sim.restart("b");
+        }
+        sim.run(4 * LEASE);
+        assert_eq!(
+            sim.actives().len(),
+            1,
+            "b {b_late} ms late: {:?}",
+            sim.actives()
+        );
+        assert!(sim.overlaps.is_empty(), "b {b_late} ms late");
+        let active = sim.actives()[0].to_owned();
+        assert!(sim.node(&active).epoch() >= 3);
+    }
+}
+
+#[test]
 fn switchover_to_healthy_target_and_refusals() {
     let mut sim = Sim::settled(three());
     // Target unhealthy: refused, nothing moves.

@@ -31,7 +31,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 
 pub use binaries::{BIN_DIR_ENV, Binaries};
 pub use postgres::{PG_USER, PgOptions, Postgres, ServerTls};
-pub use process::Process;
+pub use process::{Process, tail};
 pub use proxy::{Mode, TcpProxy};
 
 /// Name of the fake node every cluster gets.
