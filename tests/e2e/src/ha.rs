@@ -14,7 +14,6 @@ use counterweight_harness::{Cluster, Mode, Process, TcpProxy, free_port};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::eventually;
 
@@ -155,6 +154,17 @@ impl Monitor {
             samples,
             task,
         }
+    }
+
+    /// Starts sampling the first `names.len()` of `cms`, named in order.
+    pub fn on(names: &[&str], cms: &[Api<ConfigMap>]) -> Self {
+        Self::start(
+            names
+                .iter()
+                .zip(cms)
+                .map(|(n, c)| ((*n).to_owned(), c.clone()))
+                .collect(),
+        )
     }
 
     /// Marks a member whose controller was killed: its frozen record in an
@@ -386,25 +396,11 @@ impl Controller {
     }
 }
 
-/// GET `path` from 127.0.0.1:`port` over plain HTTP/1.0; the body on 200.
+/// GET `path` from 127.0.0.1:`port` over plain HTTP/1.0; the body on 200,
+/// else an error naming the status.
 pub async fn http_get(port: u16, path: &str) -> Result<String, String> {
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-            .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
-    };
-    let text = tokio::time::timeout(Duration::from_secs(5), io)
-        .await
-        .map_err(|_| format!("GET {path} on port {port} timed out"))?
-        .map_err(|e| format!("GET {path} on port {port}: {e}"))?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("GET {path}: no HTTP response: {text:?}"))?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(format!("GET {path}: {}", head.lines().next().unwrap_or("")));
+    match counterweight_harness::http_get(port, path).await? {
+        (200, body) => Ok(body),
+        (status, _) => Err(format!("GET {path} on port {port}: {status}")),
     }
-    Ok(body.to_owned())
 }

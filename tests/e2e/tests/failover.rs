@@ -176,10 +176,7 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
     let ha_file = write_ha_config(dir.path(), &config);
     let mut east = Controller::start(&clusters[0], "east", &mesh, dir.path(), &ha_file, &[]);
     let mut west = Controller::start(&clusters[1], "west", &mesh, dir.path(), &ha_file, &[]);
-    let monitor = Monitor::start(vec![
-        ("east".into(), cms[0].clone()),
-        ("west".into(), cms[1].clone()),
-    ]);
+    let monitor = Monitor::on(&["east", "west"], &cms);
 
     // Both healthy: the preferred cluster (east) is elected.
     let first = wait_active(&cms[0], "east to become active", 1).await;
@@ -326,10 +323,7 @@ async fn with_a_witness_a_cut_link_keeps_one_active_and_an_isolated_active_is_re
             Controller::start(c, n, &mesh, dir.path(), &ha_file, extra)
         })
         .collect();
-    let monitor = Monitor::start(vec![
-        ("east".into(), cms[0].clone()),
-        ("west".into(), cms[1].clone()),
-    ]);
+    let monitor = Monitor::on(&["east", "west"], &cms);
     let first = wait_active(&cms[0], "east to become active", 1).await;
 
     // Cut the link between the two clusters. east still renews its lease

@@ -111,10 +111,7 @@ async fn controllers_elect_over_mtls_and_a_cut_link_never_makes_two_actives() {
     }
     let mut east = Controller::start(&clusters[0], "east", &mesh, dir.path(), &ha_file, &[]);
     let mut west = Controller::start(&clusters[1], "west", &mesh, dir.path(), &ha_file, &[]);
-    let monitor = Monitor::start(vec![
-        ("east".into(), cms[0].clone()),
-        ("west".into(), cms[1].clone()),
-    ]);
+    let monitor = Monitor::on(&["east", "west"], &cms);
     let elected = any_active(&cms, "an active elected over mTLS", 0).await;
     println!("elected {elected:?}");
 
@@ -187,10 +184,7 @@ async fn both_starting_active_is_resolved_para_0088_and_the_ha_config_reloads() 
     east.process.check_alive().expect("east keeps running");
     west.process.check_alive().expect("west keeps running");
     // And it stays resolved, watched by the monitor from here on.
-    let monitor = Monitor::start(vec![
-        ("east".into(), cms[0].clone()),
-        ("west".into(), cms[1].clone()),
-    ]);
+    let monitor = Monitor::on(&["east", "west"], &cms);
     let hold = Instant::now() + Duration::from_secs(2);
     while Instant::now() < hold {
         let (e, w) = (sample(&cms[0]).await, sample(&cms[1]).await);
@@ -274,10 +268,7 @@ async fn a_peer_with_a_certificate_from_another_ca_is_refused_until_its_certific
     }
     let mut east = Controller::start(&clusters[0], "east", &mesh, dir.path(), &ha_file, &[]);
     let mut west = Controller::start(&clusters[1], "west", &mesh, dir.path(), &ha_file, &[]);
-    let monitor = Monitor::start(vec![
-        ("east".into(), cms[0].clone()),
-        ("west".into(), cms[1].clone()),
-    ]);
+    let monitor = Monitor::on(&["east", "west"], &cms);
 
     // east refuses west's handshakes, so west's votes never count and
     // neither side reaches a majority of two.
@@ -347,13 +338,7 @@ async fn three_clusters_replace_a_killed_active_only_after_its_lease() {
         .zip(&clusters)
         .map(|(n, c)| Controller::start(c, n, &mesh, dir.path(), &ha_file, &[]))
         .collect();
-    let monitor = Monitor::start(
-        names
-            .iter()
-            .zip(&cms)
-            .map(|(n, c)| ((*n).to_owned(), c.clone()))
-            .collect(),
-    );
+    let monitor = Monitor::on(&names, &cms);
     let (first, first_state) = any_active(&cms, "an active among three clusters", 0).await;
 
     // SIGKILL the active controller. Its ConfigMap keeps saying "active" in

@@ -27,7 +27,7 @@ use counterweight_core::health::{HealthReport, Observation, Verdict, evaluate};
 use counterweight_core::policy::Policy;
 use counterweight_core::state::{Role, RoleEpoch};
 use counterweight_e2e::{eventually, init_tracing};
-use counterweight_harness::{PG_USER, PgOptions, Postgres};
+use counterweight_harness::{PG_USER, PgOptions, Postgres, http_get};
 use counterweight_sync::SyncError;
 use counterweight_sync::db::{
     self, Action, ConnParams, DbConfig, DbSupervisor, Lsn, Peer, ServerControl, Tools,
@@ -645,35 +645,6 @@ async fn files_follow_the_active_and_flip_direction() {
     stop.send_replace(true);
     sup_a.await.expect("join a").expect("a ran");
     sup_b.await.expect("join b").expect("b ran");
-}
-
-/// Plain `GET` over HTTP/1.0 (the server closes the connection after the
-/// answer), bounded by a deadline: status and body.
-async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| format!("no status in {head:?}"))?;
-        Ok((status, body.to_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .map_err(|_| "no answer within 5 s".to_owned())?
 }
 
 /// A files supervisor with its `/watermark` + `/ready` endpoint on a

@@ -679,3 +679,35 @@ pub fn free_port() -> Result<u16, HarnessError> {
         std::io::Error::new(std::io::ErrorKind::AddrInUse, "100 tries"),
     ))
 }
+
+/// A plain `GET` of `path` on 127.0.0.1:`port` over HTTP/1.0 (the server
+/// closes the connection after the answer), bounded by 5 s: status and
+/// body. For the plain-HTTP probe and metrics ports of the processes the
+/// tests and the demo start.
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("no status in {head:?}"))?;
+        Ok((status, body.to_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| "no answer within 5 s".to_owned())?
+        .map_err(|e: String| format!("GET {path} on port {port}: {e}"))
+}
