@@ -1,23 +1,29 @@
 //! Throughput and latency of the admission endpoint over TLS keep-alive,
-//! side by side with a baseline axum + rustls endpoint that reads and parses
-//! the same review and echoes an allowed answer with its uid, without
-//! injecting (`common::bare_echo`).
+//! side by side with a bare axum + rustls endpoint on the same stack that
+//! returns a fixed allowed AdmissionReview without reading the request, as
+//! the issue specifies ([`fixed_review`]). `BENCH_BASELINE=echo` swaps in a
+//! baseline that also reads and parses the review and echoes its uid
+//! ([`bare_review`]): the least any correct webhook does.
 //!
 //! Closed loop: N kept-alive HTTPS/1.1 connections (N = 2..64) each send a
 //! pod-CREATE AdmissionReview as fast as answers come back, for a fixed time.
 //! Open loop: 1,000 requests/s spread over 8 connections, to read p99 at a
 //! steady rate. Client and servers share this machine's cores (and one tokio
 //! runtime), so absolute numbers are a floor; the ratio to the baseline is
-//! the point. Both sides run in alternating turns (see [`compare`]).
+//! the point. Both sides run in alternating turns (see [`compare`]), in a
+//! process with the webhook binary's allocator.
 //!
 //! Run: `cargo bench -p counterweight-webhook --bench admission`
-//! (`BENCH_BASELINE=fixed`: the baseline returns a fixed body without
-//! reading the request, as the issue first specified)
 //! (`BENCH_SECONDS` sets the time per side and point, default 2;
 //! `BENCH_ROUNDS` the number of alternating turns, default 4; `BENCH_LOG`
-//! turns the webhook's logging on, see [`install_log_subscriber`]).
+//! turns the webhook's logging on, see [`install_log_subscriber`];
+//! `BENCH_ONLY=webhook|bare` loads one side alone, for a profiler).
 
 #![allow(clippy::unwrap_used, missing_docs)]
+
+/// The binary's allocator (see `src/main.rs`), for both sides.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -39,7 +45,7 @@ use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 
-/// The baseline handler: reads the body, parses it and echoes an allowed
+/// The `BENCH_BASELINE=echo` handler: reads the body, parses it and echoes an allowed
 /// AdmissionReview with its uid (`common::bare_echo`), without injecting;
 /// same status, content type and body limit as the webhook's.
 async fn bare_review(body: Bytes) -> Response {
@@ -54,7 +60,7 @@ async fn bare_review(body: Bytes) -> Response {
     }
 }
 
-/// The issue's literal baseline (`BENCH_BASELINE=fixed`): a fixed allowed
+/// The issue's baseline, the default: a fixed allowed
 /// AdmissionReview, whatever was sent. It reads no body and parses
 /// nothing, which no webhook can do, so it is the floor of the stack's cost.
 async fn fixed_review() -> Response {
@@ -66,9 +72,14 @@ async fn fixed_review() -> Response {
         .into_response()
 }
 
+/// Whether `BENCH_BASELINE=echo` asks for the parse-and-echo baseline.
+fn echo_baseline() -> bool {
+    std::env::var("BENCH_BASELINE").is_ok_and(|v| v == "echo")
+}
+
 /// The baseline endpoint: the webhook's TLS and HTTP stack (rustls with ring,
 /// ALPN h2 and http/1.1, hyper-util's auto builder, TCP_NODELAY) around
-/// [`bare_review`].
+/// [`fixed_review`] (or [`bare_review`]).
 async fn start_bare(ca: &CertificateAuthority) -> SocketAddr {
     let pair = common::serving_pair(ca);
     let certs = rustls_pki_types::CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
@@ -85,11 +96,10 @@ async fn start_bare(ca: &CertificateAuthority) -> SocketAddr {
     .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let fixed = std::env::var("BENCH_BASELINE").is_ok_and(|v| v == "fixed");
-    let route = if fixed {
-        post(fixed_review)
-    } else {
+    let route = if echo_baseline() {
         post(bare_review)
+    } else {
+        post(fixed_review)
     };
     let router = Router::new()
         .route(MUTATE_PATH, route)
@@ -253,6 +263,18 @@ async fn compare(
         cpu: Duration::ZERO,
     };
     let (mut w, mut b) = (empty(), empty());
+    // `BENCH_ONLY=webhook|bare` loads one side only, for profiling it alone.
+    let only = std::env::var("BENCH_ONLY").ok();
+    if let Some(side) = only.as_deref() {
+        let addr = if side == "bare" { bare } else { webhook };
+        let s = load(addr, tls, conns, run, interval).await;
+        if side == "bare" {
+            b.merge(s)
+        } else {
+            w.merge(s)
+        }
+        return (w, b);
+    }
     for round in 0..rounds {
         if round % 2 == 0 {
             w.merge(load(webhook, tls, conns, turn, interval).await);
@@ -309,7 +331,7 @@ fn main() {
             common::pod_review("bench", "shop").len(),
             log.as_deref().unwrap_or("off (set BENCH_LOG=info for the binary's level)")
         );
-        println!("baseline: {}", if std::env::var("BENCH_BASELINE").is_ok_and(|v| v == "fixed") { "fixed body, request not read" } else { "reads and parses the review, echoes the uid" });
+        println!("baseline: {}", if echo_baseline() { "reads and parses the review, echoes the uid (BENCH_BASELINE=echo)" } else { "fixed body, request not read" });
         println!("ratio = webhook/s over bare/s; cpu = CPU µs per request, client and server together; cpu ratio = bare's over the webhook's");
         println!("{:>5} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} {:>6} | {:>6} {:>9}", "conns", "webhook/s", "p50 ms", "p99 ms", "cpu", "bare/s", "p50 ms", "p99 ms", "cpu", "ratio", "cpu ratio");
         for conns in [2, 4, 8, 16, 32, 64] {

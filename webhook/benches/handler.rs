@@ -8,6 +8,10 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+/// The binary's allocator (see `src/main.rs`), for both sides.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 

@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use std::time::Instant;
 
-use counterweight_core::inject::{Injector, InjectorConfig, PatchBytes, PodView};
+use counterweight_core::inject::{Choice, Injector, InjectorConfig, PatchPlan, PodView};
 use counterweight_core::names::{INJECT_ENABLED, INJECT_LABEL, POLICY_CONFIGMAP, POLICY_KEY};
 use counterweight_core::policy::Policy;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -240,8 +240,8 @@ struct Answer<'a> {
     allowed: bool,
     /// The message of a denial: an allowed answer carries no status.
     denial: Option<String>,
-    /// The JSON patch, as JSON bytes; written base64-encoded.
-    patch: Option<Vec<u8>>,
+    /// The patch, written base64-encoded by the handler's injector.
+    patch: Option<PatchPlan>,
     warnings: Vec<String>,
 }
 
@@ -271,9 +271,9 @@ impl<'a> Answer<'a> {
         }
     }
 
-    fn with_patch(self, patch: Vec<u8>) -> Self {
+    fn with_patch(self, plan: PatchPlan) -> Self {
         Self {
-            patch: Some(patch),
+            patch: Some(plan),
             ..self
         }
     }
@@ -281,17 +281,15 @@ impl<'a> Answer<'a> {
     /// The whole AdmissionReview answer as JSON, in one buffer.
     ///
     /// Written field by field rather than through a `Serialize` struct so the
-    /// patch can be base64-encoded straight into the output: serde would need
-    /// it as a `String` first and then scan all of it for characters to
-    /// escape, of which the base64 alphabet has none. Every string that comes
-    /// from the request or from messages goes through `serde_json`. The patch
-    /// is base64, Go's `[]byte` convention that the API server documents
-    /// (kube-core's own serialization writes an array of numbers, several
-    /// times the size).
-    fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
-        use base64::Engine;
-        let base64 = base64::engine::general_purpose::STANDARD;
-        let patch_len = self.patch.as_ref().map_or(0, |p| p.len() / 3 * 4 + 4);
+    /// patch's base64, which the injector encoded in advance, is copied
+    /// straight into the output: serde would need it as a `String` first and
+    /// then scan all of it for characters to escape, of which the base64
+    /// alphabet has none. Every string that comes from the request or from
+    /// messages goes through `serde_json`. The patch is base64, Go's `[]byte`
+    /// convention that the API server documents (kube-core's own
+    /// serialization writes an array of numbers, several times the size).
+    fn to_json(&self, injector: &Injector) -> Result<Vec<u8>, serde_json::Error> {
+        let patch_len = self.patch.as_ref().map_or(0, |p| injector.base64_len(p));
         let mut out = Vec::with_capacity(192 + patch_len);
         out.extend_from_slice(br#"{"apiVersion":""#);
         out.extend_from_slice(REVIEW_API_VERSION.as_bytes());
@@ -306,14 +304,9 @@ impl<'a> Answer<'a> {
             out.extend_from_slice(br#","status":"#);
             serde_json::to_writer(&mut out, &Denial { message })?;
         }
-        if let Some(patch) = &self.patch {
+        if let Some(plan) = &self.patch {
             out.extend_from_slice(br#","patchType":"JSONPatch","patch":""#);
-            let start = out.len();
-            out.resize(start + patch.len().div_ceil(3) * 4, 0);
-            let written = base64
-                .encode_slice(patch, &mut out[start..])
-                .map_err(serde::ser::Error::custom)?;
-            out.truncate(start + written);
+            injector.write_base64(plan, &mut out);
             out.push(b'"');
         }
         if !self.warnings.is_empty() {
@@ -392,7 +385,7 @@ impl Handler {
                 (a, Outcome::Unhandled)
             }
         };
-        match answer.to_json() {
+        match answer.to_json(&self.injector) {
             Ok(body) => Reply {
                 status: 200,
                 body,
@@ -470,7 +463,7 @@ impl Handler {
         };
         let labels = self.namespaces.labels(namespace);
         match self.injector.decide(pod, &labels, namespace) {
-            PatchBytes::Inject(patch) => {
+            Choice::Inject(plan) => {
                 self.metrics.injections.inc();
                 // Debug, like the skips: a line per admitted pod at the
                 // default level cost more than the rest of the handler (a
@@ -479,9 +472,9 @@ impl Handler {
                 // annotation, the injections counter and the API server's
                 // audit log. Warnings and refusals stay at warn and info.
                 tracing::debug!("injected the init-gate");
-                Verdict::Answered(allow.with_patch(patch))
+                Verdict::Answered(allow.with_patch(plan))
             }
-            PatchBytes::Skip(reason) => {
+            Choice::Skip(reason) => {
                 self.metrics.skip(reason);
                 tracing::debug!(reason = reason.as_str(), "not injecting");
                 let mut a = allow;
