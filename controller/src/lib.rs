@@ -159,6 +159,9 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A file the controller follows could not be read.
+    #[error(transparent)]
+    ReadFile(#[from] counterweight_reload::ReadError),
 }
 
 /// The HA side of a controller: its configuration and its links to peers.
@@ -222,32 +225,76 @@ fn state_and_events(
     (store, events)
 }
 
-/// Reads an HA configuration file (YAML or JSON).
+/// Reads an HA configuration file (YAML or JSON) and validates it.
 pub fn read_ha_config(path: &std::path::Path) -> Result<counterweight_core::ha::HaConfig, Error> {
-    let err = |message: String| Error::HaConfigFile {
+    let text = std::fs::read(path).map_err(|e| Error::HaConfigFile {
         path: path.display().to_string(),
-        message,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let config: counterweight_core::ha::HaConfig =
-        serde_yaml_ng::from_str(&text).map_err(|e| err(e.to_string()))?;
-    config.validate().map_err(|e| err(e.to_string()))?;
+        message: e.to_string(),
+    })?;
+    validated(path, parse_ha_config(path, &text)?)
+}
+
+fn parse_ha_config(
+    path: &std::path::Path,
+    text: &[u8],
+) -> Result<counterweight_core::ha::HaConfig, Error> {
+    serde_yaml_ng::from_slice(text).map_err(|e| Error::HaConfigFile {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn validated(
+    path: &std::path::Path,
+    config: counterweight_core::ha::HaConfig,
+) -> Result<counterweight_core::ha::HaConfig, Error> {
+    config.validate().map_err(|e| Error::HaConfigFile {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
     Ok(config)
 }
 
-/// Re-reads the HA configuration file every `every` (a mounted ConfigMap
+/// The HA configuration file, followed while the controller runs.
+type HaConfigFile = counterweight_reload::Watched<counterweight_core::ha::HaConfig, Error>;
+
+/// Loads the HA configuration file to follow it; the first version must
+/// also validate, later ones go to the core, which decides what may change.
+fn load_ha_config(
+    path: &std::path::Path,
+) -> Result<
+    (
+        std::sync::Arc<HaConfigFile>,
+        counterweight_core::ha::HaConfig,
+    ),
+    Error,
+> {
+    let owned = path.to_owned();
+    let file = HaConfigFile::load(vec![owned.clone()], move |files| match files {
+        [text] => parse_ha_config(&owned, text),
+        _ => Err(Error::HaConfigFile {
+            path: owned.display().to_string(),
+            message: "expected one file".into(),
+        }),
+    })?;
+    let config = validated(path, (*file.current()).clone())?;
+    Ok((std::sync::Arc::new(file), config))
+}
+
+/// Polls the HA configuration file every `every` (a mounted ConfigMap
 /// changes by a symlink swap, which a poll sees and inotify on the path
 /// does not) and hands each changed version that parses to the HA loop. The
 /// core decides what may change at run time and records an Event either
 /// way; a file that does not parse is logged, and the last good one stays.
 /// Ends when the HA loop is gone.
 async fn watch_ha_config(
-    path: PathBuf,
+    file: std::sync::Arc<HaConfigFile>,
     mut current: counterweight_core::ha::HaConfig,
     updates: tokio::sync::mpsc::Sender<counterweight_core::ha::HaConfig>,
     every: std::time::Duration,
 ) {
-    let mut last_text = None::<String>;
+    use counterweight_reload::Reload;
+    let path = file.path().display().to_string();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -255,31 +302,28 @@ async fn watch_ha_config(
             () = updates.closed() => return,
             _ = tick.tick() => {}
         }
-        let text = match tokio::fs::read_to_string(&path).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read the HA config; keeping the one in force");
-                continue;
+        match file.poll().await {
+            Reload::Unchanged => {}
+            Reload::Unreadable(e) => {
+                tracing::warn!(%path, error = %e, "cannot read the HA config; keeping the one in force");
             }
-        };
-        if last_text.as_deref() == Some(text.as_str()) {
-            continue;
-        }
-        last_text = Some(text.clone());
-        match serde_yaml_ng::from_str::<counterweight_core::ha::HaConfig>(&text) {
-            Ok(config) if config == current => {}
-            Ok(config) => {
-                tracing::info!(path = %path.display(), "HA config file changed");
+            Reload::Rejected(e) => tracing::warn!(
+                %path,
+                error = %e,
+                "the HA config file does not parse; keeping the one in force"
+            ),
+            Reload::Swapped => {
+                let config = (*file.current()).clone();
+                // A reformatted file with the same content is no change.
+                if config == current {
+                    continue;
+                }
+                tracing::info!(%path, "HA config file changed");
                 current = config.clone();
                 if updates.send(config).await.is_err() {
                     return;
                 }
             }
-            Err(e) => tracing::warn!(
-                path = %path.display(),
-                error = %e,
-                "the HA config file does not parse; keeping the one in force"
-            ),
         }
     }
 }
@@ -418,7 +462,7 @@ async fn peer_wiring(
     metrics: peer::PeerMetrics,
     shutdown: impl std::future::Future<Output = ()> + Clone + Send + 'static,
 ) -> Result<HaWiring, Error> {
-    let config = read_ha_config(path)?;
+    let (config_file, config) = load_ha_config(path)?;
     let named_witness = config.witness.as_deref() == Some(args.cluster.as_str());
     if args.witness != named_witness {
         return Err(Error::HaConfigFile {
@@ -499,7 +543,7 @@ async fn peer_wiring(
     ));
     let (config_tx, config_updates) = tokio::sync::mpsc::channel(1);
     tokio::spawn(watch_ha_config(
-        path.to_owned(),
+        config_file,
         config.clone(),
         config_tx,
         std::time::Duration::from_secs(5),

@@ -30,8 +30,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -41,6 +41,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
 use counterweight_core::ha::{Envelope, ProtocolError};
+use counterweight_reload::{ReadError, Reload, Watched};
 use http::Uri;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http2;
@@ -459,31 +460,33 @@ pub struct TlsPaths {
 struct TlsConfigs {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
-    /// Counts successful reloads; a client connection made with an older
-    /// generation is replaced, so a rotated client certificate or CA bundle
-    /// applies to peers already connected.
-    generation: u64,
+}
+
+impl From<ReadError> for PeerError {
+    fn from(e: ReadError) -> Self {
+        PeerError::Read {
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 /// Server and client TLS configurations built from [`TlsPaths`], rebuilt
-/// when the files change. Every new connection takes the current ones, so
+/// when the files change ([`counterweight_reload::Watched`] follows them and
+/// keeps the last good set). Every new connection takes the current ones, so
 /// a rotation applies without a restart. [`PeerClient`] replaces its open
 /// connections on the next message after a reload; connections accepted by
 /// the server keep the configuration they started with until the client
 /// closes them.
 pub struct PeerTls {
-    paths: TlsPaths,
-    current: RwLock<Arc<TlsConfigs>>,
-    // Bytes of the files last *tried*, good or bad, so a broken set is
-    // reported once, not on every poll.
-    last_seen: Mutex<Vec<u8>>,
+    configs: Arc<Watched<TlsConfigs, PeerError>>,
     metrics: PeerMetrics,
 }
 
 impl fmt::Debug for PeerTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PeerTls")
-            .field("paths", &self.paths)
+            .field("configs", &self.configs)
             .finish_non_exhaustive()
     }
 }
@@ -492,12 +495,16 @@ impl PeerTls {
     /// Loads the files; fails if they are missing or unusable, because a
     /// controller that cannot authenticate its peers must not start.
     pub fn load(paths: TlsPaths, metrics: PeerMetrics) -> Result<Arc<Self>, PeerError> {
-        let files = read_files(&paths)?;
-        let configs = build_configs(&paths, &files)?;
+        let files = vec![paths.cert.clone(), paths.key.clone(), paths.ca.clone()];
+        let configs = Watched::load(files, move |pems| match pems {
+            [cert, key, ca] => build_configs(&paths, cert, key, ca),
+            // `Watched` hands over one buffer per path, and there are three.
+            _ => Err(PeerError::Config(
+                "expected certificate, key and CA files".into(),
+            )),
+        })?;
         Ok(Arc::new(Self {
-            paths,
-            current: RwLock::new(Arc::new(configs)),
-            last_seen: Mutex::new(files.concat()),
+            configs: Arc::new(configs),
             metrics,
         }))
     }
@@ -505,62 +512,47 @@ impl PeerTls {
     /// The configuration for accepting peer connections (client
     /// certificates required and verified against the CA bundle).
     pub fn server_config(&self) -> Arc<ServerConfig> {
-        self.configs().server.clone()
+        self.configs.current().server.clone()
     }
 
     /// The configuration for calling peers (presents our certificate,
     /// trusts only the CA bundle).
     pub fn client_config(&self) -> Arc<ClientConfig> {
-        self.configs().client.clone()
+        self.configs.current().client.clone()
     }
 
-    /// How many times the material was reloaded since [`PeerTls::load`].
+    /// How many times the material was reloaded since [`PeerTls::load`]. A
+    /// client connection made with an older generation is replaced, so a
+    /// rotated client certificate or CA bundle applies to peers already
+    /// connected. Read it *before* the configuration it goes with: the
+    /// configuration is swapped first, so that one is at least as new.
     pub fn generation(&self) -> u64 {
-        self.configs().generation
-    }
-
-    fn configs(&self) -> Arc<TlsConfigs> {
-        // A poisoned lock still holds a complete Arc; keep using it.
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.configs.swaps()
     }
 
     /// Reads the files once and swaps in new configurations if they changed
     /// and are good. Returns whether anything was swapped. Blocks on file
     /// I/O: call it from a blocking context, as [`PeerTls::watch`] does.
     pub fn reload_if_changed(&self) -> bool {
-        let files = match read_files(&self.paths) {
-            Ok(f) => f,
-            Err(e) => {
+        self.report(self.configs.reload_if_changed())
+    }
+
+    /// Logs and counts one poll's outcome; whether anything was swapped.
+    fn report(&self, outcome: Reload<PeerError>) -> bool {
+        match outcome {
+            Reload::Unchanged => false,
+            Reload::Unreadable(e) => {
                 // Missing for an instant during kubelet's symlink swap is
                 // normal; the next poll sees the new files.
                 tracing::debug!(error = %e, "peer TLS files unreadable; keeping the current ones");
-                return false;
+                false
             }
-        };
-        let joined = files.concat();
-        {
-            let mut seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
-            if *seen == joined {
-                return false;
-            }
-            *seen = joined;
-        }
-        match build_configs(&self.paths, &files) {
-            Ok(configs) => {
-                let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-                *current = Arc::new(TlsConfigs {
-                    generation: current.generation + 1,
-                    ..configs
-                });
-                drop(current);
+            Reload::Swapped => {
                 PeerMetrics::reason(&self.metrics.tls_reloads, "ok");
-                tracing::info!(cert = %self.paths.cert.display(), "peer TLS material reloaded");
+                tracing::info!(cert = %self.configs.path().display(), "peer TLS material reloaded");
                 true
             }
-            Err(e) => {
+            Reload::Rejected(e) => {
                 PeerMetrics::reason(&self.metrics.tls_reloads, "error");
                 tracing::warn!(error = %e, "new peer TLS material is unusable; keeping the last good one");
                 false
@@ -570,35 +562,21 @@ impl PeerTls {
 
     /// Polls the files every `interval` until `shutdown` resolves.
     pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: impl Future<Output = ()>) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = tick.tick() => {
-                    let tls = self.clone();
-                    // File reads block; keep them off the async workers.
-                    let _ = tokio::task::spawn_blocking(move || tls.reload_if_changed()).await;
-                }
-            }
-        }
+        let configs = self.configs.clone();
+        configs
+            .watch(interval, shutdown, |outcome| {
+                self.report(outcome);
+            })
+            .await;
     }
 }
 
-/// The three files' bytes: cert, key, CA.
-fn read_files(paths: &TlsPaths) -> Result<[Vec<u8>; 3], PeerError> {
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|source| PeerError::Read {
-            path: path.to_owned(),
-            source,
-        })
-    };
-    Ok([read(&paths.cert)?, read(&paths.key)?, read(&paths.ca)?])
-}
-
-fn build_configs(paths: &TlsPaths, files: &[Vec<u8>; 3]) -> Result<TlsConfigs, PeerError> {
-    let [cert_pem, key_pem, ca_pem] = files;
+fn build_configs(
+    paths: &TlsPaths,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    ca_pem: &[u8],
+) -> Result<TlsConfigs, PeerError> {
     let bad = |path: &Path, message: String| PeerError::BadPem {
         path: path.to_owned(),
         message,
@@ -656,7 +634,6 @@ fn build_configs(paths: &TlsPaths, files: &[Vec<u8>; 3]) -> Result<TlsConfigs, P
     Ok(TlsConfigs {
         server: Arc::new(server),
         client: Arc::new(client),
-        generation: 0,
     })
 }
 
@@ -1097,10 +1074,11 @@ impl Link {
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
-        let configs = tls.configs();
+        let tls_generation = tls.generation();
+        let client_config = tls.client_config();
         // The TCP target is the URL, but the certificate must name the
         // peer's identity: a URL pointing at the wrong member fails here.
-        let stream = TlsConnector::from(configs.client.clone())
+        let stream = TlsConnector::from(client_config)
             .connect(self.identity.server_name(), tcp)
             .await
             .map_err(|e| self.handshake_error(e))?;
@@ -1120,7 +1098,7 @@ impl Link {
         });
         Ok(Conn {
             generation: self.generations.fetch_add(1, Ordering::Relaxed),
-            tls_generation: configs.generation,
+            tls_generation,
             sender,
             _task: AbortOnDrop(task.abort_handle()),
         })

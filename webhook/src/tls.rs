@@ -1,21 +1,19 @@
 //! The serving certificate, reloaded from disk while the server runs.
 //!
-//! This module owns loading PEM files into a rustls [`CertifiedKey`], the
+//! This module owns turning PEM files into a rustls [`CertifiedKey`] and the
 //! [`CertStore`] that hands the current one to every TLS handshake (it is the
 //! server's certificate resolver, so a new certificate applies to the next
-//! handshake without restarting anything), and the poll loop that notices
-//! changed files. Change detection compares file *contents*, not mtimes or
-//! inode numbers: kubelet updates Secret volumes by swapping a `..data`
-//! symlink, and cert-manager may write the same bytes again; reading through
-//! the symlinks and comparing bytes handles both. A new pair that does not
-//! parse or whose key does not match its certificate (a rotation caught half
-//! written) is logged and counted, and the last good pair keeps serving; the
-//! next poll tries again.
+//! handshake without restarting anything). Following the files is
+//! [`counterweight_reload::Watched`]'s job: contents compared through
+//! kubelet's symlinks, and a pair that does not parse or whose key does not
+//! match its certificate (a rotation caught half written) logged, counted
+//! and ignored while the last good pair keeps serving.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
+use counterweight_reload::{ReadError, Reload, Watched};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
@@ -24,21 +22,13 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::Error;
 use crate::metrics::Metrics;
 
-/// Reads and parses a certificate chain and key into a [`CertifiedKey`].
-pub fn load_pair(cert_path: &Path, key_path: &Path) -> Result<(CertifiedKey, Vec<u8>), Error> {
-    let cert_pem = read(cert_path)?;
-    let key_pem = read(key_path)?;
-    let key = parse_pair(&cert_pem, &key_pem, cert_path, key_path)?;
-    let mut both = cert_pem;
-    both.extend_from_slice(&key_pem);
-    Ok((key, both))
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|source| Error::ReadFile {
-        path: path.to_owned(),
-        source,
-    })
+impl From<ReadError> for Error {
+    fn from(e: ReadError) -> Self {
+        Error::ReadFile {
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 fn parse_pair(
@@ -74,77 +64,55 @@ fn parse_pair(
 }
 
 /// The current serving certificate, shared by the TLS acceptor and the reloader.
+#[derive(Debug)]
 pub struct CertStore {
-    cert_path: PathBuf,
-    key_path: PathBuf,
-    current: RwLock<Arc<CertifiedKey>>,
-    // Bytes of the pair last *tried*, good or bad, so a broken pair is
-    // reported once, not on every poll; any change to either file differs.
-    last_seen: Mutex<Vec<u8>>,
+    pair: Arc<Watched<CertifiedKey, Error>>,
     metrics: Metrics,
-}
-
-impl std::fmt::Debug for CertStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertStore")
-            .field("cert_path", &self.cert_path)
-            .field("key_path", &self.key_path)
-            .finish_non_exhaustive()
-    }
 }
 
 impl CertStore {
     /// Loads the pair; fails if the initial files are missing or broken,
     /// because a webhook without a certificate must not report ready.
     pub fn load(cert_path: &Path, key_path: &Path, metrics: Metrics) -> Result<Self, Error> {
-        let (key, seen) = load_pair(cert_path, key_path)?;
+        let (cert, key): (PathBuf, PathBuf) = (cert_path.to_owned(), key_path.to_owned());
+        let pair = Watched::load(vec![cert.clone(), key.clone()], move |files| match files {
+            [cert_pem, key_pem] => parse_pair(cert_pem, key_pem, &cert, &key),
+            // `Watched` hands over one buffer per path, and there are two.
+            _ => Err(Error::Tls("expected a certificate and a key file".into())),
+        })?;
         Ok(Self {
-            cert_path: cert_path.to_owned(),
-            key_path: key_path.to_owned(),
-            current: RwLock::new(Arc::new(key)),
-            last_seen: Mutex::new(seen),
+            pair: Arc::new(pair),
             metrics,
         })
     }
 
     /// The certificate currently served.
     pub fn current(&self) -> Arc<CertifiedKey> {
-        // A poisoned lock still holds a complete Arc; keep serving it.
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.pair.current()
     }
 
     /// Checks the files once; swaps in a new pair if it changed and is good.
     /// Returns whether the served certificate changed.
     pub fn reload_if_changed(&self) -> bool {
-        let (cert_pem, key_pem) = match (read(&self.cert_path), read(&self.key_path)) {
-            (Ok(c), Ok(k)) => (c, k),
-            (Err(e), _) | (_, Err(e)) => {
+        self.report(self.pair.reload_if_changed())
+    }
+
+    /// Logs and counts one poll's outcome; whether the certificate changed.
+    fn report(&self, outcome: Reload<Error>) -> bool {
+        match outcome {
+            Reload::Unchanged => false,
+            Reload::Unreadable(e) => {
                 // Missing during a symlink swap is normal for an instant;
                 // the next poll sees the new files.
                 tracing::debug!(error = %e, "certificate files unreadable; keeping the current one");
-                return false;
+                false
             }
-        };
-        let mut both = cert_pem.clone();
-        both.extend_from_slice(&key_pem);
-        {
-            let mut seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
-            if *seen == both {
-                return false;
-            }
-            *seen = both;
-        }
-        match parse_pair(&cert_pem, &key_pem, &self.cert_path, &self.key_path) {
-            Ok(key) => {
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
+            Reload::Swapped => {
                 self.metrics.cert_reload(true);
-                tracing::info!(cert = %self.cert_path.display(), "serving certificate reloaded");
+                tracing::info!(cert = %self.pair.path().display(), "serving certificate reloaded");
                 true
             }
-            Err(e) => {
+            Reload::Rejected(e) => {
                 self.metrics.cert_reload(false);
                 tracing::warn!(error = %e, "new certificate is unusable; keeping the last good one");
                 false
@@ -154,19 +122,11 @@ impl CertStore {
 
     /// Polls the files every `interval` until `shutdown` resolves.
     pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: impl Future<Output = ()>) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = tick.tick() => {
-                    let store = self.clone();
-                    // File reads block; keep them off the async workers.
-                    let _ = tokio::task::spawn_blocking(move || store.reload_if_changed()).await;
-                }
-            }
-        }
+        let pair = self.pair.clone();
+        pair.watch(interval, shutdown, |outcome| {
+            self.report(outcome);
+        })
+        .await;
     }
 
     /// A rustls server configuration that serves whatever this store holds,
