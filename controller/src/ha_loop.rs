@@ -149,9 +149,6 @@ pub struct HaLoop<S: Serving> {
     outbox: Arc<dyn Outbox>,
     serving: Arc<S>,
     started: Instant,
-    // How the synchronization components stood at the latest health
-    // report: recorded with a takeover as its data-loss estimate.
-    data: std::sync::Mutex<Vec<String>>,
 }
 
 impl<S: Serving> HaLoop<S> {
@@ -172,7 +169,6 @@ impl<S: Serving> HaLoop<S> {
             outbox,
             serving,
             started: Instant::now(),
-            data: std::sync::Mutex::default(),
         }
     }
 
@@ -230,7 +226,8 @@ impl<S: Serving> HaLoop<S> {
         if self.config.unsafe_promote_on_silence {
             warn!("unsafePromoteOnSilence is on: a network partition can produce two actives");
         }
-        self.execute(&mut node, actions).await?;
+        self.execute(&mut node, actions, inputs.health.as_ref())
+            .await?;
         let mut abnormal = false;
         let mut last_view: Option<(HaView, Instant)> = None;
         loop {
@@ -261,16 +258,15 @@ impl<S: Serving> HaLoop<S> {
                     }
                 } => {
                     let report = inputs.health.as_ref().and_then(|rx| rx.borrow().clone());
-                    if let Some(r) = &report {
-                        *self.data.lock().unwrap_or_else(|p| p.into_inner()) = r.data.clone();
-                    }
                     Event::Health(verdict(report.as_ref(), &mut abnormal))
                 }
             };
             let now = self.now_ms();
             let span = info_span!("ha_step", cluster = %self.me, epoch = node.epoch(), role = %node.role());
             let actions = node.handle(now, event);
-            self.execute(&mut node, actions).instrument(span).await?;
+            self.execute(&mut node, actions, inputs.health.as_ref())
+                .instrument(span)
+                .await?;
 
             // The HA view: at once on a change of what people act on, else
             // at most once per probe interval.
@@ -296,8 +292,15 @@ impl<S: Serving> HaLoop<S> {
     }
 
     /// Carries out actions in order. A failed `Persist` drops the rest and
-    /// restarts the node from what is stored.
-    async fn execute(&self, node: &mut Node, actions: Vec<Action>) -> Result<(), HaError> {
+    /// restarts the node from what is stored. `health` is read when a
+    /// takeover is recorded: how the synchronization components stand at
+    /// that moment is its data-loss estimate.
+    async fn execute(
+        &self,
+        node: &mut Node,
+        actions: Vec<Action>,
+        health: Option<&watch::Receiver<Option<HealthReport>>>,
+    ) -> Result<(), HaError> {
         let mut queue: std::collections::VecDeque<Action> = actions.into();
         while let Some(action) = queue.pop_front() {
             match action {
@@ -326,10 +329,11 @@ impl<S: Serving> HaLoop<S> {
                     let reason = format!("{:?}", r.reason);
                     let mut message = r.message;
                     if matches!(r.reason, Reason::Promoted | Reason::HandedOver) {
-                        let data = self.data.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        let data = health
+                            .and_then(|rx| rx.borrow().as_ref().map(|r| r.data.clone()))
+                            .unwrap_or_default();
                         if !data.is_empty() {
-                            message =
-                                format!("{message}; data at this moment: {}", data.join("; "));
+                            message = format!("{message}; data at this moment: {}", data.join("; "));
                         }
                     }
                     info!(reason = %reason, message = %message, "HA transition");

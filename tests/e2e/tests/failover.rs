@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use counterweight_cli::Outcome;
 use counterweight_core::names;
 use counterweight_e2e::fixtures::{
-    EMS_POLICY, create_namespaces, cwctl, deployment, fast_ha_config, install_policy,
+    create_namespaces, cwctl, deployment, fast_ha_config, install_policy,
 };
 use counterweight_e2e::ha::{
     Controller, Monitor, SYSTEM, event_reasons, nobody_active_for, record, sample, start_group,
@@ -23,6 +23,29 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const APP: &str = "ems";
+
+/// The sample EMS's policy: the two services, and the database as a
+/// synchronization component, whose state each takeover records as its
+/// data-loss estimate. web (w = 0.5) down alone puts S below D.
+const POLICY: &str = r#"
+interval: 300ms
+threshold: 0.6
+retries: 1
+components:
+  - name: web
+    namespaces: [ems]
+    selector: {matchLabels: {app: web}}
+    weight: 0.5
+  - name: api
+    namespaces: [ems]
+    selector: {matchLabels: {app: api}}
+    weight: 0.3
+  - name: db
+    namespaces: [ems]
+    selector: {matchLabels: {app: db}}
+    weight: 0.2
+    role: database
+"#;
 
 /// Namespaces, and with `with_workload` the sample EMS in an opted-in
 /// namespace: service Deployments `web` and `api` whose pods carry the
@@ -59,7 +82,7 @@ async fn prepare(cluster: &Cluster, with_workload: bool) {
             .await
             .expect("deployment");
     }
-    install_policy(&client, SYSTEM, EMS_POLICY).await;
+    install_policy(&client, SYSTEM, POLICY).await;
 }
 
 /// `(name, uid, serving condition)` of the `app` pods in `cluster`.
@@ -186,7 +209,7 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
     let dbs = [db_uids(&clusters[0]).await, db_uids(&clusters[1]).await];
     assert!(dbs.iter().all(|d| d.len() == 1), "{dbs:?}");
 
-    // east's weighted health falls (web, w = 0.6): after (K+1) intervals it
+    // east's weighted health falls (web, w = 0.5): after (K+1) intervals it
     // is abnormal and hands over to west.
     let dropped = Instant::now();
     set_web_ready(&clusters[0], false).await;
@@ -235,6 +258,11 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
         .remove("lastTransition")
         .unwrap_or_default();
     assert!(transition.contains("Promoted"), "{transition}");
+    // The takeover carries how the data stood when it happened.
+    assert!(
+        transition.contains("data at this moment: db: 1 of 1 pods up"),
+        "{transition}"
+    );
 
     // Workload effects, driven by the HA loop: west's service pods serve;
     // every pod that served in east was restarted and is blocked; the
