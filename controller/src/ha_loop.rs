@@ -333,7 +333,8 @@ impl<S: Serving> HaLoop<S> {
                             .and_then(|rx| rx.borrow().as_ref().map(|r| r.data.clone()))
                             .unwrap_or_default();
                         if !data.is_empty() {
-                            message = format!("{message}; data at this moment: {}", data.join("; "));
+                            message =
+                                format!("{message}; data at this moment: {}", data.join("; "));
                         }
                     }
                     info!(reason = %reason, message = %message, "HA transition");

@@ -201,7 +201,64 @@ async fn take(api: &Api<Lease>, config: &LeaderConfig, current: Option<Lease>) -
     }
 }
 
+/// A [`Leadership`] renewed by a background task ([`Leadership::keep`]).
+#[derive(Debug)]
+pub struct Kept {
+    lost: tokio::sync::watch::Receiver<bool>,
+    release: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), LeaderError>>,
+}
+
+impl Kept {
+    /// Resolves once the Lease is no longer held (lost, or released): the
+    /// moment to stop acting. Cheap to call more than once.
+    pub fn lost(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut lost = self.lost.clone();
+        async move {
+            // Resolves on `true` or when the task is gone, whichever first.
+            let _ = lost.wait_for(|l| *l).await;
+        }
+    }
+
+    /// Hands the Lease back (once everything that acted under it has
+    /// stopped) and reports how holding it ended: `Err(Lost)` if it was
+    /// lost before.
+    pub async fn release(self) -> Result<(), LeaderError> {
+        let _ = self.release.send(());
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => {
+                // The renewal task panicked or was cancelled: nothing left
+                // to hand back; the Lease expires on its own.
+                warn!(error = %e, "leader election task failed");
+                Ok(())
+            }
+        }
+    }
+}
+
 impl Leadership {
+    /// Renews the Lease in a background task until [`Kept::release`]; see
+    /// [`Leadership::hold`].
+    pub fn keep(self) -> Kept {
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let held = self
+                .hold(async move {
+                    let _ = released.await;
+                })
+                .await;
+            let _ = lost_tx.send(true);
+            held
+        });
+        Kept {
+            lost,
+            release,
+            task,
+        }
+    }
+
     /// Renews the Lease every retry period until `shutdown` (then releases
     /// it so a follower takes over at once, and returns `Ok`) or until the
     /// renew deadline passes without a successful renewal or another

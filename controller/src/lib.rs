@@ -371,10 +371,7 @@ pub async fn run(
         probes.clone(),
         shutdown.clone(),
     ));
-    let mut leadership = None;
-    let stop: futures::future::Shared<futures::future::BoxFuture<'static, ()>> = if args
-        .leader_elect
-    {
+    let (stop, leadership) = if args.leader_elect {
         let config = leader::LeaderConfig {
             namespace: args.namespace.clone(),
             name: args.leader_election_lease.clone(),
@@ -390,30 +387,19 @@ pub async fn run(
         probes.set_follower(false);
         // The Lease is handed back only once everything has stopped acting
         // (after `run_inner` returns), never while the HA loop may still
-        // write; until then it keeps being renewed.
-        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-        let hold = tokio::spawn(leading.hold(async move {
-            let _ = release_rx.await;
-        }));
-        let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
-        // Watch the holder: when it ends (lost), stop acting at once.
-        let watcher = tokio::spawn(async move {
-            let r = hold.await;
-            let _ = lost_tx.send(());
-            r
-        });
-        leadership = Some((watcher, release_tx));
-        let shutdown = shutdown.clone();
-        async move {
+        // write; until then it keeps being renewed. Losing it stops
+        // everything at once.
+        let kept = leading.keep();
+        let (shutdown, lost) = (shutdown.clone(), kept.lost());
+        let stop = async move {
             tokio::select! {
                 () = shutdown => {}
-                _ = lost_rx => {}
+                () = lost => {}
             }
-        }
-        .boxed()
-        .shared()
+        };
+        (stop.boxed().shared(), Some(kept))
     } else {
-        shutdown.clone()
+        (shutdown.clone(), None)
     };
     metrics.leader.set(1);
     let ha = match &args.ha_config {
@@ -424,13 +410,8 @@ pub async fn run(
     };
     let result = run_inner(client, settings, ha, metrics.clone(), probes, stop).await;
     metrics.leader.set(0);
-    if let Some((watcher, release)) = leadership {
-        let _ = release.send(());
-        match watcher.await {
-            Ok(Ok(Err(lost))) => return Err(lost.into()),
-            Ok(Ok(Ok(()))) => {}
-            Ok(Err(e)) | Err(e) => tracing::error!(error = %e, "leader election task failed"),
-        }
+    if let Some(kept) = leadership {
+        kept.release().await?;
     }
     result?;
     finish_server(server).await
