@@ -172,8 +172,12 @@ pub async fn install_policy(client: &kube::Client, namespace: &str, yaml: &str) 
     .expect("create the policy ConfigMap");
 }
 
-/// The sample EMS policy of the HA tests: `web` (0.6) and `api` (0.4) in
-/// namespace `ems`, D = 0.6, K = 1, every 300 ms.
+/// The sample EMS policy of the HA tests, in namespace `ems`: the services
+/// `web` (0.5) and `api` (0.3), and the database `db` (0.2) as a
+/// synchronization component, whose state each takeover records as its
+/// data-loss estimate; D = 0.6 (web down alone puts S below it), K = 1,
+/// every 300 ms. Pods are selected by `app=<name>`, as [`deployment`] labels
+/// them.
 pub const EMS_POLICY: &str = r#"
 interval: 300ms
 threshold: 0.6
@@ -182,11 +186,16 @@ components:
   - name: web
     namespaces: [ems]
     selector: {matchLabels: {app: web}}
-    weight: 0.6
+    weight: 0.5
   - name: api
     namespaces: [ems]
     selector: {matchLabels: {app: api}}
-    weight: 0.4
+    weight: 0.3
+  - name: db
+    namespaces: [ems]
+    selector: {matchLabels: {app: db}}
+    weight: 0.2
+    role: database
 "#;
 
 /// Runs `cwctl` (the library behind the binary, exactly as `main` does)

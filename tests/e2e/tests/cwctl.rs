@@ -22,6 +22,7 @@ use counterweight_cli::status::Status;
 use counterweight_controller::HaWiring;
 use counterweight_controller::commands;
 use counterweight_core::ha::HaConfig;
+use counterweight_core::names;
 use counterweight_e2e::fixtures::{
     EMS_POLICY, Router, create_namespaces, cwctl, deployment, fast_ha_config, install_policy,
 };
@@ -43,9 +44,12 @@ async fn prepare(cluster: &Cluster) {
     let client = cluster.client();
     create_namespaces(&client, &[SYSTEM, APP]).await;
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), APP);
-    for name in ["web", "api"] {
+    for (name, role) in [("web", "service"), ("api", "service"), ("db", "database")] {
         deploys
-            .create(&PostParams::default(), &deployment(name, 1, &[]))
+            .create(
+                &PostParams::default(),
+                &deployment(name, 1, &[(names::ROLE_LABEL, role)]),
+            )
             .await
             .expect("deployment");
     }
@@ -324,7 +328,7 @@ async fn cwctl_status_switchover_explain_and_check() {
         .cluster("east")
         .and_then(|c| c.health.as_ref())
         .expect("health");
-    assert_eq!(health.components.len(), 2);
+    assert_eq!(health.components.len(), 3);
     // The HA view is read too (cwctl mirrors the controller's JSON; a
     // renamed field would silently drop it).
     let ha = status

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use counterweight_cli::Outcome;
 use counterweight_core::names;
 use counterweight_e2e::fixtures::{
-    create_namespaces, cwctl, deployment, fast_ha_config, install_policy,
+    EMS_POLICY, create_namespaces, cwctl, deployment, fast_ha_config, install_policy,
 };
 use counterweight_e2e::ha::{
     Controller, Monitor, SYSTEM, event_reasons, nobody_active_for, record, sample, start_group,
@@ -23,29 +23,6 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const APP: &str = "ems";
-
-/// The sample EMS's policy: the two services, and the database as a
-/// synchronization component, whose state each takeover records as its
-/// data-loss estimate. web (w = 0.5) down alone puts S below D.
-const POLICY: &str = r#"
-interval: 300ms
-threshold: 0.6
-retries: 1
-components:
-  - name: web
-    namespaces: [ems]
-    selector: {matchLabels: {app: web}}
-    weight: 0.5
-  - name: api
-    namespaces: [ems]
-    selector: {matchLabels: {app: api}}
-    weight: 0.3
-  - name: db
-    namespaces: [ems]
-    selector: {matchLabels: {app: db}}
-    weight: 0.2
-    role: database
-"#;
 
 /// Namespaces, and with `with_workload` the sample EMS in an opted-in
 /// namespace: service Deployments `web` and `api` whose pods carry the
@@ -82,7 +59,7 @@ async fn prepare(cluster: &Cluster, with_workload: bool) {
             .await
             .expect("deployment");
     }
-    install_policy(&client, SYSTEM, POLICY).await;
+    install_policy(&client, SYSTEM, EMS_POLICY).await;
 }
 
 /// `(name, uid, serving condition)` of the `app` pods in `cluster`.
