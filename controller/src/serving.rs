@@ -576,6 +576,38 @@ async fn patch_condition(
     }
 }
 
+/// One serving-condition patch: the pod, whether it is to serve, and why.
+type ConditionPatch = (PodRef, bool, &'static str);
+
+/// Sends `patches`, at most `concurrency` at once, and returns each with its
+/// outcome. `Ok(false)`: the pod is gone or replaced, or it was to serve and
+/// the cluster no longer is meant to. That is checked when the patch's turn
+/// comes, because a demotion may have begun while it waited, and a
+/// condition must never turn True then.
+async fn send_conditions(
+    shared: &Shared,
+    patches: Vec<ConditionPatch>,
+) -> Vec<(ConditionPatch, Result<bool, kube::Error>)> {
+    // Futures are built first, so the stream holds no closure over borrowed
+    // data, which keeps the future `Send`.
+    let futures: Vec<_> = patches
+        .into_iter()
+        .map(|patch| async move {
+            let (r, serve, reason) = &patch;
+            let res = if *serve && *shared.desired.borrow() != Some(true) {
+                Ok(false)
+            } else {
+                patch_condition(&shared.client, r, *serve, reason).await
+            };
+            (patch, res)
+        })
+        .collect();
+    stream::iter(futures)
+        .buffer_unordered(shared.config.concurrency.max(1))
+        .collect()
+        .await
+}
+
 /// The effects lock, handed back by [`fence`] so the restarts it found are
 /// registered before any reconcile pass can claim them.
 type FenceGuard<'a> = tokio::sync::MutexGuard<'a, ()>;
@@ -608,24 +640,10 @@ async fn fence(
             restart.dedup();
             return Ok((effects, stopped, standby, restart));
         }
-        // Futures are built first (owning their inputs) so the stream holds
-        // no closure over borrowed data, which keeps the future `Send`.
-        let futures: Vec<_> = work
-            .into_iter()
-            .map(|(r, reason): (PodRef, &'static str)| {
-                let client = shared.client.clone();
-                async move {
-                    let res = patch_condition(&client, &r, false, reason).await;
-                    (r, reason, res)
-                }
-            })
-            .collect();
-        let results: Vec<_> = stream::iter(futures)
-            .buffer_unordered(shared.config.concurrency.max(1))
-            .collect()
-            .await;
+        let stops = work.into_iter().map(|(r, reason)| (r, false, reason));
+        let results = send_conditions(shared, stops.collect()).await;
         let mut failed = 0;
-        for (r, reason, res) in results {
+        for ((r, _, reason), res) in results {
             match res {
                 Ok(true) if reason == STOPPED_REASON => {
                     stopped += 1;
@@ -683,33 +701,12 @@ async fn pass(shared: &Arc<Shared>, pods: &[Pod], tasks: &Arc<Mutex<JoinSet<()>>
             PodAction::Keep => {}
         }
     }
-    let futures: Vec<_> = patches
-        .into_iter()
-        .map(|(r, serve, reason): (PodRef, bool, &'static str)| {
-            let shared = shared.clone();
-            async move {
-                // Never set True once the cluster is no longer meant to
-                // serve: a demotion may have begun while this pass waited.
-                if serve && *shared.desired.borrow() != Some(true) {
-                    return (false, false, r);
-                }
-                let res = patch_condition(&shared.client, &r, serve, reason).await;
-                match res {
-                    Ok(done) => (serve, done, r),
-                    Err(e) => {
-                        warn!(pod = %format!("{}/{}", r.namespace, r.name), error = %e, "could not set the serving condition");
-                        (serve, false, r)
-                    }
-                }
-            }
-        })
-        .collect();
-    let results: Vec<_> = stream::iter(futures)
-        .buffer_unordered(shared.config.concurrency.max(1))
-        .collect()
-        .await;
     let mut served = 0;
-    for (serve, done, r) in results {
+    for ((r, serve, _), res) in send_conditions(shared, patches).await {
+        let done = res.unwrap_or_else(|e| {
+            warn!(pod = %format!("{}/{}", r.namespace, r.name), error = %e, "could not set the serving condition");
+            false
+        });
         if !done {
             continue;
         }
