@@ -2,7 +2,11 @@
 //!
 //! Each process runs in its own process group with its output in a log file.
 //! Dropping a [`Process`] kills the whole group and reaps it, which is what
-//! makes a panicking test leave nothing behind.
+//! makes a panicking test leave nothing behind. A test process that is
+//! itself SIGKILLed (a CI timeout) runs no `Drop`, so each child also gets a
+//! watchdog: a small `sh` loop outside the child's group that kills the group
+//! once the owning process is gone, so no etcd or kube-apiserver outlives
+//! the test run that started it.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -19,8 +23,18 @@ use crate::HarnessError;
 pub struct Process {
     name: String,
     child: Option<Child>,
+    watchdog: Option<Child>,
     log: PathBuf,
 }
+
+/// The watchdog: `$1` is the owning process, `$2` the child, leader of its
+/// own process group. Once a second it checks both; when the owner is gone
+/// it kills the child's group. It ends with the child, or is killed with it
+/// by [`Process::reap`].
+const WATCHDOG: &str = r#"
+while kill -0 "$1" 2>/dev/null && kill -0 "$2" 2>/dev/null; do sleep 1; done
+kill -0 "$1" 2>/dev/null || kill -KILL "-$2" 2>/dev/null
+"#;
 
 impl Process {
     /// Starts `program` with `args`, stdout and stderr appended to `log`.
@@ -29,6 +43,18 @@ impl Process {
         program: &Path,
         args: &[String],
         log: &Path,
+    ) -> Result<Self, HarnessError> {
+        Self::spawn_owned_by(name, program, args, log, std::process::id())
+    }
+
+    /// [`Process::spawn`], with the child killed once process `owner` is
+    /// gone (normally this process).
+    fn spawn_owned_by(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        owner: u32,
     ) -> Result<Self, HarnessError> {
         let out = File::options()
             .create(true)
@@ -51,9 +77,30 @@ impl Process {
                 .map_err(|e| HarnessError::io(format!("starting {}", program.display()), e))?
         };
         tracing::debug!(name, pid = child.id(), "started");
+        let watchdog = {
+            use std::os::unix::process::CommandExt;
+            Command::new("sh")
+                .args(["-c", WATCHDOG, "counterweight-watchdog"])
+                .args([owner.to_string(), child.id().to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+        };
+        let watchdog = match watchdog {
+            Ok(w) => Some(w),
+            Err(e) => {
+                // The child still runs and is still killed on drop; only a
+                // SIGKILL of this process would leave it behind.
+                tracing::warn!(name, error = %e, "no watchdog for the child");
+                None
+            }
+        };
         Ok(Self {
             name: name.to_owned(),
             child: Some(child),
+            watchdog,
             log: log.to_owned(),
         })
     }
@@ -122,6 +169,10 @@ impl Process {
         // The leader may be gone while children of the group linger.
         let _ = killpg(pgid, Signal::SIGKILL);
         let _ = child.wait();
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
         tracing::debug!(name = %self.name, "stopped");
     }
 
@@ -143,4 +194,62 @@ pub fn tail(log: &Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(30);
     lines[start..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Polls `done` every 50 ms until `within`; whether it came true.
+    fn within(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if done() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        done()
+    }
+
+    #[test]
+    fn a_child_dies_with_its_owner_even_without_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        // Stands in for a test process that gets SIGKILLed.
+        let mut owner = Command::new("sleep").arg("600").spawn().unwrap();
+        let mut p = Process::spawn_owned_by(
+            "sleeper",
+            Path::new("sleep"),
+            &["600".into()],
+            &log,
+            owner.id(),
+        )
+        .unwrap();
+        p.check_alive().unwrap();
+        owner.kill().unwrap();
+        owner.wait().unwrap();
+        assert!(
+            within(Duration::from_secs(10), || p.check_alive().is_err()),
+            "the child outlived its owner by 10 s"
+        );
+    }
+
+    #[test]
+    fn a_child_of_a_live_owner_keeps_running_and_drop_ends_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let mut p = Process::spawn("sleeper", Path::new("sleep"), &["600".into()], &log).unwrap();
+        // Two watchdog rounds.
+        std::thread::sleep(Duration::from_millis(2200));
+        p.check_alive().unwrap();
+        let watchdog = p.watchdog.as_ref().map(Child::id).unwrap();
+        drop(p);
+        let gone = within(Duration::from_secs(10), || {
+            !Path::new(&format!("/proc/{watchdog}")).exists()
+        });
+        assert!(gone, "the watchdog outlived its process");
+    }
 }
