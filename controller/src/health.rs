@@ -276,12 +276,12 @@ impl HealthLoop {
                 _ = ticker.tick(), if ev.policy.is_some() && ev.synced && round.is_none() => {
                     round = Some(self.start_round(&mut ev).await);
                 }
-                results = async { round.as_mut().expect("guarded by is_some").await }, if round.is_some() => {
+                Some(results) = futures::future::OptionFuture::from(round.as_mut()), if round.is_some() => {
                     round = None;
                     self.finish_round(&mut ev, results).await;
                     debounce = None;
                 }
-                () = async { tokio::time::sleep_until(debounce.expect("guarded by is_some")).await }, if debounce.is_some() => {
+                Some(()) = futures::future::OptionFuture::from(debounce.map(tokio::time::sleep_until)), if debounce.is_some() => {
                     debounce = None;
                     self.publish(&mut ev, false).await;
                 }
