@@ -449,21 +449,29 @@ async fn promotion_serves_and_demotion_restarts_only_serving_pods() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn restarted_controller_finishes_an_interrupted_demotion() {
+/// One cluster with the system namespace and an opted-in app namespace
+/// holding Deployment `web` of `n` gated service pods.
+async fn cluster_with_web(n: i32) -> Vec<Cluster> {
     init_tracing();
     let clusters = counterweight_harness::start_clusters(1)
         .await
         .expect("a local cluster starts");
-    let cluster = &clusters[0];
-    let client = cluster.client();
+    let client = clusters[0].client();
     namespace(&client, SYSTEM, false).await;
     namespace(&client, APP, true).await;
-    let n = 4;
-    Api::<Deployment>::namespaced(client.clone(), APP)
+    Api::<Deployment>::namespaced(client, APP)
         .create(&PostParams::default(), &deployment("web", n, None, true))
         .await
         .expect("create deployment");
+    clusters
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarted_controller_finishes_an_interrupted_demotion() {
+    let n = 4;
+    let clusters = cluster_with_web(n).await;
+    let cluster = &clusters[0];
+    let client = cluster.client();
     // A budget that refuses every eviction once pods are not Ready: the
     // first controller's restarts cannot finish.
     Api::<PodDisruptionBudget>::namespaced(client.clone(), APP)
@@ -596,19 +604,10 @@ async fn restarted_controller_finishes_an_interrupted_demotion() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quick_repromotion_within_the_restart_delay_restarts_nothing() {
-    init_tracing();
-    let clusters = counterweight_harness::start_clusters(1)
-        .await
-        .expect("a local cluster starts");
+    let n = 3;
+    let clusters = cluster_with_web(n).await;
     let cluster = &clusters[0];
     let client = cluster.client();
-    namespace(&client, SYSTEM, false).await;
-    namespace(&client, APP, true).await;
-    let n = 3;
-    Api::<Deployment>::namespaced(client.clone(), APP)
-        .create(&PostParams::default(), &deployment("web", n, None, true))
-        .await
-        .expect("create deployment");
     running_pods(&client, APP, "web", n as usize).await;
     let ps = serving_for(
         cluster,
