@@ -86,23 +86,8 @@ async fn rsync_once(cfg: &FilesConfig, dest: &str) -> Result<(), SyncError> {
         .arg(format!("--exclude=/{MARKER_NAME}"))
         .args(&cfg.rsync_args)
         .arg(&source)
-        .arg(dest)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out = cmd.output().await.map_err(|e| SyncError::Tool {
-        tool: "rsync".into(),
-        status: format!("could not start {}: {e}", cfg.rsync.display()),
-        stderr: String::new(),
-    })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(SyncError::Tool {
-            tool: format!("rsync to {dest}"),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
-    }
+        .arg(dest);
+    run_rsync(cfg, cmd, &format!("rsync to {dest}"), None).await
 }
 
 /// Copies the marker file `staged` to `dest`'s root as [`MARKER_NAME`].
@@ -114,29 +99,44 @@ async fn push_marker(cfg: &FilesConfig, staged: &Path, dest: &str) -> Result<(),
     cmd.args(["--ignore-times", "--timeout=10"])
         .args(&cfg.rsync_args)
         .arg(staged)
-        .arg(&target)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(cfg.marker_timeout, cmd.output())
-        .await
-        .map_err(|_| SyncError::Tool {
-            tool: format!("rsync of the marker to {dest}"),
-            status: format!("no answer within {:?}", cfg.marker_timeout),
-            stderr: String::new(),
-        })?
-        .map_err(|e| SyncError::Tool {
-            tool: "rsync".into(),
-            status: format!("could not start {}: {e}", cfg.rsync.display()),
-            stderr: String::new(),
-        })?;
+        .arg(&target);
+    let what = format!("rsync of the marker to {dest}");
+    run_rsync(cfg, cmd, &what, Some(cfg.marker_timeout)).await
+}
+
+/// Runs a prepared rsync command, within `limit` if one is given; a failure
+/// is an error naming `what`, with rsync's exit status and stderr.
+async fn run_rsync(
+    cfg: &FilesConfig,
+    mut cmd: tokio::process::Command,
+    what: &str,
+    limit: Option<Duration>,
+) -> Result<(), SyncError> {
+    let failed = |status: String, stderr: String| SyncError::Tool {
+        tool: what.to_owned(),
+        status,
+        stderr,
+    };
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    let output = cmd.output();
+    let out = match limit {
+        Some(limit) => tokio::time::timeout(limit, output)
+            .await
+            .map_err(|_| failed(format!("no answer within {limit:?}"), String::new()))?,
+        None => output.await,
+    }
+    .map_err(|e| SyncError::Tool {
+        tool: "rsync".into(),
+        status: format!("could not start {}: {e}", cfg.rsync.display()),
+        stderr: String::new(),
+    })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(SyncError::Tool {
-            tool: format!("rsync of the marker to {dest}"),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
+        Err(failed(
+            out.status.to_string(),
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ))
     }
 }
 
