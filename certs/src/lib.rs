@@ -37,6 +37,14 @@ pub enum CertError {
         #[source]
         source: rcgen::Error,
     },
+    /// The leaf's description cannot be made into a certificate.
+    #[error("cannot issue {common_name:?}: {message}")]
+    Spec {
+        /// The leaf's common name.
+        common_name: String,
+        /// What is wrong, and what to do instead.
+        message: String,
+    },
     /// Writing a PEM file failed.
     #[error("could not write {path}: {source}; check that the directory exists and is writable")]
     Write {
@@ -123,7 +131,8 @@ impl LeafSpec {
         self
     }
 
-    /// Adds a subject organization (a Kubernetes group for client certs).
+    /// Sets the subject organization (a Kubernetes group for client certs).
+    /// At most one: [`CertificateAuthority::issue`] refuses a second.
     pub fn organization(mut self, org: impl Into<String>) -> Self {
         self.organizations.push(org.into());
         self
@@ -205,6 +214,19 @@ impl CertificateAuthority {
 
     /// Issues a leaf certificate signed by this CA.
     pub fn issue(&self, spec: &LeafSpec) -> Result<PemPair, CertError> {
+        if spec.organizations.len() > 1 {
+            // rcgen keeps one value per subject attribute: a second
+            // organization would silently replace the first.
+            return Err(CertError::Spec {
+                common_name: spec.common_name.clone(),
+                message: format!(
+                    "{} organizations given, but a certificate made here carries one \
+                     (rcgen keeps one value per subject attribute); pick the group the \
+                     RBAC binding names",
+                    spec.organizations.len()
+                ),
+            });
+        }
         let key = generate_key(&spec.common_name)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = name(&spec.common_name, &spec.organizations);
@@ -309,6 +331,16 @@ mod tests {
     fn parse(pem: &str) -> Vec<u8> {
         let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
         p.contents
+    }
+
+    #[test]
+    fn a_second_organization_is_refused_not_dropped() {
+        let ca = CertificateAuthority::new("test-ca").unwrap();
+        let spec = LeafSpec::new("olga", Usage::Client)
+            .organization("a")
+            .organization("b");
+        let e = ca.issue(&spec).unwrap_err().to_string();
+        assert!(e.contains("olga") && e.contains("2 organizations"), "{e}");
     }
 
     #[test]

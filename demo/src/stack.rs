@@ -324,7 +324,8 @@ impl Stack {
         // shows that RBAC at work.
         let sa = format!("system:serviceaccount:{}:default", ems::NAMESPACE);
         let group = format!("system:serviceaccounts:{}", ems::NAMESPACE);
-        let kubeconfig = cluster.user_kubeconfig(&sa, &["system:serviceaccounts", &group])?;
+        // Only the namespace's group: the gate's RoleBinding names it.
+        let kubeconfig = cluster.user_kubeconfig(&sa, &[&group])?;
         let args = vec![
             format!("--kubeconfig={}", kubeconfig.display()),
             format!("--cluster={name}"),

@@ -244,7 +244,8 @@ impl Cluster {
         self.dir.path().join("pki/ca.crt")
     }
 
-    /// Issues a client certificate for `user` in `groups` and writes a
+    /// Issues a client certificate for `user` in `groups` (at most one: a
+    /// certificate made here carries one organization) and writes a
     /// kubeconfig for it, for tests that need a non-admin identity.
     pub fn user_kubeconfig(&self, user: &str, groups: &[&str]) -> Result<PathBuf, HarnessError> {
         let pki = self.dir.path().join("pki");
