@@ -15,7 +15,7 @@
 //!   inotify through the `notify` crate with debounced batches, and a
 //!   watermark (last fully synced change and its time).
 //!
-//! Every decision is a pure function ([`db::decide`], [`files::Debouncer`],
+//! Every decision is a pure function ([`db::decide()`], [`files::Debouncer`],
 //! [`db::ready_for_promotion`]) unit-tested without I/O; the supervisors
 //! around them only observe and act. The role and epoch come from the state
 //! ConfigMap's `state` and `epoch` keys ([`role`]).

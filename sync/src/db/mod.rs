@@ -1,6 +1,6 @@
 //! PostgreSQL streaming replication that follows the active cluster.
 //!
-//! Pure parts: [`decide`] (what to do with the local server given the role,
+//! Pure parts: [`decide()`] (what to do with the local server given the role,
 //! epoch and what is observed), [`ready_for_promotion`] and [`Lsn`]
 //! arithmetic, [`ConnParams`] rendering. I/O parts: [`pg`] (queries over
 //! `tokio-postgres`), [`tools`] (`pg_basebackup`, `pg_rewind`, `pg_ctl`)
@@ -8,7 +8,7 @@
 //!
 //! Safety precondition of promotion: the caller's state says `active` in an
 //! epoch only after the previous active has fenced (see [`crate::role`]).
-//! As a second line, [`decide`] does not promote while any peer database is
+//! As a second line, [`decide()`] does not promote while any peer database is
 //! still reachable as a primary: the old side's sync pod stops its server
 //! when its state turns `standby`, and promotion waits for that.
 
