@@ -17,7 +17,9 @@
 //! (`BENCH_SECONDS` sets the time per side and point, default 2;
 //! `BENCH_ROUNDS` the number of alternating turns, default 4; `BENCH_LOG`
 //! turns the webhook's logging on, see [`install_log_subscriber`];
-//! `BENCH_ONLY=webhook|bare` loads one side alone, for a profiler).
+//! `BENCH_ONLY=webhook|bare` loads one side alone, for a profiler;
+//! `BENCH_HTTP=2` sends over one HTTP/2 connection, a stream per request
+//! loop, as the API server does).
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -40,6 +42,7 @@ use bytes::Bytes;
 use counterweight_certs::CertificateAuthority;
 use counterweight_webhook::{MUTATE_PATH, ServeOptions};
 use http::{StatusCode, header};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::PrivateKeyDer;
@@ -72,6 +75,13 @@ async fn fixed_review() -> Response {
         .into_response()
 }
 
+/// [`fixed_review`] for HTTP/2, where it must read the request: a stream
+/// answered before its body was received is reset, and the client sees an
+/// error instead of the answer. The body is collected and dropped.
+async fn fixed_review_read(_body: Bytes) -> Response {
+    fixed_review().await
+}
+
 /// Whether `BENCH_BASELINE=echo` asks for the parse-and-echo baseline.
 fn echo_baseline() -> bool {
     std::env::var("BENCH_BASELINE").is_ok_and(|v| v == "echo")
@@ -98,6 +108,8 @@ async fn start_bare(ca: &CertificateAuthority) -> SocketAddr {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let route = if echo_baseline() {
         post(bare_review)
+    } else if http2() {
+        post(fixed_review_read)
     } else {
         post(fixed_review)
     };
@@ -170,8 +182,87 @@ impl Sample {
     }
 }
 
-/// `conns` connections; each sends back to back (interval None) or at a fixed
-/// interval, for `run`.
+/// Whether `BENCH_HTTP=2` asks for HTTP/2.
+fn http2() -> bool {
+    std::env::var("BENCH_HTTP").is_ok_and(|v| v == "2")
+}
+
+/// One request loop's way to a server: its own kept-alive HTTP/1.1
+/// connection, or (`BENCH_HTTP=2`) a stream on one HTTP/2 connection that
+/// all loops share, the way the API server's webhook client multiplexes.
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2 {
+        sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+        uri: http::Uri,
+    },
+}
+
+impl Sender {
+    /// Posts `body` to the mutating endpoint; the status once the whole
+    /// answer is read.
+    async fn post(&mut self, body: Bytes) -> Result<u16, String> {
+        match self {
+            Sender::H1(s) => common::send(s, "POST", MUTATE_PATH, body)
+                .await
+                .map(|(status, _)| status),
+            Sender::H2 { sender, uri } => {
+                sender.ready().await.map_err(|e| e.to_string())?;
+                let req = http::Request::post(uri.clone())
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(body))
+                    .map_err(|e| e.to_string())?;
+                let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                let status = resp.status().as_u16();
+                resp.into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(status)
+            }
+        }
+    }
+}
+
+/// `conns` request loops' senders to `addr`: as many HTTP/1.1 connections,
+/// or one HTTP/2 connection shared by all.
+async fn senders(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>, conns: usize) -> Vec<Sender> {
+    if !http2() {
+        let mut senders = Vec::new();
+        for _ in 0..conns {
+            senders.push(Sender::H1(
+                common::connect(addr, Some(tls)).await.unwrap().0,
+            ));
+        }
+        return senders;
+    }
+    let mut config = (**tls).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::IpAddress(addr.ip().into()),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let uri: http::Uri = format!("https://{addr}{MUTATE_PATH}").parse().unwrap();
+    (0..conns)
+        .map(|_| Sender::H2 {
+            sender: sender.clone(),
+            uri: uri.clone(),
+        })
+        .collect()
+}
+
+/// `conns` request loops; each sends back to back (interval None) or at a
+/// fixed interval, for `run`.
 async fn load(
     addr: SocketAddr,
     tls: &Arc<rustls::ClientConfig>,
@@ -180,10 +271,7 @@ async fn load(
     interval: Option<Duration>,
 ) -> Sample {
     let body = common::pod_review("bench", "shop");
-    let mut senders = Vec::new();
-    for _ in 0..conns {
-        senders.push(common::connect(addr, Some(tls)).await.unwrap().0);
-    }
+    let senders = senders(addr, tls, conns).await;
     let start = Instant::now();
     let cpu_start = process_cpu();
     let deadline = start + run;
@@ -204,9 +292,14 @@ async fn load(
                         t.tick().await;
                     }
                     let t0 = Instant::now();
-                    match common::send(&mut s, "POST", MUTATE_PATH, body.clone()).await {
-                        Ok((200, _)) => lat.push(t0.elapsed()),
-                        _ => failures += 1,
+                    match s.post(body.clone()).await {
+                        Ok(200) => lat.push(t0.elapsed()),
+                        other => {
+                            if failures == 0 {
+                                eprintln!("first failed request: {other:?}");
+                            }
+                            failures += 1;
+                        }
                     }
                 }
                 (lat, failures)
@@ -327,7 +420,8 @@ fn main() {
         let tls = common::client_config(&webhook.ca_pem());
         let bare = start_bare(&webhook.ca).await;
         println!(
-            "closed loop, {secs}s per side and point in {rounds} alternating turns, keep-alive HTTPS/1.1, pod CREATE review ({} bytes), webhook logging: {}",
+            "closed loop, {secs}s per side and point in {rounds} alternating turns, {}, pod CREATE review ({} bytes), webhook logging: {}",
+            if http2() { "HTTP/2 over TLS, one connection, a stream per request loop (BENCH_HTTP=2)" } else { "keep-alive HTTPS/1.1, a connection per request loop" },
             common::pod_review("bench", "shop").len(),
             log.as_deref().unwrap_or("off (set BENCH_LOG=info for the binary's level)")
         );
