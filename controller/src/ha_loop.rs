@@ -176,43 +176,31 @@ impl<S: Serving> HaLoop<S> {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Reads the persisted record and starts a node from it.
-    async fn boot(&self) -> Result<(Node, Vec<Action>), HaError> {
-        let stored = match self.store.get().await? {
-            None => {
+    /// Reads the persisted record and starts a node from it. Also says
+    /// whether there was no record at all: what that means is only known
+    /// once a peer is heard ([`missing_record_event`]).
+    async fn boot(&self) -> Result<(Node, Vec<Action>, bool), HaError> {
+        let cm = self.store.get().await?;
+        let missing = cm.is_none();
+        let stored = match cm.map(|cm| Persisted::from_data(cm.data.as_ref())) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
                 self.events
                     .record(
                         EventType::Warning,
                         "StateRecreated",
                         "Start",
-                        "the state ConfigMap is missing; recreating it as standby",
+                        &format!(
+                            "the state ConfigMap is unreadable ({e}); resetting it to standby"
+                        ),
                     )
                     .await;
                 None
             }
-            Some(cm) => {
-                match Persisted::from_data(cm.data.as_ref()) {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        self.events
-                        .record(
-                            EventType::Warning,
-                            "StateRecreated",
-                            "Start",
-                            &format!("the state ConfigMap is unreadable ({e}); resetting it to standby"),
-                        )
-                        .await;
-                        None
-                    }
-                }
-            }
         };
-        Ok(Node::start(
-            self.config.clone(),
-            &self.me,
-            stored,
-            self.now_ms(),
-        )?)
+        let (node, actions) = Node::start(self.config.clone(), &self.me, stored, self.now_ms())?;
+        Ok((node, actions, missing))
     }
 
     /// Runs until `shutdown` resolves.
@@ -222,7 +210,12 @@ impl<S: Serving> HaLoop<S> {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), HaError> {
         let mut shutdown = std::pin::pin!(shutdown);
-        let (mut node, actions) = self.boot().await?;
+        let (mut node, actions, mut record_missing) = self.boot().await?;
+        if record_missing {
+            info!(
+                "no state ConfigMap: creating it as standby; a first start or a lost record, told once a peer is heard"
+            );
+        }
         if self.config.unsafe_promote_on_silence {
             warn!("unsafePromoteOnSilence is on: a network partition can produce two actives");
         }
@@ -267,6 +260,18 @@ impl<S: Serving> HaLoop<S> {
             self.execute(&mut node, actions, inputs.health.as_ref())
                 .instrument(span)
                 .await?;
+            if record_missing {
+                let quiet_ms = node.config().lease_ms + node.config().margin_ms;
+                let highest = node
+                    .peers()
+                    .iter()
+                    .map(|(name, view)| (name.as_str(), view.epoch))
+                    .max_by_key(|(_, epoch)| *epoch);
+                if let Some((type_, reason, message)) = missing_record_event(highest, quiet_ms) {
+                    self.events.record(type_, reason, "Start", &message).await;
+                    record_missing = false;
+                }
+            }
 
             // The HA view: at once on a change of what people act on, else
             // at most once per probe interval.
@@ -308,7 +313,18 @@ impl<S: Serving> HaLoop<S> {
                     let write = self.store.update(|data| rec.write_to(data)).await;
                     if let Err(e) = write {
                         warn!(error = %e, "persisting the HA record failed; restarting from the stored record");
-                        let (fresh, actions) = self.boot().await?;
+                        let (fresh, actions, missing) = self.boot().await?;
+                        if missing {
+                            // Gone while this member ran: no first start.
+                            self.events
+                                .record(
+                                    EventType::Warning,
+                                    "StateRecreated",
+                                    "Persist",
+                                    "the state ConfigMap disappeared while running; recreating it from the protocol's start",
+                                )
+                                .await;
+                        }
                         *node = fresh;
                         queue = actions.into();
                     }
@@ -398,6 +414,40 @@ impl<S: Serving> HaLoop<S> {
     }
 }
 
+/// What to record about a state record that was missing at start, once
+/// that can be told: when a peer is first heard (`highest` is the peer
+/// heard at the highest epoch; `None` until then). Peers may come up minutes
+/// apart on a first install, so there is no deadline: until then a log line
+/// says the record was missing.
+///
+/// Missing is normal on a first install, where every member starts at
+/// epoch 0, and worth a Warning when the group is past that: the member
+/// joined late, or its record was deleted and with it any vote it promised
+/// (the core grants no vote for `quiet_ms` after such a start).
+fn missing_record_event(
+    highest: Option<(&str, u64)>,
+    quiet_ms: u64,
+) -> Option<(EventType, &'static str, String)> {
+    match highest? {
+        (_, 0) => Some((
+            EventType::Normal,
+            "StateCreated",
+            "no state ConfigMap, and no member has been active yet (epoch 0): a first start; \
+             created it as standby"
+                .to_owned(),
+        )),
+        (peer, epoch) => Some((
+            EventType::Warning,
+            "StateRecreated",
+            format!(
+                "no state ConfigMap, while {peer} is at epoch {epoch}: this member joined late, \
+                 or its record was deleted; created it as standby, and it grants no vote for \
+                 {quiet_ms} ms after its start in case it promised one before"
+            ),
+        )),
+    }
+}
+
 /// Turns a health report into the HA machine's verdict. Table 1 reports
 /// "abnormal" on one tick only (its counter then restarts); for handover the
 /// cluster stays abnormal until an interval is healthy again.
@@ -446,6 +496,18 @@ fn now_rfc3339() -> String {
 mod tests {
     use super::*;
     use counterweight_core::health::HealthReport;
+
+    #[test]
+    fn a_missing_record_is_a_first_start_only_while_the_group_is_at_epoch_0() {
+        // Nobody heard yet: nothing can be told.
+        assert!(missing_record_event(None, 1_800).is_none());
+        let (kind, reason, _) = missing_record_event(Some(("west", 0)), 1_800).unwrap();
+        assert_eq!((kind, reason), (EventType::Normal, "StateCreated"));
+        let (kind, reason, message) = missing_record_event(Some(("west", 7)), 1_800).unwrap();
+        assert_eq!((kind, reason), (EventType::Warning, "StateRecreated"));
+        assert!(message.contains("west is at epoch 7"), "{message}");
+        assert!(message.contains("1800 ms"), "{message}");
+    }
 
     fn report(score: f64, verdict: Verdict) -> HealthReport {
         HealthReport {

@@ -230,6 +230,14 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
     )
     .await;
     println!("east events: {east_events:?}\nwest events: {west_events:?}");
+    // A fresh install: no state record anywhere, every member at epoch 0.
+    for events in [&east_events, &west_events] {
+        assert!(
+            events.iter().any(|r| r == "StateCreated")
+                && !events.iter().any(|r| r == "StateRecreated"),
+            "{events:?}"
+        );
+    }
     let transition = record(&cms[1])
         .await
         .remove("lastTransition")
