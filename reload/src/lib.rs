@@ -50,6 +50,33 @@ pub enum Reload<E> {
     Rejected(E),
 }
 
+impl<E: std::fmt::Display> Reload<E> {
+    /// Logs this outcome for `what` (say, "serving certificate") read from
+    /// `path`, the same way for every user: unreadable at debug (normal for
+    /// an instant during kubelet's swap; the next poll sees the new files),
+    /// swapped at info, rejected at warn. Returns what a reload counter
+    /// counts: `Some(true)` for a swap, `Some(false)` for a rejected
+    /// version, `None` otherwise.
+    pub fn log(&self, what: &str, path: &Path) -> Option<bool> {
+        let path = path.display();
+        match self {
+            Reload::Unchanged => None,
+            Reload::Unreadable(e) => {
+                tracing::debug!(%path, error = %e, "{what} unreadable; keeping the current one");
+                None
+            }
+            Reload::Swapped => {
+                tracing::info!(%path, "{what} reloaded");
+                Some(true)
+            }
+            Reload::Rejected(e) => {
+                tracing::warn!(%path, error = %e, "new {what} is unusable; keeping the last good one");
+                Some(false)
+            }
+        }
+    }
+}
+
 type Build<T, E> = dyn Fn(&[Vec<u8>]) -> Result<T, E> + Send + Sync;
 
 /// A value built from files, rebuilt when their contents change.
@@ -307,6 +334,19 @@ mod tests {
         std::fs::rename(root.join("..data.tmp"), root.join("..data")).unwrap();
         assert!(matches!(w.reload_if_changed(), Reload::Swapped));
         assert_eq!(*w.current(), 8);
+    }
+
+    #[test]
+    fn log_returns_what_a_reload_counter_counts() {
+        let path = Path::new("/etc/tls/tls.crt");
+        assert_eq!(Reload::<&str>::Unchanged.log("x", path), None);
+        let unreadable = ReadError {
+            path: path.to_owned(),
+            source: std::io::Error::other("gone"),
+        };
+        assert_eq!(Reload::<&str>::Unreadable(unreadable).log("x", path), None);
+        assert_eq!(Reload::<&str>::Swapped.log("x", path), Some(true));
+        assert_eq!(Reload::Rejected("half written").log("x", path), Some(false));
     }
 
     #[tokio::test]

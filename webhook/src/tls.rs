@@ -99,25 +99,11 @@ impl CertStore {
 
     /// Logs and counts one poll's outcome; whether the certificate changed.
     fn report(&self, outcome: Reload<Error>) -> bool {
-        match outcome {
-            Reload::Unchanged => false,
-            Reload::Unreadable(e) => {
-                // Missing during a symlink swap is normal for an instant;
-                // the next poll sees the new files.
-                tracing::debug!(error = %e, "certificate files unreadable; keeping the current one");
-                false
-            }
-            Reload::Swapped => {
-                self.metrics.cert_reload(true);
-                tracing::info!(cert = %self.pair.path().display(), "serving certificate reloaded");
-                true
-            }
-            Reload::Rejected(e) => {
-                self.metrics.cert_reload(false);
-                tracing::warn!(error = %e, "new certificate is unusable; keeping the last good one");
-                false
-            }
+        let counted = outcome.log("serving certificate", self.pair.path());
+        if let Some(ok) = counted {
+            self.metrics.cert_reload(ok);
         }
+        counted == Some(true)
     }
 
     /// Polls the files every `interval` until `shutdown` resolves.

@@ -107,25 +107,11 @@ impl PeerTls {
 
     /// Logs and counts one poll's outcome; whether anything was swapped.
     fn report(&self, outcome: Reload<PeerError>) -> bool {
-        match outcome {
-            Reload::Unchanged => false,
-            Reload::Unreadable(e) => {
-                // Missing for an instant during kubelet's symlink swap is
-                // normal; the next poll sees the new files.
-                tracing::debug!(error = %e, "peer TLS files unreadable; keeping the current ones");
-                false
-            }
-            Reload::Swapped => {
-                PeerMetrics::reason(&self.metrics.tls_reloads, "ok");
-                tracing::info!(cert = %self.configs.path().display(), "peer TLS material reloaded");
-                true
-            }
-            Reload::Rejected(e) => {
-                PeerMetrics::reason(&self.metrics.tls_reloads, "error");
-                tracing::warn!(error = %e, "new peer TLS material is unusable; keeping the last good one");
-                false
-            }
+        let counted = outcome.log("peer TLS material", self.configs.path());
+        if let Some(ok) = counted {
+            PeerMetrics::reason(&self.metrics.tls_reloads, if ok { "ok" } else { "error" });
         }
+        counted == Some(true)
     }
 
     /// Polls the files every `interval` until `shutdown` resolves.
