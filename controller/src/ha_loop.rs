@@ -268,7 +268,9 @@ impl<S: Serving> HaLoop<S> {
                     .map(|(name, view)| (name.as_str(), view.epoch))
                     .max_by_key(|(_, epoch)| *epoch);
                 if let Some((type_, reason, message)) = missing_record_event(highest, quiet_ms) {
-                    self.events.record(type_, reason, "Start", &message).await;
+                    self.events
+                        .record_transition(type_, reason, "Start", &message)
+                        .await;
                     record_missing = false;
                 }
             }
@@ -365,7 +367,7 @@ impl<S: Serving> HaLoop<S> {
                         self.write_key(TRANSITION_KEY, t.to_string()).await;
                     }
                     self.events
-                        .record(type_, &reason, "HandOver", &message)
+                        .record_transition(type_, &reason, "HandOver", &message)
                         .await;
                 }
             }

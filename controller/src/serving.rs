@@ -515,7 +515,8 @@ async fn write_flag(store: &StateStore, serving: bool) -> Result<(), StoreError>
 
 async fn record(shared: &Shared, type_: EventType, reason: &str, action: &str, note: &str) {
     if let Some(events) = &shared.events {
-        events.record(type_, reason, action, note).await;
+        // Each stop or restart batch of a handover is its own Event.
+        events.record_transition(type_, reason, action, note).await;
     }
 }
 

@@ -89,6 +89,21 @@ pub async fn event_reasons(cluster: &Cluster) -> Vec<String> {
     events.into_iter().filter_map(|e| e.reason).collect()
 }
 
+/// The notes of `cluster`'s Events with `reason`, oldest first.
+pub async fn event_notes(cluster: &Cluster, reason: &str) -> Vec<String> {
+    let api: Api<Event> = Api::namespaced(cluster.client(), SYSTEM);
+    let mut events: Vec<Event> = api
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .collect();
+    events.sort_by(|a, b| a.event_time.cmp(&b.event_time));
+    events.into_iter().filter_map(|e| e.note).collect()
+}
+
 /// Samples every state ConfigMap every 10 ms. A violation is A active at t1
 /// and t3 in the same epoch with B active at t2 in between: then both were
 /// active at t2, whatever the read order.

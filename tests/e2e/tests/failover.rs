@@ -12,8 +12,8 @@ use counterweight_e2e::fixtures::{
     EMS_POLICY, create_namespaces, cwctl, deployment, fast_ha_config, install_policy,
 };
 use counterweight_e2e::ha::{
-    Controller, Monitor, SYSTEM, event_reasons, nobody_active_for, record, sample, start_group,
-    wait_active, write_ha_config,
+    Controller, Monitor, SYSTEM, event_notes, event_reasons, nobody_active_for, record, sample,
+    start_group, wait_active, write_ha_config,
 };
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::Cluster;
@@ -294,6 +294,29 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
     )
     .await;
     println!("switchover: epoch {} -> {}", promoted.epoch, back.epoch);
+    // Each promotion of east is its own Event with its own note: a repeat of
+    // the reason must not show the first promotion's note again.
+    let east_promotions = eventually(
+        "east's second Promoted Event",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let notes = event_notes(&clusters[0], "Promoted").await;
+            let want = format!("active in epoch {}", back.epoch);
+            if notes.len() >= 2 && notes.iter().any(|n| n.contains(&want)) {
+                Ok(Some(notes))
+            } else {
+                Err(format!("{notes:?}"))
+            }
+        },
+    )
+    .await;
+    assert!(
+        east_promotions
+            .iter()
+            .any(|n| n.contains(&format!("active in epoch {}", first.epoch))),
+        "{east_promotions:?}"
+    );
     all_serving(&clusters[0], "east's service pods to serve again").await;
     restarted_blocked(
         &clusters[1],
