@@ -28,13 +28,18 @@ pub struct Process {
 }
 
 /// The watchdog: `$1` is the owning process, `$2` the child, leader of its
-/// own process group. Once a second it checks both; when the owner is gone
-/// it kills the child's group. It ends with the child, or is killed with it
-/// by [`Process::reap`].
+/// own process group. Every `$3` ([`WATCHDOG_PERIOD_S`]) seconds it checks both;
+/// when the owner is gone it kills the child's group. It ends with the
+/// child, or is killed with it by [`Process::reap`].
 const WATCHDOG: &str = r#"
-while kill -0 "$1" 2>/dev/null && kill -0 "$2" 2>/dev/null; do sleep 1; done
+while kill -0 "$1" 2>/dev/null && kill -0 "$2" 2>/dev/null; do sleep "$3"; done
 kill -0 "$1" 2>/dev/null || kill -KILL "-$2" 2>/dev/null
 "#;
+
+/// The watchdog's period. Each round forks a `sleep`, for every child of
+/// every cluster of a test: a few seconds keep that negligible next to the
+/// control planes on a 2-core machine, and an orphan lives no longer.
+const WATCHDOG_PERIOD_S: u64 = 3;
 
 impl Process {
     /// Starts `program` with `args`, stdout and stderr appended to `log`.
@@ -81,7 +86,11 @@ impl Process {
             use std::os::unix::process::CommandExt;
             Command::new("sh")
                 .args(["-c", WATCHDOG, "counterweight-watchdog"])
-                .args([owner.to_string(), child.id().to_string()])
+                .args([
+                    owner.to_string(),
+                    child.id().to_string(),
+                    WATCHDOG_PERIOD_S.to_string(),
+                ])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -242,8 +251,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
         let mut p = Process::spawn("sleeper", Path::new("sleep"), &["600".into()], &log).unwrap();
-        // Two watchdog rounds.
-        std::thread::sleep(Duration::from_millis(2200));
+        // More than one watchdog round.
+        std::thread::sleep(Duration::from_secs(WATCHDOG_PERIOD_S) + Duration::from_millis(500));
         p.check_alive().unwrap();
         let watchdog = p.watchdog.as_ref().map(Child::id).unwrap();
         drop(p);
