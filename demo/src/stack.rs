@@ -10,14 +10,12 @@ use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
 use counterweight_core::ha::{ClusterSpec, HaConfig};
 use counterweight_core::names;
 use counterweight_harness::{Cluster, Process, free_port};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{Api, PostParams};
-use serde_json::json;
 
 use crate::ems;
 use crate::say;
@@ -223,7 +221,7 @@ impl Stack {
             tokio::time::sleep(POLL).await;
         }
         let client = cluster.client();
-        let (m, v) = webhook_configs(port, ca_pem)?;
+        let (m, v) = counterweight_harness::loopback_webhook_configs(port, ca_pem)?;
         Api::<MutatingWebhookConfiguration>::all(client.clone())
             .create(&PostParams::default(), &m)
             .await
@@ -391,60 +389,6 @@ fn write_ha_config(dir: &Path) -> Result<PathBuf> {
     std::fs::write(&path, serde_json::to_vec_pretty(&c)?)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
-}
-
-/// The webhook registrations of `manifests/base/webhook/`, pointing at
-/// 127.0.0.1 with `url:` instead of a Service.
-fn webhook_configs(
-    port: u16,
-    ca_pem: &[u8],
-) -> Result<(MutatingWebhookConfiguration, ValidatingWebhookConfiguration)> {
-    let mut m: MutatingWebhookConfiguration = serde_json::from_value(json!({
-        "metadata": {"name": "counterweight-inject"},
-        "webhooks": [{
-            "name": "inject.counterweight.dev",
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate-pods")},
-            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
-                       "resources": ["pods"], "scope": "Namespaced"}],
-            "namespaceSelector": {"matchExpressions": [
-                {"key": names::INJECT_LABEL, "operator": "In", "values": [names::INJECT_ENABLED]},
-                {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
-                 "values": ["kube-system", "kube-public", "kube-node-lease", names::SYSTEM_NAMESPACE]}]},
-            // Synchronization pods are never gated (claims 6-7).
-            "objectSelector": {"matchExpressions": [
-                {"key": names::ROLE_LABEL, "operator": "NotIn",
-                 "values": ["ha", "database", "file-replication"]}]},
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": 5,
-            "failurePolicy": "Fail",
-            "reinvocationPolicy": "Never",
-            "matchPolicy": "Equivalent",
-        }]
-    }))?;
-    let mut v: ValidatingWebhookConfiguration = serde_json::from_value(json!({
-        "metadata": {"name": "counterweight-policy"},
-        "webhooks": [{
-            "name": "policy.counterweight.dev",
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate-policy")},
-            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
-                       "resources": ["configmaps"], "scope": "Namespaced"}],
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": names::SYSTEM_NAMESPACE}},
-            "matchConditions": [{"name": "policy-configmap-only",
-                                 "expression": format!("object.metadata.name == '{}'", names::POLICY_CONFIGMAP)}],
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": 5,
-            "failurePolicy": "Ignore",
-        }]
-    }))?;
-    for hook in m.webhooks.iter_mut().flatten() {
-        hook.client_config.ca_bundle = Some(ByteString(ca_pem.to_vec()));
-    }
-    for hook in v.webhooks.iter_mut().flatten() {
-        hook.client_config.ca_bundle = Some(ByteString(ca_pem.to_vec()));
-    }
-    Ok((m, v))
 }
 
 /// A plain HTTP/1.0 GET on 127.0.0.1; status and body.

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use counterweight_e2e::ha::workspace_bin;
 use counterweight_e2e::{eventually, init_tracing};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
@@ -166,60 +165,6 @@ async fn namespace(client: &kube::Client, name: &str, enabled: bool) {
     .await;
 }
 
-fn webhook_configs(
-    port: u16,
-    ca_bundle: Vec<u8>,
-) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
-    let mut m: MutatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "counterweight-inject"},
-        "webhooks": [{
-            "name": "inject.counterweight.dev",
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate-pods")},
-            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
-                       "resources": ["pods"], "scope": "Namespaced"}],
-            "namespaceSelector": {"matchExpressions": [
-                {"key": "counterweight.dev/inject", "operator": "In", "values": ["enabled"]},
-                {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
-                 "values": ["kube-system", "kube-public", "kube-node-lease", SYSTEM]}]},
-            "objectSelector": {"matchExpressions": [
-                {"key": "counterweight.dev/role", "operator": "NotIn",
-                 "values": ["ha", "database", "file-replication"]}]},
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": 5,
-            "failurePolicy": "Fail",
-            "reinvocationPolicy": "Never",
-            "matchPolicy": "Equivalent",
-        }]
-    }))
-    .expect("mutating config");
-    let mut v: ValidatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "counterweight-policy"},
-        "webhooks": [{
-            "name": "policy.counterweight.dev",
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate-policy")},
-            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
-                       "resources": ["configmaps"], "scope": "Namespaced"}],
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": SYSTEM}},
-            "objectSelector": {},
-            "matchConditions": [{"name": "policy-configmap-only",
-                                 "expression": "object.metadata.name == 'counterweight-policy'"}],
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": 5,
-            "failurePolicy": "Ignore",
-        }]
-    }))
-    .expect("validating config");
-    m.webhooks.as_mut().expect("webhooks")[0]
-        .client_config
-        .ca_bundle = Some(ByteString(ca_bundle.clone()));
-    v.webhooks.as_mut().expect("webhooks")[0]
-        .client_config
-        .ca_bundle = Some(ByteString(ca_bundle));
-    (m, v)
-}
-
 fn kubectl_apply(kubeconfig: &Path, manifest: &Path) -> std::process::Output {
     std::process::Command::new("kubectl")
         .arg("--kubeconfig")
@@ -305,7 +250,8 @@ async fn webhook_injects_skips_validates_and_survives_rotation() {
     for (name, enabled) in [(ON, true), (OFF, false), (SYSTEM, false)] {
         namespace(&client, name, enabled).await;
     }
-    let (m, v) = webhook_configs(port, bundle);
+    let (m, v) = counterweight_harness::loopback_webhook_configs(port, &bundle)
+        .expect("webhook configurations");
     let mwc: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     mwc.create(&PostParams::default(), &m)
         .await

@@ -16,6 +16,7 @@ mod binaries;
 mod postgres;
 mod process;
 mod proxy;
+mod webhook;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -33,6 +34,7 @@ pub use binaries::{BIN_DIR_ENV, Binaries};
 pub use postgres::{PG_USER, PgOptions, Postgres, ServerTls};
 pub use process::{Process, tail};
 pub use proxy::{Mode, TcpProxy};
+pub use webhook::loopback_webhook_configs;
 
 /// Name of the fake node every cluster gets.
 pub const NODE_NAME: &str = "kwok-node-0";
