@@ -97,26 +97,18 @@ fn start(
     own_port: u16,
     dir: &Path,
 ) -> Process {
+    let mut args = cluster.controller_args(
+        name,
+        &dir.join("ha.yaml"),
+        own_port,
+        free_port().expect("port"),
+        dir,
+    );
+    args.push(format!("--peer={peer}=https://127.0.0.1:{peer_port}"));
     Process::spawn(
         name,
         Path::new(env!("CARGO_BIN_EXE_counterweight-controller")),
-        &[
-            format!("--cluster={name}"),
-            format!("--kubeconfig={}", cluster.kubeconfig().display()),
-            format!("--ha-config={}", dir.join("ha.yaml").display()),
-            format!("--peer={peer}=https://127.0.0.1:{peer_port}"),
-            format!("--peer-listen=127.0.0.1:{own_port}"),
-            format!("--metrics-listen=127.0.0.1:{}", free_port().expect("port")),
-            format!(
-                "--tls-cert={}",
-                dir.join(format!("peer-{name}.crt")).display()
-            ),
-            format!(
-                "--tls-key={}",
-                dir.join(format!("peer-{name}.key")).display()
-            ),
-            format!("--tls-ca={}", dir.join("ca.crt").display()),
-        ],
+        &args,
         &cluster.dir().join("logs/controller.log"),
     )
     .expect("controller starts")

@@ -265,22 +265,7 @@ impl Stack {
         let name = CLUSTERS[i];
         let cluster = &self.clusters[i];
         let certs = self.work.path();
-        let mut args = vec![
-            format!("--cluster={name}"),
-            format!("--kubeconfig={}", cluster.kubeconfig().display()),
-            format!("--ha-config={}", ha_file.display()),
-            format!("--peer-listen=127.0.0.1:{}", peer_ports[i]),
-            format!("--metrics-listen=127.0.0.1:{}", free_port()?),
-            format!(
-                "--tls-cert={}",
-                certs.join(format!("peer-{name}.crt")).display()
-            ),
-            format!(
-                "--tls-key={}",
-                certs.join(format!("peer-{name}.key")).display()
-            ),
-            format!("--tls-ca={}", certs.join("ca.crt").display()),
-        ];
+        let mut args = cluster.controller_args(name, ha_file, peer_ports[i], free_port()?, certs);
         for (j, peer) in CLUSTERS.iter().enumerate().filter(|(j, _)| *j != i) {
             args.push(format!("--peer={peer}=https://127.0.0.1:{}", peer_ports[j]));
         }

@@ -364,22 +364,8 @@ impl Controller {
         extra: &[&str],
     ) -> Self {
         let metrics_port = free_port().expect("port");
-        let mut args = vec![
-            format!("--cluster={name}"),
-            format!("--kubeconfig={}", cluster.kubeconfig().display()),
-            format!("--ha-config={}", ha_file.display()),
-            format!("--peer-listen=127.0.0.1:{}", mesh.peer_port(name)),
-            format!("--metrics-listen=127.0.0.1:{metrics_port}"),
-            format!(
-                "--tls-cert={}",
-                certs.join(format!("peer-{name}.crt")).display()
-            ),
-            format!(
-                "--tls-key={}",
-                certs.join(format!("peer-{name}.key")).display()
-            ),
-            format!("--tls-ca={}", certs.join("ca.crt").display()),
-        ];
+        let mut args =
+            cluster.controller_args(name, ha_file, mesh.peer_port(name), metrics_port, certs);
         args.extend(mesh.peer_args(name));
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let process = Process::spawn(

@@ -210,6 +210,37 @@ impl Cluster {
         self.client.clone()
     }
 
+    /// Flags of a `counterweight-controller` process for HA member `name`
+    /// on this cluster: its kubeconfig, the HA config file, peer and metrics
+    /// ports on 127.0.0.1, and the mTLS files as `cw-certs dev` writes them
+    /// into `certs` (`peer-<name>.crt`, `peer-<name>.key`, `ca.crt`). The
+    /// `--peer` flags are the caller's: where peers listen is its choice.
+    pub fn controller_args(
+        &self,
+        name: &str,
+        ha_file: &Path,
+        peer_port: u16,
+        metrics_port: u16,
+        certs: &Path,
+    ) -> Vec<String> {
+        vec![
+            format!("--cluster={name}"),
+            format!("--kubeconfig={}", self.kubeconfig().display()),
+            format!("--ha-config={}", ha_file.display()),
+            format!("--peer-listen=127.0.0.1:{peer_port}"),
+            format!("--metrics-listen=127.0.0.1:{metrics_port}"),
+            format!(
+                "--tls-cert={}",
+                certs.join(format!("peer-{name}.crt")).display()
+            ),
+            format!(
+                "--tls-key={}",
+                certs.join(format!("peer-{name}.key")).display()
+            ),
+            format!("--tls-ca={}", certs.join("ca.crt").display()),
+        ]
+    }
+
     /// Path of the admin kubeconfig.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
