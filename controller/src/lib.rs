@@ -225,34 +225,20 @@ fn state_and_events(
     (store, events)
 }
 
-/// Reads an HA configuration file (YAML or JSON) and validates it.
-pub fn read_ha_config(path: &std::path::Path) -> Result<counterweight_core::ha::HaConfig, Error> {
-    let text = std::fs::read(path).map_err(|e| Error::HaConfigFile {
+/// Why the HA configuration file at `path` cannot be used.
+fn ha_config_error(path: &std::path::Path, message: impl ToString) -> Error {
+    Error::HaConfigFile {
         path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    validated(path, parse_ha_config(path, &text)?)
+        message: message.to_string(),
+    }
 }
 
+/// Parses an HA configuration file (YAML or JSON).
 fn parse_ha_config(
     path: &std::path::Path,
     text: &[u8],
 ) -> Result<counterweight_core::ha::HaConfig, Error> {
-    serde_yaml_ng::from_slice(text).map_err(|e| Error::HaConfigFile {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })
-}
-
-fn validated(
-    path: &std::path::Path,
-    config: counterweight_core::ha::HaConfig,
-) -> Result<counterweight_core::ha::HaConfig, Error> {
-    config.validate().map_err(|e| Error::HaConfigFile {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    Ok(config)
+    serde_yaml_ng::from_slice(text).map_err(|e| ha_config_error(path, e))
 }
 
 /// The HA configuration file, followed while the controller runs.
@@ -272,12 +258,10 @@ fn load_ha_config(
     let owned = path.to_owned();
     let file = HaConfigFile::load(vec![owned.clone()], move |files| match files {
         [text] => parse_ha_config(&owned, text),
-        _ => Err(Error::HaConfigFile {
-            path: owned.display().to_string(),
-            message: "expected one file".into(),
-        }),
+        _ => Err(ha_config_error(&owned, "expected one file")),
     })?;
-    let config = validated(path, (*file.current()).clone())?;
+    let config = (*file.current()).clone();
+    config.validate().map_err(|e| ha_config_error(path, e))?;
     Ok((std::sync::Arc::new(file), config))
 }
 
@@ -446,20 +430,18 @@ async fn peer_wiring(
     let (config_file, config) = load_ha_config(path)?;
     let named_witness = config.witness.as_deref() == Some(args.cluster.as_str());
     if args.witness != named_witness {
-        return Err(Error::HaConfigFile {
-            path: path.display().to_string(),
-            message: if args.witness {
-                format!(
-                    "--witness is set but the config's witness is {:?}, not {:?}; set `witness: {}` or drop --witness",
-                    config.witness, args.cluster, args.cluster
-                )
-            } else {
-                format!(
-                    "{:?} is the config's witness; start it with --witness (it holds no workloads)",
-                    args.cluster
-                )
-            },
-        });
+        let message = if args.witness {
+            format!(
+                "--witness is set but the config's witness is {:?}, not {:?}; set `witness: {}` or drop --witness",
+                config.witness, args.cluster, args.cluster
+            )
+        } else {
+            format!(
+                "{:?} is the config's witness; start it with --witness (it holds no workloads)",
+                args.cluster
+            )
+        };
+        return Err(ha_config_error(path, message));
     }
     let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) else {
         return Err(Error::Peer(Box::new(peer::PeerError::BadPeerArg {
