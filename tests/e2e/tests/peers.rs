@@ -347,23 +347,36 @@ async fn three_clusters_replace_a_killed_active_only_after_its_lease() {
     monitor.mark_dead(names[first]);
     nodes[first].process.kill();
     let killed = Instant::now();
-    let (next, promoted) = eventually(
-        "a surviving cluster to take over",
-        Duration::from_secs(60),
-        Duration::from_millis(20),
-        || async {
-            for (i, api) in cms.iter().enumerate().filter(|(i, _)| *i != first) {
-                if let Some(s) = sample(api)
-                    .await
-                    .filter(|s| s.active && s.epoch > first_state.epoch)
-                {
-                    return Ok(Some((i, s)));
-                }
+    // A failure shows each survivor's record and last log lines: this wait
+    // once timed out in CI with nothing to go on.
+    let deadline = killed + Duration::from_secs(60);
+    let (next, promoted) = 'wait: loop {
+        for (i, api) in cms.iter().enumerate().filter(|(i, _)| *i != first) {
+            if let Some(s) = sample(api)
+                .await
+                .filter(|s| s.active && s.epoch > first_state.epoch)
+            {
+                break 'wait (i, s);
             }
-            Ok(None)
-        },
-    )
-    .await;
+        }
+        if Instant::now() >= deadline {
+            let mut why = String::new();
+            for (i, api) in cms.iter().enumerate().filter(|(i, _)| *i != first) {
+                why.push_str(&format!(
+                    "\n--- {} record ---\n{:?}\n--- {} log ---\n{}",
+                    names[i],
+                    record(api).await,
+                    names[i],
+                    tail(nodes[i].process.log())
+                ));
+            }
+            panic!(
+                "no survivor took over within 60 s of {}'s kill (epoch {}):{why}",
+                names[first], first_state.epoch
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let took = killed.elapsed();
     println!(
         "{} took over from {} after {took:?} (epoch {} -> {})",
