@@ -10,15 +10,29 @@ use std::time::{Duration, Instant};
 /// Polls `check` every `every` until it returns `Some`, or panics with `what`
 /// and the last observation after `timeout`. Never sleeps as synchronization:
 /// the loop ends as soon as the condition holds.
-pub async fn eventually<T, F, Fut>(
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, every: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>, String>>,
+{
+    eventually_explained(what, timeout, every, check, || async { String::new() }).await
+}
+
+/// [`eventually`], with `explain` run once on a timeout and its text added
+/// to the panic: for diagnostics (process logs, whole records) too costly
+/// to gather on every poll.
+pub async fn eventually_explained<T, F, Fut, E, EFut>(
     what: &str,
     timeout: Duration,
     every: Duration,
     mut check: F,
+    explain: E,
 ) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>, String>>,
+    E: FnOnce() -> EFut,
+    EFut: Future<Output = String>,
 {
     let deadline = Instant::now() + timeout;
     let mut last = String::from("no observation yet");
@@ -28,10 +42,10 @@ where
             Ok(None) => {}
             Err(e) => last = e,
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}; last: {last}"
-        );
+        if Instant::now() >= deadline {
+            let more = explain().await;
+            panic!("timed out after {timeout:?} waiting for {what}; last: {last}{more}");
+        }
         tokio::time::sleep(every).await;
     }
 }
