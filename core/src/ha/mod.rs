@@ -1358,7 +1358,8 @@ impl Node {
                     out.push(record(
                         EventKind::Warning,
                         Reason::NoCandidate,
-                        "abnormal, but no standby answered the recent probes as healthy;                          staying active (para 0160)"
+                        "abnormal, but no standby answered the recent probes as healthy; \
+                         staying active (para 0160)"
                             .to_owned(),
                     ));
                 }

@@ -51,11 +51,17 @@ where
 }
 
 /// Sends test logs to the captured test output; idempotent.
+///
+/// kube's client logs every failed request at ERROR; the harness's
+/// readiness polls fail on purpose while an apiserver starts, and those
+/// hundreds of lines buried the one panic message that mattered in CI.
+/// Failed requests still reach the tests as errors.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,kube_client::client::builder=off")
+            }),
         )
         .with_test_writer()
         .try_init();
