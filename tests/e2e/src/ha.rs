@@ -368,13 +368,14 @@ impl Controller {
             cluster.controller_args(name, ha_file, mesh.peer_port(name), metrics_port, certs);
         args.extend(mesh.peer_args(name));
         args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let process = Process::spawn(
+        let mut process = Process::spawn(
             name,
             &controller_bin(),
             &args,
             &cluster.dir().join("logs/controller.log"),
         )
         .expect("controller starts");
+        process.tail_on_panic();
         Self {
             process,
             metrics_port,

@@ -43,13 +43,14 @@ impl Replica {
             format!("--leader-renew-deadline={}ms", RENEW_DEADLINE.as_millis()),
             format!("--leader-retry-period={}ms", RETRY.as_millis()),
         ];
-        let process = Process::spawn(
+        let mut process = Process::spawn(
             name,
             &controller_bin(),
             &args,
             &cluster.dir().join(format!("logs/controller-{name}.log")),
         )
         .expect("replica starts");
+        process.tail_on_panic();
         Self {
             name,
             process,

@@ -25,6 +25,7 @@ pub struct Process {
     child: Option<Child>,
     watchdog: Option<Child>,
     log: PathBuf,
+    tail_on_panic: bool,
 }
 
 /// The watchdog: `$1` is the owning process, `$2` the child, leader of its
@@ -111,6 +112,7 @@ impl Process {
             child: Some(child),
             watchdog,
             log: log.to_owned(),
+            tail_on_panic: false,
         })
     }
 
@@ -127,6 +129,13 @@ impl Process {
     /// Path of the log file.
     pub fn log(&self) -> &Path {
         &self.log
+    }
+
+    /// Prints the last lines of the log when dropped by a panicking test,
+    /// so a failed wait shows what the process was doing (the CI report
+    /// keeps the test's output, not the log files).
+    pub fn tail_on_panic(&mut self) {
+        self.tail_on_panic = true;
     }
 
     /// Returns an error with the log tail if the process has already exited.
@@ -193,6 +202,14 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
+        if self.tail_on_panic && std::thread::panicking() {
+            eprintln!(
+                "--- last lines of {} ({}) ---\n{}",
+                self.name,
+                self.log.display(),
+                tail(&self.log)
+            );
+        }
         self.kill();
     }
 }
