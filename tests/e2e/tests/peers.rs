@@ -156,30 +156,28 @@ async fn both_starting_active_is_resolved_para_0088_and_the_ha_config_reloads() 
     let mut west = Controller::start(&clusters[1], "west", &mesh, dir.path(), &ha_file, &[]);
     // The preferred cluster may keep epoch 3 (same epoch: priority decides)
     // or either may win a new election; what must hold is one active and
-    // the other not. A failure shows both controllers' last log lines.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let resolved = loop {
-        let (e, w) = (sample(&cms[0]).await, sample(&cms[1]).await);
-        // A record still saying "active" may be the seeded one, not yet
-        // backed by a lease: the winner is the one that serves.
-        let serving = |i: usize| {
-            let api = cms[i].clone();
-            async move { record(&api).await.get("serving").map(String::as_str) == Some("true") }
-        };
-        if let (Some(e), Some(w)) = (e, w)
-            && e.active != w.active
-            && serving(if e.active { 0 } else { 1 }).await
-        {
-            break (e, w);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no single active after 90 s: east {e:?}, west {w:?}\n--- east ---\n{}\n--- west ---\n{}",
-            tail(east.process.log()),
-            tail(west.process.log())
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    // the other not. A failure shows both controllers' last log lines
+    // (their processes print them when a panicking test drops them).
+    let resolved = eventually(
+        "a single active",
+        Duration::from_secs(90),
+        Duration::from_millis(20),
+        || async {
+            let (e, w) = (sample(&cms[0]).await, sample(&cms[1]).await);
+            // A record still saying "active" may be the seeded one, not yet
+            // backed by a lease: the winner is the one that serves.
+            if let (Some(e), Some(w)) = (e, w)
+                && e.active != w.active
+            {
+                let winner = &cms[if e.active { 0 } else { 1 }];
+                if record(winner).await.get("serving").map(String::as_str) == Some("true") {
+                    return Ok(Some((e, w)));
+                }
+            }
+            Err(format!("east {e:?}, west {w:?}"))
+        },
+    )
+    .await;
     println!("resolved: east {:?}, west {:?}", resolved.0, resolved.1);
     east.process.check_alive().expect("east keeps running");
     west.process.check_alive().expect("west keeps running");
