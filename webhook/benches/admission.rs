@@ -4,6 +4,10 @@
 //! the issue specifies ([`fixed_review`]). `BENCH_BASELINE=echo` swaps in a
 //! baseline that also reads and parses the review and echoes its uid
 //! ([`bare_review`]): the least any correct webhook does.
+//! `BENCH_BASELINE=answer` returns, unread request and all, the very bytes
+//! the webhook answers to the benchmark's review (about 2 KB, the patch
+//! included): what is left between it and the webhook is the webhook's own
+//! work, without the cost of sending a bigger answer.
 //!
 //! Closed loop: N kept-alive HTTPS/1.1 connections (N = 2..64) each send a
 //! pod-CREATE AdmissionReview as fast as answers come back, for a fixed time.
@@ -40,6 +44,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
 use counterweight_certs::CertificateAuthority;
+use counterweight_webhook::metrics::Endpoint;
 use counterweight_webhook::{MUTATE_PATH, ServeOptions};
 use http::{StatusCode, header};
 use http_body_util::{BodyExt, Full};
@@ -63,33 +68,55 @@ async fn bare_review(body: Bytes) -> Response {
     }
 }
 
-/// The issue's baseline, the default: a fixed allowed
-/// AdmissionReview, whatever was sent. It reads no body and parses
+/// The issue's baseline, the default: a fixed allowed AdmissionReview of
+/// about 100 bytes, whatever was sent.
+const FIXED_REVIEW: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"fixed","allowed":true}}"#;
+
+/// A fixed answer, whatever was sent. It reads no body and parses
 /// nothing, which no webhook can do, so it is the floor of the stack's cost.
-async fn fixed_review() -> Response {
+async fn fixed_review(body: Bytes) -> Response {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
-        r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"fixed","allowed":true}}"#,
+        body,
     )
         .into_response()
 }
 
-/// [`fixed_review`] for HTTP/2, where it must read the request: a stream
-/// answered before its body was received is reset, and the client sees an
-/// error instead of the answer. The body is collected and dropped.
-async fn fixed_review_read(_body: Bytes) -> Response {
-    fixed_review().await
+/// Which bare endpoint the webhook is compared with (`BENCH_BASELINE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Baseline {
+    /// [`FIXED_REVIEW`], request not read (the default).
+    Fixed,
+    /// [`bare_review`]: parse and echo the uid (`echo`).
+    Echo,
+    /// The webhook's own answer to the review, request not read (`answer`).
+    Answer,
 }
 
-/// Whether `BENCH_BASELINE=echo` asks for the parse-and-echo baseline.
-fn echo_baseline() -> bool {
-    std::env::var("BENCH_BASELINE").is_ok_and(|v| v == "echo")
+impl Baseline {
+    fn from_env() -> Self {
+        match std::env::var("BENCH_BASELINE").as_deref() {
+            Ok("echo") => Baseline::Echo,
+            Ok("answer") => Baseline::Answer,
+            _ => Baseline::Fixed,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Baseline::Fixed => "fixed body (about 100 bytes), request not read",
+            Baseline::Echo => "reads and parses the review, echoes the uid (BENCH_BASELINE=echo)",
+            Baseline::Answer => {
+                "fixed body: the webhook's own answer to the review, request not read (BENCH_BASELINE=answer)"
+            }
+        }
+    }
 }
 
 /// The baseline endpoint: the webhook's TLS and HTTP stack (rustls with ring,
 /// ALPN h2 and http/1.1, hyper-util's auto builder, TCP_NODELAY) around
-/// [`fixed_review`] (or [`bare_review`]).
+/// the [`Baseline`] `BENCH_BASELINE` picks.
 async fn start_bare(ca: &CertificateAuthority) -> SocketAddr {
     let pair = common::serving_pair(ca);
     let certs = rustls_pki_types::CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
@@ -106,12 +133,27 @@ async fn start_bare(ca: &CertificateAuthority) -> SocketAddr {
     .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let route = if echo_baseline() {
-        post(bare_review)
-    } else if http2() {
-        post(fixed_review_read)
-    } else {
-        post(fixed_review)
+    let route = match Baseline::from_env() {
+        Baseline::Echo => post(bare_review),
+        fixed => {
+            let body = match fixed {
+                Baseline::Answer => {
+                    let answer = common::handler()
+                        .handle(Endpoint::Mutate, &common::pod_review("bench", "shop"));
+                    assert_eq!(answer.status, 200, "the webhook's answer");
+                    Bytes::from(answer.body)
+                }
+                _ => Bytes::from_static(FIXED_REVIEW.as_bytes()),
+            };
+            if http2() {
+                // A stream answered before its body was received is reset,
+                // and the client sees an error instead of the answer: over
+                // HTTP/2 the body is collected and dropped.
+                post(move |_request: Bytes| fixed_review(body.clone()))
+            } else {
+                post(move || fixed_review(body.clone()))
+            }
+        }
     };
     let router = Router::new()
         .route(MUTATE_PATH, route)
@@ -425,7 +467,7 @@ fn main() {
             common::pod_review("bench", "shop").len(),
             log.as_deref().unwrap_or("off (set BENCH_LOG=info for the binary's level)")
         );
-        println!("baseline: {}", if echo_baseline() { "reads and parses the review, echoes the uid (BENCH_BASELINE=echo)" } else { "fixed body, request not read" });
+        println!("baseline: {}", Baseline::from_env().describe());
         println!("ratio = webhook/s over bare/s; cpu = CPU µs per request, client and server together; cpu ratio = bare's over the webhook's");
         println!("{:>5} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} {:>6} | {:>6} {:>9}", "conns", "webhook/s", "p50 ms", "p99 ms", "cpu", "bare/s", "p50 ms", "p99 ms", "cpu", "ratio", "cpu ratio");
         for conns in [2, 4, 8, 16, 32, 64] {
