@@ -375,6 +375,9 @@ pub struct Node {
     // Last evidence of a live active (or start, or a failed election): the
     // base of the election timer.
     quiet_since: u64,
+    // Whether an active was heard, or this member was one, since start: it
+    // sets how elections are staggered (see `election_at`).
+    heard_active: bool,
     highest_seen: u64,
     handover: Option<Handover>,
     peers: BTreeMap<String, PeerView>,
@@ -429,6 +432,7 @@ impl Node {
             promise_until: quiet,
             voter_quiet_until: if lost { quiet } else { 0 },
             quiet_since: now_ms,
+            heard_active: false,
             highest_seen: rec.epoch.max(rec.vote.as_ref().map_or(0, |v| v.epoch)),
             handover: None,
             peers: BTreeMap::new(),
@@ -641,11 +645,28 @@ impl Node {
             .is_some_and(|u| u > now)
     }
 
+    /// When this standby's election timer fires: a lease (and the margin)
+    /// after the last sign of an active, later the less preferred it is.
+    ///
+    /// Once an active was heard, every standby's timer runs from that
+    /// active's last probes, which reach them all within a probe interval,
+    /// so a probe interval per rank lets the preferred one ask first. Before
+    /// (a fresh install, or every member restarted), each timer runs from its
+    /// own start, and starts differ by more than that: a slow API server
+    /// delays one controller's first step by a second or more. There a lease
+    /// per rank keeps para 0088's "then priority" unless the preferred
+    /// cluster starts a whole lease after the others, at the cost of a lease
+    /// per rank when it does not start at all.
     fn election_at(&self) -> u64 {
+        let stagger = if self.heard_active {
+            self.cfg.probe_interval_ms
+        } else {
+            self.cfg.lease_ms
+        };
         self.quiet_since
             + self.cfg.lease_ms
             + self.cfg.margin_ms
-            + self.cfg.rank(&self.me) as u64 * self.cfg.probe_interval_ms
+            + self.cfg.rank(&self.me) as u64 * stagger
     }
 
     fn persist(&self, out: &mut Vec<Action>) {
@@ -699,6 +720,7 @@ impl Node {
         self.recover_until = None;
         self.handover = None;
         self.quiet_since = now;
+        self.heard_active = true;
         // A vote for ourselves only protected our own lease, now given up.
         if self.rec.vote.as_ref().is_some_and(|v| v.to == self.me) {
             self.promise_until = now;
@@ -764,6 +786,7 @@ impl Node {
         self.rec.role = Role::Active;
         self.rec.epoch = epoch;
         self.highest_seen = self.highest_seen.max(epoch);
+        self.heard_active = true;
         self.persist(out);
         self.serving = true;
         out.push(Action::SetServing(true));
@@ -1139,6 +1162,7 @@ impl Node {
             }
             Role::Standby => {
                 self.quiet_since = now;
+                self.heard_active = true;
                 // A serving active answers for its epoch; an election
                 // without a handover cannot win against its voters.
                 if status.serving && self.claim.as_ref().is_some_and(|c| c.transfer.is_none()) {
@@ -1190,6 +1214,7 @@ impl Node {
                 // The active is alive and handing over; do not run an
                 // election of our own meanwhile.
                 self.quiet_since = now;
+                self.heard_active = true;
                 self.claim = None;
                 out.push(record(
                     EventKind::Normal,

@@ -327,6 +327,65 @@ fn both_standby_elects_the_preferred_cluster_after_one_lease() {
     assert!(sim.overlaps.is_empty());
 }
 
+/// When `name` first asked for votes, if it did.
+fn first_election(sim: &Sim, name: &str) -> Option<u64> {
+    sim.first_time(
+        name,
+        |a| matches!(a, Action::Record(r) if r.reason == Reason::ElectionStarted),
+    )
+}
+
+#[test]
+fn a_preferred_cluster_that_starts_late_still_wins_the_first_election() {
+    // a (preferred) starts 300 ms after b: more than a probe interval, so
+    // with the failover stagger (a probe per rank) b's timer would fire
+    // first and b would win a fresh install.
+    let mut sim = Sim::new(two(), &[]);
+    sim.crash("a");
+    sim.run(300);
+    sim.restart("a");
+    sim.run(3 * LEASE);
+    assert_eq!(sim.actives(), vec!["a"]);
+    assert_eq!(sim.node("a").epoch(), 1, "one election, no split vote");
+    assert_eq!(first_election(&sim, "b"), None, "b waited for a");
+    assert!(sim.overlaps.is_empty());
+}
+
+#[test]
+fn a_preferred_cluster_that_never_starts_delays_a_fresh_install_by_a_lease() {
+    let mut sim = Sim::new(two(), &[]);
+    sim.crash("a");
+    sim.run(4 * LEASE);
+    let own_time = 1000 + LEASE + MARGIN + LEASE;
+    let started = first_election(&sim, "b").expect("b campaigned");
+    assert!(
+        (own_time..own_time + PROBE / 2).contains(&started),
+        "b's election at {started}, expected at {own_time}"
+    );
+    // b cannot win alone (a is a voter). a comes back and asks for epoch
+    // 1, which b gave itself; b's next try is refused while a's own
+    // candidacy binds a: two split rounds, then one wins.
+    sim.restart("a");
+    sim.run(6 * LEASE);
+    assert_eq!(sim.actives().len(), 1, "{:?}", sim.actives());
+    assert!(sim.overlaps.is_empty());
+}
+
+#[test]
+fn after_an_active_was_heard_the_stagger_is_a_probe_interval() {
+    // a active, then killed: b (rank 1) asks a lease and a margin after
+    // a's last probe plus one probe interval, not a lease.
+    let mut sim = Sim::settled(two());
+    sim.crash("a");
+    let killed = sim.now;
+    sim.run(3 * LEASE);
+    let started = first_election(&sim, "b").expect("b campaigned");
+    assert!(
+        started <= killed + LEASE + MARGIN + PROBE,
+        "b's election at {started}, a killed at {killed}"
+    );
+}
+
 #[test]
 fn active_keeps_fresh_candidates_from_probe_replies() {
     let mut sim = Sim::settled(three());
