@@ -66,7 +66,7 @@ mod protocol;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -318,6 +318,9 @@ struct Claim {
     started_ms: u64,
     // Voter -> send time (own clock) of the latest request it granted.
     grants: BTreeMap<String, u64>,
+    // Voters that voted in this epoch or a later one for someone else: a
+    // vote only moves to higher epochs, so they never grant this claim.
+    refused: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -457,6 +460,7 @@ impl Node {
                 transfer: None,
                 started_ms: now_ms,
                 grants: BTreeMap::new(),
+                refused: BTreeSet::new(),
             });
             node.recover_until = Some(quiet);
             format!(
@@ -774,6 +778,7 @@ impl Node {
             transfer,
             started_ms: now,
             grants: BTreeMap::new(),
+            refused: BTreeSet::new(),
         });
         out.push(record(EventKind::Normal, Reason::ElectionStarted, message));
         self.send_probes(now, out);
@@ -1052,8 +1057,14 @@ impl Node {
                             *t = (*t).max(probe_sent_ms);
                         }
                     }
-                    Some(LeaseAnswer::Denied { voted_epoch, .. }) => {
+                    Some(LeaseAnswer::Denied { epoch, voted_epoch }) => {
                         self.highest_seen = self.highest_seen.max(voted_epoch);
+                        if voted_epoch >= epoch
+                            && let Some(c) = &mut self.claim
+                            && c.epoch == epoch
+                        {
+                            c.refused.insert(from);
+                        }
                     }
                     None => {}
                 }
@@ -1342,17 +1353,31 @@ impl Node {
         if self.rec.role == Role::Standby {
             if self.claim_live(now) {
                 self.promote(now, out);
-            } else if let Some(c) = &self.claim
-                && now >= c.started_ms + self.cfg.lease_ms
-            {
-                let epoch = c.epoch;
-                self.claim = None;
-                self.quiet_since = now;
-                out.push(record(
-                    EventKind::Warning,
-                    Reason::ElectionFailed,
-                    format!("no majority of voters granted epoch {epoch} in time"),
-                ));
+            } else if let Some(c) = &self.claim {
+                // Once too many voters are bound to higher epochs, waiting
+                // out the lease only keeps this member's own vote (and the
+                // others' elections) tied up: give up at once.
+                let lost = self.cfg.member_names().count() - c.refused.len() < self.cfg.quorum();
+                if lost || now >= c.started_ms + self.cfg.lease_ms {
+                    let epoch = c.epoch;
+                    let message = if lost {
+                        let refused: Vec<&str> = c.refused.iter().map(String::as_str).collect();
+                        format!(
+                            "epoch {epoch} cannot reach a majority: {} voted in it or later for another member",
+                            refused.join(", ")
+                        )
+                    } else {
+                        format!("no majority of voters granted epoch {epoch} in time")
+                    };
+                    self.claim = None;
+                    self.quiet_since = now;
+                    // The vote for ourselves protected a lease we no longer
+                    // seek: free it for the next candidate, as `fence` does.
+                    if self.rec.vote.as_ref().is_some_and(|v| v.to == self.me) {
+                        self.promise_until = now;
+                    }
+                    out.push(record(EventKind::Warning, Reason::ElectionFailed, message));
+                }
             }
         }
         if let Some(h) = &self.handover {

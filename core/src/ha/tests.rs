@@ -363,11 +363,23 @@ fn a_preferred_cluster_that_never_starts_delays_a_fresh_install_by_a_lease() {
         "b's election at {started}, expected at {own_time}"
     );
     // b cannot win alone (a is a voter). a comes back and asks for epoch
-    // 1, which b gave itself; b's next try is refused while a's own
-    // candidacy binds a: two split rounds, then one wins.
+    // 1, which b gave itself: b's refusal ends a's election at once and
+    // frees a's vote, so b's next try, in epoch 2, wins.
     sim.restart("a");
-    sim.run(6 * LEASE);
-    assert_eq!(sim.actives().len(), 1, "{:?}", sim.actives());
+    let back = sim.now;
+    sim.run(LEASE + MARGIN + 2 * PROBE);
+    assert_eq!(sim.actives(), vec!["b"]);
+    assert_eq!(sim.node("b").epoch(), 2);
+    let failed = sim
+        .first_time(
+            "a",
+            |x| matches!(x, Action::Record(r) if r.reason == Reason::ElectionFailed),
+        )
+        .expect("a's election failed");
+    assert!(
+        failed < back + LEASE + MARGIN + PROBE,
+        "a gave up at {failed}, not a lease after asking (back at {back})"
+    );
     assert!(sim.overlaps.is_empty());
 }
 
