@@ -186,16 +186,12 @@ impl<S: Serving> HaLoop<S> {
             None => None,
             Some(Ok(p)) => Some(p),
             Some(Err(e)) => {
-                self.events
-                    .record(
-                        EventType::Warning,
-                        "StateRecreated",
-                        "Start",
-                        &format!(
-                            "the state ConfigMap is unreadable ({e}); resetting it to standby"
-                        ),
-                    )
-                    .await;
+                self.events.record(
+                    EventType::Warning,
+                    "StateRecreated",
+                    "Start",
+                    &format!("the state ConfigMap is unreadable ({e}); resetting it to standby"),
+                );
                 None
             }
         };
@@ -269,8 +265,7 @@ impl<S: Serving> HaLoop<S> {
                     .max_by_key(|(_, epoch)| *epoch);
                 if let Some((type_, reason, message)) = missing_record_event(highest, quiet_ms) {
                     self.events
-                        .record_transition(type_, reason, "Start", &message)
-                        .await;
+                        .record_transition(type_, reason, "Start", &message);
                     record_missing = false;
                 }
             }
@@ -324,8 +319,7 @@ impl<S: Serving> HaLoop<S> {
                                     "StateRecreated",
                                     "Persist",
                                     "the state ConfigMap disappeared while running; recreating it from the protocol's start",
-                                )
-                                .await;
+                                );
                         }
                         *node = fresh;
                         queue = actions.into();
@@ -367,8 +361,7 @@ impl<S: Serving> HaLoop<S> {
                         self.write_key(TRANSITION_KEY, t.to_string()).await;
                     }
                     self.events
-                        .record_transition(type_, &reason, "HandOver", &message)
-                        .await;
+                        .record_transition(type_, &reason, "HandOver", &message);
                 }
             }
         }

@@ -363,8 +363,7 @@ impl HealthLoop {
                     "PolicyRejected",
                     "ValidatePolicy",
                     format!("policy resourceVersion {version} rejected, {keeping}. {problems}"),
-                )
-                .await;
+                );
                 self.write_policy_status(
                     ev,
                     format!("rejected resourceVersion {version}, {keeping}: {problems}"),
@@ -515,8 +514,7 @@ impl HealthLoop {
                             report.retries,
                             report.summary()
                         ),
-                    )
-                    .await;
+                    );
                 }
                 Verdict::Healthy if tick && previous != Verdict::Healthy => {
                     info!(summary = %report.summary(), "cluster healthy again");
@@ -525,8 +523,7 @@ impl HealthLoop {
                         "HealthRecovered",
                         "EvaluateHealth",
                         format!("weighted health is back at or above the threshold: {}", report.summary()),
-                    )
-                    .await;
+                    );
                 }
                 _ => {}
             }
@@ -614,9 +611,9 @@ impl HealthLoop {
         Some(creds)
     }
 
-    async fn record(&self, type_: EventType, reason: &str, action: &str, note: String) {
+    fn record(&self, type_: EventType, reason: &str, action: &str, note: String) {
         self.metrics.api_requests.inc();
-        self.events.record(type_, reason, action, &note).await;
+        self.events.record(type_, reason, action, &note);
     }
 }
 

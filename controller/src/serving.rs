@@ -446,8 +446,7 @@ impl PodServing {
                     "FenceIncomplete",
                     "Demote",
                     &format!("could not stop every service pod from serving: {e}"),
-                )
-                .await;
+                );
                 return Err(e);
             }
         };
@@ -471,8 +470,7 @@ impl PodServing {
                     "{stopped} service pod(s) stopped serving in {} ms; restarting them",
                     fence_took.as_millis()
                 ),
-            )
-            .await;
+            );
         }
         Ok(Demotion {
             stopped,
@@ -513,10 +511,10 @@ async fn write_flag(store: &StateStore, serving: bool) -> Result<(), StoreError>
         .map(drop)
 }
 
-async fn record(shared: &Shared, type_: EventType, reason: &str, action: &str, note: &str) {
+fn record(shared: &Shared, type_: EventType, reason: &str, action: &str, note: &str) {
     if let Some(events) = &shared.events {
         // Each stop or restart batch of a handover is its own Event.
-        events.record_transition(type_, reason, action, note).await;
+        events.record_transition(type_, reason, action, note);
     }
 }
 
@@ -830,8 +828,7 @@ async fn restart_batch(shared: &Shared, pods: Vec<PodRef>) -> RestartReport {
             report.gone,
             report.cancelled
         ),
-    )
-    .await;
+    );
     report
 }
 
