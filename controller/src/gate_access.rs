@@ -100,7 +100,10 @@ pub fn gate_role(controller_ns: &str) -> Role {
         rules: Some(vec![PolicyRule {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec!["configmaps".to_owned()]),
-            resource_names: Some(vec![names::STATE_CONFIGMAP.to_owned()]),
+            resource_names: Some(vec![
+                names::STATE_CONFIGMAP.to_owned(),
+                counterweight_core::serving::SERVING_CONFIGMAP.to_owned(),
+            ]),
             verbs: GATE_VERBS.iter().map(|v| (*v).to_owned()).collect(),
             ..Default::default()
         }]),

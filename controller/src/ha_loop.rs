@@ -8,6 +8,18 @@
 //! from the loop's start. The state ConfigMap is the only durable state; a
 //! missing or corrupt one is recreated as standby with a Warning Event, never
 //! as active.
+//!
+//! Nothing that talks to the API server may hang the loop: every call it
+//! awaits is bounded by `marginMs` (a `Persist` that runs out counts as
+//! failed), and what need not hold up a step (the HA view, the last
+//! transition, Events, making pods serve, publishing the serving lease) is
+//! handed to tasks beside it. So the loop keeps renewing its lease and
+//! answering its peers while the API server is slow or away, and the
+//! serving lease stops the workload on its own if the loop cannot.
+//!
+//! The loop owns its record: it watches the state ConfigMap, and a write
+//! that is not its own (an edit by hand, a restore from a backup) is put back
+//! at once to what the node believes, with a Warning Event showing both.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,7 +37,8 @@ use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::events::EventSink;
-use crate::state_store::{StateStore, StoreError};
+use crate::serving_lease::LeasePublisher;
+use crate::state_store::{StateStore, StoreError, Written};
 
 /// State ConfigMap key with the HA view: serving, lease, peers, handover.
 pub const HA_KEY: &str = "ha";
@@ -106,6 +119,11 @@ pub enum HaError {
     /// The state ConfigMap could not be read at start.
     #[error("cannot read the state ConfigMap at start: {0}")]
     Store(#[from] StoreError),
+    /// A call to the API server did not answer in time.
+    #[error(
+        "the API server did not answer within {0:?} while reading the state ConfigMap; check that it is up and reachable"
+    )]
+    Timeout(Duration),
 }
 
 /// What the HA loop publishes for `cwctl` and operators, besides role/epoch.
@@ -138,6 +156,9 @@ pub struct HaInputs {
     /// New versions of the HA configuration; the core applies what may
     /// change at run time and records why it rejects the rest.
     pub config: Option<mpsc::Receiver<HaConfig>>,
+    /// The state ConfigMap's data as the API server has it (a watch), so
+    /// that foreign writes are put back; `None` disables the check.
+    pub observed: Option<watch::Receiver<Option<BTreeMap<String, String>>>>,
 }
 
 /// One member's HA loop.
@@ -149,6 +170,8 @@ pub struct HaLoop<S: Serving> {
     outbox: Arc<dyn Outbox>,
     serving: Arc<S>,
     started: Instant,
+    lease: Option<LeasePublisher>,
+    keys: KeyWriter,
 }
 
 impl<S: Serving> HaLoop<S> {
@@ -161,6 +184,7 @@ impl<S: Serving> HaLoop<S> {
         outbox: Arc<dyn Outbox>,
         serving: Arc<S>,
     ) -> Self {
+        let keys = KeyWriter::start(store.clone(), api_timeout(&config));
         Self {
             me: me.to_owned(),
             config,
@@ -169,7 +193,19 @@ impl<S: Serving> HaLoop<S> {
             outbox,
             serving,
             started: Instant::now(),
+            lease: None,
+            keys,
         }
+    }
+
+    /// Publishes the node's serving lease through `lease` after every step.
+    pub fn with_serving_lease(mut self, lease: LeasePublisher) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
+    fn timeout(&self) -> Duration {
+        api_timeout(&self.config)
     }
 
     fn now_ms(&self) -> u64 {
@@ -180,7 +216,9 @@ impl<S: Serving> HaLoop<S> {
     /// whether there was no record at all: what that means is only known
     /// once a peer is heard ([`missing_record_event`]).
     async fn boot(&self) -> Result<(Node, Vec<Action>, bool), HaError> {
-        let cm = self.store.get().await?;
+        let cm = tokio::time::timeout(self.timeout(), self.store.get())
+            .await
+            .map_err(|_| HaError::Timeout(self.timeout()))??;
         let missing = cm.is_none();
         let stored = match cm.map(|cm| Persisted::from_data(cm.data.as_ref())) {
             None => None,
@@ -199,14 +237,46 @@ impl<S: Serving> HaLoop<S> {
         Ok((node, actions, missing))
     }
 
-    /// Runs until `shutdown` resolves.
+    /// Boots again after a failed write, retrying while the API server does
+    /// not answer: the node is gone meanwhile, so nothing serves past the
+    /// serving lease already published. Only a bad configuration ends it.
+    async fn reboot(&self) -> Result<(Node, Vec<Action>, bool), HaError> {
+        let mut attempt: u32 = 0;
+        loop {
+            match self.boot().await {
+                Ok(booted) => return Ok(booted),
+                Err(HaError::Config(e)) => return Err(HaError::Config(e)),
+                Err(e) => {
+                    let wait = Duration::from_millis(100)
+                        .saturating_mul(1u32 << attempt.min(5))
+                        .min(Duration::from_secs(3));
+                    warn!(error = %e, retry_ms = wait.as_millis(), "cannot restart the HA node from its record yet");
+                    attempt = attempt.saturating_add(1);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Runs until `shutdown` resolves. It returns only then, or with an
+    /// error the caller must treat as fatal (fail-stop): the process exits
+    /// so that Kubernetes restarts it or another replica takes over.
     pub async fn run(
         self,
-        mut inputs: HaInputs,
+        inputs: HaInputs,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), HaError> {
-        let mut shutdown = std::pin::pin!(shutdown);
-        let (mut node, actions, mut record_missing) = self.boot().await?;
+        tokio::select! {
+            result = self.run_steps(inputs) => result,
+            () = shutdown => {
+                info!("HA loop stopping");
+                Ok(())
+            }
+        }
+    }
+
+    async fn run_steps(&self, mut inputs: HaInputs) -> Result<(), HaError> {
+        let (mut node, actions, mut record_missing) = self.reboot().await?;
         if record_missing {
             info!(
                 "no state ConfigMap: creating it as standby; a first start or a lost record, told once a peer is heard"
@@ -227,11 +297,17 @@ impl<S: Serving> HaLoop<S> {
             let next = node.next_tick_ms().min(self.now_ms() + probe_ms);
             let wake = self.started + Duration::from_millis(next);
             let event = tokio::select! {
-                () = &mut shutdown => {
-                    info!("HA loop stopping");
-                    return Ok(());
-                }
                 () = tokio::time::sleep_until(wake) => Event::Tick,
+                Ok(()) = async {
+                    match inputs.observed.as_mut() {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let data = inputs.observed.as_ref().and_then(|rx| rx.borrow().clone());
+                    self.own_record(&node, data).await;
+                    continue;
+                }
                 Some(env) = inputs.inbox.recv() => Event::Message(env),
                 Some(cmd) = inputs.commands.recv() => Event::Command(cmd),
                 Some(cfg) = async {
@@ -286,9 +362,59 @@ impl<S: Serving> HaLoop<S> {
             if due
                 && last_view.as_ref().map(|(v, _)| v) != Some(&view)
                 && let Ok(json) = serde_json::to_string(&view)
-                && self.write_key(HA_KEY, json).await
             {
+                self.keys.write(HA_KEY, json);
                 last_view = Some((view, Instant::now()));
+            }
+        }
+    }
+
+    /// Puts the node's record back if what is stored differs from it: a
+    /// write that is not the node's (its own writes only ever store what it
+    /// believes, and a stale event of one finds the store current).
+    async fn own_record(&self, node: &Node, observed: Option<BTreeMap<String, String>>) {
+        let believed = node.persisted().clone();
+        if observed
+            .as_ref()
+            .is_some_and(|d| Persisted::from_data(Some(d)).as_ref() == Ok(&believed))
+        {
+            return;
+        }
+        let mut before = None;
+        let write = tokio::time::timeout(
+            self.timeout(),
+            self.store.update(|data| {
+                before = Some(owned_keys(data));
+                believed.write_to(data);
+            }),
+        )
+        .await;
+        match write {
+            Ok(Ok((cm, Written::Updated | Written::Created))) => {
+                let after = owned_keys(cm.data.as_ref().unwrap_or(&BTreeMap::new()));
+                let before = before.unwrap_or_default();
+                warn!(
+                    ?before,
+                    ?after,
+                    "the state record was written by someone else; put back"
+                );
+                self.events.record_transition(
+                    EventType::Warning,
+                    "StateCorrected",
+                    "Own",
+                    &format!(
+                        "the state ConfigMap was changed outside the controller ({}); put back to what this member holds ({}). Use cwctl switchover, pause or resume instead of editing it",
+                        show(&before),
+                        show(&after)
+                    ),
+                );
+            }
+            Ok(Ok((_, Written::Unchanged))) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "could not put the state record back; will retry on the next change")
+            }
+            Err(_) => {
+                warn!("putting the state record back timed out; will retry on the next change")
             }
         }
     }
@@ -307,10 +433,19 @@ impl<S: Serving> HaLoop<S> {
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::Persist(rec) => {
-                    let write = self.store.update(|data| rec.write_to(data)).await;
-                    if let Err(e) = write {
+                    let write = tokio::time::timeout(
+                        self.timeout(),
+                        self.store.update(|data| rec.write_to(data)),
+                    )
+                    .await;
+                    let failed = match write {
+                        Ok(Ok(_)) => None,
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(_) => Some(format!("no answer within {:?}", self.timeout())),
+                    };
+                    if let Some(e) = failed {
                         warn!(error = %e, "persisting the HA record failed; restarting from the stored record");
-                        let (fresh, actions, missing) = self.boot().await?;
+                        let (fresh, actions, missing) = self.reboot().await?;
                         if missing {
                             // Gone while this member ran: no first start.
                             self.events
@@ -358,29 +493,21 @@ impl<S: Serving> HaLoop<S> {
                             "epoch": node.epoch(),
                             "at": now_rfc3339(),
                         });
-                        self.write_key(TRANSITION_KEY, t.to_string()).await;
+                        self.keys.write(TRANSITION_KEY, t.to_string());
                     }
                     self.events
                         .record_transition(type_, &reason, "HandOver", &message);
                 }
             }
         }
+        self.publish(node);
         Ok(())
     }
 
-    async fn write_key(&self, key: &'static str, value: String) -> bool {
-        match self
-            .store
-            .update(|data| {
-                data.insert(key.to_owned(), value.clone());
-            })
-            .await
-        {
-            Ok(_) => true,
-            Err(e) => {
-                warn!(error = %e, key, "could not write the state ConfigMap");
-                false
-            }
+    /// Offers the node's serving lease to the publisher (never waits).
+    fn publish(&self, node: &Node) {
+        if let Some(lease) = &self.lease {
+            lease.offer(node.epoch(), node.serving_until_ms(), self.now_ms());
         }
     }
 
@@ -485,6 +612,95 @@ fn is_transition(reason: Reason) -> bool {
 
 fn now_rfc3339() -> String {
     k8s_openapi::jiff::Timestamp::now().to_string()
+}
+
+/// The longest the HA loop waits for one API call: `marginMs`, the slack
+/// the lease keeps for exactly such delays (at least 100 ms).
+pub fn api_timeout(config: &HaConfig) -> Duration {
+    Duration::from_millis(config.margin_ms.max(100))
+}
+
+/// The keys of the state record the HA node owns, for a correction's Event.
+fn owned_keys(data: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    [
+        counterweight_core::state::STATE_KEY,
+        counterweight_core::state::EPOCH_KEY,
+        counterweight_core::ha::VOTE_KEY,
+        counterweight_core::ha::PAUSED_KEY,
+    ]
+    .into_iter()
+    .map(|k| {
+        (
+            k.to_owned(),
+            data.get(k)
+                .cloned()
+                .unwrap_or_else(|| "<absent>".to_owned()),
+        )
+    })
+    .collect()
+}
+
+fn show(keys: &BTreeMap<String, String>) -> String {
+    keys.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Writes the informational keys of the state record (the HA view, the
+/// last transition) from a task beside the HA loop, newest value per key,
+/// so that a slow API server never holds up a step.
+struct KeyWriter {
+    tx: watch::Sender<BTreeMap<&'static str, String>>,
+}
+
+impl KeyWriter {
+    fn start(store: StateStore, timeout: Duration) -> Self {
+        let (tx, mut rx) = watch::channel(BTreeMap::<&'static str, String>::new());
+        tokio::spawn(async move {
+            let mut written: BTreeMap<&'static str, String> = BTreeMap::new();
+            loop {
+                let wanted = rx.borrow_and_update().clone();
+                let todo: Vec<(&'static str, String)> = wanted
+                    .into_iter()
+                    .filter(|(k, v)| written.get(k) != Some(v))
+                    .collect();
+                if !todo.is_empty() {
+                    let write = tokio::time::timeout(
+                        timeout,
+                        store.update(|data| {
+                            for (k, v) in &todo {
+                                data.insert((*k).to_owned(), v.clone());
+                            }
+                        }),
+                    )
+                    .await;
+                    match write {
+                        Ok(Ok(_)) => written.extend(todo),
+                        Ok(Err(e)) => {
+                            warn!(error = %e, "could not write the HA view to the state ConfigMap");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
+                        }
+                        Err(_) => {
+                            warn!("writing the HA view to the state ConfigMap timed out");
+                            continue;
+                        }
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    fn write(&self, key: &'static str, value: String) {
+        self.tx.send_modify(|m| {
+            m.insert(key, value);
+        });
+    }
 }
 
 #[cfg(test)]

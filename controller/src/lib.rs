@@ -15,6 +15,7 @@ pub mod health;
 pub mod leader;
 pub mod peer;
 pub mod serving;
+pub mod serving_lease;
 pub mod state_store;
 pub mod telemetry;
 
@@ -145,6 +146,9 @@ pub enum Error {
     /// The HA loop stopped.
     #[error(transparent)]
     Ha(#[from] ha_loop::HaError),
+    /// The HA loop ended without being asked to; the controller exits.
+    #[error("the HA loop stopped ({0}); exiting so that Kubernetes restarts this controller")]
+    HaStopped(String),
     /// The peer transport could not be set up.
     #[error("peer transport: {0}")]
     Peer(#[source] Box<peer::PeerError>),
@@ -191,6 +195,7 @@ impl HaWiring {
             tokio::sync::watch::Receiver<Option<counterweight_core::health::HealthReport>>,
         >,
     ) -> (ha_loop::HaLoop<S>, ha_loop::HaInputs) {
+        let observed = Some(store.watch());
         let ha = ha_loop::HaLoop::new(
             &settings.cluster,
             self.config,
@@ -204,6 +209,7 @@ impl HaWiring {
             commands: self.commands,
             health,
             config: self.config_updates,
+            observed,
         };
         (ha, inputs)
     }
@@ -591,9 +597,21 @@ async fn run_member(
         settings.namespace.clone(),
         shutdown.clone(),
     ));
-    let health = health::HealthLoop::new(client.clone(), settings.clone(), metrics, probes);
+    let health = health::HealthLoop::new(client.clone(), settings.clone(), metrics, probes.clone());
     let ha_task = ha.map(|wiring| {
         let (store, events) = state_and_events(&client, &settings);
+        // The workload's dead-man switch: the serving lease, published
+        // beside the HA loop and part of every fence.
+        let lease = serving_lease::LeasePublisher::start(
+            client.clone(),
+            &settings.namespace,
+            &settings.cluster,
+            serving_lease::LeaseTimings {
+                lease_ms: wiring.config.lease_ms,
+                max_skew_ms: wiring.config.max_clock_skew_ms,
+                write_timeout: ha_loop::api_timeout(&wiring.config),
+            },
+        );
         // Pod-level effects: the serving condition, the demotion fence and
         // the restarts; the `serving` key of the state ConfigMap is kept too.
         let serving = std::sync::Arc::new(serving::PodServing::start(
@@ -611,19 +629,44 @@ async fn run_member(
                 ..Default::default()
             },
         ));
+        let serving =
+            std::sync::Arc::new(serving_lease::LeasedServing::new(serving, lease.clone()));
         let serving = std::sync::Arc::new(ha_loop::StanceNoting::new(serving, health.stance()));
         let (ha, inputs) =
             wiring.into_loop(&settings, store, events, serving, Some(health.subscribe()));
-        tokio::spawn(ha.run(inputs, shutdown.clone()))
+        tokio::spawn(ha.with_serving_lease(lease).run(inputs, shutdown.clone()))
     });
-    let result = health.run(shutdown).await;
-    let _ = gate_access.await;
-    if let Some(task) = ha_task {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e.into()),
-            Err(e) => tracing::error!(error = %e, "HA loop panicked"),
+    let Some(mut ha_task) = ha_task else {
+        let result = health.run(shutdown).await;
+        let _ = gate_access.await;
+        return result.map_err(Error::from);
+    };
+    // Fail-stop: the HA loop returns only at shutdown. If it ends any other
+    // way (an error, a panic), the process must not go on without it, its
+    // pods fenced only by their lease: it reports not ready and exits, so
+    // that Kubernetes restarts it or another replica takes over.
+    let health = health.run(shutdown);
+    let mut health = std::pin::pin!(health);
+    tokio::select! {
+        result = &mut health => {
+            let _ = gate_access.await;
+            match ha_task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(e) => return Err(Error::HaStopped(e.to_string())),
+            }
+            result.map_err(Error::from)
+        }
+        ended = &mut ha_task => {
+            let why = match ended {
+                Ok(Ok(())) => "it returned before shutdown".to_owned(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => format!("it panicked: {e}"),
+            };
+            probes.set_failed(format!("the HA loop stopped: {why}"));
+            tracing::error!(reason = %why, "the HA loop stopped; exiting so that this controller is restarted");
+            gate_access.abort();
+            Err(Error::HaStopped(why))
         }
     }
-    result.map_err(Error::from)
 }

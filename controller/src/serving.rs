@@ -419,17 +419,24 @@ impl PodServing {
     /// condition True on every Running service pod. The loop keeps doing so
     /// for new pods while active.
     pub async fn activate(&self) -> Result<usize, ServingError> {
-        let started = Instant::now();
         self.shared.desired.send_replace(Some(true));
-        write_flag(&self.shared.store, true).await?;
-        let pods = list_service_pods(&self.shared.client).await?;
-        let served = pass(&self.shared, &pods, &self.tasks).await;
-        info!(
-            served,
-            took_ms = started.elapsed().as_millis(),
-            "service pods set serving"
-        );
-        Ok(served)
+        activate_pods(&self.shared, &self.tasks).await
+    }
+
+    /// Like [`PodServing::activate`], but returns at once: the desired state
+    /// is set now (so a later fence supersedes it), and the pods are made to
+    /// serve by a task. This is what the HA loop uses, so that a promotion
+    /// never holds up its lease renewals while thousands of pods are patched.
+    pub fn activate_in_background(&self) {
+        self.shared.desired.send_replace(Some(true));
+        let (shared, tasks) = (self.shared.clone(), self.tasks.clone());
+        if let Ok(mut set) = self.tasks.lock() {
+            set.spawn(async move {
+                if let Err(e) = activate_pods(&shared, &tasks).await {
+                    warn!(error = %e, "could not make every service pod serve; the reconcile loop retries");
+                }
+            });
+        }
     }
 
     /// Stops every service pod from serving and returns once none does (the
@@ -492,10 +499,33 @@ impl Drop for PodServing {
     }
 }
 
+/// Records `serving=true`, then sets the condition True on every Running
+/// service pod (while the desired state stays active).
+async fn activate_pods(
+    shared: &Arc<Shared>,
+    tasks: &Arc<Mutex<JoinSet<()>>>,
+) -> Result<usize, ServingError> {
+    let started = Instant::now();
+    if *shared.desired.borrow() != Some(true) {
+        // A fence came first: nothing to do.
+        return Ok(0);
+    }
+    write_flag(&shared.store, true).await?;
+    let pods = list_service_pods(&shared.client).await?;
+    let served = pass(shared, &pods, tasks).await;
+    info!(
+        served,
+        took_ms = started.elapsed().as_millis(),
+        "service pods set serving"
+    );
+    Ok(served)
+}
+
 impl Serving for PodServing {
     async fn set_serving(&self, serving: bool) -> Result<(), String> {
         if serving {
-            self.activate().await.map(drop).map_err(|e| e.to_string())
+            self.activate_in_background();
+            Ok(())
         } else {
             self.demote().await.map(drop).map_err(|e| e.to_string())
         }

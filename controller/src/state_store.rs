@@ -9,8 +9,11 @@
 use std::collections::BTreeMap;
 
 use counterweight_core::state::{Role, RoleEpoch};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::watch;
 
 /// Conflicts tolerated in one update before giving up until the next round.
 const MAX_CONFLICTS: usize = 5;
@@ -146,5 +149,39 @@ impl StateStore {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
         })
+    }
+
+    /// Watches the ConfigMap and reports its data: `Some` for each version
+    /// seen, `None` once it is deleted. Watch errors are retried with
+    /// backoff; the task ends when the receiver is dropped.
+    pub fn watch(&self) -> watch::Receiver<Option<BTreeMap<String, String>>> {
+        let (tx, rx) = watch::channel(None);
+        let stream = watcher(
+            self.api.clone(),
+            watcher::Config::default().fields(&format!("metadata.name={}", self.name)),
+        )
+        .default_backoff();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                let seen = tokio::select! {
+                    () = tx.closed() => return,
+                    item = stream.next() => match item {
+                        None => return,
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, "state ConfigMap watch failed; retrying");
+                            continue;
+                        }
+                        Some(Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm))) => {
+                            Some(cm.data.unwrap_or_default())
+                        }
+                        Some(Ok(watcher::Event::Delete(_))) => None,
+                        Some(Ok(_)) => continue,
+                    },
+                };
+                tx.send_replace(seen);
+            }
+        });
+        rx
     }
 }

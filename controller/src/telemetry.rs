@@ -152,6 +152,9 @@ impl Default for Metrics {
 pub struct Probes {
     ready: AtomicBool,
     follower: AtomicBool,
+    // Why the controller is going down (its HA loop stopped): once set,
+    // /readyz fails with it until the process exits.
+    failed: std::sync::Mutex<Option<String>>,
 }
 
 impl Probes {
@@ -162,7 +165,22 @@ impl Probes {
 
     /// Whether the controller is ready.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.follower.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire)
+            && !self.follower.load(Ordering::Acquire)
+            && self.failure().is_none()
+    }
+
+    /// Marks the controller as failed (fail-stop under way), with the reason
+    /// `/readyz` reports.
+    pub fn set_failed(&self, why: String) {
+        if let Ok(mut f) = self.failed.lock() {
+            *f = Some(why);
+        }
+    }
+
+    /// Why the controller failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().ok().and_then(|f| f.clone())
     }
 
     /// Marks a replica that waits for the leader Lease: it is alive but
@@ -216,14 +234,17 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.probes.is_ready() {
-        (StatusCode::OK, "ok")
+    if let Some(why) = s.probes.failure() {
+        (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
+    } else if s.probes.is_ready() {
+        (StatusCode::OK, "ok").into_response()
     } else if s.probes.follower.load(Ordering::Acquire) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "following: another replica holds the leader Lease",
         )
+            .into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "pod cache not synced yet")
+        (StatusCode::SERVICE_UNAVAILABLE, "pod cache not synced yet").into_response()
     }
 }

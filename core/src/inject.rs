@@ -76,6 +76,14 @@ pub mod env {
     pub const POD_NAME: &str = "COUNTERWEIGHT_POD_NAME";
     /// The pod's own namespace, from the downward API.
     pub const POD_NAMESPACE: &str = "COUNTERWEIGHT_POD_NAMESPACE";
+    /// Set to `true` in the lease sidecar: run in `hold` mode.
+    pub const HOLD: &str = "COUNTERWEIGHT_GATE_HOLD";
+    /// File the lease sidecar keeps the serving lease in, for the application.
+    pub const LEASE_FILE: &str = "COUNTERWEIGHT_LEASE_FILE";
+    /// Address the lease sidecar answers readiness probes on.
+    pub const READY_LISTEN: &str = "COUNTERWEIGHT_READY_LISTEN";
+    /// Name of the serving lease ConfigMap (in the state's namespace).
+    pub const SERVING_NAME: &str = "COUNTERWEIGHT_SERVING_NAME";
 }
 
 /// Where among the pod's init containers the gate goes.

@@ -17,4 +17,5 @@ pub mod leader;
 pub mod names;
 pub mod policy;
 pub mod request;
+pub mod serving;
 pub mod state;

@@ -12,6 +12,18 @@
 //! (clocks are not comparable across members). The clock is bounded and the
 //! search depth is bounded, which keeps the state space finite.
 //!
+//! The workload is modelled apart from the controller, because in
+//! Kubernetes it is: a pod's serving condition outlives the controller that
+//! set it. Each cluster has a condition (the last `SetServing` that reached
+//! its pods) and, in the lease design, the serving lease last published to
+//! its pods ([`Workload::Lease`]); a crash of the controller, or a frozen
+//! API server, leaves both as they were. A pod serves while its condition
+//! is on and, in the lease design, while its node's clock, the worst the
+//! skew bound allows, is before the published end. The key property is
+//! "never the workloads of two clusters serving at once". With
+//! [`Workload::Condition`] (the design before the serving lease: pods
+//! follow the condition alone) the checker finds the crash counterexample.
+//!
 //! Safety is checked under all faults. Liveness is checked in a separate,
 //! fault-free model (a reliable network that delivers within a tick and no
 //! crashes or cuts), because under an adversary that may drop everything
@@ -41,8 +53,24 @@ const ABNORMAL: HealthVerdict = HealthVerdict {
     data_behind: false,
 };
 
+/// What makes a cluster's pods serve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Workload {
+    /// The serving condition alone, as set by the controller.
+    Condition,
+    /// The condition and the serving lease published by the controller.
+    Lease,
+}
+
 #[derive(Clone, Debug)]
 struct Setup {
+    workload: Workload,
+    /// Budget of "API server frozen" faults: the cluster's workload stops
+    /// hearing from its controller until thawed.
+    freezes: u8,
+    /// The controller goes on after a fence it could not confirm (the HA
+    /// loop before issue 13); only to show the checker catches it.
+    fence_passes_unconfirmed: bool,
     cfg: HaConfig,
     names: Vec<String>,
     /// Ticks the model may run past the initial state.
@@ -70,6 +98,16 @@ struct Sys {
     nodes: Vec<Option<Node>>,
     disks: Vec<Persisted>,
     serving: Vec<bool>,
+    // The workload: the condition on the pods and the published serving
+    // lease (own clock of the member), as last carried out.
+    condition: Vec<bool>,
+    published: Vec<Option<u64>>,
+    frozen: Vec<bool>,
+    freezes: u8,
+    // Actions of a step held up behind a fence that could not be confirmed
+    // (API server frozen): the controller waits until the published lease
+    // has run out, or the API server answers, before it goes on.
+    blocked: Vec<Option<Vec<Action>>>,
     healthy: Vec<bool>,
     net: BTreeSet<Envelope>,
     cut: BTreeSet<(usize, usize)>,
@@ -93,6 +131,8 @@ enum Act {
     Restart(usize),
     Cut(usize, usize),
     Heal(usize, usize),
+    Freeze(usize),
+    Thaw(usize),
     Flip(usize),
     Fail,
 }
@@ -125,6 +165,9 @@ impl Setup {
     fn safety(clusters: usize, witness: bool, horizon: u64) -> Self {
         let (cfg, names) = config(clusters, witness);
         Setup {
+            workload: Workload::Lease,
+            freezes: 0,
+            fence_passes_unconfirmed: false,
             cfg,
             names,
             horizon,
@@ -142,6 +185,9 @@ impl Setup {
     fn liveness(clusters: usize, witness: bool, crash: bool) -> Self {
         let (cfg, names) = config(clusters, witness);
         Setup {
+            workload: Workload::Lease,
+            freezes: 0,
+            fence_passes_unconfirmed: false,
             cfg,
             names,
             // Detection and handover take a few ticks; a crashed active's
@@ -175,8 +221,36 @@ impl Setup {
             .expect("message to a member")
     }
 
+    /// Whether cluster `i`'s workload serves now: its condition is on and,
+    /// in the lease design, its pods' clock (behind by the skew bound, the
+    /// worst case) is before the published end, which was published with
+    /// the skew taken off (`counterweight_core::serving::publish_until`).
+    fn workload_serves(&self, s: &Sys, i: usize) -> bool {
+        let skew = self.cfg.max_clock_skew_ms;
+        s.condition[i]
+            && match self.workload {
+                Workload::Condition => true,
+                Workload::Lease => s.published[i].is_some_and(|until| {
+                    let pod_now = self.now(s, i).saturating_sub(skew);
+                    pod_now < until.saturating_sub(skew)
+                }),
+            }
+    }
+
+    /// The controller publishes the node's serving lease after each step
+    /// (when its API server answers).
+    fn publish(&self, s: &mut Sys, i: usize) {
+        if self.workload == Workload::Lease
+            && !s.frozen[i]
+            && let Some(node) = &s.nodes[i]
+        {
+            s.published[i] = node.serving_until_ms();
+        }
+    }
+
     fn apply(&self, s: &mut Sys, i: usize, actions: Vec<Action>) {
-        for a in actions {
+        let mut rest: std::collections::VecDeque<Action> = actions.into();
+        while let Some(a) = rest.pop_front() {
             match a {
                 Action::Persist(p) => {
                     if p.epoch < s.disks[i].epoch {
@@ -186,6 +260,17 @@ impl Setup {
                 }
                 Action::SetServing(on) => {
                     s.serving[i] = on;
+                    if !s.frozen[i] {
+                        s.condition[i] = on;
+                        if !on {
+                            s.published[i] = None;
+                        }
+                    } else if !on && !self.fence_passes_unconfirmed && self.workload_serves(s, i) {
+                        // The fence cannot be confirmed: the rest of the
+                        // step waits (see `unblock`).
+                        s.blocked[i] = Some(rest.into_iter().collect());
+                        return;
+                    }
                     if on {
                         let e = s.disks[i].epoch;
                         match s.served_in.get(&e) {
@@ -206,10 +291,29 @@ impl Setup {
                 Action::Record(_) => {}
             }
         }
+        self.publish(s, i);
+    }
+
+    /// Resumes a step held up behind an unconfirmed fence once the fence
+    /// holds: the API server answers again, or the published lease ran out.
+    fn unblock(&self, s: &mut Sys, i: usize) {
+        if s.blocked[i].is_some() && (!s.frozen[i] || !self.workload_serves(s, i)) {
+            if !s.frozen[i] {
+                s.condition[i] = false;
+                s.published[i] = None;
+            }
+            let rest = s.blocked[i].take().unwrap_or_default();
+            self.apply(s, i, rest);
+        }
     }
 
     fn step(&self, s: &mut Sys, i: usize, ev: Event) {
         let now = self.now(s, i);
+        if s.blocked[i].is_some() {
+            // The HA loop is inside a step: events wait (ticks are replayed
+            // by the next tick after it resumes).
+            return;
+        }
         if let Some(node) = s.nodes[i].as_mut() {
             let out = node.handle(now, ev);
             self.apply(s, i, out);
@@ -231,6 +335,7 @@ impl Setup {
     fn tick(&self, s: &mut Sys) {
         s.t += 1;
         for i in 0..self.names.len() {
+            self.unblock(s, i);
             self.step(s, i, Event::Tick);
         }
     }
@@ -249,6 +354,11 @@ impl Setup {
             nodes: vec![None; n],
             disks: vec![Persisted::initial(); n],
             serving: vec![false; n],
+            condition: vec![false; n],
+            published: vec![None; n],
+            frozen: vec![false; n],
+            freezes: self.freezes,
+            blocked: vec![None; n],
             healthy: vec![true; n],
             net: BTreeSet::new(),
             cut: BTreeSet::new(),
@@ -304,7 +414,7 @@ impl Model for Setup {
         }
         for env in &s.net {
             let (from, to) = (self.index(&env.from), self.index(&env.to));
-            if s.nodes[to].is_some() && Self::linked(s, from, to) {
+            if s.nodes[to].is_some() && s.blocked[to].is_none() && Self::linked(s, from, to) {
                 acts.push(Act::Deliver(env.clone()));
             }
             if !self.reliable {
@@ -319,6 +429,13 @@ impl Model for Setup {
             }
             if self.is_cluster(i) && s.flips > 0 {
                 acts.push(Act::Flip(i));
+            }
+            if self.is_cluster(i) {
+                if s.frozen[i] {
+                    acts.push(Act::Thaw(i));
+                } else if s.freezes > 0 {
+                    acts.push(Act::Freeze(i));
+                }
             }
             for j in i + 1..n {
                 if s.cut.contains(&(i, j)) {
@@ -347,8 +464,11 @@ impl Model for Setup {
             Act::Crash(i) => {
                 s.crashes -= 1;
                 s.nodes[i] = None;
-                // The cluster goes down with its controller: nothing serves.
+                // The controller's belief goes with it; the workload (its
+                // condition and published lease) stays as it was, and so
+                // does a step it was blocked in: it never resumes.
                 s.serving[i] = false;
+                s.blocked[i] = None;
             }
             Act::Restart(i) => {
                 let rec = s.disks[i].clone();
@@ -360,6 +480,15 @@ impl Model for Setup {
             }
             Act::Heal(i, j) => {
                 s.cut.remove(&(i, j));
+            }
+            Act::Freeze(i) => {
+                s.freezes -= 1;
+                s.frozen[i] = true;
+            }
+            Act::Thaw(i) => {
+                s.frozen[i] = false;
+                self.unblock(&mut s, i);
+                self.publish(&mut s, i);
             }
             Act::Flip(i) => {
                 s.flips -= 1;
@@ -374,6 +503,8 @@ impl Model for Setup {
                 if self.fail_by_crash {
                     s.nodes[i] = None;
                     s.serving[i] = false;
+                    // Its pods stop when its lease does (no condition
+                    // change reaches them).
                 } else {
                     self.step(&mut s, i, Event::Health(ABNORMAL));
                 }
@@ -387,6 +518,15 @@ impl Model for Setup {
             Property::always("at most one cluster serves", |_, s: &Sys| {
                 s.serving.iter().filter(|x| **x).count() <= 1
             }),
+            Property::always(
+                "never the workloads of two clusters serving",
+                |m: &Setup, s: &Sys| {
+                    (0..m.names.len())
+                        .filter(|i| m.workload_serves(s, *i))
+                        .count()
+                        <= 1
+                },
+            ),
             Property::always("no two live leases", |m: &Setup, s: &Sys| {
                 (0..m.names.len())
                     .filter(|i| {
@@ -678,4 +818,69 @@ fn safety_crash_restart_deep() {
         None,
     );
     assert_safe(&out);
+}
+
+/// The design before the serving lease, where pods follow the serving
+/// condition alone: a crashed active's pods keep serving while a peer
+/// promotes after its lease. The checker must find that (issue 13,
+/// finding 1); the same setup with the lease design is safe
+/// (`safety_crash_restart_deep`).
+#[test]
+fn checker_finds_two_serving_workloads_when_pods_follow_the_condition_alone() {
+    let mut setup = Setup::safety(2, true, 8);
+    setup.workload = Workload::Condition;
+    setup.freezes = 0;
+    setup.crashes = 1;
+    setup.flips = 0;
+    setup.cuts = 0;
+    let out = check(
+        "workload follows the condition alone, crash",
+        setup.clone(),
+        12,
+        Some("never the workloads of two clusters serving"),
+    );
+    let trace = out
+        .discoveries
+        .get("never the workloads of two clusters serving")
+        .expect("the checker missed the crashed active's pods serving beside the new active");
+    assert!(trace.contains("Crash"), "{trace}");
+    println!("crash counterexample:\n{trace}");
+    // The same setup with the lease design is `safety_crash_restart_deep`.
+}
+
+/// A frozen API server: the active's pods hear nothing more from their
+/// controller (no condition change, no new lease), while it goes on
+/// voting and handing over. The fence of a handover cannot be confirmed,
+/// so the old active waits for its published lease to run out before it
+/// sends `change`.
+#[test]
+fn safety_frozen_api_server() {
+    let mut setup = Setup::safety(2, true, 8);
+    setup.freezes = 1;
+    setup.crashes = 0;
+    setup.cuts = 0;
+    setup.flips = 1;
+    let out = check(
+        "safety, 2 clusters + witness, API server frozen",
+        setup.clone(),
+        depth_from_env(10),
+        None,
+    );
+    assert_safe(&out);
+    // The checker can fail here: a controller that goes on past a fence it
+    // could not confirm (what the HA loop did before) hands over while its
+    // pods still serve.
+    setup.fence_passes_unconfirmed = true;
+    let out = check(
+        "API server frozen, fence passed unconfirmed",
+        setup,
+        10,
+        Some("never the workloads of two clusters serving"),
+    );
+    assert!(
+        out.discoveries
+            .contains_key("never the workloads of two clusters serving"),
+        "{:#?}",
+        out.discoveries.keys()
+    );
 }

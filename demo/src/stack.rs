@@ -370,6 +370,8 @@ fn write_ha_config(dir: &Path) -> Result<PathBuf> {
     c.lease_ms = 1500;
     c.margin_ms = 300;
     c.candidate_fresh_ms = 1000;
+    // One machine: the clocks of a cluster's "nodes" are one clock.
+    c.max_clock_skew_ms = 100;
     let path = dir.join("ha.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&c)?)
         .with_context(|| format!("writing {}", path.display()))?;

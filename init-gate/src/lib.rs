@@ -15,6 +15,7 @@
 //! | 0 | the cluster is active; the epoch file was written |
 //! | 2 | bad command line (from clap) |
 //! | 73 | `EX_CANTCREAT`: the epoch file could not be written (the pod must not start) |
+//! | 70 | `EX_SOFTWARE`: `--hold` mode could not run (no release epoch, port taken) |
 //! | 75 | `EX_TEMPFAIL`: `--timeout` elapsed while the cluster was not active |
 //! | 78 | `EX_CONFIG`: no usable Kubernetes client configuration |
 //! | 143 | stopped by SIGTERM or SIGINT (128 + 15, as a shell reports it) |
@@ -24,6 +25,7 @@
 
 pub mod backoff;
 pub mod decision;
+pub mod hold;
 pub mod ratelimit;
 pub mod wait;
 
@@ -37,6 +39,10 @@ use counterweight_core::names;
 /// [`counterweight_core::inject::RUN_MOUNT_PATH`]. Spelled out because joining constants at compile time
 /// needs a macro crate; a test checks the two agree.
 pub const DEFAULT_EPOCH_FILE: &str = "/var/run/counterweight/epoch";
+/// Default lease file of `hold` mode, in the same scratch volume.
+pub const DEFAULT_LEASE_FILE: &str = "/var/run/counterweight/lease";
+/// Default readiness address of `hold` mode.
+pub const DEFAULT_READY_LISTEN: &str = "0.0.0.0:9877";
 
 /// Exit code after release.
 pub const EXIT_RELEASED: u8 = 0;
@@ -46,6 +52,9 @@ pub const EXIT_CANTCREAT: u8 = 73;
 pub const EXIT_TIMEOUT: u8 = 75;
 /// Exit code when no Kubernetes client can be configured (sysexits `EX_CONFIG`).
 pub const EXIT_CONFIG: u8 = 78;
+/// Exit code when `hold` mode cannot run (sysexits `EX_SOFTWARE`): the
+/// kubelet restarts the sidecar, and the pod stays unready meanwhile.
+pub const EXIT_HOLD: u8 = 70;
 /// Exit code after SIGTERM or SIGINT (128 + SIGTERM).
 pub const EXIT_TERMINATED: u8 = 143;
 
@@ -92,6 +101,24 @@ pub struct Args {
     #[arg(long, env = inject_env::EPOCH_FILE, default_value = DEFAULT_EPOCH_FILE)]
     pub epoch_file: PathBuf,
 
+    /// Run as the lease sidecar (`hold` mode, a native sidecar after the
+    /// gate): follow the serving lease into the lease file and the
+    /// readiness endpoint instead of waiting for release.
+    #[arg(long, env = inject_env::HOLD)]
+    pub hold: bool,
+
+    /// `hold` mode: the file the application reads its serving lease from.
+    #[arg(long, env = inject_env::LEASE_FILE, default_value = DEFAULT_LEASE_FILE)]
+    pub lease_file: PathBuf,
+
+    /// `hold` mode: where readiness probes are answered.
+    #[arg(long, env = inject_env::READY_LISTEN, default_value = DEFAULT_READY_LISTEN)]
+    pub ready_listen: std::net::SocketAddr,
+
+    /// `hold` mode: name of the serving lease ConfigMap, in the state's namespace.
+    #[arg(long, env = inject_env::SERVING_NAME, default_value = counterweight_core::serving::SERVING_CONFIGMAP)]
+    pub serving_name: String,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "COUNTERWEIGHT_LOG_LEVEL", default_value = "info")]
     pub log_level: tracing::Level,
@@ -115,6 +142,9 @@ pub enum Error {
     /// A termination signal arrived before release.
     #[error("terminated before the cluster became active")]
     Terminated,
+    /// `hold` mode could not run.
+    #[error(transparent)]
+    Hold(#[from] hold::HoldError),
     /// The cluster is active but the epoch file could not be written, so
     /// the pod must not start (the controller could not tell its epoch).
     #[error("cannot write the epoch file {path}: {source}")]
@@ -131,6 +161,7 @@ impl Error {
     /// The process exit code for this outcome (see the crate docs).
     pub fn exit_code(&self) -> u8 {
         match self {
+            Error::Hold(_) => EXIT_HOLD,
             Error::Config { .. } => EXIT_CONFIG,
             Error::TimedOut(_) => EXIT_TIMEOUT,
             Error::Terminated => EXIT_TERMINATED,
@@ -232,6 +263,24 @@ pub async fn run(
         after.as_secs_f64()
     );
     Ok(Released { epoch, after })
+}
+
+/// Runs `hold` mode (see [`hold`]) until `shutdown`.
+pub async fn run_hold(
+    args: Args,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let client = client(&args).await?;
+    let cfg = hold::HoldConfig {
+        cluster: args.cluster.clone(),
+        namespace: args.state_namespace.clone(),
+        name: args.serving_name.clone(),
+        epoch_file: args.epoch_file.clone(),
+        lease_file: args.lease_file.clone(),
+        ready_listen: args.ready_listen,
+    };
+    hold::run(client, cfg, shutdown).await?;
+    Ok(())
 }
 
 /// Writes `epoch` and a newline to `path`, atomically: a reader sees either

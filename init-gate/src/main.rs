@@ -51,6 +51,15 @@ async fn main() -> anyhow::Result<ExitCode> {
             _ = int.recv() => tracing::info!("SIGINT: stopping before release"),
         }
     };
+    if args.hold {
+        return match counterweight_gate::run_hold(args, shutdown).await {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) => {
+                tracing::error!("{e}");
+                Ok(ExitCode::from(e.exit_code()))
+            }
+        };
+    }
     match counterweight_gate::run(args, shutdown).await {
         Ok(_) => Ok(ExitCode::from(counterweight_gate::EXIT_RELEASED)),
         Err(e) => {

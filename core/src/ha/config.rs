@@ -47,11 +47,21 @@ pub struct HaConfig {
     /// of votes. Allows two actives under a partition; explicit opt-in only.
     #[serde(default)]
     pub unsafe_promote_on_silence: bool,
+    /// Bound on the difference between the wall clocks of the nodes of one
+    /// cluster (NTP keeps it far smaller). The serving lease published to
+    /// the workload ends this much before the lease, so a pod on a node
+    /// whose clock is behind still stops in time (see `crate::serving`).
+    #[serde(default = "default_max_clock_skew_ms")]
+    pub max_clock_skew_ms: u64,
     /// Test-only: skip fencing (keep serving on lease loss and during a
     /// handover until `changed`). Exists so the model checker can prove it
     /// detects split brain; never read from configuration files.
     #[serde(skip)]
     pub fencing_disabled_for_tests: bool,
+}
+
+fn default_max_clock_skew_ms() -> u64 {
+    500
 }
 
 /// Why a configuration was rejected.
@@ -84,6 +94,18 @@ pub enum HaConfigError {
         /// Configured margin.
         margin_ms: u64,
     },
+    /// The workload could never be told to serve for long enough.
+    #[error(
+        "`leaseMs` ({lease_ms}) must exceed `probeIntervalMs` + `marginMs` + `maxClockSkewMs` \
+         ({horizon}): the serving lease published to the pods ends `maxClockSkewMs` before the \
+         lease, and must still reach past the next renewal"
+    )]
+    NoServingHorizon {
+        /// Configured lease.
+        lease_ms: u64,
+        /// Probe interval, margin and skew together.
+        horizon: u64,
+    },
 }
 
 impl HaConfig {
@@ -99,6 +121,7 @@ impl HaConfig {
             candidate_fresh_ms: 3000,
             preempt_after_ms: None,
             unsafe_promote_on_silence: false,
+            max_clock_skew_ms: default_max_clock_skew_ms(),
             fencing_disabled_for_tests: false,
         }
     }
@@ -131,6 +154,16 @@ impl HaConfig {
                 lease_ms: self.lease_ms,
                 probe_interval_ms: self.probe_interval_ms,
                 margin_ms: self.margin_ms,
+            });
+        }
+        let horizon = self
+            .probe_interval_ms
+            .saturating_add(self.margin_ms)
+            .saturating_add(self.max_clock_skew_ms);
+        if self.lease_ms <= horizon {
+            return Err(HaConfigError::NoServingHorizon {
+                lease_ms: self.lease_ms,
+                horizon,
             });
         }
         Ok(())

@@ -384,6 +384,10 @@ pub struct Node {
     highest_seen: u64,
     handover: Option<Handover>,
     peers: BTreeMap<String, PeerView>,
+    // Voter side: the highest epoch in which each member is known to have
+    // fenced (it said so as a non-serving standby, or it sent `change`).
+    // A transfer releases a vote only from an active known to have fenced.
+    fenced: BTreeMap<String, u64>,
     next_probe_ms: u64,
     warned_no_candidate: bool,
 }
@@ -439,6 +443,7 @@ impl Node {
             highest_seen: rec.epoch.max(rec.vote.as_ref().map_or(0, |v| v.epoch)),
             handover: None,
             peers: BTreeMap::new(),
+            fenced: BTreeMap::new(),
             next_probe_ms: now_ms,
             warned_no_candidate: false,
             rec,
@@ -538,6 +543,18 @@ impl Node {
             return None;
         }
         self.claim.as_ref().and_then(|c| self.claim_until(c))
+    }
+
+    /// End of this member's right to serve (own clock): the lease's end
+    /// while the node has told the controller to serve, else `None`. This
+    /// is what the controller publishes to the workload as its serving
+    /// lease (see [`crate::serving`]); it never reaches past the lease.
+    pub fn serving_until_ms(&self) -> Option<u64> {
+        if self.serving {
+            self.lease_until_ms()
+        } else {
+            None
+        }
     }
 
     /// Active with a lease still running at `now_ms`.
@@ -832,8 +849,16 @@ impl Node {
             if req.epoch <= voted_epoch {
                 return Err(voted_epoch);
             }
+            // A transfer frees a vote bound to the old active only once
+            // that active is known to have fenced in the epoch it hands over
+            // (defence in depth: the candidate relays the transfer, and a
+            // candidate's word alone must not free votes).
             let released = match (&self.rec.vote, &req.transfer) {
-                (Some(v), Some(t)) => v.to == t.from && v.epoch == t.epoch,
+                (Some(v), Some(t)) => {
+                    v.to == t.from
+                        && v.epoch == t.epoch
+                        && self.fenced.get(&t.from).is_some_and(|e| *e >= t.epoch)
+                }
                 _ => false,
             };
             let bound_to_other = match &self.rec.vote {
@@ -1004,7 +1029,14 @@ impl Node {
         }
         let from = env.from.clone();
         self.highest_seen = self.highest_seen.max(env.epoch);
-        if env.epoch > self.rec.epoch {
+        // A lease holder yields to a later epoch only when the sender claims
+        // a live lease in it (it serves as active). While this lease lives,
+        // no majority can have backed anyone else, so any other claim of a
+        // later epoch is stale or false (a record edited by hand, a peer
+        // restarted from one): it must not stop the one live active.
+        let yields =
+            self.rec.role != Role::Active || !self.claim_live(now) || claims_live_lease(&env.body);
+        if env.epoch > self.rec.epoch && yields {
             // Someone was active in a later epoch; an active here has lost
             // its lease already (majorities intersect), so it steps down.
             if self.rec.role == Role::Active {
@@ -1028,6 +1060,11 @@ impl Node {
                 lease,
             } => {
                 self.observe(now, &from, env.epoch, status, None, out);
+                if lease.is_none() {
+                    // An announcement (see `announce_fenced`), not a probe
+                    // that expects an answer.
+                    return;
+                }
                 let answer = lease.map(|req| match self.vote(now, &from, &req, out) {
                     Ok(()) => LeaseAnswer::Granted { epoch: req.epoch },
                     Err(voted_epoch) => LeaseAnswer::Denied {
@@ -1154,6 +1191,12 @@ impl Node {
                 view.answered_probe_ms = answered;
             }
         }
+        if status.role == Role::Active {
+            self.fenced.remove(from);
+        } else if !status.serving {
+            let e = self.fenced.entry(from.to_owned()).or_insert(epoch);
+            *e = (*e).max(epoch);
+        }
         if status.role == Role::Active && epoch >= self.rec.epoch {
             self.confirm_data_behind();
         }
@@ -1162,7 +1205,13 @@ impl Node {
         }
         match self.rec.role {
             Role::Active => {
-                if epoch == self.rec.epoch && self.cfg.prefers(from, &self.me) {
+                // Para 0088 (both active: the preferred stays) for the
+                // actives that can coexist in one epoch: without the
+                // quorum (the unsafe opt-in), or a restarted active that has
+                // not re-established its lease. A live lease is never given
+                // up for a same-epoch claim: one epoch has one majority.
+                let may_yield = self.cfg.unsafe_promote_on_silence || !self.claim_live(now);
+                if epoch == self.rec.epoch && self.cfg.prefers(from, &self.me) && may_yield {
                     self.fence(
                         now,
                         Reason::SteppedDown,
@@ -1278,6 +1327,7 @@ impl Node {
             ),
         ));
         out.push(self.envelope(from, Body::Change { epoch, new_epoch }));
+        self.announce_fenced(now, from, out);
         if let Some(h) = &mut self.handover {
             h.phase = Phase::Changing { new_epoch };
             h.started_ms = now;
@@ -1306,11 +1356,36 @@ impl Node {
         {
             return;
         }
+        // `change` is sent only after its sender fenced (the ordering
+        // contract): evidence for this member's own vote.
+        let e = self.fenced.entry(from.to_owned()).or_insert(epoch);
+        *e = (*e).max(epoch);
         let transfer = Transfer {
             from: from.to_owned(),
             epoch,
         };
         self.start_candidacy(now, new_epoch, Some(transfer), out);
+    }
+
+    /// Tells every voter but the target (which has `change`) that this
+    /// member no longer serves: a status without a lease request, which is
+    /// not answered. Voters bound to it may then release their vote to the
+    /// target of its handover.
+    fn announce_fenced(&self, now: u64, target: &str, out: &mut Vec<Action>) {
+        if self.serving {
+            return;
+        }
+        let status = self.status(now);
+        for peer in self.others().into_iter().filter(|p| p != target) {
+            out.push(self.envelope(
+                &peer,
+                Body::Probe {
+                    sent_ms: now,
+                    status,
+                    lease: None,
+                },
+            ));
+        }
     }
 
     fn begin_handover(
@@ -1431,6 +1506,17 @@ impl Node {
         if let Some(target) = target {
             self.begin_handover(now, target, HandoverReason::Preempt, out);
         }
+    }
+}
+
+/// Whether a message's sender claims to hold a live lease: it reports
+/// itself active and serving, which the core only does with a live lease.
+fn claims_live_lease(body: &Body) -> bool {
+    match body {
+        Body::Probe { status, .. } | Body::ProbeReply { status, .. } => {
+            status.role == Role::Active && status.serving
+        }
+        _ => false,
     }
 }
 

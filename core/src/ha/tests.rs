@@ -23,6 +23,7 @@ fn cfg(names: &[(&str, u32)], witness: bool) -> HaConfig {
     c.lease_ms = LEASE;
     c.margin_ms = MARGIN;
     c.candidate_fresh_ms = 3 * PROBE;
+    c.max_clock_skew_ms = 50;
     c
 }
 
@@ -1011,4 +1012,133 @@ fn persisted_round_trips_through_configmap_data_and_rejects_garbage() {
             .to_string()
             .contains("`paused`")
     );
+}
+
+fn status(role: Role, serving: bool) -> Status {
+    Status {
+        role,
+        serving,
+        eligible: true,
+        preempt_ready: false,
+    }
+}
+
+fn probe(from: &str, to: &str, epoch: u64, st: Status, lease: Option<LeaseRequest>) -> Event {
+    Event::Message(Envelope {
+        version: PROTOCOL_VERSION,
+        from: from.to_owned(),
+        to: to.to_owned(),
+        epoch,
+        body: Body::Probe {
+            sent_ms: 0,
+            status: st,
+            lease,
+        },
+    })
+}
+
+#[test]
+fn a_lease_holder_yields_to_a_later_epoch_only_for_a_live_lease_in_it() {
+    let mut sim = Sim::settled(two());
+    let epoch = sim.node("a").epoch();
+    // b restarted from a record edited to `active`, epoch 99: it claims the
+    // epoch but holds no lease (it does not serve).
+    let out = sim.event("a", probe("b", "a", 99, status(Role::Active, false), None));
+    assert!(!out.contains(&Action::SetServing(false)), "{out:#?}");
+    assert!(sim.node("a").serving());
+    assert_eq!(
+        sim.node("a").epoch(),
+        epoch,
+        "a live active keeps its epoch"
+    );
+    // A serving active in a later epoch is believed: a steps down.
+    let out = sim.event("a", probe("b", "a", 99, status(Role::Active, true), None));
+    assert!(out.contains(&Action::SetServing(false)), "{out:#?}");
+    assert_eq!(sim.node("a").role(), Role::Standby);
+    assert_eq!(sim.node("a").epoch(), 99);
+}
+
+#[test]
+fn a_lease_holder_keeps_its_lease_against_a_same_epoch_preferred_claim() {
+    // b is preferred, but a holds the lease of epoch 5 (renewed by b's vote).
+    let c = cfg(&[("a", 1), ("b", 2)], false);
+    let standby5 = Persisted {
+        role: Role::Standby,
+        epoch: 5,
+        vote: None,
+        paused: false,
+    };
+    let mut sim = Sim::new(c, &[("a", active_rec(5, "a")), ("b", standby5)]);
+    sim.run(2 * PROBE);
+    assert_eq!(sim.actives(), vec!["a"], "a re-established its lease");
+    // b's record is edited to `active` in the same epoch and b restarted:
+    // it says active, holds no lease. Para 0088's preference must not make
+    // the one live lease holder step down.
+    let out = sim.event("a", probe("b", "a", 5, status(Role::Active, false), None));
+    assert!(!out.contains(&Action::SetServing(false)), "{out:#?}");
+    assert!(sim.node("a").serving());
+}
+
+#[test]
+fn a_transfer_frees_a_vote_only_from_an_active_known_to_have_fenced() {
+    let mut sim = Sim::settled(three());
+    assert_eq!(sim.actives(), vec!["a"]);
+    let epoch = sim.node("a").epoch();
+    let ask = LeaseRequest {
+        epoch: epoch + 1,
+        transfer: Some(Transfer {
+            from: "a".to_owned(),
+            epoch,
+        }),
+    };
+    // b claims a handed over; c has not heard a fence from a: refused.
+    let out = sim.event(
+        "c",
+        probe(
+            "b",
+            "c",
+            epoch,
+            status(Role::Standby, false),
+            Some(ask.clone()),
+        ),
+    );
+    let granted = |out: &[Action]| {
+        out.iter().any(|a| {
+            matches!(
+                a,
+                Action::Send(Envelope {
+                    body: Body::ProbeReply {
+                        lease: Some(LeaseAnswer::Granted { .. }),
+                        ..
+                    },
+                    ..
+                })
+            )
+        })
+    };
+    assert!(!granted(&out), "{out:#?}");
+    // a says it no longer serves (as it does right after its fence).
+    sim.event(
+        "c",
+        probe("a", "c", epoch, status(Role::Standby, false), None),
+    );
+    let out = sim.event(
+        "c",
+        probe("b", "c", epoch, status(Role::Standby, false), Some(ask)),
+    );
+    assert!(granted(&out), "{out:#?}");
+}
+
+#[test]
+fn the_serving_lease_ends_with_the_lease_and_only_while_serving() {
+    let mut sim = Sim::settled(two());
+    let a = sim.node("a");
+    assert_eq!(a.serving_until_ms(), a.lease_until_ms());
+    assert!(a.serving_until_ms().is_some());
+    assert_eq!(sim.node("b").serving_until_ms(), None);
+    sim.event("a", Event::Health(ABNORMAL));
+    sim.deliver_all();
+    sim.run(2 * PROBE);
+    assert_eq!(sim.node("a").serving_until_ms(), None);
+    assert!(sim.node("b").serving_until_ms().is_some());
 }

@@ -150,6 +150,8 @@ pub fn fast_ha_config(names: &[&str], witness: Option<&str>) -> counterweight_co
     c.lease_ms = 1500;
     c.margin_ms = 300;
     c.candidate_fresh_ms = 1000;
+    // One machine: the clocks of a cluster's "nodes" are one clock.
+    c.max_clock_skew_ms = 100;
     c
 }
 

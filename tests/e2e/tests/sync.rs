@@ -427,6 +427,7 @@ fn answer_to_prepare(health: HealthVerdict) -> Body {
     cfg.lease_ms = 500;
     cfg.margin_ms = 100;
     cfg.candidate_fresh_ms = 300;
+    cfg.max_clock_skew_ms = 100;
     let stored = Persisted {
         epoch: 1,
         ..Persisted::initial()
