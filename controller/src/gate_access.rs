@@ -367,7 +367,7 @@ mod tests {
     }
 
     #[test]
-    fn role_grants_read_on_exactly_the_state_configmap() {
+    fn role_grants_read_on_exactly_the_state_and_serving_configmaps() {
         let role = gate_role(CNS);
         let rules = role.rules.unwrap();
         assert_eq!(rules.len(), 1);
@@ -376,7 +376,12 @@ mod tests {
         assert_eq!(r.resources.as_deref(), Some(&["configmaps".to_owned()][..]));
         assert_eq!(
             r.resource_names.as_deref(),
-            Some(&["counterweight-state".to_owned()][..])
+            Some(
+                &[
+                    "counterweight-state".to_owned(),
+                    "counterweight-serving".to_owned()
+                ][..]
+            )
         );
         assert_eq!(r.verbs, ["get", "list", "watch"]);
     }

@@ -1,8 +1,10 @@
 //! Helpers shared by Counterweight's end-to-end tests: bounded polling, test
 //! logging and common fixtures. The tests themselves live in `tests/`.
 
+pub mod ems;
 pub mod fixtures;
 pub mod ha;
+pub mod workload;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
