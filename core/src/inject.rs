@@ -14,8 +14,9 @@
 //! The gate only needs to reach the API server (it reads the state ConfigMap
 //! with the pod's service-account token). A `hostNetwork` pod has that: the
 //! kubelet sets `KUBERNETES_SERVICE_HOST`/`PORT` for it too, and the service
-//! IP is reachable from the node's network namespace. The gate opens no port,
-//! so it cannot collide with host ports either. Skipping such pods would let a
+//! IP is reachable from the node's network namespace. The gate opens no port;
+//! the lease sidecar opens one, [`InjectorConfig::ready_port`], which in a
+//! hostNetwork pod is a port of the node: choose one free on every node. Skipping such pods would let a
 //! hostNetwork *service* pod serve in a standby cluster, which is exactly the
 //! failure Counterweight exists to prevent, so they are gated like any other.
 //! Infrastructure daemons that use hostNetwork live in `kube-system` or are
@@ -46,6 +47,17 @@ use crate::names::{
 pub const STATUS_INJECTED: &str = "injected-v1";
 /// Default name of the injected init container.
 pub const GATE_CONTAINER: &str = "counterweight-gate";
+/// Name of the injected lease sidecar: the gate binary in `hold` mode, as a
+/// native sidecar (an init container with `restartPolicy: Always`) right
+/// after the gate. Its readiness follows the cluster's serving lease
+/// (`crate::serving`), so the pod leaves its Services when the lease ends
+/// even if no controller is left to say so, and it keeps the lease file
+/// the application may read.
+pub const LEASE_CONTAINER: &str = "counterweight-lease";
+/// Default port of the lease sidecar's readiness endpoint.
+pub const DEFAULT_READY_PORT: u16 = 9877;
+/// Path of the lease file in the shared scratch volume.
+pub const LEASE_FILE_PATH: &str = "/var/run/counterweight/lease";
 /// Name of the projected token volume added when the pod disables token automount.
 pub const TOKEN_VOLUME: &str = "counterweight-gate-token";
 /// Name of the writable scratch volume the gate writes its release epoch to
@@ -148,6 +160,14 @@ pub struct InjectorConfig {
     pub token_expiration_seconds: i64,
     /// Skip hostNetwork pods (default false; see the module docs for why).
     pub skip_host_network: bool,
+    /// Inject the lease sidecar after the gate (default true). Without it
+    /// a pod released by the gate serves until a controller turns its
+    /// serving condition off: nothing stops it if the active's controller
+    /// dies. Turn it off only on clusters without native sidecars
+    /// (Kubernetes before 1.29).
+    pub lease_sidecar: bool,
+    /// Port of the lease sidecar's readiness endpoint, in the pod's network.
+    pub ready_port: u16,
 }
 
 impl Default for InjectorConfig {
@@ -164,6 +184,8 @@ impl Default for InjectorConfig {
             run_as_user: 65532,
             token_expiration_seconds: 3607,
             skip_host_network: false,
+            lease_sidecar: true,
+            ready_port: DEFAULT_READY_PORT,
         }
     }
 }
@@ -454,7 +476,12 @@ fn skip_reason(
         vs.iter()
             .any(|v| v.name == TOKEN_VOLUME || v.name == RUN_VOLUME)
     });
-    if volume_taken {
+    // (An app container of that name is refused by the API server itself.)
+    let lease_taken = config.lease_sidecar
+        && spec
+            .and_then(|s| s.init_containers.as_ref())
+            .is_some_and(|ics| ics.iter().any(|c| c.name == LEASE_CONTAINER));
+    if volume_taken || lease_taken {
         return Some(Skip::NameConflict);
     }
     None
@@ -545,6 +572,12 @@ impl Step {
             })
         };
         let gate = |own_token| to_value(&gate_container(config, own_token));
+        // The lease sidecar goes right after the gate, wherever the gate goes.
+        let sidecar = |own_token| {
+            config
+                .lease_sidecar
+                .then(|| to_value(&lease_container(config, own_token)))
+        };
         let readiness = || {
             to_value(&PodReadinessGate {
                 condition_type: SERVING_CONDITION.into(),
@@ -562,13 +595,21 @@ impl Step {
             )],
             Step::GateNew { own_token } => vec![add(
                 &["spec", "initContainers"],
-                Value::Array(vec![gate(own_token)]),
+                Value::Array(
+                    std::iter::once(gate(own_token))
+                        .chain(sidecar(own_token))
+                        .collect(),
+                ),
             )],
             Step::GateFirst { own_token } => {
-                vec![add(&["spec", "initContainers", "0"], gate(own_token))]
+                std::iter::once(add(&["spec", "initContainers", "0"], gate(own_token)))
+                    .chain(sidecar(own_token).map(|c| add(&["spec", "initContainers", "1"], c)))
+                    .collect()
             }
             Step::GateLast { own_token } => {
-                vec![add(&["spec", "initContainers", "-"], gate(own_token))]
+                std::iter::once(add(&["spec", "initContainers", "-"], gate(own_token)))
+                    .chain(sidecar(own_token).map(|c| add(&["spec", "initContainers", "-"], c)))
+                    .collect()
             }
             Step::ReadinessNew => vec![add(
                 &["spec", "readinessGates"],
@@ -892,6 +933,42 @@ fn gate_container(config: &InjectorConfig, own_token: bool) -> Container {
     }
 }
 
+/// The lease sidecar: the gate's container in `hold` mode, restarted
+/// always (a native sidecar), ready only while the serving lease lets the
+/// pod serve. The probe runs every second, the shortest period Kubernetes
+/// has, and one failure takes the pod out: the serving horizon
+/// (`crate::serving`) leaves `marginMs` for it.
+fn lease_container(config: &InjectorConfig, own_token: bool) -> Container {
+    use k8s_openapi::api::core::v1::{HTTPGetAction, Probe};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let mut c = gate_container(config, own_token);
+    c.name = LEASE_CONTAINER.into();
+    c.restart_policy = Some("Always".into());
+    let plain = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        value_from: None,
+    };
+    c.env.get_or_insert_with(Vec::new).extend([
+        plain(env::HOLD, "true".into()),
+        plain(env::LEASE_FILE, LEASE_FILE_PATH.into()),
+        plain(env::READY_LISTEN, format!("0.0.0.0:{}", config.ready_port)),
+    ]);
+    c.readiness_probe = Some(Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/ready".into()),
+            port: IntOrString::Int(i32::from(config.ready_port)),
+            ..Default::default()
+        }),
+        period_seconds: Some(1),
+        timeout_seconds: Some(1),
+        success_threshold: Some(1),
+        failure_threshold: Some(1),
+        ..Default::default()
+    });
+    c
+}
+
 /// The same three sources the kubelet projects for an automounted token,
 /// so the gate's Kubernetes client finds token, CA and namespace where it
 /// always looks.
@@ -1019,9 +1096,10 @@ mod tests {
         let out = injected(&bare_pod(), &config());
         let spec = out.spec.as_ref().unwrap();
         let ics = spec.init_containers.as_ref().unwrap();
-        assert_eq!(ics.len(), 1);
+        assert_eq!(ics.len(), 2, "the gate and its lease sidecar");
         let gate = &ics[0];
         assert_eq!(gate.name, GATE_CONTAINER);
+        assert_eq!(gate.restart_policy, None, "the gate runs once");
         let env: BTreeMap<_, _> = gate
             .env
             .as_ref()
@@ -1085,6 +1163,52 @@ mod tests {
     }
 
     #[test]
+    fn the_lease_sidecar_is_a_native_sidecar_ready_only_under_the_lease() {
+        let out = injected(&bare_pod(), &config());
+        let ics = out.spec.unwrap().init_containers.unwrap();
+        let lease = &ics[1];
+        assert_eq!(lease.name, LEASE_CONTAINER);
+        assert_eq!(lease.restart_policy.as_deref(), Some("Always"));
+        assert_eq!(lease.image, ics[0].image, "the gate's binary");
+        let env: BTreeMap<_, _> = lease
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.clone()))
+            .collect();
+        assert_eq!(env[env::HOLD].as_deref(), Some("true"));
+        assert_eq!(env[env::LEASE_FILE].as_deref(), Some(LEASE_FILE_PATH));
+        assert_eq!(env[env::READY_LISTEN].as_deref(), Some("0.0.0.0:9877"));
+        assert_eq!(env[env::EPOCH_FILE], ics[0].env.as_ref().unwrap()[3].value);
+        let probe = lease.readiness_probe.as_ref().unwrap();
+        let get = probe.http_get.as_ref().unwrap();
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9877)
+        );
+        assert_eq!(probe.period_seconds, Some(1));
+        assert_eq!(probe.failure_threshold, Some(1));
+        // It reads the epoch file the gate wrote: same scratch volume.
+        assert!(
+            lease
+                .volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == RUN_VOLUME && m.mount_path == RUN_MOUNT_PATH)
+        );
+    }
+
+    #[test]
+    fn a_pod_with_a_container_named_like_the_lease_sidecar_is_not_injected() {
+        let mut pod = bare_pod();
+        pod.spec.as_mut().unwrap().init_containers = Some(vec![container(LEASE_CONTAINER)]);
+        assert_eq!(
+            inject(&pod, &enabled(), NS, &config()),
+            Decision::Skip(Skip::NameConflict)
+        );
+    }
+
+    #[test]
     fn gate_goes_first_or_last_as_configured() {
         let mut pod = bare_pod();
         pod.spec.as_mut().unwrap().init_containers =
@@ -1102,7 +1226,7 @@ mod tests {
         };
         assert_eq!(
             names(&injected(&pod, &config())),
-            [GATE_CONTAINER, "migrate", "warm"]
+            [GATE_CONTAINER, LEASE_CONTAINER, "migrate", "warm"]
         );
         let last = InjectorConfig {
             position: GatePosition::Last,
@@ -1110,7 +1234,15 @@ mod tests {
         };
         assert_eq!(
             names(&injected(&pod, &last)),
-            ["migrate", "warm", GATE_CONTAINER]
+            ["migrate", "warm", GATE_CONTAINER, LEASE_CONTAINER]
+        );
+        let without = InjectorConfig {
+            lease_sidecar: false,
+            ..config()
+        };
+        assert_eq!(
+            names(&injected(&pod, &without)),
+            [GATE_CONTAINER, "migrate", "warm"]
         );
     }
 
@@ -1366,8 +1498,9 @@ mod tests {
                     let spec = out.spec.as_ref().unwrap();
                     let ics = spec.init_containers.as_ref().unwrap();
                     prop_assert_eq!(&ics[0].name, GATE_CONTAINER);
+                    prop_assert_eq!(&ics[1].name, LEASE_CONTAINER);
                     let before: Vec<_> = pod.spec.as_ref().unwrap().init_containers.iter().flatten().map(|c| c.name.clone()).collect();
-                    let after: Vec<_> = ics[1..].iter().map(|c| c.name.clone()).collect();
+                    let after: Vec<_> = ics[2..].iter().map(|c| c.name.clone()).collect();
                     prop_assert_eq!(before, after);
                     let serving = spec.readiness_gates.as_ref().unwrap().iter().filter(|g| g.condition_type == SERVING_CONDITION).count();
                     // Exactly one is added, unless the pod already asked for it.
@@ -1394,7 +1527,8 @@ mod tests {
             if let Decision::Inject(p) = inject(&pod, &enabled(), NS, &cfg) {
                 let out = apply(&pod, &p).map_err(TestCaseError::fail)?;
                 let ics = out.spec.unwrap().init_containers.unwrap();
-                prop_assert_eq!(&ics[ics.len() - 1].name, GATE_CONTAINER);
+                prop_assert_eq!(&ics[ics.len() - 2].name, GATE_CONTAINER);
+                prop_assert_eq!(&ics[ics.len() - 1].name, LEASE_CONTAINER);
             }
         }
 

@@ -40,7 +40,7 @@ use counterweight_core::names;
 /// needs a macro crate; a test checks the two agree.
 pub const DEFAULT_EPOCH_FILE: &str = "/var/run/counterweight/epoch";
 /// Default lease file of `hold` mode, in the same scratch volume.
-pub const DEFAULT_LEASE_FILE: &str = "/var/run/counterweight/lease";
+pub const DEFAULT_LEASE_FILE: &str = counterweight_core::inject::LEASE_FILE_PATH;
 /// Default readiness address of `hold` mode.
 pub const DEFAULT_READY_LISTEN: &str = "0.0.0.0:9877";
 
@@ -330,6 +330,19 @@ mod tests {
     fn default_epoch_file_is_in_the_injected_scratch_volume() {
         assert_eq!(
             Path::new(DEFAULT_EPOCH_FILE).parent(),
+            Some(Path::new(counterweight_core::inject::RUN_MOUNT_PATH))
+        );
+    }
+
+    #[test]
+    fn hold_defaults_match_what_the_webhook_injects() {
+        let listen: std::net::SocketAddr = DEFAULT_READY_LISTEN.parse().expect("address");
+        assert_eq!(
+            listen.port(),
+            counterweight_core::inject::DEFAULT_READY_PORT
+        );
+        assert_eq!(
+            Path::new(DEFAULT_LEASE_FILE).parent(),
             Some(Path::new(counterweight_core::inject::RUN_MOUNT_PATH))
         );
     }

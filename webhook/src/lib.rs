@@ -124,6 +124,15 @@ pub struct Args {
     #[arg(long, env = "COUNTERWEIGHT_SKIP_HOST_NETWORK", default_value_t = false)]
     pub skip_host_network: bool,
 
+    /// Inject the lease sidecar after the gate (see the core docs); turn it
+    /// off only on clusters without native sidecars (before 1.29).
+    #[arg(long, env = "COUNTERWEIGHT_LEASE_SIDECAR", default_value_t = true, action = clap::ArgAction::Set)]
+    pub lease_sidecar: bool,
+
+    /// Port of the lease sidecar's readiness endpoint in each pod's network.
+    #[arg(long, env = "COUNTERWEIGHT_READY_PORT", default_value_t = counterweight_core::inject::DEFAULT_READY_PORT)]
+    pub ready_port: u16,
+
     /// Largest accepted admission request body, in bytes.
     #[arg(long, env = "COUNTERWEIGHT_MAX_BODY_BYTES", default_value_t = 7 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -153,6 +162,8 @@ impl Args {
                 memory_limit: self.gate_memory_limit.clone(),
             },
             skip_host_network: self.skip_host_network,
+            lease_sidecar: self.lease_sidecar,
+            ready_port: self.ready_port,
             ..InjectorConfig::default()
         }
     }

@@ -183,7 +183,10 @@ impl Monitor {
     }
 
     /// Marks a member whose controller was killed: its frozen record in an
-    /// older epoch than a live active's is not a second active.
+    /// older epoch than a live active's is not a second active *record*.
+    /// Whether its pods still serve is another matter, which only the
+    /// workload monitor (`crate::workload`) can judge: run it beside this
+    /// one wherever service pods exist.
     pub fn mark_dead(&self, name: &str) {
         self.dead.lock().expect("lock").insert(name.to_owned());
     }

@@ -19,6 +19,7 @@
 //! is A serving at both reads with another serving in between, so the read
 //! order cannot produce a false alarm.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,7 +30,26 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
 
-use crate::ha::SYSTEM;
+use counterweight_harness::{Cluster, Process, free_port};
+
+use crate::eventually;
+use crate::ha::{SYSTEM, workspace_bin};
+
+/// How long one read of a cluster may take before the monitor falls back to
+/// what it saw last: a frozen or stopped API server must not stall the
+/// rounds, and nothing can change the pods while nobody can write them.
+const READ_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// The last observation of a cluster's objects.
+#[derive(Clone, Default)]
+struct Seen {
+    /// Service pods with the serving condition True and Ready.
+    pods: Vec<String>,
+    /// Ready endpoints in the namespace's EndpointSlices.
+    endpoints: usize,
+    /// The published serving lease.
+    lease: Option<ServingLease>,
+}
 
 /// One cluster as the monitor sees it.
 #[derive(Clone)]
@@ -44,6 +64,7 @@ pub struct Watched {
     pub lease_bound: bool,
     /// Readiness port of a real lease sidecar process, once one runs.
     pub sidecar: Arc<Mutex<Option<u16>>>,
+    seen: Arc<Mutex<Seen>>,
 }
 
 impl Watched {
@@ -55,6 +76,19 @@ impl Watched {
             namespace: namespace.to_owned(),
             lease_bound: true,
             sidecar: Arc::new(Mutex::new(None)),
+            seen: Arc::new(Mutex::new(Seen::default())),
+        }
+    }
+
+    /// The same cluster judged by the serving condition alone, as the
+    /// design before the serving lease did: nothing takes a pod out of
+    /// service unless a controller writes its condition.
+    pub fn unbound(&self) -> Self {
+        Self {
+            lease_bound: false,
+            sidecar: Arc::new(Mutex::new(None)),
+            seen: Arc::new(Mutex::new(Seen::default())),
+            ..self.clone()
         }
     }
 
@@ -63,50 +97,69 @@ impl Watched {
         *self.sidecar.lock().expect("lock") = Some(port);
     }
 
+    /// Reads the cluster's objects; each read that fails or times out keeps
+    /// its last observation.
+    async fn observe(&self) -> Seen {
+        let mut seen = self.seen.lock().expect("lock").clone();
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let lp = ListParams::default().labels(&format!("{}=service", names::ROLE_LABEL));
+        if let Ok(Ok(list)) = tokio::time::timeout(READ_TIMEOUT, pods.list(&lp)).await {
+            seen.pods = list
+                .items
+                .into_iter()
+                .filter(|p| {
+                    let conds = p.status.as_ref().and_then(|s| s.conditions.as_ref());
+                    let is = |t: &str| {
+                        conds.is_some_and(|c| c.iter().any(|c| c.type_ == t && c.status == "True"))
+                    };
+                    is(names::SERVING_CONDITION) && is("Ready")
+                })
+                .map(|p| p.metadata.name.unwrap_or_default())
+                .collect();
+        }
+        let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &self.namespace);
+        let lp = ListParams::default();
+        if let Ok(Ok(list)) = tokio::time::timeout(READ_TIMEOUT, slices.list(&lp)).await {
+            seen.endpoints = list
+                .items
+                .iter()
+                .flat_map(|s| s.endpoints.iter().flatten())
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                .count();
+        }
+        if self.lease_bound {
+            let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), SYSTEM);
+            if let Ok(Ok(cm)) =
+                tokio::time::timeout(READ_TIMEOUT, cms.get_opt(SERVING_CONFIGMAP)).await
+            {
+                seen.lease =
+                    cm.and_then(|cm| ServingLease::from_data(&cm.data.unwrap_or_default()).ok());
+            }
+        }
+        *self.seen.lock().expect("lock") = seen.clone();
+        seen
+    }
+
     /// Why the workload serves now, or `None`.
     pub async fn serving(&self) -> Option<String> {
         let mut why = Vec::new();
         let sidecar = *self.sidecar.lock().expect("lock");
         if let Some(port) = sidecar
-            && let Ok((200, body)) = counterweight_harness::http_get(port, "/ready").await
+            && let Ok(Ok((200, body))) = tokio::time::timeout(
+                READ_TIMEOUT,
+                counterweight_harness::http_get(port, "/ready"),
+            )
+            .await
         {
             why.push(format!("sidecar: {}", body.trim()));
         }
-        let mut pods_serve = Vec::new();
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
-        let list = pods
-            .list(&ListParams::default().labels(&format!("{}=service", names::ROLE_LABEL)))
-            .await
-            .map(|l| l.items)
-            .unwrap_or_default();
-        for p in list {
-            let conds = p.status.and_then(|s| s.conditions).unwrap_or_default();
-            let is = |t: &str| conds.iter().any(|c| c.type_ == t && c.status == "True");
-            if is(names::SERVING_CONDITION) && is("Ready") {
-                pods_serve.push(p.metadata.name.unwrap_or_default());
-            }
-        }
-        let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &self.namespace);
-        let ready_endpoints = slices
-            .list(&ListParams::default())
-            .await
-            .map(|l| l.items)
-            .unwrap_or_default()
-            .iter()
-            .flat_map(|s| s.endpoints.iter().flatten())
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-            .count();
-        if !pods_serve.is_empty() || ready_endpoints > 0 {
+        let seen = self.observe().await;
+        if !seen.pods.is_empty() || seen.endpoints > 0 {
+            // The lease is judged at this instant, whenever it was read:
+            // the sidecar's readiness does the same.
             let allowed = if self.lease_bound {
-                let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), SYSTEM);
-                let lease = cms
-                    .get_opt(SERVING_CONFIGMAP)
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|cm| ServingLease::from_data(&cm.data.unwrap_or_default()).ok());
-                let released = lease.as_ref().map_or(0, |l| l.epoch);
-                match allowance(lease.as_ref(), &self.name, released, unix_ms()) {
+                let released = seen.lease.as_ref().map_or(0, |l| l.epoch);
+                match allowance(seen.lease.as_ref(), &self.name, released, unix_ms()) {
                     Allowance::Serve { until_unix_ms, .. } => {
                         Some(format!("lease until {until_unix_ms}"))
                     }
@@ -117,7 +170,8 @@ impl Watched {
             };
             if let Some(lease) = allowed {
                 why.push(format!(
-                    "pods {pods_serve:?} serving and Ready, {ready_endpoints} ready endpoint(s), {lease}"
+                    "pods {:?} serving and Ready, {} ready endpoint(s), {lease}",
+                    seen.pods, seen.endpoints
                 ));
             }
         }
@@ -131,6 +185,9 @@ fn unix_ms() -> u64 {
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
+
+/// Rounds a monitor must have sampled before its verdict counts.
+pub const MIN_ROUNDS: u64 = 10;
 
 /// Samples every watched cluster's workload in rounds (every 10 ms at most).
 pub struct WorkloadMonitor {
@@ -185,25 +242,141 @@ impl WorkloadMonitor {
         }
     }
 
+    /// How many samples so far showed two clusters serving.
+    pub fn violations_so_far(&self) -> usize {
+        self.violations.lock().expect("lock").len()
+    }
+
     /// The clusters seen serving so far.
     pub fn served(&self) -> Vec<String> {
         self.served.lock().expect("lock").iter().cloned().collect()
     }
 
-    /// Stops sampling; panics on any violation or if it barely sampled.
-    pub fn finish(self) {
+    /// Stops sampling and returns what it found: two clusters serving at
+    /// once, one line per sample. A monitor that barely sampled proves
+    /// nothing, so it first lets the rounds reach [`MIN_ROUNDS`] (rounds
+    /// are slow while an API server hangs), and panics if they do not
+    /// within a minute.
+    pub async fn stop(self) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.rounds.load(Ordering::Relaxed) < MIN_ROUNDS
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.task.abort();
         let rounds = self.rounds.load(Ordering::Relaxed);
         assert!(
-            rounds > 10,
-            "the workload monitor must have sampled ({rounds})"
+            rounds >= MIN_ROUNDS,
+            "the workload monitor must have sampled at least {MIN_ROUNDS} rounds ({rounds})"
         );
-        let v = self.violations.lock().expect("lock");
+        std::mem::take(&mut *self.violations.lock().expect("lock"))
+    }
+
+    /// Stops sampling; panics on any violation or if it barely sampled.
+    pub async fn finish(self) {
+        let v = self.stop().await;
         assert!(
             v.is_empty(),
             "two clusters' workloads served at once ({} samples):\n{}",
             v.len(),
             v.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
         );
+    }
+}
+
+/// A real lease sidecar: `counterweight-gate --hold` as a host process,
+/// reading the cluster's serving lease through its admin kubeconfig, for a
+/// pod released in `epoch`. It answers readiness on a loopback port and
+/// keeps a lease file, as it does in a pod.
+pub struct LeaseSidecar {
+    /// The process; killed on drop.
+    pub process: Process,
+    /// Its readiness port on 127.0.0.1.
+    pub port: u16,
+    /// The lease file it keeps.
+    pub lease_file: PathBuf,
+}
+
+impl LeaseSidecar {
+    /// Starts it for a pod of `cluster` (named `name`) released in `epoch`,
+    /// with its files under `dir`, and waits until it answers.
+    pub async fn start(cluster: &Cluster, name: &str, epoch: u64, dir: &Path) -> Self {
+        let dir = dir.join(format!("sidecar-{name}-{epoch}"));
+        std::fs::create_dir_all(&dir).expect("sidecar dir");
+        let epoch_file = dir.join("epoch");
+        std::fs::write(&epoch_file, format!("{epoch}\n")).expect("epoch file");
+        let lease_file = dir.join("lease");
+        let port = free_port().expect("port");
+        let args: Vec<String> = [
+            "--hold",
+            "--cluster",
+            name,
+            "--kubeconfig",
+            &cluster.kubeconfig().display().to_string(),
+            "--state-namespace",
+            SYSTEM,
+            "--epoch-file",
+            &epoch_file.display().to_string(),
+            "--lease-file",
+            &lease_file.display().to_string(),
+            "--ready-listen",
+            &format!("127.0.0.1:{port}"),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let mut process = Process::spawn(
+            &format!("sidecar-{name}"),
+            &workspace_bin("counterweight-gate", "COUNTERWEIGHT_GATE_BIN"),
+            &args,
+            &dir.join("sidecar.log"),
+        )
+        .expect("lease sidecar starts");
+        process.tail_on_panic();
+        let sidecar = Self {
+            process,
+            port,
+            lease_file,
+        };
+        eventually(
+            "the lease sidecar to answer",
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || async { Ok(sidecar.status().await.ok()) },
+        )
+        .await;
+        sidecar
+    }
+
+    /// The HTTP status of its readiness endpoint.
+    pub async fn status(&self) -> Result<u16, String> {
+        counterweight_harness::http_get(self.port, "/ready")
+            .await
+            .map(|(status, _)| status)
+    }
+
+    /// Waits until its readiness answers 200 (the lease lets the pod
+    /// serve); a timeout shows the lease file.
+    pub async fn serving(&self, what: &str) {
+        crate::eventually_explained(
+            what,
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || async { Ok((self.status().await == Ok(200)).then_some(())) },
+            || async {
+                format!(
+                    "lease file: {:?}",
+                    std::fs::read_to_string(&self.lease_file)
+                )
+            },
+        )
+        .await;
+    }
+
+    /// The lease file's content, parsed.
+    pub fn lease(&self) -> Option<ServingLease> {
+        let text = std::fs::read_to_string(&self.lease_file).ok()?;
+        ServingLease::from_file(&text)
     }
 }

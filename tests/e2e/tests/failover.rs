@@ -13,7 +13,19 @@ use counterweight_e2e::ha::{
     Controller, Monitor, event_notes, event_reasons, nobody_active_for, record, sample,
     start_group, wait_active, write_ha_config,
 };
+use counterweight_e2e::workload::{Watched, WorkloadMonitor};
 use counterweight_e2e::{eventually, init_tracing};
+
+/// The workload monitor over east's and west's service pods.
+fn workload_monitor(clusters: &[counterweight_harness::Cluster]) -> WorkloadMonitor {
+    WorkloadMonitor::start(
+        ["east", "west"]
+            .iter()
+            .zip(clusters)
+            .map(|(n, c)| Watched::new(n, c.client(), counterweight_e2e::ems::APP))
+            .collect(),
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back() {
@@ -29,6 +41,7 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
     let mut east = Controller::start(&clusters[0], "east", &mesh, dir.path(), &ha_file, &[]);
     let mut west = Controller::start(&clusters[1], "west", &mesh, dir.path(), &ha_file, &[]);
     let monitor = Monitor::on(&["east", "west"], &cms);
+    let workload = workload_monitor(&clusters);
 
     // Both healthy: the preferred cluster (east) is elected.
     let first = wait_active(&cms[0], "east to become active", 1).await;
@@ -182,6 +195,7 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
         "synchronization pods are never restarted"
     );
     monitor.finish();
+    workload.finish().await;
     east.process.check_alive().expect("east keeps running");
     west.process.check_alive().expect("west keeps running");
 }
@@ -212,6 +226,7 @@ async fn with_a_witness_a_cut_link_keeps_one_active_and_an_isolated_active_is_re
         })
         .collect();
     let monitor = Monitor::on(&["east", "west"], &cms);
+    let workload = workload_monitor(&clusters);
     let first = wait_active(&cms[0], "east to become active", 1).await;
 
     // Cut the link between the two clusters. east still renews its lease
@@ -261,6 +276,7 @@ async fn with_a_witness_a_cut_link_keeps_one_active_and_an_isolated_active_is_re
     .await;
     assert_eq!(sample(&cms[1]).await, Some(promoted), "west stays active");
     monitor.finish();
+    workload.finish().await;
     for n in &mut nodes {
         n.process
             .check_alive()

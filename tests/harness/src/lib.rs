@@ -332,6 +332,21 @@ impl Cluster {
         }
     }
 
+    /// Freezes kube-apiserver (SIGSTOP): connections stay open and every
+    /// request hangs, as with a stalled host, until [`Cluster::thaw_apiserver`].
+    pub fn freeze_apiserver(&self) {
+        if let Some(p) = self.procs.iter().find(|p| p.name() == "kube-apiserver") {
+            p.signal(nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+
+    /// Lets a frozen kube-apiserver go on (SIGCONT).
+    pub fn thaw_apiserver(&self) {
+        if let Some(p) = self.procs.iter().find(|p| p.name() == "kube-apiserver") {
+            p.signal(nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+
     /// Starts kube-apiserver again after [`Cluster::stop_apiserver`].
     pub async fn start_apiserver(&mut self) -> Result<(), HarnessError> {
         let p = self.spawn("kube-apiserver", self.apiserver_args())?;

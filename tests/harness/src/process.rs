@@ -194,6 +194,14 @@ impl Process {
         tracing::debug!(name = %self.name, "stopped");
     }
 
+    /// Sends `signal` to the process group (e.g. SIGSTOP to freeze it,
+    /// SIGCONT to let it go on), without waiting.
+    pub fn signal(&self, signal: Signal) {
+        if let Some(child) = &self.child {
+            let _ = killpg(Pid::from_raw(child.id() as i32), signal);
+        }
+    }
+
     /// Kills the group at once (SIGKILL), like a crash.
     pub fn kill(&mut self) {
         self.stop(Duration::ZERO);

@@ -1,0 +1,424 @@
+//! Never two clusters' workloads serving (issue 13), end to end: real
+//! `counterweight-controller` processes on real control planes, a witness,
+//! a real lease sidecar (`counterweight-gate --hold`) for the active's
+//! pods, and the workload monitor (`counterweight_e2e::workload`) sampling
+//! every cluster's service pods, EndpointSlices and serving lease every
+//! 10 ms, whether its controller is alive or not.
+//!
+//! Each test also runs a second monitor that judges pods by their serving
+//! condition alone, as the design before the serving lease had to: where
+//! the controller cannot act (killed), it must find two clusters serving.
+//! That is the bug the lease closes, shown on the same run.
+
+use std::time::{Duration, Instant};
+
+use counterweight_core::ha::HaConfig;
+use counterweight_e2e::ems::{all_serving, prepare, restarted_blocked, set_web_ready};
+use counterweight_e2e::fixtures::fast_ha_config;
+use counterweight_e2e::ha::{
+    Controller, Mesh, event_notes, event_reasons, sample, start_group, wait_active, write_ha_config,
+};
+use counterweight_e2e::workload::{LeaseSidecar, Watched, WorkloadMonitor};
+use counterweight_e2e::{eventually, init_tracing};
+use counterweight_harness::Cluster;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+/// east and west with the sample EMS, a witness, their controllers, and
+/// east elected with its service pods serving.
+struct Group {
+    clusters: Vec<Cluster>,
+    cms: Vec<Api<ConfigMap>>,
+    dir: tempfile::TempDir,
+    mesh: Mesh,
+    config: HaConfig,
+    ha_file: std::path::PathBuf,
+    nodes: Vec<Option<Controller>>,
+    /// east's epoch when it was elected.
+    first: u64,
+    /// uids of east's service pods that served.
+    east_served: Vec<String>,
+}
+
+const NAMES: [&str; 3] = ["east", "west", "witness"];
+
+impl Group {
+    async fn start() -> Self {
+        init_tracing();
+        counterweight_harness::install_crypto_provider();
+        let (clusters, cms, dir, mesh) = start_group(&NAMES).await;
+        prepare(&clusters[0], true).await;
+        prepare(&clusters[1], true).await;
+        prepare(&clusters[2], false).await;
+        let config = fast_ha_config(&["east", "west"], Some("witness"));
+        let ha_file = write_ha_config(dir.path(), &config);
+        let mut g = Self {
+            clusters,
+            cms,
+            dir,
+            mesh,
+            config,
+            ha_file,
+            nodes: Vec::new(),
+            first: 0,
+            east_served: Vec::new(),
+        };
+        g.nodes = (0..NAMES.len()).map(|i| Some(g.controller(i))).collect();
+        g.first = wait_active(&g.cms[0], "east to become active", 1)
+            .await
+            .epoch;
+        g.east_served = all_serving(&g.clusters[0], "east's service pods to serve").await;
+        g
+    }
+
+    fn controller(&self, i: usize) -> Controller {
+        let extra: &[&str] = if NAMES[i] == "witness" {
+            &["--witness"]
+        } else {
+            &[]
+        };
+        Controller::start(
+            &self.clusters[i],
+            NAMES[i],
+            &self.mesh,
+            self.dir.path(),
+            &self.ha_file,
+            extra,
+        )
+    }
+
+    /// SIGKILLs member `i`'s controller, like a crash.
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].take() {
+            c.process.kill();
+        }
+    }
+
+    /// The workload of east and west as the monitors see it.
+    fn watched(&self) -> [Watched; 2] {
+        [0, 1].map(|i| {
+            Watched::new(
+                NAMES[i],
+                self.clusters[i].client(),
+                counterweight_e2e::ems::APP,
+            )
+        })
+    }
+
+    /// The earliest a peer may promote after east's last renewal: its
+    /// voters' promises run `leaseMs` from a renewal at most about two
+    /// probe intervals before.
+    fn lease_bound(&self) -> Duration {
+        Duration::from_millis(self.config.lease_ms - 2 * self.config.probe_interval_ms)
+    }
+}
+
+/// Both monitors over east (with its real sidecar) and west.
+fn monitors(g: &Group, sidecar: &LeaseSidecar) -> (WorkloadMonitor, WorkloadMonitor) {
+    let [east, west] = g.watched();
+    east.set_sidecar(sidecar.port);
+    let unbound = WorkloadMonitor::start(vec![east.unbound(), west.unbound()]);
+    (WorkloadMonitor::start(vec![east, west]), unbound)
+}
+
+/// Asserts that the sidecar no longer lets east's pod serve: readiness
+/// fails and the lease file tells the application to stop.
+async fn sidecar_stopped(sidecar: &LeaseSidecar, what: &str) {
+    let status = sidecar.status().await;
+    assert_eq!(
+        status,
+        Ok(503),
+        "{what}: the lease sidecar must fail readiness"
+    );
+    let lease = sidecar.lease().expect("the sidecar keeps a lease file");
+    let now = counterweight_controller::serving_lease::unix_ms();
+    assert!(
+        lease.until_unix_ms <= now,
+        "{what}: the lease file must have ended ({lease:?}, now {now})"
+    );
+}
+
+/// Waits until the monitor judging by the serving condition alone has seen
+/// both clusters serving, and returns what it saw.
+async fn condition_alone_shows_both(unbound: WorkloadMonitor) -> Vec<String> {
+    eventually(
+        "the serving condition alone to show both clusters serving",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async { Ok((unbound.violations_so_far() > 0).then_some(())) },
+    )
+    .await;
+    unbound.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_active_controller_leaves_its_pods_serving_only_until_its_lease_ends() {
+    let mut g = Group::start().await;
+    let sidecar = LeaseSidecar::start(&g.clusters[0], "east", g.first, g.dir.path()).await;
+    sidecar.serving("east's pod to serve at first").await;
+    let (bound, unbound) = monitors(&g, &sidecar);
+
+    // Finding 1: the active's controller dies; nothing in east can write a
+    // pod condition any more.
+    g.kill(0);
+    let killed = Instant::now();
+    let promoted = wait_active(&g.cms[1], "west to take over", g.first + 1).await;
+    let took = killed.elapsed();
+    assert!(
+        took >= g.lease_bound(),
+        "west promoted after {took:?}, before east's lease could have ended"
+    );
+    // By the time west is active, east's pod has stopped serving on its own.
+    sidecar_stopped(&sidecar, "at west's promotion").await;
+    all_serving(&g.clusters[1], "west's service pods to serve").await;
+    // Its conditions still say serving: only the lease stopped it.
+    let still = all_serving(&g.clusters[0], "east's pods to keep their stale condition").await;
+    assert_eq!(still.len(), g.east_served.len());
+    let seen = condition_alone_shows_both(unbound).await;
+    println!(
+        "west promoted {took:?} after east's controller was killed (lease {} ms); by condition alone: {}",
+        g.config.lease_ms, seen[0]
+    );
+
+    // east's controller comes back: it fences at boot and rejoins as a
+    // standby; its pods that served are restarted behind the gate.
+    g.nodes[0] = Some(g.controller(0));
+    restarted_blocked(
+        &g.clusters[0],
+        &g.east_served,
+        "east's served pods to be restarted after its controller returns",
+    )
+    .await;
+    assert_eq!(
+        sample(&g.cms[1]).await.map(|s| s.epoch),
+        Some(promoted.epoch)
+    );
+    assert!(!sample(&g.cms[0]).await.is_some_and(|s| s.active));
+    bound.finish().await;
+}
+
+/// Kills east's controller as soon as it has recorded `reason` in a
+/// handover its falling health started, then checks that one cluster ends
+/// up serving and never two.
+async fn killed_during_handover_after(reason: &str) {
+    let mut g = Group::start().await;
+    let sidecar = LeaseSidecar::start(&g.clusters[0], "east", g.first, g.dir.path()).await;
+    sidecar.serving("east's pod to serve at first").await;
+    let (bound, unbound) = monitors(&g, &sidecar);
+
+    set_web_ready(&g.clusters[0], false).await;
+    eventually(
+        &format!("east to record {reason}"),
+        Duration::from_secs(30),
+        Duration::from_millis(5),
+        || async {
+            Ok(event_reasons(&g.clusters[0])
+                .await
+                .iter()
+                .any(|r| r == reason)
+                .then_some(()))
+        },
+    )
+    .await;
+    g.kill(0);
+    let events = event_reasons(&g.clusters[0]).await;
+    let promoted = wait_active(&g.cms[1], "west to take over", g.first + 1).await;
+    sidecar_stopped(&sidecar, "at west's promotion").await;
+    all_serving(&g.clusters[1], "west's service pods to serve").await;
+    println!(
+        "east killed after {reason} (its events then: {events:?}); west active in epoch {}",
+        promoted.epoch
+    );
+    // Whether or not east's fence reached its pods before it died, the
+    // condition-only view shows both only if the fence did not; the lease
+    // view never does.
+    let unbound_seen = unbound.stop().await;
+    println!(
+        "by condition alone: {} samples of both serving",
+        unbound_seen.len()
+    );
+    bound.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_killed_after_handover_started_leaves_one_cluster_serving() {
+    killed_during_handover_after("HandoverStarted").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_killed_after_it_handed_over_leaves_one_cluster_serving() {
+    killed_during_handover_after("HandedOver").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_api_server_stops_the_workload_at_its_lease_end_and_thawing_causes_no_failover() {
+    let g = Group::start().await;
+    let sidecar = LeaseSidecar::start(&g.clusters[0], "east", g.first, g.dir.path()).await;
+    sidecar.serving("east's pod to serve at first").await;
+    let (bound, _unbound) = monitors(&g, &sidecar);
+
+    // Finding 2: east's API server hangs every request. Its HA loop keeps
+    // renewing through the peers; the serving lease cannot be renewed, so
+    // the pods stop at its end (the application by the lease file; the
+    // kubelet's probe by readiness), and no peer may promote while east
+    // holds its lease.
+    g.clusters[0].freeze_apiserver();
+    let frozen = Instant::now();
+    let stopped = eventually(
+        "east's sidecar to stop serving while the API server is frozen",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async { Ok((sidecar.status().await == Ok(503)).then(|| frozen.elapsed())) },
+    )
+    .await;
+    let freeze_for = Duration::from_secs(6);
+    let until = frozen + freeze_for;
+    while Instant::now() < until {
+        assert!(
+            !sample(&g.cms[1]).await.is_some_and(|s| s.active),
+            "west must not promote while east holds its lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    g.clusters[0].thaw_apiserver();
+    let thawed = Instant::now();
+
+    // Finding 4: recovery is not a failover. east is still the active of
+    // the same epoch, and its pods serve again once a lease is published.
+    eventually(
+        "east's sidecar to serve again after the thaw",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || async { Ok((sidecar.status().await == Ok(200)).then_some(())) },
+    )
+    .await;
+    let resumed = thawed.elapsed();
+    let east = sample(&g.cms[0]).await.expect("east's record");
+    assert!(
+        east.active && east.epoch == g.first,
+        "east keeps its role: {east:?}"
+    );
+    assert!(!sample(&g.cms[1]).await.is_some_and(|s| s.active));
+    println!(
+        "frozen API server: east's pods stopped {stopped:?} after the freeze (lease {} ms), served again {resumed:?} after the thaw",
+        g.config.lease_ms
+    );
+    bound.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_isolated_active_without_its_api_server_is_replaced_and_rejoins_as_a_standby() {
+    let mut g = Group::start().await;
+    let sidecar = LeaseSidecar::start(&g.clusters[0], "east", g.first, g.dir.path()).await;
+    sidecar.serving("east's pod to serve at first").await;
+    let (bound, _unbound) = monitors(&g, &sidecar);
+
+    // Finding 3: east loses its API server and its links at once. It cannot
+    // renew, fence through the API or persist; its pods stop at the lease
+    // end, and only then may west promote.
+    g.clusters[0].stop_apiserver();
+    g.mesh.isolate("east");
+    let cut = Instant::now();
+    let promoted = wait_active(&g.cms[1], "west to take over", g.first + 1).await;
+    let took = cut.elapsed();
+    assert!(took >= g.lease_bound(), "west promoted after {took:?}");
+    sidecar_stopped(&sidecar, "at west's promotion").await;
+
+    // Everything comes back: east must end as a standby whose served pods
+    // are restarted, with a controller that is still running.
+    g.clusters[0]
+        .start_apiserver()
+        .await
+        .expect("API server back");
+    g.mesh.heal("east", "west");
+    g.mesh.heal("east", "witness");
+    eventually(
+        "east to record standby after the heal",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async { Ok(sample(&g.cms[0]).await.filter(|s| !s.active)) },
+    )
+    .await;
+    restarted_blocked(
+        &g.clusters[0],
+        &g.east_served,
+        "east's served pods to be restarted after it rejoins",
+    )
+    .await;
+    assert_eq!(
+        sample(&g.cms[1]).await.map(|s| s.epoch),
+        Some(promoted.epoch)
+    );
+    if let Some(c) = g.nodes[0].as_mut() {
+        c.process
+            .check_alive()
+            .expect("east's controller keeps running");
+    }
+    println!("isolated east without its API server replaced after {took:?}");
+    bound.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hand_edits_of_the_state_record_are_put_back_with_an_event() {
+    let g = Group::start().await;
+    let [east, west] = g.watched();
+    let bound = WorkloadMonitor::start(vec![east, west]);
+    let before = sample(&g.cms[1]).await.expect("west's record");
+    assert!(!before.active);
+
+    // Finding 5: someone makes the standby's record say active.
+    g.cms[1]
+        .patch(
+            "counterweight-state",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"state": "active"}})),
+        )
+        .await
+        .expect("hand edit");
+    eventually(
+        "west's controller to put its record back",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async { Ok(sample(&g.cms[1]).await.filter(|s| !s.active)) },
+    )
+    .await;
+    let notes = eventually(
+        "a StateCorrected Event in west",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let n = event_notes(&g.clusters[1], "StateCorrected").await;
+            Ok((!n.is_empty()).then_some(n))
+        },
+    )
+    .await;
+    assert!(
+        notes[0].contains("active"),
+        "the Event shows the edit: {notes:?}"
+    );
+    println!("west's record put back; Event: {}", notes[0]);
+
+    // And the active's record made to say standby is put back to active.
+    g.cms[0]
+        .patch(
+            "counterweight-state",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"state": "standby"}})),
+        )
+        .await
+        .expect("hand edit");
+    eventually(
+        "east's controller to put its record back",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            Ok(sample(&g.cms[0])
+                .await
+                .filter(|s| s.active && s.epoch == g.first))
+        },
+    )
+    .await;
+    assert!(!sample(&g.cms[1]).await.is_some_and(|s| s.active));
+    bound.finish().await;
+}
