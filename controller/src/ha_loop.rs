@@ -56,9 +56,12 @@ pub trait Outbox: Send + Sync + 'static {
 /// return only once nothing serves any more (the fence).
 pub trait Serving: Send + Sync + 'static {
     /// Makes this cluster's service pods serve, or stop serving.
+    /// `epoch` is the node's epoch: the one the cluster serves in when
+    /// `serving`, so that pods released in another are restarted.
     fn set_serving(
         &self,
         serving: bool,
+        epoch: u64,
     ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 }
 
@@ -79,9 +82,9 @@ impl<S: Serving> StanceNoting<S> {
 }
 
 impl<S: Serving> Serving for StanceNoting<S> {
-    async fn set_serving(&self, serving: bool) -> Result<(), String> {
+    async fn set_serving(&self, serving: bool, epoch: u64) -> Result<(), String> {
         self.stance.set(serving);
-        self.inner.set_serving(serving).await
+        self.inner.set_serving(serving, epoch).await
     }
 }
 
@@ -99,7 +102,7 @@ impl ConfigMapServing {
 }
 
 impl Serving for ConfigMapServing {
-    async fn set_serving(&self, serving: bool) -> Result<(), String> {
+    async fn set_serving(&self, serving: bool, _epoch: u64) -> Result<(), String> {
         self.store
             .update(|data| {
                 data.insert("serving".to_owned(), serving.to_string());
@@ -461,7 +464,7 @@ impl<S: Serving> HaLoop<S> {
                     }
                 }
                 Action::SetServing(on) => {
-                    if let Err(e) = self.serving.set_serving(on).await {
+                    if let Err(e) = self.serving.set_serving(on, node.epoch()).await {
                         // Stopping must not be skipped: the protocol has
                         // already decided. Keep the error visible.
                         warn!(serving = on, error = %e, "could not change serving");

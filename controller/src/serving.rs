@@ -47,7 +47,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use counterweight_core::inject::{SERVICE_ROLE, SYNC_ROLES};
+use counterweight_core::inject::{GATE_CONTAINER, SERVICE_ROLE, SYNC_ROLES};
 use counterweight_core::names;
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -210,8 +210,29 @@ pub fn is_service_pod(pod: &Pod, opted_in: &BTreeSet<String>) -> bool {
     in_opted_ns && service_role && gated
 }
 
+/// The epoch `pod`'s gate released it in, from the gate's termination
+/// message (`counterweight_core::serving::release_message`) in its init
+/// container status; `None` while the gate has not released it, or when
+/// the message is not the gate's (an older gate, a fake node).
+pub fn released_epoch(pod: &Pod) -> Option<u64> {
+    pod.status
+        .as_ref()?
+        .init_container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == GATE_CONTAINER)?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()
+        .filter(|t| t.exit_code == 0)?
+        .message
+        .as_deref()
+        .and_then(counterweight_core::serving::release_epoch)
+}
+
 /// What to do with a service pod when the cluster should serve (`desired`)
-/// or not.
+/// in `epoch` (0: not known), or not.
 ///
 /// Active: Running pods (their gate has released) that do not serve yet are
 /// made to serve; pending and terminating pods wait. Standby: a serving pod
@@ -219,12 +240,27 @@ pub fn is_service_pod(pod: &Pod, opted_in: &BTreeSet<String>) -> bool {
 /// take traffic until it is gone), a stopped one is restarted unless already
 /// terminating, and a pod without the condition gets it False with
 /// [`STANDBY_REASON`], so "not serving" is explicit.
-pub fn decide(pod: &Pod, desired: bool) -> PodAction {
+///
+/// A pod past its gate runs its application, so a pod released in an epoch
+/// the cluster does not serve is restarted, back to its gate: on a standby
+/// (a gate released by an active state that lasted milliseconds), and on an
+/// active of a later epoch (its lease sidecar would hold it out of service
+/// for good). [`counterweight_core::serving::must_restart`] is that rule.
+pub fn decide(pod: &Pod, desired: bool, epoch: u64) -> PodAction {
     let state = serving_state(pod);
     let terminating = pod.metadata.deletion_timestamp.is_some();
+    let active_epoch = desired.then_some(epoch).filter(|e| *e > 0);
+    let stale_release = match released_epoch(pod) {
+        None => false,
+        // Active in an epoch not known: nothing to compare with.
+        Some(_) if desired && active_epoch.is_none() => false,
+        released => counterweight_core::serving::must_restart(released, active_epoch),
+    };
     if desired {
         let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-        return if running && !terminating && state != ServingState::True {
+        return if stale_release && !terminating {
+            PodAction::Restart
+        } else if running && !terminating && state != ServingState::True {
             PodAction::Serve
         } else {
             PodAction::Keep
@@ -235,6 +271,7 @@ pub fn decide(pod: &Pod, desired: bool) -> PodAction {
         ServingState::False {
             restart_pending: true,
         } if !terminating => PodAction::Restart,
+        _ if stale_release && !terminating => PodAction::Restart,
         ServingState::Absent if !terminating => PodAction::Stop(STANDBY_REASON),
         _ => PodAction::Keep,
     }
@@ -371,6 +408,9 @@ struct Shared {
     config: PodServingConfig,
     /// `None` until the HA loop first says; nothing is touched before.
     desired: watch::Sender<Option<bool>>,
+    /// The epoch the cluster serves in while `desired` is `Some(true)`
+    /// (0: not known): pods released in another one are restarted.
+    epoch: std::sync::atomic::AtomicU64,
     /// Held while condition patches are being sent, so a fence never runs
     /// beside a pass that could still set a condition True.
     effects: tokio::sync::Mutex<()>,
@@ -404,6 +444,7 @@ impl PodServing {
             events,
             config,
             desired,
+            epoch: std::sync::atomic::AtomicU64::new(0),
             effects: tokio::sync::Mutex::new(()),
             restarting: Mutex::new(HashSet::new()),
         });
@@ -521,8 +562,18 @@ async fn activate_pods(
     Ok(served)
 }
 
+impl PodServing {
+    /// Sets the epoch the cluster serves in, before it is made active.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.shared
+            .epoch
+            .store(epoch, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Serving for PodServing {
-    async fn set_serving(&self, serving: bool) -> Result<(), String> {
+    async fn set_serving(&self, serving: bool, epoch: u64) -> Result<(), String> {
+        self.set_epoch(epoch);
         if serving {
             self.activate_in_background();
             Ok(())
@@ -658,7 +709,7 @@ async fn fence(
         let mut work = Vec::new();
         for pod in &pods {
             let Some(r) = PodRef::of(pod) else { continue };
-            match decide(pod, false) {
+            match decide(pod, false, 0) {
                 PodAction::Stop(reason) => work.push((r, reason)),
                 PodAction::Restart => restart.push(r),
                 PodAction::Keep | PodAction::Serve => {}
@@ -723,7 +774,11 @@ async fn pass(shared: &Arc<Shared>, pods: &[Pod], tasks: &Arc<Mutex<JoinSet<()>>
     let mut restart = Vec::new();
     for pod in pods {
         let Some(r) = PodRef::of(pod) else { continue };
-        match decide(pod, desired) {
+        match decide(
+            pod,
+            desired,
+            shared.epoch.load(std::sync::atomic::Ordering::SeqCst),
+        ) {
             PodAction::Serve => patches.push((r, true, ACTIVE_REASON)),
             PodAction::Stop(reason) => patches.push((r, false, reason)),
             PodAction::Restart => restart.push(r),
@@ -747,8 +802,9 @@ async fn pass(shared: &Arc<Shared>, pods: &[Pod], tasks: &Arc<Mutex<JoinSet<()>>
     }
     // Pods stopped by this pass with STOPPED_REASON are restarted by the
     // next pass (the watch sees the new condition); pods found stopped now
-    // are restarted here: this is how an interrupted demotion resumes.
-    if !desired && !restart.is_empty() {
+    // are restarted here: this is how an interrupted demotion resumes. Pods
+    // released in an epoch not served are restarted in either state.
+    if !restart.is_empty() {
         drop(spawn_restarts(shared, tasks, restart).1);
     }
     served
@@ -882,9 +938,10 @@ async fn restart_one(shared: &Shared, p: &PodRef) -> Outcome {
     let mut attempt: u32 = 0;
     loop {
         debug!(pod = %p.name, attempt, "restart attempt");
-        if *shared.desired.borrow() != Some(false) {
+        let Some(desired) = *shared.desired.borrow() else {
             return Outcome::Cancelled;
-        }
+        };
+        let epoch = shared.epoch.load(std::sync::atomic::Ordering::SeqCst);
         // The pod itself says whether it still needs the restart.
         match api.get_opt(&p.name).await {
             Ok(None) => return Outcome::Gone,
@@ -892,15 +949,12 @@ async fn restart_one(shared: &Shared, p: &PodRef) -> Outcome {
                 return Outcome::Gone;
             }
             Ok(Some(pod)) if pod.metadata.deletion_timestamp.is_some() => return Outcome::Gone,
-            Ok(Some(pod)) => {
-                if serving_state(&pod)
-                    != (ServingState::False {
-                        restart_pending: true,
-                    })
-                {
-                    return Outcome::Cancelled;
-                }
+            // Still to be restarted for the state wanted now? A return to
+            // active cancels the restart of a pod a demotion stopped.
+            Ok(Some(pod)) if decide(&pod, desired, epoch) != PodAction::Restart => {
+                return Outcome::Cancelled;
             }
+            Ok(Some(_)) => {}
             Err(e) => warn!(pod = %p.name, error = %e, "could not read pod before restart"),
         }
         if started.elapsed() >= shared.config.delete_after {
@@ -1074,6 +1128,65 @@ mod tests {
         }
     }
 
+    /// `p` with its gate terminated: exit code and termination message.
+    fn released(mut p: Pod, exit_code: i32, message: &str) -> Pod {
+        use k8s_openapi::api::core::v1::{
+            ContainerState, ContainerStateTerminated, ContainerStatus,
+        };
+        if let Some(st) = p.status.as_mut() {
+            st.init_container_statuses = Some(vec![ContainerStatus {
+                name: GATE_CONTAINER.into(),
+                state: Some(ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code,
+                        message: Some(message.into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]);
+        }
+        p
+    }
+
+    #[test]
+    fn the_release_epoch_is_read_from_the_gates_termination_message() {
+        let base = || pod("app", None, true, "Running", None);
+        assert_eq!(released_epoch(&base()), None, "not released");
+        let msg = counterweight_core::serving::release_message(4);
+        assert_eq!(released_epoch(&released(base(), 0, &msg)), Some(4));
+        assert_eq!(released_epoch(&released(base(), 1, &msg)), None, "failed");
+        assert_eq!(released_epoch(&released(base(), 0, "log tail")), None);
+    }
+
+    #[test]
+    fn a_pod_released_in_an_epoch_not_served_is_restarted() {
+        let msg = counterweight_core::serving::release_message(2);
+        let in_2 = |cond| released(pod("app", None, true, "Running", cond), 0, &msg);
+        // Finding 7: the gate released it in a transient active epoch 2;
+        // the cluster is standby now. It never served, yet its app runs.
+        assert_eq!(decide(&in_2(None), false, 0), PodAction::Restart);
+        assert_eq!(
+            decide(&in_2(Some(("False", STANDBY_REASON))), false, 0),
+            PodAction::Restart
+        );
+        // Still serving: the fence comes first, the restart after.
+        assert_eq!(
+            decide(&in_2(Some(("True", ACTIVE_REASON))), false, 0),
+            PodAction::Stop(STOPPED_REASON)
+        );
+        // Active again, but in epoch 4: its sidecar would hold it for good.
+        assert_eq!(decide(&in_2(None), true, 4), PodAction::Restart);
+        // Active in its own epoch, or in an epoch not known: it serves.
+        assert_eq!(decide(&in_2(None), true, 2), PodAction::Serve);
+        assert_eq!(decide(&in_2(None), true, 0), PodAction::Serve);
+        // A terminating one is left to finish.
+        let mut gone = in_2(None);
+        gone.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        assert_eq!(decide(&gone, false, 0), PodAction::Keep);
+    }
+
     fn opted() -> BTreeSet<String> {
         BTreeSet::from(["app".to_owned()])
     }
@@ -1109,7 +1222,7 @@ mod tests {
     #[test]
     fn active_serves_running_pods_only() {
         assert_eq!(
-            decide(&pod("app", None, true, "Running", None), true),
+            decide(&pod("app", None, true, "Running", None), true, 5),
             PodAction::Serve
         );
         assert_eq!(
@@ -1121,7 +1234,8 @@ mod tests {
                     "Running",
                     Some(("False", STANDBY_REASON))
                 ),
-                true
+                true,
+                5
             ),
             PodAction::Serve
         );
@@ -1134,7 +1248,8 @@ mod tests {
                     "Running",
                     Some(("False", STOPPED_REASON))
                 ),
-                true
+                true,
+                5
             ),
             PodAction::Serve,
             "a stopped pod not yet restarted may serve again after a quick re-promotion"
@@ -1142,19 +1257,20 @@ mod tests {
         assert_eq!(
             decide(
                 &pod("app", None, true, "Running", Some(("True", ACTIVE_REASON))),
-                true
+                true,
+                5
             ),
             PodAction::Keep
         );
         assert_eq!(
-            decide(&pod("app", None, true, "Pending", None), true),
+            decide(&pod("app", None, true, "Pending", None), true, 5),
             PodAction::Keep,
             "still at the gate"
         );
         let mut terminating = pod("app", None, true, "Running", None);
         terminating.metadata.deletion_timestamp =
             Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
-        assert_eq!(decide(&terminating, true), PodAction::Keep);
+        assert_eq!(decide(&terminating, true, 5), PodAction::Keep);
     }
 
     #[test]
@@ -1163,18 +1279,20 @@ mod tests {
             assert_eq!(
                 decide(
                     &pod("app", None, true, phase, Some(("True", ACTIVE_REASON))),
-                    false
+                    false,
+                    0
                 ),
                 PodAction::Stop(STOPPED_REASON)
             );
             assert_eq!(
-                decide(&pod("app", None, true, phase, None), false),
+                decide(&pod("app", None, true, phase, None), false, 0),
                 PodAction::Stop(STANDBY_REASON)
             );
             assert_eq!(
                 decide(
                     &pod("app", None, true, phase, Some(("False", STOPPED_REASON))),
-                    false
+                    false,
+                    0
                 ),
                 PodAction::Restart,
                 "a pod stopped by an interrupted demotion is restarted"
@@ -1182,7 +1300,8 @@ mod tests {
             assert_eq!(
                 decide(
                     &pod("app", None, true, phase, Some(("False", STANDBY_REASON))),
-                    false
+                    false,
+                    0
                 ),
                 PodAction::Keep
             );
@@ -1191,7 +1310,7 @@ mod tests {
         terminating.metadata.deletion_timestamp =
             Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
         assert_eq!(
-            decide(&terminating, false),
+            decide(&terminating, false, 0),
             PodAction::Stop(STOPPED_REASON),
             "a terminating pod may still take traffic: fence it too"
         );
@@ -1204,7 +1323,7 @@ mod tests {
         )
         .status;
         assert_eq!(
-            decide(&terminating, false),
+            decide(&terminating, false, 0),
             PodAction::Keep,
             "already going away"
         );

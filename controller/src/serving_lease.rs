@@ -261,13 +261,14 @@ impl<S: Serving> LeasedServing<S> {
 }
 
 impl<S: Serving> Serving for LeasedServing<S> {
-    async fn set_serving(&self, serving: bool) -> Result<(), String> {
+    async fn set_serving(&self, serving: bool, epoch: u64) -> Result<(), String> {
         if serving {
-            return self.inner.set_serving(true).await;
+            return self.inner.set_serving(true, epoch).await;
         }
         let lapse = self.lease.lapse_unix_ms();
         let confirmed = async {
-            let (_, pods) = tokio::join!(self.lease.withdraw(), self.inner.set_serving(false));
+            let (_, pods) =
+                tokio::join!(self.lease.withdraw(), self.inner.set_serving(false, epoch));
             pods
         };
         let wait_ms = lapse.saturating_sub(unix_ms());

@@ -287,6 +287,27 @@ pub fn must_restart(released_epoch: Option<u64>, active_epoch: Option<u64>) -> b
     }
 }
 
+/// Prefix of the gate's termination message on release. The kubelet
+/// copies the message into the pod's `initContainerStatuses`, which is how
+/// the controller learns the epoch a pod was released in without reading
+/// inside the pod.
+pub const RELEASE_MESSAGE_PREFIX: &str = "released in epoch ";
+
+/// The gate's termination message for a release in `epoch`.
+pub fn release_message(epoch: u64) -> String {
+    format!("{RELEASE_MESSAGE_PREFIX}{epoch}")
+}
+
+/// The epoch in a termination message written by [`release_message`];
+/// `None` for anything else (an older gate, a log tail).
+pub fn release_epoch(message: &str) -> Option<u64> {
+    message
+        .trim()
+        .strip_prefix(RELEASE_MESSAGE_PREFIX)?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,5 +400,20 @@ mod tests {
         assert!(must_restart(Some(2), None));
         assert!(must_restart(Some(2), Some(4)));
         assert!(!must_restart(Some(4), Some(4)));
+    }
+
+    #[test]
+    fn the_release_message_carries_the_epoch_and_nothing_else_parses() {
+        assert_eq!(release_epoch(&release_message(42)), Some(42));
+        assert_eq!(release_epoch("released in epoch 7\n"), Some(7));
+        for other in [
+            "",
+            "released in epoch",
+            "released in epoch x",
+            "panic: boom",
+            "epoch 3",
+        ] {
+            assert_eq!(release_epoch(other), None, "{other:?}");
+        }
     }
 }

@@ -39,6 +39,8 @@ use counterweight_core::names;
 /// [`counterweight_core::inject::RUN_MOUNT_PATH`]. Spelled out because joining constants at compile time
 /// needs a macro crate; a test checks the two agree.
 pub const DEFAULT_EPOCH_FILE: &str = "/var/run/counterweight/epoch";
+/// Where the kubelet collects a container's termination message.
+pub const DEFAULT_TERMINATION_LOG: &str = "/dev/termination-log";
 /// Default lease file of `hold` mode, in the same scratch volume.
 pub const DEFAULT_LEASE_FILE: &str = counterweight_core::inject::LEASE_FILE_PATH;
 /// Default readiness address of `hold` mode.
@@ -100,6 +102,13 @@ pub struct Args {
     /// File the release epoch is written to before exiting 0.
     #[arg(long, env = inject_env::EPOCH_FILE, default_value = DEFAULT_EPOCH_FILE)]
     pub epoch_file: PathBuf,
+
+    /// The kubelet's termination message file. On release the gate writes
+    /// the release epoch there, so the controller can restart a pod
+    /// released in an epoch its cluster no longer serves. Written only if
+    /// it exists (the kubelet creates it), never created.
+    #[arg(long, env = "COUNTERWEIGHT_TERMINATION_LOG", default_value = DEFAULT_TERMINATION_LOG)]
+    pub termination_log: PathBuf,
 
     /// Run as the lease sidecar (`hold` mode, a native sidecar after the
     /// gate): follow the serving lease into the lease file and the
@@ -254,6 +263,7 @@ pub async fn run(
         epoch = waiting => epoch?,
     };
     write_epoch_file(&args.epoch_file, epoch)?;
+    write_termination_message(&args.termination_log, epoch);
     let after = started.elapsed();
     tracing::info!(
         cluster = %args.cluster,
@@ -281,6 +291,26 @@ pub async fn run_hold(
     };
     hold::run(client, cfg, shutdown).await?;
     Ok(())
+}
+
+/// Writes the release message for `epoch` into the kubelet's termination
+/// message file, if there is one. Best effort: a pod without it only loses
+/// the controller's check of its release epoch, and the lease sidecar
+/// still holds it out of service.
+pub fn write_termination_message(path: &Path, epoch: u64) {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path);
+    let written = file.and_then(|mut f| {
+        std::io::Write::write_all(
+            &mut f,
+            counterweight_core::serving::release_message(epoch).as_bytes(),
+        )
+    });
+    if let Err(e) = written {
+        tracing::debug!(path = %path.display(), error = %e, "no termination message written");
+    }
 }
 
 /// Writes `epoch` and a newline to `path`, atomically: a reader sees either
@@ -332,6 +362,20 @@ mod tests {
             Path::new(DEFAULT_EPOCH_FILE).parent(),
             Some(Path::new(counterweight_core::inject::RUN_MOUNT_PATH))
         );
+    }
+
+    #[test]
+    fn the_termination_message_is_written_only_into_an_existing_file() {
+        let dir = std::env::temp_dir().join(format!("cw-gate-term-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let missing = dir.join("termination-log");
+        write_termination_message(&missing, 3);
+        assert!(!missing.exists(), "never created");
+        std::fs::write(&missing, "old and longer content").expect("file");
+        write_termination_message(&missing, 3);
+        let text = std::fs::read_to_string(&missing).expect("read");
+        assert_eq!(counterweight_core::serving::release_epoch(&text), Some(3));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]

@@ -13,6 +13,10 @@
 use std::time::{Duration, Instant};
 
 use counterweight_core::ha::HaConfig;
+use counterweight_core::inject::GATE_CONTAINER;
+use counterweight_core::names;
+use counterweight_core::serving::release_message;
+use counterweight_e2e::ems::APP;
 use counterweight_e2e::ems::{all_serving, prepare, restarted_blocked, set_web_ready};
 use counterweight_e2e::fixtures::fast_ha_config;
 use counterweight_e2e::ha::{
@@ -21,8 +25,8 @@ use counterweight_e2e::ha::{
 use counterweight_e2e::workload::{LeaseSidecar, Watched, WorkloadMonitor};
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::Cluster;
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodReadinessGate, PodSpec};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 /// east and west with the sample EMS, a witness, their controllers, and
@@ -360,7 +364,7 @@ async fn an_isolated_active_without_its_api_server_is_replaced_and_rejoins_as_a_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn hand_edits_of_the_state_record_are_put_back_with_an_event() {
+async fn a_standby_puts_hand_edits_back_and_restarts_pods_released_in_a_stale_epoch() {
     let g = Group::start().await;
     let [east, west] = g.watched();
     let bound = WorkloadMonitor::start(vec![east, west]);
@@ -420,5 +424,85 @@ async fn hand_edits_of_the_state_record_are_put_back_with_an_event() {
     )
     .await;
     assert!(!sample(&g.cms[1]).await.is_some_and(|s| s.active));
+
+    // Finding 7: a gate released a pod of west in a transient active state
+    // (epoch 1 here, which west never served in): the kubelet reports the
+    // gate's termination message. west is standby, so the pod's app must
+    // not keep running: west's controller restarts it. Its twin, released
+    // without a message the controller can read, is only marked standby.
+    let pods: Api<Pod> = Api::namespaced(g.clusters[1].client(), APP);
+    let stale = released_pod(&pods, "stale", Some(&release_message(g.first))).await;
+    let plain = released_pod(&pods, "plain", None).await;
+    eventually(
+        "west's controller to restart the pod released in a stale epoch",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async {
+            let p = pods.get_opt("stale").await.map_err(|e| e.to_string())?;
+            Ok(
+                p.filter(|p| p.metadata.uid.as_deref() == Some(stale.as_str()))
+                    .is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+                    .then_some(()),
+            )
+        },
+    )
+    .await;
+    let twin = pods.get("plain").await.expect("the twin");
+    assert_eq!(twin.metadata.uid.as_deref(), Some(plain.as_str()));
+    assert!(
+        twin.metadata.deletion_timestamp.is_none(),
+        "only the stale release is restarted"
+    );
     bound.finish().await;
+}
+
+/// Creates a service pod `name` on a node without a kubelet and reports it
+/// Running past its gate, whose termination message is `message`; returns
+/// its uid.
+async fn released_pod(pods: &Api<Pod>, name: &str, message: Option<&str>) -> String {
+    let gated = |n: &str| Container {
+        name: n.into(),
+        image: Some("registry.invalid/web:1".into()),
+        ..Default::default()
+    };
+    let pod = Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some([(names::ROLE_LABEL.to_owned(), "service".to_owned())].into()),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some("ghost".into()),
+            init_containers: Some(vec![gated(GATE_CONTAINER)]),
+            containers: vec![gated("main")],
+            readiness_gates: Some(vec![PodReadinessGate {
+                condition_type: names::SERVING_CONDITION.into(),
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let uid = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("pod")
+        .metadata
+        .uid
+        .expect("uid");
+    let mut terminated = json!({"exitCode": 0});
+    if let Some(m) = message {
+        terminated["message"] = json!(m);
+    }
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {
+            "phase": "Running",
+            "initContainerStatuses": [{"name": GATE_CONTAINER, "image": "registry.invalid/web:1", "imageID": "", "ready": true, "restartCount": 0, "state": {"terminated": terminated}}],
+            "containerStatuses": [{"name": "main", "image": "registry.invalid/web:1", "imageID": "", "ready": true, "restartCount": 0, "state": {"running": {}}}]
+        }})),
+    )
+    .await
+    .expect("status");
+    uid
 }
