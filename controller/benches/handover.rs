@@ -10,10 +10,14 @@
 //! ConfigMap sees `state: active`. Both clocks are this machine's.
 //!
 //! Run: `cargo bench -p counterweight-controller --bench handover`
-//! (`ROUNDS=n` to change the number of handovers; default 20).
+//! (`ROUNDS=n` to change the number of handovers per binary; default 20).
+//! `BASELINE_CONTROLLER_BIN=/path/to/counterweight-controller` measures
+//! another build side by side: the two alternate in blocks of
+//! `BLOCK` handovers (default 10), each block on fresh clusters, so both
+//! see the same load on a noisy machine.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
@@ -96,6 +100,7 @@ fn start(
     peer_port: u16,
     own_port: u16,
     dir: &Path,
+    bin: &Path,
 ) -> Process {
     let mut args = cluster.controller_args(
         name,
@@ -105,13 +110,8 @@ fn start(
         dir,
     );
     args.push(format!("--peer={peer}=https://127.0.0.1:{peer_port}"));
-    Process::spawn(
-        name,
-        Path::new(env!("CARGO_BIN_EXE_counterweight-controller")),
-        &args,
-        &cluster.dir().join("logs/controller.log"),
-    )
-    .expect("controller starts")
+    Process::spawn(name, bin, &args, &cluster.dir().join("logs/controller.log"))
+        .expect("controller starts")
 }
 
 async fn state(cms: &Api<ConfigMap>) -> Option<(bool, u64)> {
@@ -167,10 +167,50 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() {
     counterweight_harness::install_crypto_provider();
-    let rounds: usize = std::env::var("ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(20);
+    let env_usize = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(default)
+    };
+    let rounds = env_usize("ROUNDS", 20);
+    let block = env_usize("BLOCK", 10).max(1);
+    let mut builds = vec![(
+        "this build",
+        PathBuf::from(env!("CARGO_BIN_EXE_counterweight-controller")),
+    )];
+    if let Some(b) = std::env::var_os("BASELINE_CONTROLLER_BIN") {
+        builds.push(("baseline", PathBuf::from(b)));
+    }
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
+    let mut done = 0;
+    while done < rounds {
+        let n = block.min(rounds - done);
+        for (i, (label, bin)) in builds.iter().enumerate() {
+            println!("-- {label}: {n} handovers ({})", bin.display());
+            samples[i].extend(handovers(bin, n).await);
+        }
+        done += n;
+    }
+    for ((label, _), mut s) in builds.iter().zip(samples) {
+        s.sort_by(f64::total_cmp);
+        println!(
+            "{label}: handover (abnormal verdict -> standby ConfigMap active) over {} rounds: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            s.len(),
+            percentile(&s, 0.5),
+            percentile(&s, 0.99),
+            s.last().copied().unwrap_or(f64::NAN)
+        );
+    }
+    println!(
+        "configured detection time (K+1)*interval = {} ms (K = {RETRIES}, interval = {INTERVAL_MS} ms), probe interval 100 ms",
+        (RETRIES + 1) * INTERVAL_MS
+    );
+}
+
+/// `rounds` handovers back and forth between two fresh clusters whose
+/// controllers run `bin`; the time of each, in ms.
+async fn handovers(bin: &Path, rounds: usize) -> Vec<f64> {
     let dir = tempfile::tempdir().expect("dir");
     let ca = CertificateAuthority::new("bench-peers").expect("CA");
     ca.pem().write(dir.path(), "ca").expect("write");
@@ -192,8 +232,8 @@ async fn main() {
         prepare(c).await;
     }
     let (pe, pw) = (free_port().expect("port"), free_port().expect("port"));
-    let mut east = start(&clusters[0], "east", "west", pw, pe, dir.path());
-    let mut west = start(&clusters[1], "west", "east", pe, pw, dir.path());
+    let mut east = start(&clusters[0], "east", "west", pw, pe, dir.path(), bin);
+    let mut west = start(&clusters[1], "west", "east", pe, pw, dir.path(), bin);
     let cms: Vec<Api<ConfigMap>> = clusters
         .iter()
         .map(|c| Api::namespaced(c.client(), SYSTEM))
@@ -212,7 +252,6 @@ async fn main() {
         assert!(Instant::now() < deadline, "no active elected");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-
     let mut samples = Vec::new();
     for round in 0..rounds {
         east.check_alive().expect("east runs");
@@ -263,16 +302,5 @@ async fn main() {
         samples.push(ms);
         active = standby;
     }
-    samples.sort_by(f64::total_cmp);
-    println!(
-        "handover (abnormal verdict -> standby ConfigMap active) over {} rounds: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        samples.len(),
-        percentile(&samples, 0.5),
-        percentile(&samples, 0.99),
-        samples.last().copied().unwrap_or(f64::NAN)
-    );
-    println!(
-        "configured detection time (K+1)*interval = {} ms (K = {RETRIES}, interval = {INTERVAL_MS} ms), probe interval 100 ms",
-        (RETRIES + 1) * INTERVAL_MS
-    );
+    samples
 }
