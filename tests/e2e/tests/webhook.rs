@@ -124,7 +124,17 @@ fn is_injected(p: &Pod) -> bool {
         .annotations
         .as_ref()
         .is_some_and(|a| a.contains_key(STATUS));
-    first_is_gate && gate_count == 1 && serving && marked
+    // The lease sidecar right after the gate, as a native sidecar the API
+    // server accepted.
+    let sidecar = spec
+        .and_then(|s| s.init_containers.as_ref())
+        .and_then(|ics| ics.get(1))
+        .is_some_and(|c| {
+            c.name == counterweight_core::inject::LEASE_CONTAINER
+                && c.restart_policy.as_deref() == Some("Always")
+                && c.readiness_probe.is_some()
+        });
+    first_is_gate && gate_count == 1 && serving && marked && sidecar
 }
 
 fn is_untouched(p: &Pod) -> bool {
@@ -324,7 +334,10 @@ async fn webhook_injects_skips_validates_and_survives_rotation() {
             .iter()
             .map(|c| c.name.as_str())
             .collect();
-        assert_eq!(names, [GATE, "migrate"]);
+        assert_eq!(
+            names,
+            [GATE, counterweight_core::inject::LEASE_CONTAINER, "migrate"]
+        );
     }
 
     // 2. Untouched: unlabelled namespace, opted-out pod, database-role pod,

@@ -332,6 +332,12 @@ impl Cluster {
         }
     }
 
+    /// The OS process id of the control-plane process `name` (e.g.
+    /// `kube-apiserver`, `etcd`), while it runs.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs.iter().find(|p| p.name() == name)?.pid()
+    }
+
     /// Freezes kube-apiserver (SIGSTOP): connections stay open and every
     /// request hangs, as with a stalled host, until [`Cluster::thaw_apiserver`].
     pub fn freeze_apiserver(&self) {
