@@ -285,6 +285,12 @@ impl WorkloadMonitor {
     }
 }
 
+impl Drop for WorkloadMonitor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// A real lease sidecar: `counterweight-gate --hold` as a host process,
 /// reading the cluster's serving lease through its admin kubeconfig, for a
 /// pod released in `epoch`. It answers readiness on a loopback port and

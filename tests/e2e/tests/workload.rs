@@ -251,6 +251,51 @@ async fn a_controller_killed_after_handover_started_leaves_one_cluster_serving()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_killed_after_its_fence_leaves_one_cluster_serving() {
+    killed_during_handover_after("ServingStopped").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_killed_during_its_promotion_patches_leaves_one_cluster_serving() {
+    let mut g = Group::start().await;
+    let bound = WorkloadMonitor::start(g.watched().to_vec());
+    // east hands over to west; west is killed as soon as it has promoted,
+    // while its pods are being made to serve.
+    set_web_ready(&g.clusters[0], false).await;
+    eventually(
+        "west to record Promoted",
+        Duration::from_secs(30),
+        Duration::from_millis(5),
+        || async {
+            Ok(event_reasons(&g.clusters[1])
+                .await
+                .iter()
+                .any(|r| r == "Promoted")
+                .then_some(()))
+        },
+    )
+    .await;
+    g.kill(1);
+    let killed = Instant::now();
+    // east is healthy again and takes over once west's lease has ended.
+    set_web_ready(&g.clusters[0], true).await;
+    let back = wait_active(
+        &g.cms[0],
+        "east to take over from the killed west",
+        g.first + 2,
+    )
+    .await;
+    let took = killed.elapsed();
+    assert!(took >= g.lease_bound(), "east promoted after {took:?}");
+    all_serving(&g.clusters[0], "east's new service pods to serve").await;
+    println!(
+        "west killed during its promotion; east active again in epoch {} after {took:?}",
+        back.epoch
+    );
+    bound.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_controller_killed_after_it_handed_over_leaves_one_cluster_serving() {
     killed_during_handover_after("HandedOver").await;
 }
@@ -260,7 +305,7 @@ async fn a_frozen_api_server_stops_the_workload_at_its_lease_end_and_thawing_cau
     let g = Group::start().await;
     let sidecar = LeaseSidecar::start(&g.clusters[0], "east", g.first, g.dir.path()).await;
     sidecar.serving("east's pod to serve at first").await;
-    let (bound, _unbound) = monitors(&g, &sidecar);
+    let bound = monitors(&g, &sidecar).0;
 
     // Finding 2: east's API server hangs every request. Its HA loop keeps
     // renewing through the peers; the serving lease cannot be renewed, so
@@ -316,7 +361,7 @@ async fn an_isolated_active_without_its_api_server_is_replaced_and_rejoins_as_a_
     let mut g = Group::start().await;
     let sidecar = LeaseSidecar::start(&g.clusters[0], "east", g.first, g.dir.path()).await;
     sidecar.serving("east's pod to serve at first").await;
-    let (bound, _unbound) = monitors(&g, &sidecar);
+    let bound = monitors(&g, &sidecar).0;
 
     // Finding 3: east loses its API server and its links at once. It cannot
     // renew, fence through the API or persist; its pods stop at the lease
