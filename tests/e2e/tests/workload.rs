@@ -20,7 +20,8 @@ use counterweight_e2e::ems::APP;
 use counterweight_e2e::ems::{all_serving, prepare, restarted_blocked, set_web_ready};
 use counterweight_e2e::fixtures::fast_ha_config;
 use counterweight_e2e::ha::{
-    Controller, Mesh, event_notes, event_reasons, sample, start_group, wait_active, write_ha_config,
+    Controller, Mesh, Sample, event_notes, event_reasons, sample, start_group, wait_active,
+    write_ha_config,
 };
 use counterweight_e2e::workload::{LeaseSidecar, Watched, WorkloadMonitor};
 use counterweight_e2e::{eventually, init_tracing};
@@ -417,19 +418,11 @@ async fn a_standby_puts_hand_edits_back_and_restarts_pods_released_in_a_stale_ep
     assert!(!before.active);
 
     // Finding 5: someone makes the standby's record say active.
-    g.cms[1]
-        .patch(
-            "counterweight-state",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"data": {"state": "active"}})),
-        )
-        .await
-        .expect("hand edit");
-    eventually(
+    hand_edit(
+        &g.cms[1],
+        "active",
         "west's controller to put its record back",
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || async { Ok(sample(&g.cms[1]).await.filter(|s| !s.active)) },
+        |s| !s.active,
     )
     .await;
     let notes = eventually(
@@ -449,23 +442,11 @@ async fn a_standby_puts_hand_edits_back_and_restarts_pods_released_in_a_stale_ep
     println!("west's record put back; Event: {}", notes[0]);
 
     // And the active's record made to say standby is put back to active.
-    g.cms[0]
-        .patch(
-            "counterweight-state",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"data": {"state": "standby"}})),
-        )
-        .await
-        .expect("hand edit");
-    eventually(
+    hand_edit(
+        &g.cms[0],
+        "standby",
         "east's controller to put its record back",
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || async {
-            Ok(sample(&g.cms[0])
-                .await
-                .filter(|s| s.active && s.epoch == g.first))
-        },
+        |s| s.active && s.epoch == g.first,
     )
     .await;
     assert!(!sample(&g.cms[1]).await.is_some_and(|s| s.active));
@@ -499,6 +480,29 @@ async fn a_standby_puts_hand_edits_back_and_restarts_pods_released_in_a_stale_ep
         "only the stale release is restarted"
     );
     bound.finish().await;
+}
+
+/// Sets the record's `state` by hand, then waits until it reads as `put_back`.
+async fn hand_edit(
+    cms: &Api<ConfigMap>,
+    state: &str,
+    what: &str,
+    put_back: impl Fn(&Sample) -> bool,
+) {
+    cms.patch(
+        "counterweight-state",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"state": state}})),
+    )
+    .await
+    .expect("hand edit");
+    eventually(
+        what,
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async { Ok(sample(cms).await.filter(|s| put_back(s))) },
+    )
+    .await;
 }
 
 /// Creates a service pod `name` on a node without a kubelet and reports it
