@@ -3,7 +3,7 @@
 //!
 //! [`RealNode`] owns everything a real node needs outside the cluster's processes: its
 //! [`Namespaces`] (where the whole cluster runs, control plane included), its [`Link`] to the
-//! [`Lan`], the CNI bridge `cni0` inside, a cgroup root of its own in every cgroup v1 hierarchy
+//! [`Lan`], the CNI bridge `cni0` inside, a cgroup root of its own in every cgroup hierarchy
 //! (the kubelet's `cgroupRoot`, under which it makes `kubepods`), and the configuration files:
 //! containerd's (`restrict_oom_score_adj`: this machine withholds CAP_SYS_RESOURCE), the
 //! kubelet's (`failCgroupV1: false`, `cgroupDriver: cgroupfs`, a `resolvConf` with no
@@ -188,7 +188,7 @@ impl RealNode {
         &self.link
     }
 
-    /// The kubelet's cgroup root (under every cgroup v1 hierarchy).
+    /// The kubelet's cgroup root (under every cgroup hierarchy).
     pub fn cgroup_root(&self) -> &str {
         &self.cgroup_root
     }
@@ -469,7 +469,8 @@ fn pod_gateway_cidr() -> &'static str {
     "10.244.0.1/24"
 }
 
-/// The cgroup v1 hierarchies mounted under /sys/fs/cgroup (not the cgroup2 one).
+/// The cgroup hierarchies mounted under /sys/fs/cgroup: the v1 ones, and the v2 one that
+/// runc also writes to on a hybrid host.
 fn hierarchies() -> Vec<PathBuf> {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
         return Vec::new();
@@ -479,12 +480,13 @@ fn hierarchies() -> Vec<PathBuf> {
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (_, path, kind) = (f.next()?, f.next()?, f.next()?);
-            (kind == "cgroup" && path.starts_with("/sys/fs/cgroup/")).then(|| PathBuf::from(path))
+            ((kind == "cgroup" || kind == "cgroup2") && path.starts_with("/sys/fs/cgroup/"))
+                .then(|| PathBuf::from(path))
         })
         .collect()
 }
 
-/// Makes `root` in every cgroup v1 hierarchy (the kubelet requires its cgroup root to exist)
+/// Makes `root` in every cgroup hierarchy (the kubelet requires its cgroup root to exist)
 /// and registers its removal: kill what runs under it, then remove the tree bottom-up.
 fn make_cgroups(root: &str, undo: &mut Undo) -> Result<(), HarnessError> {
     let dirs: Vec<PathBuf> = hierarchies().iter().map(|h| h.join(root)).collect();
