@@ -112,7 +112,12 @@ impl RealNode {
     ) -> Result<Self, HarnessError> {
         let name = format!("cw{}-{cluster}", std::process::id());
         let mut undo = Undo::new(&name)?;
-        // Runs last: after the kubelet is gone.
+        // Runs very last. Drop removes the directory anyway; this is for a killed test process
+        // (containerd's snapshots are not small). Kept when asked to keep cluster dirs.
+        if std::env::var_os("COUNTERWEIGHT_KEEP_CLUSTER_DIRS").is_none() {
+            undo.push(format!("rm -rf {}", sh_quote(&dir.display().to_string())))?;
+        }
+        // After the kubelet is gone.
         let originals = original_sysctls()?;
         let restore: Vec<String> = originals.iter().map(|(k, v)| format!("{k}={v}")).collect();
         undo.push(format!("sysctl -qw {} || true", restore.join(" ")))?;
@@ -158,7 +163,7 @@ impl RealNode {
             pod_gateway_cidr()
         ))?;
         let cgroup_root = format!("counterweight-{name}");
-        make_cgroups(&cgroup_root, &mut undo)?;
+        make_cgroups(&cgroup_root, &name, &mut undo)?;
         let node = Self {
             undo,
             ns,
@@ -487,19 +492,22 @@ fn hierarchies() -> Vec<PathBuf> {
 }
 
 /// Makes `root` in every cgroup hierarchy (the kubelet requires its cgroup root to exist)
-/// and registers its removal: kill what runs under it, then remove the tree bottom-up.
-fn make_cgroups(root: &str, undo: &mut Undo) -> Result<(), HarnessError> {
+/// and registers its removal: kill what runs in network namespace `netns` (kubelet, containerd
+/// and its shims: else the kubelet restarts the containers being killed) and under the cgroups
+/// (the containers, in network namespaces of their own), then remove the trees bottom-up.
+fn make_cgroups(root: &str, netns: &str, undo: &mut Undo) -> Result<(), HarnessError> {
     let dirs: Vec<PathBuf> = hierarchies().iter().map(|h| h.join(root)).collect();
     let quoted: Vec<String> = dirs
         .iter()
         .map(|d| sh_quote(&d.display().to_string()))
         .collect();
     let all = quoted.join(" ");
+    let n = sh_quote(netns);
     undo.push(format!(
-        "for i in $(seq 50); do \
-           p=$(find {all} -name cgroup.procs -exec cat {{}} + 2>/dev/null); \
-           [ -z \"$p\" ] && break; kill -9 $p 2>/dev/null; sleep 0.1; done; \
-         for i in $(seq 20); do \
+        "for i in $(seq 100); do \
+           p=\"$(ip netns pids {n} 2>/dev/null) $(find {all} -name cgroup.procs -exec cat {{}} + 2>/dev/null)\"; \
+           [ -z \"$(echo $p)\" ] && break; kill -9 $p 2>/dev/null; sleep 0.1; done; \
+         for i in $(seq 100); do \
            find {all} -depth -type d -exec rmdir {{}} \\; 2>/dev/null; \
            ok=1; for d in {all}; do [ -d \"$d\" ] && ok=0; done; [ $ok = 1 ] && break; sleep 0.1; done"
     ))?;

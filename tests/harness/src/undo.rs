@@ -40,6 +40,11 @@ impl Undo {
     /// A new, empty undo script named `name` (unique among live ones), watched on behalf of
     /// this process.
     pub fn new(name: &str) -> Result<Self, HarnessError> {
+        Self::owned_by(name, std::process::id())
+    }
+
+    /// [`Undo::new`], with the script run once process `owner` is gone.
+    fn owned_by(name: &str, owner: u32) -> Result<Self, HarnessError> {
         std::fs::create_dir_all(UNDO_DIR)
             .map_err(|e| HarnessError::io(format!("creating {UNDO_DIR}"), e))?;
         let script = PathBuf::from(UNDO_DIR).join(format!("{name}.sh"));
@@ -53,7 +58,7 @@ impl Undo {
             use std::os::unix::process::CommandExt;
             Command::new("sh")
                 .args(["-c", WATCHDOG, "counterweight-undo-watchdog"])
-                .arg(std::process::id().to_string())
+                .arg(owner.to_string())
                 .arg(&undo.script)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -150,6 +155,40 @@ mod tests {
             "undo steps run last-added first"
         );
         assert!(!script.exists(), "the script is removed after it ran");
+    }
+
+    #[test]
+    fn the_watchdog_runs_the_steps_when_the_owner_dies_without_drop() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root for {UNDO_DIR}");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let l = sh_quote(&log.display().to_string());
+        // Stands in for a test process that gets SIGKILLed.
+        let mut owner = Command::new("sleep").arg("600").spawn().unwrap();
+        let mut undo =
+            Undo::owned_by(&format!("unit-owner-{}", std::process::id()), owner.id()).unwrap();
+        undo.push(format!("echo first >> {l}")).unwrap();
+        undo.push(format!("echo second >> {l}")).unwrap();
+        let script = undo.script.clone();
+        // What a killed process leaves: the script and its watchdog, no Drop.
+        let watchdog = undo.watchdog.take().unwrap();
+        std::mem::forget(undo);
+        owner.kill().unwrap();
+        owner.wait().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while script.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(
+            !script.exists(),
+            "the watchdog did not run the script within 10 s"
+        );
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "second\nfirst\n");
+        let mut watchdog = watchdog;
+        let _ = watchdog.wait();
     }
 
     #[test]
