@@ -23,6 +23,11 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, ObjectMeta, PostParams};
 
+/// Real-node clusters of this file run one test at a time: each test checks that the global
+/// sysctls the kubelet sets are back after its teardown, which another test's kubelet starting
+/// meanwhile would spoil (and two cores are enough for one real-node run at a time).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn root() -> bool {
     if nix::unistd::Uid::effective().is_root() {
         return true;
@@ -173,6 +178,7 @@ async fn a_real_node_holds_a_pod_at_its_init_container_and_no_packet_leaves() {
     if !root() {
         return;
     }
+    let _serial = ONE_AT_A_TIME.lock().await;
     let out_if = outward_interface().expect("the host has a default route");
     let sysctls_before: Vec<String> = KUBELET_SYSCTLS.iter().map(|k| sysctl(k)).collect();
     let tx_before = counter(&out_if, "tx_packets");
@@ -415,4 +421,70 @@ fn a_cut_link_is_a_real_partition_and_heal_ends_it() {
     for i in host_ifs.iter().chain([&bridge]) {
         assert!(!Path::new("/sys/class/net").join(i).exists(), "{i} left");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_real_node_clusters_are_partitioned_by_a_cut_and_joined_by_a_heal() {
+    init_tracing();
+    if !root() {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let sysctls_before: Vec<String> = KUBELET_SYSCTLS.iter().map(|k| sysctl(k)).collect();
+    let started = Instant::now();
+    let (lan, clusters) = counterweight_harness::start_real_named(&["ra", "rb"])
+        .await
+        .expect("two real-node clusters start");
+    eprintln!("two real-node clusters Ready in {:?}", started.elapsed());
+    let (ra, rb) = (&clusters[0], &clusters[1]);
+    let ns_a = ra.real_node().expect("real").namespaces();
+    let ns_b = rb.real_node().expect("real").namespaces();
+    let api_b = SocketAddr::from((rb.host(), rb.ports().apiserver));
+    let api_a = SocketAddr::from((ra.host(), ra.ports().apiserver));
+
+    connect_from(ns_a, api_b).expect("ra's namespace reaches rb's API server");
+    connect_from(ns_b, api_a).expect("rb's namespace reaches ra's API server");
+
+    let link_b = rb.real_node().expect("real").link();
+    link_b.cut().unwrap();
+    assert!(
+        connect_from(ns_a, api_b).is_err(),
+        "ra reached rb across a cut"
+    );
+    assert!(
+        connect_from(ns_b, api_a).is_err(),
+        "rb reached ra across a cut"
+    );
+    assert!(
+        TcpStream::connect_timeout(&api_b, Duration::from_secs(1)).is_err(),
+        "the test process reached rb across a cut"
+    );
+    // rb is partitioned, not dead: its own API server answers inside its namespace.
+    connect_from(ns_b, api_b).expect("rb still reaches itself");
+    connect_from(ns_a, api_a).expect("ra still reaches itself");
+
+    link_b.heal().unwrap();
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(rb.client());
+    eventually(
+        "rb reachable again from ra's namespace and from the test process",
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || async {
+            connect_from(ns_a, api_b).map_err(|e| e.to_string())?;
+            nodes
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Some(()))
+        },
+    )
+    .await;
+
+    drop(clusters);
+    drop(lan);
+    let sysctls_after: Vec<String> = KUBELET_SYSCTLS.iter().map(|k| sysctl(k)).collect();
+    assert_eq!(
+        sysctls_after, sysctls_before,
+        "{KUBELET_SYSCTLS:?} restored"
+    );
 }
