@@ -32,6 +32,18 @@ step "control-plane binaries (cached under ~/.cache/counterweight)"
 COUNTERWEIGHT_CONTROLPLANE_BIN=$(tools/controlplane/build.sh)
 export COUNTERWEIGHT_CONTROLPLANE_BIN
 
+# Real nodes (tests/e2e/tests/real_node.rs): kubelet and kube-proxy from the same module,
+# Debian's containerd, runc and CNI plugins. They need root; without it those tests skip.
+step "node binaries and container runtime (cached under ~/.cache/counterweight)"
+if [ "$(id -u)" = 0 ]; then
+  COUNTERWEIGHT_NODE_BIN=$(tools/controlplane/node.sh)
+  export COUNTERWEIGHT_NODE_BIN
+elif COUNTERWEIGHT_NODE_BIN=$(tools/controlplane/node.sh); then
+  export COUNTERWEIGHT_NODE_BIN
+else
+  echo "not root: the real-node tests will skip" >&2
+fi
+
 step "cargo fmt --check"
 cargo fmt --all --check
 

@@ -37,7 +37,10 @@ fn root() -> bool {
 }
 
 /// A pod whose init container waits for `/gate/open` (a host directory), then an app
-/// container that turns Ready through an exec probe, with memory and CPU limits.
+/// container that turns Ready through an exec probe, with memory and CPU limits. Once
+/// released, the init container also sends a plain HTTP request to the `kubernetes` Service
+/// address (kube-proxy's iptables rules take it to the API server, which answers 400 to HTTP
+/// on its TLS port) and leaves the answer in `/gate/service.out`.
 fn gated_pod(gate_dir: &Path) -> Pod {
     let limits = BTreeMap::from([
         ("memory".to_owned(), Quantity("32Mi".into())),
@@ -75,7 +78,9 @@ fn gated_pod(gate_dir: &Path) -> Pod {
         spec: Some(PodSpec {
             init_containers: Some(vec![container(
                 "wait",
-                "until [ -e /gate/open ]; do sleep 0.2; done",
+                "until [ -e /gate/open ]; do sleep 0.2; done; \
+                 printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 5 nc 10.96.0.1 443 \
+                 > /gate/service.out 2>&1 || true",
             )]),
             containers: vec![app],
             volumes: Some(vec![Volume {
@@ -247,6 +252,11 @@ async fn a_real_node_holds_a_pod_at_its_init_container_and_no_packet_leaves() {
     )
     .await;
     let ready_after_release = released.elapsed();
+    let via_service = std::fs::read_to_string(gate.join("service.out")).unwrap_or_default();
+    assert!(
+        via_service.contains("400"),
+        "the pod did not reach the API server through the kubernetes Service: {via_service:?}"
+    );
     eprintln!(
         "pod: init container running {blocked_after:?} after creation, Ready {ready_after_release:?} after release; cluster to Ready pod {:?}",
         started.elapsed()
@@ -302,6 +312,14 @@ async fn a_real_node_holds_a_pod_at_its_init_container_and_no_packet_leaves() {
         "packets: the namespace sent {veth_rx} to the LAN; {out_if} sent {tx} during the run \
          (the host's own traffic: nothing from the LAN is ever forwarded)"
     );
+    // The checks above make leaving impossible; the count on the way out is the witness. It
+    // is asserted where the host is known quiet (other processes' traffic counts there too).
+    if std::env::var_os("COUNTERWEIGHT_QUIET_HOST").is_some() {
+        assert_eq!(
+            tx, 0,
+            "{out_if} sent packets during a real-node run on a quiet host"
+        );
+    }
 
     // Teardown left nothing behind.
     assert!(
