@@ -1,9 +1,11 @@
-//! Where the control-plane binaries come from.
+//! Where the control-plane and node binaries come from.
 //!
 //! They are built from the Go module proxy by `tools/controlplane/build.sh`
-//! into a cache outside the checkout. Tests find them through
-//! `COUNTERWEIGHT_CONTROLPLANE_BIN`, or run the build script themselves (a
-//! no-op when the cache is warm).
+//! (control planes) and `tools/controlplane/node.sh` (kubelet, kube-proxy;
+//! it also installs Debian's container runtime) into a cache outside the
+//! checkout. Tests find them through `COUNTERWEIGHT_CONTROLPLANE_BIN` and
+//! `COUNTERWEIGHT_NODE_BIN`, or run the scripts themselves (a no-op when the
+//! cache is warm).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
