@@ -56,3 +56,23 @@ cargo build --workspace --bins --locked
 
 step "cargo test"
 cargo test --workspace --locked --no-fail-fast
+
+# The real-node tests make namespaces, veths, a bridge, cgroups and mounts outside their
+# processes; their teardown must leave none (watchdogs finish within ~3 s of a killed test).
+step "nothing left behind by the real-node tests"
+left=""
+for _ in $(seq 20); do
+  left=$({
+    ls /run/netns 2>/dev/null | grep '^cw' || true
+    ls /run/counterweight/undo /run/counterweight/mnt 2>/dev/null | grep -v -e '^/' -e '^$' || true
+    ls -d /sys/fs/cgroup/*/counterweight-* 2>/dev/null || true
+    ip -o link show 2>/dev/null | grep -oE '^[0-9]+: cw[^:@]*' || true
+  })
+  [ -z "$left" ] && break
+  sleep 0.5
+done
+if [ -n "$left" ]; then
+  echo "left behind:" >&2
+  echo "$left" >&2
+  exit 1
+fi
