@@ -18,7 +18,7 @@
 
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 
 use crate::HarnessError;
 use crate::netns::{Namespaces, run_sh};
@@ -29,7 +29,7 @@ use crate::undo::{Undo, sh_quote};
 pub struct Lan {
     k: u8,
     bridge: String,
-    next: AtomicU8,
+    next: AtomicU16,
     undo: Mutex<Undo>,
 }
 
@@ -77,7 +77,7 @@ impl Lan {
         Ok(Self {
             k,
             bridge,
-            next: AtomicU8::new(10),
+            next: AtomicU16::new(10),
             undo: Mutex::new(undo),
         })
     }
@@ -96,12 +96,12 @@ impl Lan {
     /// to `undo` (the namespace's own undo script, so it goes with the namespace).
     pub fn attach(&self, ns: &Namespaces, undo: &mut Undo) -> Result<Link, HarnessError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
-        if i > 250 {
-            return Err(HarnessError::io(
+        let i = u8::try_from(i).ok().filter(|i| *i <= 250).ok_or_else(|| {
+            HarnessError::io(
                 "attaching to a LAN",
                 std::io::Error::other("no address left"),
-            ));
-        }
+            )
+        })?;
         let host_if = format!("cw{}h{i}", self.k);
         let addr = Ipv4Addr::new(10, 251, self.k, i);
         let qh = sh_quote(&host_if);
