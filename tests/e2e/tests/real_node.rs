@@ -193,7 +193,7 @@ async fn a_real_node_holds_a_pod_at_its_init_container_and_no_packet_leaves() {
         .await
         .expect("a real-node cluster starts");
     let node_ready = started.elapsed();
-    let cluster: Cluster = clusters.remove(0);
+    let mut cluster: Cluster = clusters.remove(0);
     assert_eq!(cluster.node_kind(), NodeKind::Real);
     let node = cluster.real_node().expect("a real node");
     let ns_name = node.namespaces().name().to_owned();
@@ -305,6 +305,34 @@ async fn a_real_node_holds_a_pod_at_its_init_container_and_no_packet_leaves() {
     }
 
     let veth_rx = counter(&host_if, "rx_packets") - veth_rx_before;
+
+    // A restart of every process (control plane, containerd, kubelet, kube-proxy) keeps the
+    // node and the pod: containerd finds its shims again, the kubelet its containers.
+    let restarted = Instant::now();
+    cluster
+        .restart()
+        .await
+        .expect("the real-node cluster restarts");
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), "default");
+    let p = eventually(
+        "the pod Ready again after a restart",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async {
+            let p = pods.get("gated").await.map_err(|e| e.to_string())?;
+            Ok(ready(&p).then_some(p))
+        },
+    )
+    .await;
+    let restarts: i32 = p
+        .status
+        .and_then(|s| s.container_statuses)
+        .map(|c| c.iter().map(|c| c.restart_count).sum())
+        .unwrap_or_default();
+    eprintln!(
+        "restart: node and pod Ready again {:?} after the restart began; container restarts {restarts}",
+        restarted.elapsed()
+    );
     drop(cluster);
     drop(lan);
     let tx = counter(&out_if, "tx_packets") - tx_before;
