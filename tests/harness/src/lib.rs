@@ -11,17 +11,28 @@
 //! bind and advertise 127.0.0.1, RBAC, a service-account issuer and keys, and
 //! a cert dir. A cluster can be stopped and started again with its etcd data
 //! kept, which is how tests inject "API server down".
+//!
+//! A cluster's node is a [`NodeKind`]: KWOK (fast, thousands of pods, containers that do not
+//! run) or a real one ([`Cluster::start_real`]): containerd, kubelet and kube-proxy
+//! ([`realnode`]). A real-node cluster runs all its processes, control plane included, in
+//! network and mount namespaces of its own ([`netns`]), linked to the other clusters and to
+//! the test process by a host bridge ([`lan`]) whose links a test can cut. Its API server
+//! binds the cluster's LAN address instead of 127.0.0.1.
 
 mod binaries;
+pub mod lan;
+pub mod netns;
 mod postgres;
 mod process;
 mod proxy;
+pub mod realnode;
+pub mod undo;
 mod webhook;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -30,10 +41,12 @@ use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-pub use binaries::{BIN_DIR_ENV, Binaries};
+pub use binaries::{BIN_DIR_ENV, Binaries, NODE_BIN_DIR_ENV, NodeBinaries};
+pub use lan::{Lan, Link};
 pub use postgres::{PG_USER, PgOptions, Postgres, ServerTls};
 pub use process::{Process, tail};
 pub use proxy::{Mode, TcpProxy};
+pub use realnode::{BUSYBOX_IMAGE, REAL_NODE_NAME, RealNode};
 pub use webhook::loopback_webhook_configs;
 
 /// Name of the fake node every cluster gets.
@@ -79,6 +92,16 @@ pub enum HarnessError {
         what: String,
         /// How long we waited.
         after: Duration,
+    },
+    /// A command the harness ran (ip, nsenter, ctr, ...) failed.
+    #[error("{what}: {status}: {stderr}")]
+    Command {
+        /// What was being done.
+        what: String,
+        /// Its exit status.
+        status: String,
+        /// Its standard error.
+        stderr: String,
     },
     /// Building the Kubernetes client failed.
     #[error("kube client for cluster {cluster}: {message}")]
@@ -126,10 +149,23 @@ pub struct Ports {
     pub scheduler: u16,
 }
 
+/// What plays a cluster's node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    /// A KWOK fake node on loopback: pods turn Running at once, no container runs.
+    Kwok,
+    /// A real kubelet with containerd, in namespaces of the cluster's own.
+    Real,
+}
+
 /// One local Kubernetes control plane. Dropping it kills its processes and
-/// removes its directory.
+/// removes its directory (and, for a real node, its namespaces, cgroups and links).
 pub struct Cluster {
     name: String,
+    /// Where the API server listens: 127.0.0.1, or the real node's LAN address.
+    host: Ipv4Addr,
+    // Before `dir`: the node's teardown runs before the directory goes.
+    real: Option<RealNode>,
     dir: tempfile::TempDir,
     bins: Binaries,
     ports: Ports,
@@ -145,6 +181,8 @@ impl std::fmt::Debug for Cluster {
             .field("name", &self.name)
             .field("dir", &self.dir.path())
             .field("ports", &self.ports)
+            .field("host", &self.host)
+            .field("real", &self.real.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -170,9 +208,43 @@ pub async fn start_named<S: AsRef<str>>(names: &[S]) -> Result<Vec<Cluster>, Har
     futures::future::try_join_all(starts).await
 }
 
+/// Starts one real-node cluster per name, in parallel, all on one new [`Lan`] (returned: it
+/// goes when the last of them does).
+pub async fn start_real_named<S: AsRef<str>>(
+    names: &[S],
+) -> Result<(Arc<Lan>, Vec<Cluster>), HarnessError> {
+    let bins = Binaries::locate()?;
+    let node_bins = NodeBinaries::locate()?;
+    let lan = Arc::new(Lan::new()?);
+    let starts = names.iter().map(|name| {
+        Cluster::start_real(bins.clone(), node_bins.clone(), name.as_ref(), lan.clone())
+    });
+    let clusters = futures::future::try_join_all(starts).await?;
+    Ok((lan, clusters))
+}
+
 impl Cluster {
     /// Creates a fresh cluster named `name` and waits until it schedules pods.
     pub async fn start(bins: Binaries, name: &str) -> Result<Self, HarnessError> {
+        Self::start_node(bins, name, None).await
+    }
+
+    /// Creates a fresh cluster named `name` with a real node linked to `lan`, and waits until
+    /// the node is Ready.
+    pub async fn start_real(
+        bins: Binaries,
+        node_bins: NodeBinaries,
+        name: &str,
+        lan: Arc<Lan>,
+    ) -> Result<Self, HarnessError> {
+        Self::start_node(bins, name, Some((node_bins, lan))).await
+    }
+
+    async fn start_node(
+        bins: Binaries,
+        name: &str,
+        real: Option<(NodeBinaries, Arc<Lan>)>,
+    ) -> Result<Self, HarnessError> {
         install_crypto_provider();
         let dir = tempfile::Builder::new()
             .prefix(&format!("counterweight-{name}-"))
@@ -185,10 +257,27 @@ impl Cluster {
             controller_manager: free_port()?,
             scheduler: free_port()?,
         };
-        let kubeconfig = write_pki_and_kubeconfig(dir.path(), name, ports.apiserver)?;
+        // The node's address must be known for the certificates; the namespaces come first.
+        let (host, real) = match real {
+            None => (Ipv4Addr::LOCALHOST, None),
+            Some((node_bins, lan)) => {
+                // The CA and the admin kubeconfig are written first: the node's files need them.
+                let node = RealNode::create(name, dir.path(), lan, node_bins, |addr| {
+                    write_pki_and_kubeconfig(dir.path(), name, addr, ports.apiserver).map(drop)
+                })?;
+                (node.addr(), Some(node))
+            }
+        };
+        let kubeconfig = if real.is_some() {
+            dir.path().join("admin.kubeconfig")
+        } else {
+            write_pki_and_kubeconfig(dir.path(), name, host, ports.apiserver)?
+        };
         let client = client_for(&kubeconfig, name).await?;
         let mut cluster = Self {
             name: name.to_owned(),
+            host,
+            real,
             dir,
             bins,
             ports,
@@ -269,7 +358,35 @@ impl Cluster {
 
     /// The API server URL.
     pub fn server_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.ports.apiserver)
+        format!("https://{}:{}", self.host, self.ports.apiserver)
+    }
+
+    /// What plays this cluster's node.
+    pub fn node_kind(&self) -> NodeKind {
+        if self.real.is_some() {
+            NodeKind::Real
+        } else {
+            NodeKind::Kwok
+        }
+    }
+
+    /// The name of the cluster's node.
+    pub fn node_name(&self) -> &'static str {
+        if self.real.is_some() {
+            REAL_NODE_NAME
+        } else {
+            NODE_NAME
+        }
+    }
+
+    /// The real node, if the cluster has one (namespaces, link, cgroups).
+    pub fn real_node(&self) -> Option<&RealNode> {
+        self.real.as_ref()
+    }
+
+    /// Where the API server listens.
+    pub fn host(&self) -> Ipv4Addr {
+        self.host
     }
 
     /// Path of the cluster CA certificate.
@@ -375,13 +492,34 @@ impl Cluster {
         for (name, args) in [
             ("kube-controller-manager", self.controller_manager_args()),
             ("kube-scheduler", self.scheduler_args()),
-            ("kwok", self.kwok_args()),
         ] {
             let p = self.spawn(name, args)?;
             self.procs.push(p);
         }
-        self.ensure_node().await?;
-        self.wait_for("node Ready and default ServiceAccount", || async {
+        let node = self
+            .real
+            .as_ref()
+            .map(|n| (n.containerd(), n.kubelet(), n.kube_proxy()));
+        match node {
+            None => {
+                let p = self.spawn("kwok", self.kwok_args())?;
+                self.procs.push(p);
+                self.ensure_node().await?;
+            }
+            Some(((ctd, ctd_args), kubelet, proxy)) => {
+                let p = self.spawn_program("containerd", &ctd, ctd_args)?;
+                self.procs.push(p);
+                if let Some(node) = &self.real {
+                    node.load_images().await?;
+                }
+                for (name, (prog, args)) in [("kubelet", kubelet), ("kube-proxy", proxy)] {
+                    let p = self.spawn_program(name, &prog, args)?;
+                    self.procs.push(p);
+                }
+            }
+        }
+        let what = format!("node {} Ready and default ServiceAccount", self.node_name());
+        self.wait_for(&what, || async {
             Ok(self.node_ready().await? && self.default_sa_exists().await?)
         })
         .await?;
@@ -390,14 +528,23 @@ impl Cluster {
     }
 
     fn spawn(&self, name: &str, args: Vec<String>) -> Result<Process, HarnessError> {
+        self.spawn_program(name, &self.bins.path(name), args)
+    }
+
+    /// Starts `program` as process `name`, inside the real node's namespaces if there is one.
+    fn spawn_program(
+        &self,
+        name: &str,
+        program: &Path,
+        args: Vec<String>,
+    ) -> Result<Process, HarnessError> {
         let logs = self.dir.path().join("logs");
         std::fs::create_dir_all(&logs).map_err(|e| HarnessError::io("creating logs dir", e))?;
-        Process::spawn(
-            name,
-            &self.bins.path(name),
-            &args,
-            &logs.join(format!("{name}.log")),
-        )
+        let (program, args) = match &self.real {
+            Some(node) => node.namespaces().wrap(program, &args),
+            None => (program.to_owned(), args),
+        };
+        Process::spawn(name, &program, &args, &logs.join(format!("{name}.log")))
     }
 
     fn path(&self, rel: &str) -> String {
@@ -425,17 +572,19 @@ impl Cluster {
 
     fn apiserver_args(&self) -> Vec<String> {
         let p = self.ports;
-        vec![
+        let mut args = vec![
             format!("--etcd-servers=http://127.0.0.1:{}", p.etcd_client),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
+            format!("--bind-address={}", self.host),
+            format!("--advertise-address={}", self.host),
             format!("--secure-port={}", p.apiserver),
             format!("--cert-dir={}", self.path("apiserver-certs")),
             format!("--tls-cert-file={}", self.path("pki/apiserver.crt")),
             format!("--tls-private-key-file={}", self.path("pki/apiserver.key")),
             format!("--client-ca-file={}", self.path("pki/ca.crt")),
-            "--authorization-mode=RBAC".into(),
-            format!("--service-account-issuer=https://127.0.0.1:{}", p.apiserver),
+            format!(
+                "--service-account-issuer=https://{}:{}",
+                self.host, p.apiserver
+            ),
             format!("--service-account-key-file={}", self.path("pki/sa.pub")),
             format!(
                 "--service-account-signing-key-file={}",
@@ -444,7 +593,16 @@ impl Cluster {
             "--service-cluster-ip-range=10.96.0.0/24".into(),
             "--allow-privileged=true".into(),
             "--v=1".into(),
-        ]
+        ];
+        match &self.real {
+            None => args.push("--authorization-mode=RBAC".into()),
+            Some(node) => {
+                // The kubelet's identity is checked as a node's.
+                args.push("--authorization-mode=Node,RBAC".into());
+                args.extend(node.apiserver_args());
+            }
+        }
+        args
     }
 
     fn controller_manager_args(&self) -> Vec<String> {
@@ -564,7 +722,7 @@ impl Cluster {
     async fn node_ready(&self) -> Result<bool, HarnessError> {
         let nodes: Api<Node> = Api::all(self.client.clone());
         let node = nodes
-            .get_opt(NODE_NAME)
+            .get_opt(self.node_name())
             .await
             .map_err(|source| HarnessError::Api {
                 cluster: self.name.clone(),
@@ -633,20 +791,29 @@ pub fn write_merged_kubeconfig(clusters: &[Cluster], path: &Path) -> Result<(), 
     write(path, &merged.to_string())
 }
 
-fn write_pki_and_kubeconfig(dir: &Path, name: &str, port: u16) -> Result<PathBuf, HarnessError> {
+fn write_pki_and_kubeconfig(
+    dir: &Path,
+    name: &str,
+    host: Ipv4Addr,
+    port: u16,
+) -> Result<PathBuf, HarnessError> {
     let pki = dir.join("pki");
     std::fs::create_dir_all(&pki).map_err(|e| HarnessError::io("creating pki dir", e))?;
     let ca = CertificateAuthority::new(&format!("counterweight-test-{name}-ca"))?;
     ca.pem().write(&pki, "ca")?;
-    ca.issue(&LeafSpec::new("kube-apiserver", Usage::Server).sans([
-        "127.0.0.1",
-        "localhost",
-        "10.96.0.1",
-        "kubernetes",
-        "kubernetes.default",
-        "kubernetes.default.svc",
-    ]))?
-    .write(&pki, "apiserver")?;
+    let mut sans = vec![
+        "127.0.0.1".to_owned(),
+        "localhost".to_owned(),
+        "10.96.0.1".to_owned(),
+        "kubernetes".to_owned(),
+        "kubernetes.default".to_owned(),
+        "kubernetes.default.svc".to_owned(),
+    ];
+    if !host.is_loopback() {
+        sans.push(host.to_string());
+    }
+    ca.issue(&LeafSpec::new("kube-apiserver", Usage::Server).sans(sans))?
+        .write(&pki, "apiserver")?;
     let admin = ca.issue(
         &LeafSpec::new("counterweight-admin", Usage::Client).organization("system:masters"),
     )?;
@@ -661,7 +828,7 @@ fn write_pki_and_kubeconfig(dir: &Path, name: &str, port: u16) -> Result<PathBuf
     let path = dir.join("admin.kubeconfig");
     let kc = kubeconfig_json(
         name,
-        &format!("https://127.0.0.1:{port}"),
+        &format!("https://{host}:{port}"),
         &ca.pem().cert_pem,
         &admin.cert_pem,
         &admin.key_pem,
@@ -671,7 +838,7 @@ fn write_pki_and_kubeconfig(dir: &Path, name: &str, port: u16) -> Result<PathBuf
 }
 
 // JSON is valid YAML, so kubectl and kube-rs both read this.
-fn kubeconfig_json(name: &str, server: &str, ca: &str, cert: &str, key: &str) -> String {
+pub(crate) fn kubeconfig_json(name: &str, server: &str, ca: &str, cert: &str, key: &str) -> String {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
     let user = format!("{name}-admin");
     serde_json::json!({
@@ -705,7 +872,7 @@ async fn client_for(path: &Path, name: &str) -> Result<kube::Client, HarnessErro
     kube::Client::try_from(config).map_err(|e| err(e.to_string()))
 }
 
-fn write(path: &Path, contents: &str) -> Result<(), HarnessError> {
+pub(crate) fn write(path: &Path, contents: &str) -> Result<(), HarnessError> {
     std::fs::write(path, contents)
         .map_err(|e| HarnessError::io(format!("writing {}", path.display()), e))
 }

@@ -29,6 +29,11 @@ struct Args {
         default_value = "counterweight.kubeconfig"
     )]
     kubeconfig: PathBuf,
+
+    /// Give every cluster a real node (kubelet, containerd, in namespaces of its own, linked
+    /// by a host bridge) instead of KWOK. Needs root and `tools/controlplane/node.sh`.
+    #[arg(long)]
+    real: bool,
 }
 
 #[tokio::main]
@@ -42,7 +47,12 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let started = std::time::Instant::now();
-    let clusters = counterweight_harness::start_named(&args.names).await?;
+    let (_lan, clusters) = if args.real {
+        let (lan, clusters) = counterweight_harness::start_real_named(&args.names).await?;
+        (Some(lan), clusters)
+    } else {
+        (None, counterweight_harness::start_named(&args.names).await?)
+    };
     counterweight_harness::write_merged_kubeconfig(&clusters, &args.kubeconfig)?;
     println!(
         "{} cluster(s) up in {:.1}s",
