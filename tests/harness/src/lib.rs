@@ -518,11 +518,28 @@ impl Cluster {
                 }
             }
         }
-        let what = format!("node {} Ready and default ServiceAccount", self.node_name());
-        self.wait_for(&what, || async {
-            Ok(self.node_ready().await? && self.default_sa_exists().await?)
-        })
-        .await?;
+        // Polled by hand rather than with `wait_for`: a process that exits
+        // meanwhile (its port taken, a bad flag) fails the boot at once with
+        // its log, instead of a timeout that names neither.
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            let (node, sa) = (self.node_ready().await?, self.default_sa_exists().await?);
+            if node && sa {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout {
+                    cluster: self.name.clone(),
+                    what: format!(
+                        "node {} Ready ({node}) and the default ServiceAccount ({sa})",
+                        self.node_name()
+                    ),
+                    after: START_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         tracing::info!(cluster = %self.name, elapsed = ?started.elapsed(), "cluster up");
         Ok(())
     }
@@ -663,27 +680,6 @@ impl Cluster {
                 return Err(HarnessError::Timeout {
                     cluster: self.name.clone(),
                     what: "kube-apiserver /readyz".into(),
-                    after: START_TIMEOUT,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn wait_for<F, Fut>(&self, what: &str, mut check: F) -> Result<(), HarnessError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<bool, HarnessError>>,
-    {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if check().await? {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(HarnessError::Timeout {
-                    cluster: self.name.clone(),
-                    what: what.into(),
                     after: START_TIMEOUT,
                 });
             }
@@ -877,29 +873,52 @@ pub(crate) fn write(path: &Path, contents: &str) -> Result<(), HarnessError> {
         .map_err(|e| HarnessError::io(format!("writing {}", path.display()), e))
 }
 
-/// A loopback port nobody in this process has been handed yet.
+/// A loopback port that is free now and nobody in this process has been
+/// handed yet, below the ephemeral range (see the comment inside).
 ///
-/// The OS picks a free port; a process-wide set keeps two clusters of the same
-/// test run from ever getting the same one.
+/// A process-wide set keeps two clusters of the same test run from ever
+/// getting the same one.
 pub fn free_port() -> Result<u16, HarnessError> {
     static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    for _ in 0..100 {
-        let l = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-            .map_err(|e| HarnessError::io("binding a loopback port", e))?;
-        let port = l
-            .local_addr()
-            .map_err(|e| HarnessError::io("reading a bound port", e))?
-            .port();
-        let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-        if !handed.contains(&port) {
+    // Below the kernel's ephemeral range: a port from that range, free now,
+    // can be taken by any process's next outgoing connection before the
+    // server it is meant for binds it (a kube-controller-manager binds its
+    // port seconds after the port is chosen, while several clusters make
+    // thousands of connections). A port below it is only ever taken by a
+    // bind. The start is spread by process id so that concurrent test
+    // processes seldom try the same ports.
+    let (low, high) = (PORT_FLOOR, ephemeral_low().max(PORT_FLOOR + 1000));
+    let span = u32::from(high - low);
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    let start = (std::process::id().wrapping_mul(7919) + handed.len() as u32) % span;
+    for i in 0..span {
+        let port = low + u16::try_from((start + i) % span).unwrap_or(0);
+        if handed.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).is_ok() {
             handed.push(port);
             return Ok(port);
         }
     }
     Err(HarnessError::io(
         "finding a free loopback port",
-        std::io::Error::new(std::io::ErrorKind::AddrInUse, "100 tries"),
+        std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("every port from {low} to {high} is taken"),
+        ),
     ))
+}
+
+/// Lowest port [`free_port`] hands out.
+const PORT_FLOOR: u16 = 10_000;
+
+/// The low end of the kernel's ephemeral port range (32768 if unknown).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// A plain `GET` of `path` on 127.0.0.1:`port` over HTTP/1.0 (the server
