@@ -44,12 +44,20 @@ struct Group {
     first: u64,
     /// uids of east's service pods that served.
     east_served: Vec<String>,
+    /// east's second replica, when east runs two with leader election.
+    east_b: Option<Controller>,
 }
 
 const NAMES: [&str; 3] = ["east", "west", "witness"];
 
 impl Group {
     async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// With `replicas`, east runs two controller replicas with leader
+    /// election, as the manifests do.
+    async fn start_with(replicas: bool) -> Self {
         init_tracing();
         counterweight_harness::install_crypto_provider();
         let (clusters, cms, dir, mesh) = start_group(&NAMES).await;
@@ -68,8 +76,16 @@ impl Group {
             nodes: Vec::new(),
             first: 0,
             east_served: Vec::new(),
+            east_b: None,
         };
-        g.nodes = (0..NAMES.len()).map(|i| Some(g.controller(i))).collect();
+        if replicas {
+            let others: Vec<_> = (1..NAMES.len()).map(|i| Some(g.controller(i))).collect();
+            g.nodes = vec![Some(g.replica("east-a"))];
+            g.east_b = Some(g.replica("east-b"));
+            g.nodes.extend(others);
+        } else {
+            g.nodes = (0..NAMES.len()).map(|i| Some(g.controller(i))).collect();
+        }
         g.first = wait_active(&g.cms[0], "east to become active", 1)
             .await
             .epoch;
@@ -90,6 +106,27 @@ impl Group {
             self.dir.path(),
             &self.ha_file,
             extra,
+        )
+    }
+
+    /// One of east's replicas, `identity`, with leader election (test
+    /// timings: a 4 s Lease, as in `leader.rs`).
+    fn replica(&self, identity: &str) -> Controller {
+        let args = [
+            "--leader-elect".to_owned(),
+            format!("--leader-election-identity={identity}"),
+            "--leader-lease-duration=4000ms".to_owned(),
+            "--leader-renew-deadline=3000ms".to_owned(),
+            "--leader-retry-period=300ms".to_owned(),
+        ];
+        let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+        Controller::start(
+            &self.clusters[0],
+            "east",
+            &self.mesh,
+            self.dir.path(),
+            &self.ha_file,
+            &extra,
         )
     }
 
@@ -299,6 +336,76 @@ async fn a_controller_killed_during_its_promotion_patches_leaves_one_cluster_ser
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_controller_killed_after_it_handed_over_leaves_one_cluster_serving() {
     killed_during_handover_after("HandedOver").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_leader_of_two_replicas_leaves_one_cluster_serving() {
+    let mut g = Group::start_with(true).await;
+    let sidecar = LeaseSidecar::start(&g.clusters[0], "east", g.first, g.dir.path()).await;
+    sidecar.serving("east's pod to serve at first").await;
+    let bound = monitors(&g, &sidecar).0;
+    let leads = |c: &Option<Controller>| {
+        let port = c.as_ref().map(|c| c.metrics_port);
+        async move {
+            match port {
+                Some(p) => counterweight_e2e::ha::http_get(p, "/metrics")
+                    .await
+                    .is_ok_and(|t| t.lines().any(|l| l == "counterweight_leader 1")),
+                None => false,
+            }
+        }
+    };
+    // The acting replica dies. Its follower takes the Lease only after a
+    // whole Lease (4 s) of silence, longer than east's HA lease (1.5 s):
+    // west promotes first, and east's pods must have stopped by then.
+    let mut follower = if leads(&g.nodes[0]).await {
+        g.kill(0);
+        g.east_b.take().expect("replica b")
+    } else {
+        assert!(leads(&g.east_b).await, "one of east's replicas leads");
+        let mut b = g.east_b.take().expect("replica b");
+        b.process.kill();
+        g.nodes[0].take().expect("replica a")
+    };
+    let killed = Instant::now();
+    let promoted = wait_active(&g.cms[1], "west to take over", g.first + 1).await;
+    let took = killed.elapsed();
+    assert!(took >= g.lease_bound(), "west promoted after {took:?}");
+    sidecar_stopped(&sidecar, "at west's promotion").await;
+    // The follower leads, boots as any restarted controller does, fences,
+    // and east rejoins as a standby with its served pods restarted.
+    eventually(
+        "east's other replica to lead",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            let t = counterweight_e2e::ha::http_get(follower.metrics_port, "/metrics").await;
+            Ok(
+                t.is_ok_and(|t| t.lines().any(|l| l == "counterweight_leader 1"))
+                    .then_some(()),
+            )
+        },
+    )
+    .await;
+    restarted_blocked(
+        &g.clusters[0],
+        &g.east_served,
+        "east's served pods to be restarted by the new leader",
+    )
+    .await;
+    assert!(!sample(&g.cms[0]).await.is_some_and(|s| s.active));
+    assert_eq!(
+        sample(&g.cms[1]).await.map(|s| s.epoch),
+        Some(promoted.epoch)
+    );
+    follower
+        .process
+        .check_alive()
+        .expect("the new leader keeps running");
+    println!(
+        "east's leader killed: west active after {took:?}; the other replica took over as standby"
+    );
+    bound.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
