@@ -17,7 +17,9 @@
 //! Starting to serve is only noted and carried out beside the loop.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use counterweight_core::clock::unix_ms;
 
 use counterweight_core::serving::{SERVING_CONFIGMAP, ServingLease, publish_due, publish_until};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -26,14 +28,6 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::ha_loop::Serving;
-
-/// Milliseconds since the Unix epoch by this node's wall clock.
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
 
 /// Timings of the publisher, from the HA configuration.
 #[derive(Debug, Clone, Copy)]

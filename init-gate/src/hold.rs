@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use counterweight_core::clock::unix_ms;
 use counterweight_core::serving::{Allowance, ServingLease, allowance};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -76,14 +77,6 @@ pub enum HoldError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// Milliseconds since the Unix epoch by this node's wall clock.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Reads the release epoch the gate wrote.

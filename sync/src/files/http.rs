@@ -13,13 +13,13 @@
 //! network (the controller dials the pod IP).
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use counterweight_core::clock::unix_ms;
 use tokio::sync::watch;
 
 use super::{Watermark, freshness, read_marker};
@@ -54,13 +54,6 @@ fn max_age_param(query: Option<&str>) -> Result<Option<u64>, String> {
             .map(Some)
             .map_err(|_| format!("maxAgeMs={v:?} is not a number of milliseconds")),
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 impl Endpoint {

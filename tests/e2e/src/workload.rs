@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use counterweight_core::clock::unix_ms;
 use counterweight_core::names;
 use counterweight_core::serving::{Allowance, SERVING_CONFIGMAP, ServingLease, allowance};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
@@ -177,13 +178,6 @@ impl Watched {
         }
         (!why.is_empty()).then(|| why.join("; "))
     }
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Rounds a monitor must have sampled before its verdict counts.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use counterweight_controller::gate_access::{binding_for, gate_role};
 use counterweight_controller::serving::released_epoch;
-use counterweight_controller::serving_lease::unix_ms;
+use counterweight_core::clock::unix_ms;
 use counterweight_core::inject::{
     Decision, GATE_CONTAINER, InjectorConfig, LEASE_CONTAINER, inject,
 };

@@ -174,7 +174,7 @@ async fn sidecar_stopped(sidecar: &LeaseSidecar, what: &str) {
         "{what}: the lease sidecar must fail readiness"
     );
     let lease = sidecar.lease().expect("the sidecar keeps a lease file");
-    let now = counterweight_controller::serving_lease::unix_ms();
+    let now = counterweight_core::clock::unix_ms();
     assert!(
         lease.until_unix_ms <= now,
         "{what}: the lease file must have ended ({lease:?}, now {now})"
