@@ -63,13 +63,12 @@ impl Binaries {
     }
 }
 
-fn find() -> Result<PathBuf, HarnessError> {
-    if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
-        let dir = PathBuf::from(dir);
-        check(&dir)?;
-        return Ok(dir);
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/controlplane/build.sh");
+/// Runs `tools/controlplane/<script>` and returns the directory it prints
+/// last: where the binaries it built or found are.
+fn run_build_script(script: &str) -> Result<PathBuf, HarnessError> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tools/controlplane")
+        .join(script);
     let out = Command::new("bash")
         .arg(&script)
         .output()
@@ -83,7 +82,18 @@ fn find() -> Result<PathBuf, HarnessError> {
         )));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+    Ok(PathBuf::from(
+        stdout.lines().last().unwrap_or_default().trim(),
+    ))
+}
+
+fn find() -> Result<PathBuf, HarnessError> {
+    if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
+        let dir = PathBuf::from(dir);
+        check(&dir)?;
+        return Ok(dir);
+    }
+    let dir = run_build_script("build.sh")?;
     check(&dir)?;
     Ok(dir)
 }
@@ -142,24 +152,7 @@ impl NodeBinaries {
 fn find_node() -> Result<PathBuf, HarnessError> {
     let dir = match std::env::var_os(NODE_BIN_DIR_ENV) {
         Some(dir) => PathBuf::from(dir),
-        None => {
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/controlplane/node.sh");
-            let out = Command::new("bash")
-                .arg(&script)
-                .output()
-                .map_err(|e| HarnessError::io(format!("running {}", script.display()), e))?;
-            if !out.status.success() {
-                return Err(HarnessError::Binaries(format!(
-                    "{} failed ({}):\n{}",
-                    script.display(),
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                )));
-            }
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
-        }
+        None => run_build_script("node.sh")?,
     };
     let mut missing: Vec<String> = ["kubelet", "kube-proxy"]
         .iter()

@@ -399,12 +399,7 @@ impl Cluster {
     /// kubeconfig for it, for tests that need a non-admin identity.
     pub fn user_kubeconfig(&self, user: &str, groups: &[&str]) -> Result<PathBuf, HarnessError> {
         let pki = self.dir.path().join("pki");
-        let ca = CertificateAuthority::from_pem(
-            &std::fs::read_to_string(pki.join("ca.crt"))
-                .map_err(|e| HarnessError::io("reading ca.crt", e))?,
-            &std::fs::read_to_string(pki.join("ca.key"))
-                .map_err(|e| HarnessError::io("reading ca.key", e))?,
-        )?;
+        let ca = load_ca(&pki)?;
         let mut spec = LeafSpec::new(user, Usage::Client);
         for g in groups {
             spec = spec.organization(*g);
@@ -871,6 +866,19 @@ async fn client_for(path: &Path, name: &str) -> Result<kube::Client, HarnessErro
 pub(crate) fn write(path: &Path, contents: &str) -> Result<(), HarnessError> {
     std::fs::write(path, contents)
         .map_err(|e| HarnessError::io(format!("writing {}", path.display()), e))
+}
+
+/// The cluster CA kept in `pki` (`ca.crt`, `ca.key`), to issue more
+/// certificates after the cluster was made.
+pub(crate) fn load_ca(pki: &Path) -> Result<CertificateAuthority, HarnessError> {
+    let read = |name: &str| {
+        std::fs::read_to_string(pki.join(name))
+            .map_err(|e| HarnessError::io(format!("reading {name}"), e))
+    };
+    Ok(CertificateAuthority::from_pem(
+        &read("ca.crt")?,
+        &read("ca.key")?,
+    )?)
 }
 
 /// A loopback port that is free now and nobody in this process has been

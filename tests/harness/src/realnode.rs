@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
+use counterweight_certs::{LeafSpec, Usage};
 
 use crate::binaries::NodeBinaries;
 use crate::lan::{Lan, Link};
@@ -295,12 +295,7 @@ impl RealNode {
         let d = self.dir.display().to_string();
         let addr = self.addr();
         let pki = self.dir.join("pki");
-        let ca = CertificateAuthority::from_pem(
-            &std::fs::read_to_string(pki.join("ca.crt"))
-                .map_err(|e| HarnessError::io("reading ca.crt", e))?,
-            &std::fs::read_to_string(pki.join("ca.key"))
-                .map_err(|e| HarnessError::io("reading ca.key", e))?,
-        )?;
+        let ca = crate::load_ca(&pki)?;
         // The API server's identity towards kubelets.
         ca.issue(
             &LeafSpec::new("kube-apiserver-kubelet-client", Usage::Client)
