@@ -103,11 +103,25 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
             "{events:?}"
         );
     }
-    let transition = record(&cms[1])
-        .await
-        .remove("lastTransition")
-        .unwrap_or_default();
-    assert!(transition.contains("Promoted"), "{transition}");
+    // lastTransition is written beside the HA loop, after the step that
+    // promoted: it may land after the Events.
+    let transition = eventually(
+        "west's lastTransition to record the promotion",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let t = record(&cms[1])
+                .await
+                .remove("lastTransition")
+                .unwrap_or_default();
+            if t.contains("Promoted") {
+                Ok(Some(t))
+            } else {
+                Err(t)
+            }
+        },
+    )
+    .await;
     // The takeover carries how the data stood when it happened.
     assert!(
         transition.contains("data at this moment: db: 1 of 1 pods up"),
