@@ -8,14 +8,12 @@ use std::time::Duration;
 use counterweight_core::names;
 use counterweight_harness::Cluster;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{
-    Namespace, Pod, PodReadinessGate, Service, ServicePort, ServiceSpec,
-};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodReadinessGate, Service};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::eventually;
-use crate::fixtures::{EMS_POLICY, create_namespaces, deployment, install_policy, meta};
+use crate::fixtures::{EMS_POLICY, create_namespaces, deployment, install_policy, service};
 use crate::ha::SYSTEM;
 
 /// The sample EMS's namespace.
@@ -59,21 +57,7 @@ pub async fn prepare(cluster: &Cluster, with_workload: bool) {
     // A Service in front of web, so that its EndpointSlice shows who serves.
     let services: Api<Service> = Api::namespaced(client.clone(), APP);
     services
-        .create(
-            &PostParams::default(),
-            &Service {
-                metadata: meta("web"),
-                spec: Some(ServiceSpec {
-                    selector: Some([("app".to_owned(), "web".to_owned())].into()),
-                    ports: Some(vec![ServicePort {
-                        port: 80,
-                        ..Default::default()
-                    }]),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-        )
+        .create(&PostParams::default(), &service("web"))
         .await
         .expect("web Service");
     install_policy(&client, SYSTEM, EMS_POLICY).await;

@@ -61,6 +61,31 @@ pub fn deployment(name: &str, replicas: i32, extra_labels: &[(&str, &str)]) -> D
     }
 }
 
+/// Whether `pod` has the condition `type_` True.
+pub fn condition_true(pod: &k8s_openapi::api::core::v1::Pod, type_: &str) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == type_ && c.status == "True"))
+}
+
+/// A Service `name` on port 80 in front of the pods labelled `app=<name>`.
+pub fn service(name: &str) -> k8s_openapi::api::core::v1::Service {
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    k8s_openapi::api::core::v1::Service {
+        metadata: meta(name),
+        spec: Some(ServiceSpec {
+            selector: Some([("app".to_owned(), name.to_owned())].into()),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// Creates the namespaces and waits until each has its `default`
 /// ServiceAccount, without which no pod is admitted there.
 pub async fn create_namespaces(client: &kube::Client, names: &[&str]) {

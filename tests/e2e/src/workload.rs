@@ -34,6 +34,7 @@ use kube::api::{Api, ListParams};
 use counterweight_harness::{Cluster, Process, free_port};
 
 use crate::eventually;
+use crate::fixtures::condition_true;
 use crate::ha::{SYSTEM, workspace_bin};
 
 /// How long one read of a cluster may take before the monitor falls back to
@@ -109,11 +110,7 @@ impl Watched {
                 .items
                 .into_iter()
                 .filter(|p| {
-                    let conds = p.status.as_ref().and_then(|s| s.conditions.as_ref());
-                    let is = |t: &str| {
-                        conds.is_some_and(|c| c.iter().any(|c| c.type_ == t && c.status == "True"))
-                    };
-                    is(names::SERVING_CONDITION) && is("Ready")
+                    condition_true(p, names::SERVING_CONDITION) && condition_true(p, "Ready")
                 })
                 .map(|p| p.metadata.name.unwrap_or_default())
                 .collect();
@@ -121,12 +118,7 @@ impl Watched {
         let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &self.namespace);
         let lp = ListParams::default();
         if let Ok(Ok(list)) = tokio::time::timeout(READ_TIMEOUT, slices.list(&lp)).await {
-            seen.endpoints = list
-                .items
-                .iter()
-                .flat_map(|s| s.endpoints.iter().flatten())
-                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-                .count();
+            seen.endpoints = ready_endpoints(&list.items);
         }
         if self.lease_bound {
             let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), SYSTEM);
@@ -178,6 +170,15 @@ impl Watched {
         }
         (!why.is_empty()).then(|| why.join("; "))
     }
+}
+
+/// Ready endpoints in `slices`: the addresses their Services send traffic to.
+pub fn ready_endpoints(slices: &[EndpointSlice]) -> usize {
+    slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter().flatten())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .count()
 }
 
 /// Rounds a monitor must have sampled before its verdict counts.

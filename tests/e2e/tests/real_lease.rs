@@ -23,21 +23,34 @@ use counterweight_core::inject::{
 };
 use counterweight_core::names;
 use counterweight_core::serving::{SERVING_CONFIGMAP, ServingLease};
+use counterweight_e2e::fixtures::{condition_true, create_namespaces, meta, service};
 use counterweight_e2e::ha::workspace_bin;
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::realnode::BUSYBOX_IMAGE;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, HostPathVolumeSource, Namespace, Pod, PodSpec, Service, ServiceAccount,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    ConfigMap, Container, HostPathVolumeSource, Pod, PodSpec, Service, Volume, VolumeMount,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const SYSTEM: &str = names::SYSTEM_NAMESPACE;
 const APP_NS: &str = "shop";
 const CLUSTER: &str = "r0";
+
+fn ready(p: &Pod) -> bool {
+    condition_true(p, "Ready")
+}
+
+/// Ready endpoints of the app namespace's Services.
+async fn ready_endpoints(slices: &Api<EndpointSlice>) -> Result<usize, String> {
+    let list = slices
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(counterweight_e2e::workload::ready_endpoints(&list.items))
+}
 
 fn root() -> bool {
     if nix::unistd::Uid::effective().is_root() {
@@ -45,13 +58,6 @@ fn root() -> bool {
     }
     eprintln!("skipped: real nodes need root (namespaces, cgroups, containerd)");
     false
-}
-
-fn meta(name: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        ..Default::default()
-    }
 }
 
 /// The pod `web` as the webhook injects it (`counterweight_core::inject`),
@@ -133,25 +139,6 @@ fn injected_web(gate_bin: &Path) -> Pod {
     pod
 }
 
-fn ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-async fn ready_endpoints(slices: &Api<EndpointSlice>) -> usize {
-    slices
-        .list(&ListParams::default())
-        .await
-        .map(|l| l.items)
-        .unwrap_or_default()
-        .iter()
-        .flat_map(|s| s.endpoints.iter().flatten())
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-        .count()
-}
-
 async fn write_lease(cms: &Api<ConfigMap>, until_unix_ms: u64) {
     let lease = ServingLease {
         cluster: CLUSTER.into(),
@@ -186,18 +173,7 @@ async fn on_a_real_kubelet_a_pod_leaves_its_service_when_the_serving_lease_ends(
 
     // What the controller would have made: namespaces, the state record
     // (active, epoch 1), the gates' Role and binding, a first lease.
-    let nss: Api<Namespace> = Api::all(client.clone());
-    for ns in [SYSTEM, APP_NS] {
-        nss.create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: meta(ns),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("namespace");
-    }
+    create_namespaces(&client, &[SYSTEM, APP_NS]).await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), SYSTEM);
     cms.create(
         &PostParams::default(),
@@ -221,30 +197,8 @@ async fn on_a_real_kubelet_a_pod_leaves_its_service_when_the_serving_lease_ends(
         .create(&PostParams::default(), &binding_for(SYSTEM, APP_NS))
         .await
         .expect("gate RoleBinding");
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), APP_NS);
-    eventually(
-        "the default ServiceAccount of the app namespace",
-        Duration::from_secs(60),
-        Duration::from_millis(100),
-        || async { Ok(sas.get_opt("default").await.ok().flatten().map(|_| ())) },
-    )
-    .await;
     Api::<Service>::namespaced(client.clone(), APP_NS)
-        .create(
-            &PostParams::default(),
-            &Service {
-                metadata: meta("web"),
-                spec: Some(ServiceSpec {
-                    selector: Some(BTreeMap::from([("app".to_owned(), "web".to_owned())])),
-                    ports: Some(vec![ServicePort {
-                        port: 80,
-                        ..Default::default()
-                    }]),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-        )
+        .create(&PostParams::default(), &service("web"))
         .await
         .expect("Service");
 
@@ -291,7 +245,7 @@ async fn on_a_real_kubelet_a_pod_leaves_its_service_when_the_serving_lease_ends(
         Duration::from_millis(100),
         || async {
             let p = pods.get("web").await.map_err(|e| e.to_string())?;
-            Ok((ready(&p) && ready_endpoints(&slices).await == 1).then_some(()))
+            Ok((ready(&p) && ready_endpoints(&slices).await == Ok(1)).then_some(()))
         },
     )
     .await;
@@ -307,7 +261,7 @@ async fn on_a_real_kubelet_a_pod_leaves_its_service_when_the_serving_lease_ends(
         Duration::from_millis(50),
         || async {
             let p = pods.get("web").await.map_err(|e| e.to_string())?;
-            Ok((!ready(&p) && ready_endpoints(&slices).await == 0).then(unix_ms))
+            Ok((!ready(&p) && ready_endpoints(&slices).await == Ok(0)).then(unix_ms))
         },
     )
     .await;

@@ -99,10 +99,7 @@ fn gated_pod(gate_dir: &Path) -> Pod {
 }
 
 fn ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    counterweight_e2e::fixtures::condition_true(p, "Ready")
 }
 
 fn init_running(p: &Pod) -> bool {

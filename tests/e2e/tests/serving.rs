@@ -127,10 +127,7 @@ fn serving(p: &Pod) -> Option<(String, String)> {
 }
 
 fn is_true(p: &Pod, ty: &str) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == ty && c.status == "True"))
+    counterweight_e2e::fixtures::condition_true(p, ty)
 }
 
 fn running(p: &Pod) -> bool {

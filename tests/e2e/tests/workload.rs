@@ -156,12 +156,19 @@ impl Group {
     }
 }
 
-/// Both monitors over east (with its real sidecar) and west.
-fn monitors(g: &Group, sidecar: &LeaseSidecar) -> (WorkloadMonitor, WorkloadMonitor) {
+/// The workload monitor over east (with its real sidecar) and west.
+fn monitor(g: &Group, sidecar: &LeaseSidecar) -> WorkloadMonitor {
     let [east, west] = g.watched();
     east.set_sidecar(sidecar.port);
+    WorkloadMonitor::start(vec![east, west])
+}
+
+/// [`monitor`], and beside it one that judges pods by their serving
+/// condition alone, as the design before the serving lease had to.
+fn monitors(g: &Group, sidecar: &LeaseSidecar) -> (WorkloadMonitor, WorkloadMonitor) {
+    let [east, west] = g.watched();
     let unbound = WorkloadMonitor::start(vec![east.unbound(), west.unbound()]);
-    (WorkloadMonitor::start(vec![east, west]), unbound)
+    (monitor(g, sidecar), unbound)
 }
 
 /// Asserts that the sidecar no longer lets east's pod serve: readiness
@@ -343,7 +350,7 @@ async fn a_killed_leader_of_two_replicas_leaves_one_cluster_serving() {
     let mut g = Group::start_with(true).await;
     let sidecar = LeaseSidecar::start(&g.clusters[0], "east", g.first, g.dir.path()).await;
     sidecar.serving("east's pod to serve at first").await;
-    let bound = monitors(&g, &sidecar).0;
+    let bound = monitor(&g, &sidecar);
     let leads = |c: &Option<Controller>| {
         let port = c.as_ref().map(|c| c.metrics_port);
         async move {
@@ -413,7 +420,7 @@ async fn a_frozen_api_server_stops_the_workload_at_its_lease_end_and_thawing_cau
     let g = Group::start().await;
     let sidecar = LeaseSidecar::start(&g.clusters[0], "east", g.first, g.dir.path()).await;
     sidecar.serving("east's pod to serve at first").await;
-    let bound = monitors(&g, &sidecar).0;
+    let bound = monitor(&g, &sidecar);
 
     // Finding 2: east's API server hangs every request. Its HA loop keeps
     // renewing through the peers; the serving lease cannot be renewed, so
@@ -469,7 +476,7 @@ async fn an_isolated_active_without_its_api_server_is_replaced_and_rejoins_as_a_
     let mut g = Group::start().await;
     let sidecar = LeaseSidecar::start(&g.clusters[0], "east", g.first, g.dir.path()).await;
     sidecar.serving("east's pod to serve at first").await;
-    let bound = monitors(&g, &sidecar).0;
+    let bound = monitor(&g, &sidecar);
 
     // Finding 3: east loses its API server and its links at once. It cannot
     // renew, fence through the API or persist; its pods stop at the lease
