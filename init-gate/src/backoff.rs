@@ -77,6 +77,22 @@ impl Backoff {
     }
 }
 
+/// The delays as kube's watcher wants them: an endless sequence that a
+/// successful event resets (`StreamBackoff` calls `reset` on every `Ok`).
+impl Iterator for Backoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(self.next_delay())
+    }
+}
+
+impl kube::runtime::utils::Backoff for Backoff {
+    fn reset(&mut self) {
+        Backoff::reset(self);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +142,16 @@ mod tests {
         assert_eq!(b.ceiling(), Duration::from_secs(30));
         b.reset();
         assert_eq!(b.ceiling(), MS);
+    }
+
+    #[test]
+    fn as_a_watcher_backoff_it_never_ends_and_resets() {
+        let mut b = Backoff::new(100 * MS, 1000 * MS, 9);
+        let delays: Vec<Duration> = b.by_ref().take(50).collect();
+        assert_eq!(delays.len(), 50);
+        assert!(delays.iter().all(|d| *d <= 1000 * MS));
+        kube::runtime::utils::Backoff::reset(&mut b);
+        assert_eq!(b.ceiling(), 100 * MS);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::backoff::Backoff;
 use counterweight_core::clock::unix_ms;
 use counterweight_core::serving::{Allowance, ServingLease, allowance};
 use futures::StreamExt;
@@ -136,6 +137,22 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// First delay before the lease watch is re-established after an error.
+pub const WATCH_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+
+/// Longest delay between attempts to re-establish the lease watch.
+///
+/// kube's default watcher backoff grows to 30 s: after an API server was
+/// down for 11 s, the sidecar waited up to 13 s more before it read the
+/// renewed lease, and the active served nothing for 18 s after its API
+/// server was back. Every second of delay here is a second of outage once
+/// the API server returns, so the cap is short. Its cost is the retry load
+/// on a down API server: with equal jitter, 10,000 sidecars retry about
+/// 13,000 times a second, each a refused or rejected connection (priority
+/// and fairness answer 429 to an overloaded server, which is retried the
+/// same way).
+pub const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// Follows the lease ConfigMap `namespace/name` into `holder` until the
 /// watch stream ends (never, in practice: errors are retried with backoff).
 /// A deleted or unreadable record counts as no lease.
@@ -145,7 +162,10 @@ pub async fn follow(api: Api<ConfigMap>, name: &str, holder: Arc<Holder>) -> Res
         api,
         watcher::Config::default().fields(&format!("metadata.name={name}")),
     )
-    .default_backoff();
+    .backoff(Backoff::with_random_seed(
+        WATCH_BACKOFF_INITIAL,
+        WATCH_BACKOFF_MAX,
+    ));
     let mut stream = std::pin::pin!(stream);
     let mut last_error: Option<String> = None;
     while let Some(item) = stream.next().await {
