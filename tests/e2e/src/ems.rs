@@ -5,16 +5,18 @@
 
 use std::time::Duration;
 
+use counterweight_core::health::{HealthReport, below_threshold};
 use counterweight_core::names;
 use counterweight_harness::Cluster;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Pod, PodReadinessGate, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodReadinessGate, Service};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use crate::eventually;
 use crate::fixtures::{EMS_POLICY, create_namespaces, deployment, install_policy, service};
-use crate::ha::SYSTEM;
+use crate::ha::{SYSTEM, record};
+use crate::workload::{Watched, WorkloadMonitor};
+use crate::{eventually, eventually_explained};
 
 /// The sample EMS's namespace.
 pub const APP: &str = "ems";
@@ -25,10 +27,22 @@ pub const APP: &str = "ems";
 /// synchronization Deployment, and the policy.
 pub async fn prepare(cluster: &Cluster, with_workload: bool) {
     let client = cluster.client();
-    create_namespaces(&client, &[SYSTEM, APP]).await;
     if !with_workload {
+        create_namespaces(&client, &[SYSTEM, APP]).await;
         return;
     }
+    create_namespaces(&client, &[SYSTEM]).await;
+    workload(cluster).await;
+    install_policy(&client, SYSTEM, EMS_POLICY).await;
+}
+
+/// The sample EMS's workload without its policy, for tests whose policy is
+/// about something else but whose service pods must be watched: the
+/// opted-in namespace, the service and synchronization Deployments, and the
+/// Service in front of `web`.
+pub async fn workload(cluster: &Cluster) {
+    let client = cluster.client();
+    create_namespaces(&client, &[APP]).await;
     let nss: Api<Namespace> = Api::all(client.clone());
     nss.patch(
         APP,
@@ -60,7 +74,18 @@ pub async fn prepare(cluster: &Cluster, with_workload: bool) {
         .create(&PostParams::default(), &service("web"))
         .await
         .expect("web Service");
-    install_policy(&client, SYSTEM, EMS_POLICY).await;
+}
+
+/// The workload monitor over the sample EMS's service pods of `clusters`,
+/// named by `names` in the same order.
+pub fn monitor(names: &[&str], clusters: &[Cluster]) -> WorkloadMonitor {
+    WorkloadMonitor::start(
+        names
+            .iter()
+            .zip(clusters)
+            .map(|(n, c)| Watched::new(n, c.client(), APP))
+            .collect(),
+    )
 }
 
 /// `(name, uid, serving condition)` of the `app` pods in `cluster`.
@@ -130,6 +155,44 @@ pub async fn restarted_blocked(cluster: &Cluster, served: &[String], what: &str)
                 }
             }
             Ok(Some(()))
+        },
+    )
+    .await;
+}
+
+/// Waits until the controller of `cluster` records a health score at or
+/// above its threshold, read through core's [`HealthReport`]: the state a
+/// test needs before it asks that cluster to take over. A timeout shows
+/// the last report and the `web` pods' conditions.
+pub async fn healthy(cluster: &Cluster, cms: &Api<ConfigMap>, what: &str) {
+    let report = || async {
+        record(cms)
+            .await
+            .get("health")
+            .map(|h| serde_json::from_str::<HealthReport>(h).map_err(|e| e.to_string()))
+    };
+    eventually_explained(
+        what,
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            Ok(match report().await {
+                Some(Ok(h)) => (!below_threshold(h.score, h.threshold)).then_some(()),
+                Some(Err(e)) => return Err(format!("unreadable health record: {e}")),
+                None => None,
+            })
+        },
+        || async {
+            let pods: Api<Pod> = Api::namespaced(cluster.client(), APP);
+            let web: Vec<_> = pods
+                .list(&ListParams::default().labels("app=web"))
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| (p.metadata.name, p.metadata.deletion_timestamp, p.status))
+                .collect();
+            format!("\nlast report: {:?}\nweb pods: {web:?}", report().await)
         },
     )
     .await;

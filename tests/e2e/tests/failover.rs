@@ -7,25 +7,15 @@
 use std::time::{Duration, Instant};
 
 use counterweight_cli::Outcome;
-use counterweight_e2e::ems::{all_serving, db_uids, prepare, restarted_blocked, set_web_ready};
+use counterweight_e2e::ems::{
+    all_serving, db_uids, healthy, prepare, restarted_blocked, set_web_ready,
+};
 use counterweight_e2e::fixtures::{cwctl, fast_ha_config};
 use counterweight_e2e::ha::{
     Controller, Monitor, event_notes, event_reasons, nobody_active_for, record, sample,
     start_group, wait_active, write_ha_config,
 };
-use counterweight_e2e::workload::{Watched, WorkloadMonitor};
 use counterweight_e2e::{eventually, init_tracing};
-
-/// The workload monitor over east's and west's service pods.
-fn workload_monitor(clusters: &[counterweight_harness::Cluster]) -> WorkloadMonitor {
-    WorkloadMonitor::start(
-        ["east", "west"]
-            .iter()
-            .zip(clusters)
-            .map(|(n, c)| Watched::new(n, c.client(), counterweight_e2e::ems::APP))
-            .collect(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back() {
@@ -41,7 +31,7 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
     let mut east = Controller::start(&clusters[0], "east", &mesh, dir.path(), &ha_file, &[]);
     let mut west = Controller::start(&clusters[1], "west", &mesh, dir.path(), &ha_file, &[]);
     let monitor = Monitor::on(&["east", "west"], &cms);
-    let workload = workload_monitor(&clusters);
+    let workload = counterweight_e2e::ems::monitor(&["east", "west"], &clusters);
 
     // Both healthy: the preferred cluster (east) is elected.
     let first = wait_active(&cms[0], "east to become active", 1).await;
@@ -146,6 +136,12 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
 
     // No preemption: east recovers and stays standby.
     set_web_ready(&clusters[0], true).await;
+    healthy(
+        &clusters[0],
+        &cms[0],
+        "east's controller to see it healthy again",
+    )
+    .await;
     nobody_active_for(
         std::slice::from_ref(&cms[0]),
         Duration::from_secs(3),
@@ -240,7 +236,7 @@ async fn with_a_witness_a_cut_link_keeps_one_active_and_an_isolated_active_is_re
         })
         .collect();
     let monitor = Monitor::on(&["east", "west"], &cms);
-    let workload = workload_monitor(&clusters);
+    let workload = counterweight_e2e::ems::monitor(&["east", "west"], &clusters);
     let first = wait_active(&cms[0], "east to become active", 1).await;
 
     // Cut the link between the two clusters. east still renews its lease

@@ -2,7 +2,8 @@
 //! (issue 4): each controller is the `counterweight-controller` binary,
 //! talking to its peers through TCP proxies that can cut any link. A
 //! monitor samples the state ConfigMaps every 10 ms and fails on two
-//! actives.
+//! actives; the workload monitor samples every cluster's service pods,
+//! EndpointSlices and serving lease, and fails on two clusters serving.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -25,6 +26,8 @@ const POLICY: &str = "interval: 300ms\nthreshold: 0.5\nretries: 1\ncomponents:\n
 async fn prepare(cluster: &Cluster, state: Option<(&str, u64)>) {
     let client = cluster.client();
     create_namespaces(&client, &[SYSTEM]).await;
+    // Service pods, so that the workload monitor watches what would serve.
+    counterweight_e2e::ems::workload(cluster).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), SYSTEM);
     pods.create(
         &PostParams::default(),
@@ -112,6 +115,7 @@ async fn controllers_elect_over_mtls_and_a_cut_link_never_makes_two_actives() {
     let mut east = Controller::start(&clusters[0], "east", &mesh, dir.path(), &ha_file, &[]);
     let mut west = Controller::start(&clusters[1], "west", &mesh, dir.path(), &ha_file, &[]);
     let monitor = Monitor::on(&["east", "west"], &cms);
+    let workload = counterweight_e2e::ems::monitor(&names, &clusters);
     let elected = any_active(&cms, "an active elected over mTLS", 0).await;
     println!("elected {elected:?}");
 
@@ -139,6 +143,7 @@ async fn controllers_elect_over_mtls_and_a_cut_link_never_makes_two_actives() {
     mesh.heal("east", "west");
     any_active(&cms, "an active after the link heals", elected.1.epoch).await;
     monitor.finish();
+    workload.finish().await;
     east.process.check_alive().expect("east still running");
     west.process.check_alive().expect("west still running");
 }
@@ -183,6 +188,7 @@ async fn both_starting_active_is_resolved_para_0088_and_the_ha_config_reloads() 
     west.process.check_alive().expect("west keeps running");
     // And it stays resolved, watched by the monitor from here on.
     let monitor = Monitor::on(&["east", "west"], &cms);
+    let workload = counterweight_e2e::ems::monitor(&names, &clusters);
     let hold = Instant::now() + Duration::from_secs(2);
     while Instant::now() < hold {
         let (e, w) = (sample(&cms[0]).await, sample(&cms[1]).await);
@@ -217,6 +223,7 @@ async fn both_starting_active_is_resolved_para_0088_and_the_ha_config_reloads() 
         .check_alive()
         .expect("west survives a config change");
     monitor.finish();
+    workload.finish().await;
 }
 
 /// Rewrites the watched HA config file atomically, as a ConfigMap update
@@ -267,6 +274,7 @@ async fn a_peer_with_a_certificate_from_another_ca_is_refused_until_its_certific
     let mut east = Controller::start(&clusters[0], "east", &mesh, dir.path(), &ha_file, &[]);
     let mut west = Controller::start(&clusters[1], "west", &mesh, dir.path(), &ha_file, &[]);
     let monitor = Monitor::on(&["east", "west"], &cms);
+    let workload = counterweight_e2e::ems::monitor(&names, &clusters);
 
     // east refuses west's handshakes, so west's votes never count and
     // neither side reaches a majority of two.
@@ -318,6 +326,7 @@ async fn a_peer_with_a_certificate_from_another_ca_is_refused_until_its_certific
     let elected = any_active(&cms, "an active once west's certificate is good", 0).await;
     println!("after rotation: {elected:?}");
     monitor.finish();
+    workload.finish().await;
     east.process.check_alive().expect("east keeps running");
     west.process.check_alive().expect("west keeps running");
 }
@@ -337,6 +346,7 @@ async fn three_clusters_replace_a_killed_active_only_after_its_lease() {
         .map(|(n, c)| Controller::start(c, n, &mesh, dir.path(), &ha_file, &[]))
         .collect();
     let monitor = Monitor::on(&names, &cms);
+    let workload = counterweight_e2e::ems::monitor(&names, &clusters);
     let (first, first_state) = any_active(&cms, "an active among three clusters", 0).await;
 
     // SIGKILL the active controller. Its ConfigMap keeps saying "active" in
@@ -405,6 +415,7 @@ async fn three_clusters_replace_a_killed_active_only_after_its_lease() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     monitor.finish();
+    workload.finish().await;
     for (i, node) in nodes.iter_mut().enumerate().filter(|(i, _)| *i != first) {
         node.process
             .check_alive()
