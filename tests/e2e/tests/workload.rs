@@ -138,6 +138,47 @@ impl Group {
         }
     }
 
+    /// SIGKILLs east's acting replica (east runs two) and returns the other.
+    async fn kill_east_leader(&mut self) -> Controller {
+        if leads(self.nodes[0].as_ref()).await {
+            self.kill(0);
+            self.east_b.take().expect("replica b")
+        } else {
+            assert!(
+                leads(self.east_b.as_ref()).await,
+                "one of east's replicas leads"
+            );
+            let mut b = self.east_b.take().expect("replica b");
+            b.process.kill();
+            self.nodes[0].take().expect("replica a")
+        }
+    }
+
+    /// After east's leader was killed and west promoted in `epoch`: the
+    /// follower leads, boots as any restarted controller does, fences, and
+    /// east rejoins as a standby with its served pods restarted.
+    async fn follower_rejoins_as_standby(&self, follower: &mut Controller, epoch: u64) {
+        eventually(
+            "east's other replica to lead",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || async { Ok(leads(Some(&*follower)).await.then_some(())) },
+        )
+        .await;
+        restarted_blocked(
+            &self.clusters[0],
+            &self.east_served,
+            "east's served pods to be restarted by the new leader",
+        )
+        .await;
+        assert!(!sample(&self.cms[0]).await.is_some_and(|s| s.active));
+        assert_eq!(sample(&self.cms[1]).await.map(|s| s.epoch), Some(epoch));
+        follower
+            .process
+            .check_alive()
+            .expect("the new leader keeps running");
+    }
+
     /// The workload of east and west as the monitors see it.
     fn watched(&self) -> [Watched; 2] {
         [0, 1].map(|i| {
@@ -154,6 +195,16 @@ impl Group {
     /// probe intervals before.
     fn lease_bound(&self) -> Duration {
         Duration::from_millis(self.config.lease_ms - 2 * self.config.probe_interval_ms)
+    }
+}
+
+/// Whether `c` is the replica that acts (its metrics say it leads).
+async fn leads(c: Option<&Controller>) -> bool {
+    match c.map(|c| c.metrics_port) {
+        Some(p) => counterweight_e2e::ha::http_get(p, "/metrics")
+            .await
+            .is_ok_and(|t| t.lines().any(|l| l == "counterweight_leader 1")),
+        None => false,
     }
 }
 
@@ -251,8 +302,8 @@ async fn a_killed_active_controller_leaves_its_pods_serving_only_until_its_lease
 /// Kills east's controller as soon as it has recorded `reason` in a
 /// handover its falling health started, then checks that one cluster ends
 /// up serving and never two.
-async fn killed_during_handover_after(reason: &str) {
-    let mut g = Group::start().await;
+async fn killed_during_handover_after(reason: &str, replicas: bool) {
+    let mut g = Group::start_with(replicas).await;
     let sidecar = LeaseSidecar::start(&g.clusters[0], "east", g.first, g.dir.path()).await;
     sidecar.serving("east's pod to serve at first").await;
     let (bound, unbound) = monitors(&g, &sidecar);
@@ -271,7 +322,12 @@ async fn killed_during_handover_after(reason: &str) {
         },
     )
     .await;
-    g.kill(0);
+    let mut follower = if replicas {
+        Some(g.kill_east_leader().await)
+    } else {
+        g.kill(0);
+        None
+    };
     let events = event_reasons(&g.clusters[0]).await;
     let promoted = wait_active(&g.cms[1], "west to take over", g.first + 1).await;
     sidecar_stopped(&sidecar, "at west's promotion").await;
@@ -288,17 +344,20 @@ async fn killed_during_handover_after(reason: &str) {
         "by condition alone: {} samples of both serving",
         unbound_seen.len()
     );
+    if let Some(f) = follower.as_mut() {
+        g.follower_rejoins_as_standby(f, promoted.epoch).await;
+    }
     bound.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_controller_killed_after_handover_started_leaves_one_cluster_serving() {
-    killed_during_handover_after("HandoverStarted").await;
+    killed_during_handover_after("HandoverStarted", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_controller_killed_after_its_fence_leaves_one_cluster_serving() {
-    killed_during_handover_after("ServingStopped").await;
+    killed_during_handover_after("ServingStopped", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -343,7 +402,22 @@ async fn a_controller_killed_during_its_promotion_patches_leaves_one_cluster_ser
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_controller_killed_after_it_handed_over_leaves_one_cluster_serving() {
-    killed_during_handover_after("HandedOver").await;
+    killed_during_handover_after("HandedOver", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_of_two_replicas_killed_after_handover_started_leaves_one_cluster_serving() {
+    killed_during_handover_after("HandoverStarted", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_of_two_replicas_killed_after_its_fence_leaves_one_cluster_serving() {
+    killed_during_handover_after("ServingStopped", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_of_two_replicas_killed_after_it_handed_over_leaves_one_cluster_serving() {
+    killed_during_handover_after("HandedOver", true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -352,64 +426,17 @@ async fn a_killed_leader_of_two_replicas_leaves_one_cluster_serving() {
     let sidecar = LeaseSidecar::start(&g.clusters[0], "east", g.first, g.dir.path()).await;
     sidecar.serving("east's pod to serve at first").await;
     let bound = monitor(&g, &sidecar);
-    let leads = |c: &Option<Controller>| {
-        let port = c.as_ref().map(|c| c.metrics_port);
-        async move {
-            match port {
-                Some(p) => counterweight_e2e::ha::http_get(p, "/metrics")
-                    .await
-                    .is_ok_and(|t| t.lines().any(|l| l == "counterweight_leader 1")),
-                None => false,
-            }
-        }
-    };
     // The acting replica dies. Its follower takes the Lease only after a
     // whole Lease (4 s) of silence, longer than east's HA lease (1.5 s):
     // west promotes first, and east's pods must have stopped by then.
-    let mut follower = if leads(&g.nodes[0]).await {
-        g.kill(0);
-        g.east_b.take().expect("replica b")
-    } else {
-        assert!(leads(&g.east_b).await, "one of east's replicas leads");
-        let mut b = g.east_b.take().expect("replica b");
-        b.process.kill();
-        g.nodes[0].take().expect("replica a")
-    };
+    let mut follower = g.kill_east_leader().await;
     let killed = Instant::now();
     let promoted = wait_active(&g.cms[1], "west to take over", g.first + 1).await;
     let took = killed.elapsed();
     assert!(took >= g.lease_bound(), "west promoted after {took:?}");
     sidecar_stopped(&sidecar, "at west's promotion").await;
-    // The follower leads, boots as any restarted controller does, fences,
-    // and east rejoins as a standby with its served pods restarted.
-    eventually(
-        "east's other replica to lead",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || async {
-            let t = counterweight_e2e::ha::http_get(follower.metrics_port, "/metrics").await;
-            Ok(
-                t.is_ok_and(|t| t.lines().any(|l| l == "counterweight_leader 1"))
-                    .then_some(()),
-            )
-        },
-    )
-    .await;
-    restarted_blocked(
-        &g.clusters[0],
-        &g.east_served,
-        "east's served pods to be restarted by the new leader",
-    )
-    .await;
-    assert!(!sample(&g.cms[0]).await.is_some_and(|s| s.active));
-    assert_eq!(
-        sample(&g.cms[1]).await.map(|s| s.epoch),
-        Some(promoted.epoch)
-    );
-    follower
-        .process
-        .check_alive()
-        .expect("the new leader keeps running");
+    g.follower_rejoins_as_standby(&mut follower, promoted.epoch)
+        .await;
     println!(
         "east's leader killed: west active after {took:?}; the other replica took over as standby"
     );
