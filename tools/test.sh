@@ -54,8 +54,26 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo build --bins"
 cargo build --workspace --bins --locked
 
+# CW_STRESS=N runs N CPU-burning loops beside the tests (not the builds), so
+# the suite shows what it does on a busy machine: timing budgets must hold
+# under load, and a test that needs a retry there is a failing test.
+burners=()
+stop_burners() { [ ${#burners[@]} -eq 0 ] || kill "${burners[@]}" 2>/dev/null || true; }
+trap stop_burners EXIT
+stress=${CW_STRESS:-0}
+case "$stress" in
+  ''|*[!0-9]*) echo "CW_STRESS must be a number of CPU-burning loops, not '$stress'" >&2; exit 2;;
+esac
+for _ in $(seq "$stress"); do
+  sh -c 'while :; do :; done' &
+  burners+=($!)
+done
+[ "$stress" -gt 0 ] && step "stress: $stress CPU-burning loops beside the tests"
+
 step "cargo test"
 cargo test --workspace --locked --no-fail-fast
+stop_burners
+burners=()
 
 # The real-node tests make namespaces, veths, a bridge, cgroups and mounts outside their
 # processes; their teardown must leave none (watchdogs finish within ~3 s of a killed test).
