@@ -385,7 +385,13 @@ pub fn evaluate(policy: &Policy, observations: &[Observation]) -> Score {
         // Weights sum to 1 only within rounding; a fully healthy cluster is 1.
         1.0
     } else {
-        terms.iter().map(|(_, w)| w).sum::<f64>().clamp(0.0, 1.0)
+        // A fold from +0.0, not `sum`: the empty f64 sum is -0.0, which
+        // `clamp` keeps and which prints as "-0" when every component is
+        // down.
+        terms
+            .iter()
+            .fold(0.0_f64, |s, (_, w)| s + w)
+            .clamp(0.0, 1.0)
     };
     Score { score, components }
 }
@@ -829,6 +835,15 @@ mod tests {
                 "step {step}"
             );
         }
+    }
+
+    #[test]
+    fn everything_down_is_zero_not_minus_zero() {
+        // The empty f64 sum is -0.0, and S printed as "-0".
+        let p = policy(0.8, 0, &[("web", 0.5), ("db", 0.3), ("files", 0.2)]);
+        let s = evaluate(&p, &obs(&[false, false, false])).score;
+        assert!(s == 0.0 && s.is_sign_positive(), "{s:?}");
+        assert_eq!(format!("{s}"), "0");
     }
 
     #[test]

@@ -170,6 +170,19 @@ pub struct InjectorConfig {
     pub ready_port: u16,
 }
 
+impl InjectorConfig {
+    /// Container and volume names the injection adds: a pod that already
+    /// uses one is a [`Skip::NameConflict`], and a warning names them.
+    pub fn reserved_names(&self) -> Vec<&str> {
+        let mut names = vec![self.container_name.as_str()];
+        if self.lease_sidecar {
+            names.push(LEASE_CONTAINER);
+        }
+        names.extend([TOKEN_VOLUME, RUN_VOLUME]);
+        names
+    }
+}
+
 impl Default for InjectorConfig {
     fn default() -> Self {
         Self {
@@ -214,7 +227,8 @@ pub enum Skip {
     MirrorPod,
     /// hostNetwork pod, and the config says to skip those.
     HostNetwork,
-    /// The pod already has a volume with a name the gate needs.
+    /// The pod already has a volume, or an app container, with a name the
+    /// gate or its lease sidecar needs.
     NameConflict,
 }
 
@@ -346,6 +360,11 @@ pub struct MetaView<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SpecView<'a> {
+    /// Names of `spec.containers`: an app container may not take the name
+    /// of a container the injector adds (the API server would refuse the
+    /// injected pod for a duplicate name).
+    #[serde(default, borrow)]
+    pub containers: Option<Vec<Named<'a>>>,
     /// Names of `spec.initContainers`.
     #[serde(default, borrow)]
     pub init_containers: Option<Vec<Named<'a>>>,
@@ -400,6 +419,14 @@ impl<'a> From<&'a Pod> for PodView<'a> {
                 annotations: map(&meta.annotations),
             },
             spec: pod.spec.as_ref().map(|s| SpecView {
+                containers: Some(
+                    s.containers
+                        .iter()
+                        .map(|c| Named {
+                            name: Cow::Borrowed(&c.name),
+                        })
+                        .collect(),
+                ),
                 init_containers: s.init_containers.as_ref().map(|cs| {
                     cs.iter()
                         .map(|c| Named {
@@ -476,12 +503,19 @@ fn skip_reason(
         vs.iter()
             .any(|v| v.name == TOKEN_VOLUME || v.name == RUN_VOLUME)
     });
-    // (An app container of that name is refused by the API server itself.)
-    let lease_taken = config.lease_sidecar
-        && spec
-            .and_then(|s| s.init_containers.as_ref())
-            .is_some_and(|ics| ics.iter().any(|c| c.name == LEASE_CONTAINER));
-    if volume_taken || lease_taken {
+    // An app container named like the gate, or any container named like
+    // the lease sidecar, would make the injected pod one the API server
+    // refuses (duplicate container name): the pod could not be created at
+    // all, while outside an opted-in namespace it can.
+    let named = |name: &str| {
+        let Some(s) = spec else { return false };
+        let app = s.containers.iter().flatten().any(|c| c.name == name);
+        app || (name == LEASE_CONTAINER
+            && s.init_containers.iter().flatten().any(|c| c.name == name))
+    };
+    let container_taken =
+        named(&config.container_name) || (config.lease_sidecar && named(LEASE_CONTAINER));
+    if volume_taken || container_taken {
         return Some(Skip::NameConflict);
     }
     None
@@ -1204,6 +1238,44 @@ mod tests {
         pod.spec.as_mut().unwrap().init_containers = Some(vec![container(LEASE_CONTAINER)]);
         assert_eq!(
             inject(&pod, &enabled(), NS, &config()),
+            Decision::Skip(Skip::NameConflict)
+        );
+    }
+
+    #[test]
+    fn an_app_container_named_like_the_gate_or_the_sidecar_is_a_name_conflict() {
+        // Before, the gate was injected beside an app container of its name
+        // and the API server refused the pod: "spec.initContainers[0].name:
+        // Duplicate value: \"counterweight-gate\"".
+        for name in [GATE_CONTAINER, LEASE_CONTAINER] {
+            let mut pod = bare_pod();
+            pod.spec.as_mut().unwrap().containers = vec![container(name)];
+            assert_eq!(
+                inject(&pod, &enabled(), NS, &config()),
+                Decision::Skip(Skip::NameConflict),
+                "{name}"
+            );
+        }
+        // The sidecar's name is free when there is no sidecar.
+        let mut pod = bare_pod();
+        pod.spec.as_mut().unwrap().containers = vec![container(LEASE_CONTAINER)];
+        let cfg = InjectorConfig {
+            lease_sidecar: false,
+            ..config()
+        };
+        assert!(matches!(
+            inject(&pod, &enabled(), NS, &cfg),
+            Decision::Inject(_)
+        ));
+        // And a renamed gate checks its own name.
+        let mut pod = bare_pod();
+        pod.spec.as_mut().unwrap().containers = vec![container("gatekeeper")];
+        let cfg = InjectorConfig {
+            container_name: "gatekeeper".into(),
+            ..config()
+        };
+        assert_eq!(
+            inject(&pod, &enabled(), NS, &cfg),
             Decision::Skip(Skip::NameConflict)
         );
     }

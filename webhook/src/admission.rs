@@ -484,7 +484,8 @@ impl Handler {
                 let mut a = allow;
                 if reason.is_suspicious() {
                     a.warnings = vec![format!(
-                        "counterweight: init-gate not injected ({reason}); check the pod's counterweight.dev/role label and volume names"
+                        "counterweight: init-gate not injected ({reason}); check the pod's counterweight.dev/role label, and that no container or volume is named {}",
+                        self.injector.config().reserved_names().join(", ")
                     )];
                 }
                 Verdict::Answered(a)

@@ -368,6 +368,18 @@ async fn webhook_injects_skips_validates_and_survives_rotation() {
         .await
         .expect("database pod");
     assert!(is_untouched(&p), "{p:?}");
+    // An app container named like the gate: injecting would give the pod
+    // two containers of one name, which the API server refuses, so a pod
+    // that is valid elsewhere could not be created here. It is left alone.
+    let mut clash = pod("clash", &[], &[]);
+    if let Some(spec) = clash.spec.as_mut() {
+        spec.containers[0].name = GATE.into();
+    }
+    let p = on_pods
+        .create(&PostParams::default(), &clash)
+        .await
+        .expect("a pod whose app container is named like the gate is created");
+    assert!(is_untouched(&p), "{p:?}");
     let nss: Api<Namespace> = Api::all(client.clone());
     nss.patch(
         "kube-system",
