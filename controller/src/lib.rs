@@ -244,7 +244,7 @@ fn parse_ha_config(
     path: &std::path::Path,
     text: &[u8],
 ) -> Result<counterweight_core::ha::HaConfig, Error> {
-    serde_yaml_ng::from_slice(text).map_err(|e| ha_config_error(path, e))
+    counterweight_core::ha::HaConfig::from_yaml(text).map_err(|e| ha_config_error(path, e))
 }
 
 /// The HA configuration file, followed while the controller runs.

@@ -10,6 +10,7 @@
 //! values. That keeps the logic table-testable and lets the model checker run
 //! the real code.
 
+pub mod bounded;
 pub mod clock;
 pub mod ha;
 pub mod health;

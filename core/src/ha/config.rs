@@ -109,6 +109,12 @@ pub enum HaConfigError {
 }
 
 impl HaConfig {
+    /// Reads an HA configuration file (YAML or JSON), bounded like every
+    /// configuration (`crate::bounded`); [`HaConfig::validate`] is separate.
+    pub fn from_yaml(bytes: &[u8]) -> Result<Self, crate::bounded::BoundedError> {
+        crate::bounded::from_yaml_slice(bytes, crate::bounded::Limits::CONFIG)
+    }
+
     /// A configuration with default timings: probe every second, 5 s leases
     /// with a 1 s margin, candidates fresh for 3 s, no preemption.
     pub fn new(clusters: Vec<ClusterSpec>, witness: Option<String>) -> Self {
