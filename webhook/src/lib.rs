@@ -137,6 +137,15 @@ pub struct Args {
     #[arg(long, env = "COUNTERWEIGHT_MAX_BODY_BYTES", default_value_t = 7 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Bytes of large request bodies (over 64 KiB) held at once; must be at
+    /// least --max-body-bytes. Small reviews have their own pool.
+    #[arg(long, env = "COUNTERWEIGHT_MAX_INFLIGHT_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub max_inflight_bytes: usize,
+
+    /// Small requests (up to 64 KiB, ordinary pod reviews) held at once.
+    #[arg(long, env = "COUNTERWEIGHT_MAX_SMALL_REQUESTS", default_value_t = 128)]
+    pub max_small_requests: usize,
+
     /// Seconds in-flight requests may take to finish on shutdown.
     #[arg(long, env = "COUNTERWEIGHT_DRAIN_SECONDS", default_value_t = 10)]
     pub drain_seconds: u64,
@@ -172,6 +181,8 @@ impl Args {
     pub fn serve_options(&self) -> ServeOptions {
         ServeOptions {
             max_body_bytes: self.max_body_bytes,
+            inflight_bytes: self.max_inflight_bytes,
+            small_requests: self.max_small_requests,
             cert_poll: Duration::from_millis(self.tls_poll_ms.max(10)),
             drain_timeout: Duration::from_secs(self.drain_seconds),
             ..ServeOptions::default()

@@ -9,6 +9,11 @@
 //! certificates. Both stop when the shutdown future resolves: readiness turns
 //! false first, no new connection is accepted, and in-flight requests get
 //! [`ServeOptions::drain_timeout`] to finish.
+//!
+//! Memory is bounded by what the admission server holds, not by how many
+//! clients call it: [`BodyLimits`] admits a request only when its body fits
+//! in a budget (small reviews and large bodies apart), and refuses with 503
+//! after a short wait otherwise.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,7 +22,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::{StatusCode, header};
@@ -26,7 +32,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::Error;
@@ -52,7 +58,19 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// How long a client may take to complete the TLS handshake.
     pub handshake_timeout: Duration,
+    /// Bytes of large request bodies (above [`SMALL_BODY_BYTES`]) held at
+    /// once; a large request waits for room, up to [`ServeOptions::queue_wait`].
+    /// Must be at least `max_body_bytes`.
+    pub inflight_bytes: usize,
+    /// Small requests (ordinary pod reviews) held at once, each counted as
+    /// [`SMALL_BODY_BYTES`]; they never queue behind large ones.
+    pub small_requests: usize,
+    /// How long a request waits for room before it is answered 503.
+    pub queue_wait: Duration,
 }
+
+/// A body up to this size is "small": a pod review is typically 3–20 KB.
+pub const SMALL_BODY_BYTES: usize = 64 * 1024;
 
 impl Default for ServeOptions {
     fn default() -> Self {
@@ -61,7 +79,83 @@ impl Default for ServeOptions {
             cert_poll: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            // One largest body and change: with the small requests' 8 MiB,
+            // at most 16 MiB of bodies in memory (see README.md, "Resource
+            // bounds").
+            inflight_bytes: 8 * 1024 * 1024,
+            small_requests: 128,
+            queue_wait: Duration::from_secs(2),
         }
+    }
+}
+
+/// The bounds on request bodies held at once: two pools, so that ordinary
+/// reviews never wait behind large ones (tokio's semaphore is fair, and a
+/// queued large request would otherwise hold up every small one after it).
+#[derive(Debug, Clone)]
+pub struct BodyLimits {
+    max_body: usize,
+    /// Permits of 1 KiB for large bodies.
+    large: Arc<Semaphore>,
+    /// One permit per small request.
+    small: Arc<Semaphore>,
+    wait: Duration,
+}
+
+impl BodyLimits {
+    /// The limits `options` describe; refused if one largest body could
+    /// never fit.
+    pub fn new(options: &ServeOptions) -> Result<Self, Error> {
+        if options.inflight_bytes < options.max_body_bytes {
+            return Err(Error::Serve(format!(
+                "the in-flight budget ({} bytes) is smaller than the largest body ({} bytes): \
+                 raise --max-inflight-bytes or lower --max-body-bytes",
+                options.inflight_bytes, options.max_body_bytes
+            )));
+        }
+        let kib = u32::try_from(options.inflight_bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        Ok(Self {
+            max_body: options.max_body_bytes,
+            large: Arc::new(Semaphore::new(kib as usize)),
+            small: Arc::new(Semaphore::new(options.small_requests.max(1))),
+            wait: options.queue_wait,
+        })
+    }
+}
+
+/// Holds room for the request's body while it is read and answered. A
+/// body without a length is charged as the largest allowed; one declaring
+/// more than that is passed on for the body limit to answer 413.
+async fn hold_room(State(limits): State<BodyLimits>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let size = declared.unwrap_or(limits.max_body).min(limits.max_body);
+    let permit = if size <= SMALL_BODY_BYTES {
+        tokio::time::timeout(limits.wait, limits.small.clone().acquire_owned()).await
+    } else {
+        let kib = u32::try_from(size.div_ceil(1024)).unwrap_or(u32::MAX);
+        tokio::time::timeout(limits.wait, limits.large.clone().acquire_many_owned(kib)).await
+    };
+    match permit {
+        Ok(Ok(permit)) => {
+            let response = next.run(req).await;
+            drop(permit);
+            response
+        }
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            format!(
+                "the webhook holds as many request bodies as its memory budget allows; a {size}-byte \
+                 request waited {:?} for room. Retry; if this persists, look for unusually large \
+                 admission requests",
+                limits.wait
+            ),
+        )
+            .into_response(),
     }
 }
 
@@ -75,11 +169,13 @@ pub struct Listeners {
 }
 
 /// The admission routes, without TLS; useful on its own for benchmarks.
-pub fn admission_router(handler: Arc<Handler>, max_body_bytes: usize) -> Router {
+pub fn admission_router(handler: Arc<Handler>, limits: BodyLimits) -> Router {
+    let max_body = limits.max_body;
     Router::new()
         .route(MUTATE_PATH, post(mutate))
         .route(VALIDATE_POLICY_PATH, post(validate_policy))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(limits, hold_room))
         .with_state(handler)
 }
 
@@ -171,7 +267,8 @@ pub async fn serve(
             .watch(options.cert_poll, stopped(stop_rx.clone())),
     );
 
-    let service = TowerToHyperService::new(admission_router(handler, options.max_body_bytes));
+    let limits = BodyLimits::new(&options)?;
+    let service = TowerToHyperService::new(admission_router(handler, limits));
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     let admission = listeners.admission;

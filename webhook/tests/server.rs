@@ -89,6 +89,75 @@ async fn answers_reviews_over_tls_and_serves_ops_over_plain_http() {
     w.shutdown().await.unwrap();
 }
 
+/// Large bodies held at once are bounded by the in-flight budget (issue
+/// 17: 30 concurrent 10 MiB bodies held 227 MB before). While one large
+/// request holds the budget, its body still arriving, another large one
+/// waits and is refused 503 with a reason; ordinary reviews are answered
+/// meanwhile, and once the first is gone a large request gets in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_wait_for_room_and_small_reviews_do_not() {
+    use tokio::io::AsyncWriteExt;
+    const MIB: usize = 1024 * 1024;
+    let w = start(ServeOptions {
+        max_body_bytes: MIB,
+        inflight_bytes: MIB,
+        queue_wait: Duration::from_millis(300),
+        ..fast_poll()
+    })
+    .await;
+    let tls = client_config(&w.ca_pem());
+    let mut held = tls_stream(w.admission, &tls).await.unwrap();
+    let head = format!(
+        "POST {VALIDATE_POLICY_PATH} HTTP/1.1\r\nhost: 127.0.0.1\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        900 * 1024
+    );
+    held.write_all(head.as_bytes()).await.unwrap();
+    held.write_all(&[b' '; 1024]).await.unwrap();
+    held.flush().await.unwrap();
+
+    // Until the held request has reached the server, a second large one
+    // gets in and is answered; then it must wait and be refused.
+    let large = || Bytes::from(vec![b' '; 600 * 1024]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refusal = loop {
+        assert!(
+            Instant::now() < deadline,
+            "a second large body was never refused"
+        );
+        let (mut c, _) = connect(w.admission, Some(&tls)).await.unwrap();
+        let (status, body) = send(&mut c, "POST", VALIDATE_POLICY_PATH, large())
+            .await
+            .unwrap();
+        if status == 503 {
+            break String::from_utf8_lossy(&body).into_owned();
+        }
+    };
+    assert!(refusal.contains("waited"), "{refusal}");
+
+    // Small reviews have their own room.
+    let (mut c, _) = connect(w.admission, Some(&tls)).await.unwrap();
+    let (status, _) = send(&mut c, "POST", MUTATE_PATH, pod_review("u-small", "shop"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    // The held request goes away: its room is free again.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "the room was never freed");
+        let (mut c, _) = connect(w.admission, Some(&tls)).await.unwrap();
+        let (status, _) = send(&mut c, "POST", VALIDATE_POLICY_PATH, large())
+            .await
+            .unwrap();
+        if status != 503 {
+            break;
+        }
+    }
+    w.shutdown().await.unwrap();
+}
+
 /// Rotates the serving certificate five times, kubelet-style, while four
 /// clients send reviews nonstop (two on fresh connections, so every request
 /// does a handshake, two on kept-alive connections). No request may fail,

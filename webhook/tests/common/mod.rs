@@ -48,22 +48,30 @@ pub fn client_config_no_resume(ca_pem: &str) -> Arc<rustls::ClientConfig> {
 
 /// An HTTP/1.1 connection to `addr` (TLS when `tls` is given). Also returns
 /// the DER of the server's leaf certificate for TLS connections.
-pub async fn connect(
+/// A TLS connection to `addr`, for tests that write raw HTTP.
+pub async fn tls_stream(
     addr: SocketAddr,
-    tls: Option<&Arc<rustls::ClientConfig>>,
-) -> Result<(SendRequest<Full<Bytes>>, Option<Vec<u8>>), String> {
+    config: &Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
+    let name = ServerName::IpAddress(addr.ip().into());
+    connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))
+}
+
+pub async fn connect(
+    addr: SocketAddr,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<(SendRequest<Full<Bytes>>, Option<Vec<u8>>), String> {
     match tls {
         Some(config) => {
-            let connector = tokio_rustls::TlsConnector::from(config.clone());
-            let name = ServerName::IpAddress(addr.ip().into());
-            let stream = connector
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("TLS handshake: {e}"))?;
+            let stream = tls_stream(addr, config).await?;
             let peer = stream
                 .get_ref()
                 .1
@@ -77,6 +85,10 @@ pub async fn connect(
             Ok((sender, peer))
         }
         None => {
+            let tcp = TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            tcp.set_nodelay(true).map_err(|e| e.to_string())?;
             let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
                 .await
                 .map_err(|e| format!("HTTP handshake: {e}"))?;
