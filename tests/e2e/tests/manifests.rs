@@ -227,6 +227,54 @@ async fn base_and_overlays_render_and_differ_where_clusters_differ() {
             let cluster = &o["metadata"]["labels"]["counterweight.dev/cluster"];
             assert_eq!(cluster, me, "{}: cluster label", id(o));
         }
+        network_policies_name_declared_ports(objs);
+    }
+}
+
+/// Every NetworkPolicy selects pods of a rendered workload and opens only
+/// ports those pods declare by name: a renamed port would otherwise leave
+/// a policy that silently admits nothing (or the wrong thing).
+fn network_policies_name_declared_ports(objs: &[Value]) {
+    let policies: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["kind"] == "NetworkPolicy")
+        .collect();
+    assert!(
+        policies
+            .iter()
+            .any(|p| p["metadata"]["name"] == "counterweight-webhook"),
+        "the webhook has a NetworkPolicy"
+    );
+    for policy in policies {
+        let selector = &policy["spec"]["podSelector"]["matchLabels"];
+        let workload = objs
+            .iter()
+            .find(|o| {
+                let labels = &o["spec"]["template"]["metadata"]["labels"];
+                selector
+                    .as_object()
+                    .is_some_and(|m| m.iter().all(|(k, v)| &labels[k.as_str()] == v))
+            })
+            .unwrap_or_else(|| panic!("{} selects no rendered workload", id(policy)));
+        let declared: BTreeSet<&str> = workload["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        for rule in policy["spec"]["ingress"].as_array().into_iter().flatten() {
+            for port in rule["ports"].as_array().into_iter().flatten() {
+                if let Some(name) = port["port"].as_str() {
+                    assert!(
+                        declared.contains(name),
+                        "{} opens port {name}, which {} does not declare ({declared:?})",
+                        id(policy),
+                        id(workload)
+                    );
+                }
+            }
+        }
     }
 }
 
