@@ -495,15 +495,7 @@ pub fn policy_check(
             );
         }
     };
-    let Some(text) = cm.data.as_ref().and_then(|d| d.get(names::POLICY_KEY)) else {
-        return fail(
-            c,
-            NAME,
-            format!("the ConfigMap has no key {}", names::POLICY_KEY),
-            "put the policy YAML under key policy.yaml",
-        );
-    };
-    match Policy::from_yaml(text) {
+    match Policy::from_configmap_data(cm.data.as_ref()) {
         Err(e) => fail(
             c,
             NAME,

@@ -328,15 +328,7 @@ impl HealthLoop {
         if version == ev.policy_version {
             return None;
         }
-        let text = cm
-            .data
-            .as_ref()
-            .and_then(|d| d.get(names::POLICY_KEY))
-            .map(String::as_str);
-        let parsed = match text {
-            Some(t) => Policy::from_yaml(t).map_err(|e| e.to_string()),
-            None => Err(format!("the ConfigMap has no key {}", names::POLICY_KEY)),
-        };
+        let parsed = Policy::from_configmap_data(cm.data.as_ref()).map_err(|e| e.to_string());
         match parsed {
             Ok(policy) => {
                 info!(version = %version, components = policy.components.len(),

@@ -414,6 +414,26 @@ impl Policy {
         raw.validate()
     }
 
+    /// Reads the policy from the `data` of its ConfigMap
+    /// ([`crate::names::POLICY_CONFIGMAP`]), as every reader must: the
+    /// validating webhook, the controller and `cwctl check` call this one
+    /// function, so they cannot disagree about the same bytes.
+    pub fn from_configmap_data(
+        data: Option<&BTreeMap<String, String>>,
+    ) -> Result<Self, PolicyErrors> {
+        match data.and_then(|d| d.get(crate::names::POLICY_KEY)) {
+            Some(text) => Self::from_yaml(text),
+            None => Err(PolicyErrors(vec![Problem {
+                field: "data".to_owned(),
+                message: format!(
+                    "ConfigMap {} must hold the policy YAML under data key `{}`",
+                    crate::names::POLICY_CONFIGMAP,
+                    crate::names::POLICY_KEY
+                ),
+            }])),
+        }
+    }
+
     /// Sum of all weights; 1 within [`WEIGHT_SUM_TOLERANCE`] once validated.
     pub fn weight_sum(&self) -> f64 {
         self.components.iter().map(|c| c.weight).sum()

@@ -32,7 +32,7 @@ use std::sync::LazyLock;
 use std::time::Instant;
 
 use counterweight_core::inject::{Choice, Injector, InjectorConfig, PatchPlan, PodView};
-use counterweight_core::names::{INJECT_ENABLED, INJECT_LABEL, POLICY_CONFIGMAP, POLICY_KEY};
+use counterweight_core::names::{INJECT_ENABLED, INJECT_LABEL, POLICY_CONFIGMAP};
 use counterweight_core::policy::Policy;
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde::Deserialize;
@@ -524,13 +524,7 @@ impl Handler {
                 );
             }
         };
-        let Some(text) = cm.data.as_ref().and_then(|d| d.get(POLICY_KEY)) else {
-            self.metrics.policy_rejections.inc();
-            return Verdict::Answered(allow.deny(format!(
-                "ConfigMap {POLICY_CONFIGMAP} must hold the policy under data key `{POLICY_KEY}`"
-            )));
-        };
-        match Policy::from_yaml(text) {
+        match Policy::from_configmap_data(cm.data.as_ref()) {
             Ok(_) => Verdict::Answered(allow),
             Err(problems) => {
                 self.metrics.policy_rejections.inc();
@@ -547,6 +541,7 @@ impl Handler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use counterweight_core::names::POLICY_KEY;
     use serde_json::{Value, json};
 
     fn handler() -> Handler {
@@ -811,6 +806,47 @@ mod tests {
                 .unwrap()
                 .contains(POLICY_KEY)
         );
+    }
+
+    /// Policy texts: valid ones, near misses, YAML that is not a policy,
+    /// anchors and aliases, and arbitrary text.
+    fn policy_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let valid = "interval: 1s\nthreshold: 0.5\nretries: 1\ncomponents:\n  - {name: web, namespaces: [shop], selector: {matchLabels: {app: web}}, weight: 1}\n";
+        prop_oneof![
+            Just(valid.to_owned()),
+            (0.0f64..2.0, 0i64..4).prop_map(move |(t, r)| valid
+                .replace("threshold: 0.5", &format!("threshold: {t}"))
+                .replace("retries: 1", &format!("retries: {r}"))),
+            "[a-z]{1,8}: [a-z0-9]{0,8}",
+            "(interval|threshold|retries|components): [\\[\\]{}&*a-z0-9 ,:-]{0,24}",
+            Just("a: &x [1, 2]\nb: *x\n".to_owned()),
+            any::<String>(),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Issue 17: the validating webhook and the controller (and cwctl)
+        /// judge the same bytes the same way. The webhook's answer, through
+        /// its whole request path, is "allowed" exactly when core's reader
+        /// accepts the ConfigMap's data, and a refusal carries core's reason.
+        #[test]
+        fn the_webhook_allows_exactly_what_the_controller_accepts(
+            text in policy_text(),
+            under_key in proptest::bool::weighted(0.9),
+        ) {
+            let key = if under_key { POLICY_KEY } else { "other" };
+            let data = std::collections::BTreeMap::from([(key.to_owned(), text)]);
+            let cm = json!({"metadata": {"name": POLICY_CONFIGMAP}, "data": data});
+            let body = review("ConfigMap", "configmaps", "CREATE", "counterweight-system", POLICY_CONFIGMAP, cm);
+            let r = response(&handler().handle(Endpoint::ValidatePolicy, &body));
+            let core = Policy::from_configmap_data(Some(&data));
+            proptest::prop_assert_eq!(r["allowed"].as_bool(), Some(core.is_ok()), "{:?}", r);
+            if let Err(problems) = core {
+                let msg = r["status"]["message"].as_str().unwrap_or_default().to_owned();
+                proptest::prop_assert!(msg.contains(&problems.to_string()), "{} vs {}", msg, problems);
+            }
+        }
     }
 
     #[test]
