@@ -191,25 +191,40 @@ debian_layer() { # kind packages [essential-hook]
     rm -f "$r"/var/cache/debconf/*-old "$r"/var/lib/dpkg/*-old "$r"/etc/*-
     find "$r"/var/log -type f -delete'
   [ "$kind" != postgres ] || custom+='
-    mkdir -p "$r"/run/postgresql "$r"/var/lib/postgresql/data
-    chown 999:999 "$r"/run/postgresql "$r"/var/lib/postgresql/data
-    chmod 3777 "$r"/run/postgresql; chmod 1777 "$r"/var/lib/postgresql/data'
+    mkdir -p "$r"/var/lib/postgresql/data
+    chown 999:999 "$r"/var/lib/postgresql/data; chmod 1777 "$r"/var/lib/postgresql/data'
+  # Downloaded packages are kept between builds (a refresh downloads only what changed).
+  local debs="$work/debs"
+  mkdir -p "$debs"
   local args=(--quiet --mode=root --variant=minbase --format=directory --include="$pkgs"
     --aptopt='Acquire::Languages "none"'
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright'
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*'
     --dpkgopt='path-exclude=/usr/share/groff/*' --dpkgopt='path-exclude=/usr/share/lintian/*'
     --dpkgopt='path-exclude=/usr/share/locale/*'
+    --skip=download/empty
+    --setup-hook='mkdir -p "$1"/var/cache/apt/archives'
+    --setup-hook="sync-in $debs /var/cache/apt/archives"
+    --customize-hook="sync-out /var/cache/apt/archives $debs"
     --customize-hook="$custom")
   [ -z "$ess" ] || args+=(--essential-hook="$ess")
   local key out dir
-  key=$(printf '%s\n' "$epoch" "$suite" "${args[@]}" "${mirrors[@]}" "$(mmdebstrap --version)" | sha256sum | cut -c1-16)
+  # The recipe is this function's text and its arguments.
+  key=$(printf '%s\n' "$epoch" "$suite" "${args[@]}" "${mirrors[@]}" "$(mmdebstrap --version)" "$(declare -f debian_layer)" | sha256sum | cut -c1-16)
   out="$work/rootfs/$kind-$key.tar"
   [ -z "${COUNTERWEIGHT_IMAGES_REFRESH:-}" ] || rm -f "$out"
   if [ ! -f "$out" ]; then
     dir="$work/rootfs/$kind-$key.d"
     rm -rf "$dir"
     quietly "mmdebstrap $kind" env SOURCE_DATE_EPOCH=$epoch mmdebstrap "${args[@]}" "$suite" "$dir" "${mirrors[@]}"
+    # mmdebstrap leaves the build host's resolv.conf and hostname; the runtime provides both.
+    rm -f "$dir/etc/resolv.conf" "$dir/etc/hostname"
+    # /run is a tmpfs while mmdebstrap runs its hooks, so PostgreSQL's socket directory (the
+    # postgres image's, 3777) is made here.
+    if [ "$kind" = postgres ]; then
+      mkdir -p "$dir/run/postgresql"
+      chown 999:999 "$dir/run/postgresql" && chmod 3777 "$dir/run/postgresql"
+    fi
     # Containers get /dev, /proc and /sys from the runtime; keep the empty directories.
     det_tar "$dir" "$out" --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*'
     rm -rf "$dir"
