@@ -248,7 +248,9 @@ need_base rsync && base_layer[rsync]=$(debian_layer rsync rsync)
 # ---- binaries: the Dockerfile's profiles, static musl ---------------------------------------
 bins_of() { # profile
   local n
-  for n in "${wanted[@]}"; do [ "${profile[$n]}" = "$1" ] && echo "--bin ${binary[$n]}"; done | sort -u
+  for n in "${wanted[@]}"; do
+    if [ "${profile[$n]}" = "$1" ]; then echo "--bin ${binary[$n]}"; fi
+  done | sort -u
 }
 export CC_x86_64_unknown_linux_musl=musl-gcc
 for prof in release gate; do
