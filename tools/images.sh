@@ -69,11 +69,11 @@ json_strings() {
 
 # ---- the table ------------------------------------------------------------------------------
 declare -a names=()
-declare -A base profile binary path user ports stopsignal
-while read -r n b p bin pa u po st; do
+declare -A base profile package binary path user ports stopsignal
+while read -r n b p pkg bin pa u po st; do
   case $n in '' | \#*) continue ;; esac
   names+=("$n")
-  base[$n]=$b profile[$n]=$p binary[$n]=$bin path[$n]=$pa user[$n]=$u ports[$n]=$po stopsignal[$n]=$st
+  base[$n]=$b profile[$n]=$p package[$n]=$pkg binary[$n]=$bin path[$n]=$pa user[$n]=$u ports[$n]=$po stopsignal[$n]=$st
 done <"$table"
 
 # What the base image sets in Docker's path (the FROM image's config), repeated here.
@@ -246,10 +246,13 @@ need_base postgres && base_layer[postgres]=$(debian_layer postgres postgresql-15
 need_base rsync && base_layer[rsync]=$(debian_layer rsync rsync)
 
 # ---- binaries: the Dockerfile's profiles, static musl ---------------------------------------
+# Every binary of a profile in one build, whichever images are wanted, with the Dockerfile's
+# -p/--bin pairs: the same package selection gives the same feature unification, so cargo
+# reuses one set of artifacts (another selection relinks everything with LTO: minutes).
 bins_of() { # profile
   local n
-  for n in "${wanted[@]}"; do
-    if [ "${profile[$n]}" = "$1" ]; then echo "--bin ${binary[$n]}"; fi
+  for n in "${names[@]}"; do
+    if [ "${profile[$n]}" = "$1" ]; then echo "-p ${package[$n]} --bin ${binary[$n]}"; fi
   done | sort -u
 }
 export CC_x86_64_unknown_linux_musl=musl-gcc
