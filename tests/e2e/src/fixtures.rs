@@ -8,7 +8,9 @@ use std::time::Duration;
 use counterweight_controller::ha_loop::Outbox;
 use counterweight_core::ha::Envelope;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, PodTemplateSpec, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, PodSpec, PodTemplateSpec, ServiceAccount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::mpsc;
@@ -67,6 +69,57 @@ pub fn condition_true(pod: &k8s_openapi::api::core::v1::Pod, type_: &str) -> boo
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == type_ && c.status == "True"))
+}
+
+/// Whether `pod`'s first init container is running (a gate holding it).
+pub fn init_running(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.init_container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.state.as_ref())
+        .is_some_and(|s| s.running.is_some())
+}
+
+/// Why `pod`'s first app container waits (`PodInitializing` while an init
+/// container holds it), if it does.
+pub fn app_waiting_reason(pod: &k8s_openapi::api::core::v1::Pod) -> Option<String> {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.waiting.as_ref())
+        .and_then(|w| w.reason.clone())
+}
+
+/// Writes the serving lease of `cluster` in `epoch` until `until_unix_ms`
+/// into `cms` (the system namespace's ConfigMaps) as the controller does;
+/// the injected lease sidecars read it.
+pub async fn write_serving_lease(
+    cms: &Api<ConfigMap>,
+    cluster: &str,
+    epoch: u64,
+    until_unix_ms: u64,
+) {
+    use counterweight_core::serving::{SERVING_CONFIGMAP, ServingLease};
+    use kube::api::{Patch, PatchParams};
+    let lease = ServingLease {
+        cluster: cluster.into(),
+        epoch,
+        until_unix_ms,
+    };
+    cms.patch(
+        SERVING_CONFIGMAP,
+        &PatchParams::apply("counterweight-e2e").force(),
+        &Patch::Apply(serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": SERVING_CONFIGMAP},
+            "data": lease.to_data(),
+        })),
+    )
+    .await
+    .expect("serving lease");
 }
 
 /// A Service `name` on port 80 in front of the pods labelled `app=<name>`.

@@ -22,8 +22,9 @@ use counterweight_core::inject::{
     Decision, GATE_CONTAINER, InjectorConfig, LEASE_CONTAINER, inject,
 };
 use counterweight_core::names;
-use counterweight_core::serving::{SERVING_CONFIGMAP, ServingLease};
-use counterweight_e2e::fixtures::{condition_true, create_namespaces, meta, service};
+use counterweight_e2e::fixtures::{
+    condition_true, create_namespaces, meta, service, write_serving_lease,
+};
 use counterweight_e2e::ha::workspace_bin;
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::realnode::BUSYBOX_IMAGE;
@@ -140,22 +141,7 @@ fn injected_web(gate_bin: &Path) -> Pod {
 }
 
 async fn write_lease(cms: &Api<ConfigMap>, until_unix_ms: u64) {
-    let lease = ServingLease {
-        cluster: CLUSTER.into(),
-        epoch: 1,
-        until_unix_ms,
-    };
-    cms.patch(
-        SERVING_CONFIGMAP,
-        &PatchParams::apply("counterweight-e2e").force(),
-        &Patch::Apply(json!({
-            "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": SERVING_CONFIGMAP},
-            "data": lease.to_data(),
-        })),
-    )
-    .await
-    .expect("serving lease");
+    write_serving_lease(cms, CLUSTER, 1, until_unix_ms).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
