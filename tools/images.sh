@@ -246,11 +246,14 @@ need_base postgres && base_layer[postgres]=$(debian_layer postgres postgresql-15
 need_base rsync && base_layer[rsync]=$(debian_layer rsync rsync)
 
 # ---- binaries: the Dockerfile's profiles, static musl ---------------------------------------
-# Every binary of a profile in one build, whichever images are wanted, with the Dockerfile's
-# -p/--bin pairs: the same package selection gives the same feature unification, so cargo
-# reuses one set of artifacts (another selection relinks everything with LTO: minutes).
+# Every binary of a profile that a wanted image uses, in one build of all the profile's
+# binaries with the Dockerfile's -p/--bin pairs: the same package selection gives the same
+# feature unification, so cargo reuses one set of artifacts (another selection relinks
+# everything with LTO: minutes).
 bins_of() { # profile
   local n
+  for n in "${wanted[@]}"; do [ "${profile[$n]}" = "$1" ] && break; done
+  [ "${profile[$n]}" = "$1" ] || return 0
   for n in "${names[@]}"; do
     if [ "${profile[$n]}" = "$1" ]; then echo "-p ${package[$n]} --bin ${binary[$n]}"; fi
   done | sort -u

@@ -223,7 +223,7 @@ fn the_dockerfile_and_tools_images_sh_build_the_same_images() {
         );
         assert_eq!(
             entry,
-            [row.path.clone()],
+            [row.path.as_str()],
             "{name}: entrypoint is the binary"
         );
         assert_eq!(stage.user.as_deref(), cfg["User"].as_str(), "{name}: USER");

@@ -26,14 +26,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
-use counterweight_controller::gate_access::{binding_for, gate_role};
 use counterweight_controller::serving::released_epoch;
 use counterweight_core::clock::unix_ms;
 use counterweight_core::inject::{GATE_CONTAINER, LEASE_CONTAINER};
 use counterweight_core::names;
 use counterweight_e2e::fixtures::{
-    app_waiting_reason, condition_true, create_namespaces, deployment, init_running, meta, service,
-    write_serving_lease,
+    app_running, app_waiting_reason, condition_true, create_namespaces, deployment,
+    gate_access_and_service, init_running, meta, serve, write_serving_lease,
 };
 use counterweight_e2e::ha::workspace_bin;
 use counterweight_e2e::{eventually, init_tracing};
@@ -41,10 +40,9 @@ use counterweight_harness::{BUSYBOX_IMAGE, Process, free_port, http_get, webhook
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, Pod, PodSecurityContext, SecurityContext, Service,
+    ConfigMap, Container, Namespace, Pod, PodSecurityContext, SecurityContext,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -71,9 +69,14 @@ fn images_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/images.sh");
+    // Without the variables cargo sets for a test: under them the script's own
+    // cargo build found the musl artifacts stale and rebuilt them (minutes).
+    let keep = |k: &str| !k.starts_with("CARGO_") || matches!(k, "CARGO_HOME" | "CARGO_TARGET_DIR");
     let out = std::process::Command::new("bash")
         .arg(&script)
         .arg("gate")
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| keep(k) && k != "CARGO" && k != "LD_LIBRARY_PATH"))
         .output()
         .expect("run tools/images.sh");
     assert!(
@@ -194,15 +197,6 @@ fn gate_of(pod: &Pod) -> Option<&Container> {
         .find(|c| c.name == GATE_CONTAINER)
 }
 
-fn app_running(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|c| c.first())
-        .and_then(|c| c.state.as_ref())
-        .is_some_and(|s| s.running.is_some())
-}
-
 async fn set_state(cms: &Api<ConfigMap>, state: &str, epoch: u64) {
     cms.patch(
         names::STATE_CONFIGMAP,
@@ -277,18 +271,7 @@ async fn on_a_real_kubelet_the_gate_image_holds_a_standby_pod_until_promotion() 
         .expect("opt the namespace in");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), SYSTEM);
     set_state(&cms, "standby", 0).await;
-    Api::<Role>::namespaced(client.clone(), SYSTEM)
-        .create(&PostParams::default(), &gate_role(SYSTEM))
-        .await
-        .expect("gate Role");
-    Api::<RoleBinding>::namespaced(client.clone(), SYSTEM)
-        .create(&PostParams::default(), &binding_for(SYSTEM, APP_NS))
-        .await
-        .expect("gate RoleBinding");
-    Api::<Service>::namespaced(client.clone(), APP_NS)
-        .create(&PostParams::default(), &service("web"))
-        .await
-        .expect("Service");
+    gate_access_and_service(&client, APP_NS, "web").await;
     let _webhook = start_webhook(cluster, lan.host_addr()).await;
 
     // The Deployment's pod on the standby: gate Running (from the project's
@@ -384,15 +367,7 @@ async fn on_a_real_kubelet_the_gate_image_holds_a_standby_pod_until_promotion() 
 
     // The controller's serving condition: the kubelet turns the pod Ready
     // through the readiness gate, and its address joins the Service.
-    pods.patch_status(
-        &name,
-        &PatchParams::default(),
-        &Patch::Strategic(json!({"status": {"conditions": [{
-            "type": names::SERVING_CONDITION, "status": "True", "reason": "Active",
-        }]}})),
-    )
-    .await
-    .expect("serving condition");
+    serve(&pods, &started).await;
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), APP_NS);
     let ip = eventually(
         "the pod Ready and its address a ready endpoint of its Service",
