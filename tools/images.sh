@@ -219,6 +219,9 @@ debian_layer() { # kind packages [essential-hook]
     quietly "mmdebstrap $kind" env SOURCE_DATE_EPOCH=$epoch mmdebstrap "${args[@]}" "$suite" "$dir" "${mirrors[@]}"
     # mmdebstrap leaves the build host's resolv.conf and hostname; the runtime provides both.
     rm -f "$dir/etc/resolv.conf" "$dir/etc/hostname"
+    # apt's partial/ directories are owned by _apt or root depending on how apt ran; apt
+    # makes them again when it needs them.
+    rm -rf "$dir"/var/lib/apt/lists/* "$dir"/var/cache/apt/*
     # /run is a tmpfs while mmdebstrap runs its hooks, so PostgreSQL's socket directory (the
     # postgres image's, 3777) is made here.
     if [ "$kind" = postgres ]; then
