@@ -48,20 +48,30 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
        "target/${TARGET}/gate/counterweight-gate" /out/
 
 # distroless/static: CA certificates and a non-root user, no shell, no libc.
+# USER is numeric (distroless' nonroot is 65532): the kubelet can then check
+# runAsNonRoot without a runAsUser in the pod. EXPOSE lists what the
+# manifests (manifests/base) serve: peers 9443 and metrics 9090; the webhook
+# 8443 and metrics 9090.
+#
+# tools/images.sh builds the same images without Docker, from
+# tools/images/images.tsv; tests/e2e/tests/images.rs checks that both say the
+# same entrypoint, user, ports, stop signal and binary path.
 FROM gcr.io/distroless/static-debian12:nonroot AS controller
 COPY --from=build /out/counterweight-controller /usr/local/bin/counterweight-controller
-USER nonroot:nonroot
+USER 65532:65532
+EXPOSE 9443 9090
 ENTRYPOINT ["/usr/local/bin/counterweight-controller"]
 
 FROM gcr.io/distroless/static-debian12:nonroot AS webhook
 COPY --from=build /out/counterweight-webhook /usr/local/bin/counterweight-webhook
-USER nonroot:nonroot
+USER 65532:65532
+EXPOSE 8443 9090
 ENTRYPOINT ["/usr/local/bin/counterweight-webhook"]
 
 # cwctl for Jobs and debugging (`kubectl run --rm -it --image=... -- status`).
 FROM gcr.io/distroless/static-debian12:nonroot AS cwctl
 COPY --from=build /out/cwctl /usr/local/bin/cwctl
-USER nonroot:nonroot
+USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/cwctl"]
 
 # The init-gate on `scratch`: nothing but the binary. It reads the
@@ -75,18 +85,25 @@ ENTRYPOINT ["/counterweight-gate"]
 # The database synchronization pod: `counterweight-sync db` supervises the
 # PostgreSQL server of this image with pg_ctl, so both live in one image.
 # Debian's PostgreSQL 15 (/usr/lib/postgresql/15/bin, the supervisor's
-# default --pg-bin); user `postgres` is uid 999.
+# default --pg-bin); user `postgres` is uid 999. PostgreSQL's port, 5432, is
+# the supervisor's default --pg-port. STOPSIGNAL: counterweight-sync stops on
+# SIGINT (the postgres base image sets it; said here so both stages and
+# tools/images.sh agree).
 FROM postgres:15-bookworm AS sync-postgres
 COPY --from=build /out/counterweight-sync /usr/local/bin/counterweight-sync
 USER 999:999
+EXPOSE 5432
+STOPSIGNAL SIGINT
 ENTRYPOINT ["/usr/local/bin/counterweight-sync"]
 
 # The file-replication pod: `counterweight-sync files` runs rsync, and the
-# same image runs the receiving rsync daemon.
+# same image runs the receiving rsync daemon. No EXPOSE: the daemon's port
+# and --listen are the deployment's choice. STOPSIGNAL: as sync-postgres.
 FROM debian:bookworm-slim AS sync-rsync
 RUN apt-get update \
  && apt-get install -y --no-install-recommends rsync \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/counterweight-sync /usr/local/bin/counterweight-sync
 USER 65532:65532
+STOPSIGNAL SIGINT
 ENTRYPOINT ["/usr/local/bin/counterweight-sync"]

@@ -8,7 +8,9 @@ use std::time::Duration;
 use counterweight_controller::ha_loop::Outbox;
 use counterweight_core::ha::Envelope;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, PodTemplateSpec, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, ContainerState, Namespace, Pod, PodSpec, PodTemplateSpec, ServiceAccount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::mpsc;
@@ -67,6 +69,105 @@ pub fn condition_true(pod: &k8s_openapi::api::core::v1::Pod, type_: &str) -> boo
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == type_ && c.status == "True"))
+}
+
+/// The state of `pod`'s first init container (`init`) or first app container.
+fn first_state(pod: &Pod, init: bool) -> Option<&ContainerState> {
+    let status = pod.status.as_ref()?;
+    let all = if init {
+        status.init_container_statuses.as_ref()
+    } else {
+        status.container_statuses.as_ref()
+    };
+    all?.first()?.state.as_ref()
+}
+
+/// Whether `pod`'s first init container is running (a gate holding it).
+pub fn init_running(pod: &Pod) -> bool {
+    first_state(pod, true).is_some_and(|s| s.running.is_some())
+}
+
+/// Whether `pod`'s first app container is running.
+pub fn app_running(pod: &Pod) -> bool {
+    first_state(pod, false).is_some_and(|s| s.running.is_some())
+}
+
+/// Why `pod`'s first app container waits (`PodInitializing` while an init
+/// container holds it), if it does.
+pub fn app_waiting_reason(pod: &Pod) -> Option<String> {
+    first_state(pod, false)?.waiting.as_ref()?.reason.clone()
+}
+
+/// Sets `pod`'s serving condition True with the controller's own patch
+/// (`counterweight_controller::serving::condition_patch`), as an active
+/// cluster's controller does.
+pub async fn serve(pods: &Api<Pod>, pod: &Pod) {
+    use counterweight_controller::serving::condition_patch;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::api::{Patch, PatchParams};
+    let name = pod.metadata.name.as_deref().expect("pod name");
+    let uid = pod.metadata.uid.as_deref().expect("pod uid");
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Strategic(condition_patch(uid, true, "Active", &now)),
+    )
+    .await
+    .expect("serving condition");
+}
+
+/// What the controller keeps for the gates of `app_ns` (the gates' Role in
+/// the system namespace and its binding for `app_ns`), and a Service
+/// `service` in `app_ns` (see [`service`]).
+pub async fn gate_access_and_service(client: &kube::Client, app_ns: &str, service_name: &str) {
+    use counterweight_controller::gate_access::{binding_for, gate_role};
+    use counterweight_core::names::SYSTEM_NAMESPACE;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    Api::<Role>::namespaced(client.clone(), SYSTEM_NAMESPACE)
+        .create(&PostParams::default(), &gate_role(SYSTEM_NAMESPACE))
+        .await
+        .expect("gate Role");
+    Api::<RoleBinding>::namespaced(client.clone(), SYSTEM_NAMESPACE)
+        .create(
+            &PostParams::default(),
+            &binding_for(SYSTEM_NAMESPACE, app_ns),
+        )
+        .await
+        .expect("gate RoleBinding");
+    Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), app_ns)
+        .create(&PostParams::default(), &service(service_name))
+        .await
+        .expect("Service");
+}
+
+/// Writes the serving lease of `cluster` in `epoch` until `until_unix_ms`
+/// into `cms` (the system namespace's ConfigMaps) as the controller does;
+/// the injected lease sidecars read it.
+pub async fn write_serving_lease(
+    cms: &Api<ConfigMap>,
+    cluster: &str,
+    epoch: u64,
+    until_unix_ms: u64,
+) {
+    use counterweight_core::serving::{SERVING_CONFIGMAP, ServingLease};
+    use kube::api::{Patch, PatchParams};
+    let lease = ServingLease {
+        cluster: cluster.into(),
+        epoch,
+        until_unix_ms,
+    };
+    cms.patch(
+        SERVING_CONFIGMAP,
+        &PatchParams::apply("counterweight-e2e").force(),
+        &Patch::Apply(serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": SERVING_CONFIGMAP},
+            "data": lease.to_data(),
+        })),
+    )
+    .await
+    .expect("serving lease");
 }
 
 /// A Service `name` on port 80 in front of the pods labelled `app=<name>`.

@@ -15,25 +15,23 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use counterweight_controller::gate_access::{binding_for, gate_role};
 use counterweight_controller::serving::released_epoch;
 use counterweight_core::clock::unix_ms;
 use counterweight_core::inject::{
     Decision, GATE_CONTAINER, InjectorConfig, LEASE_CONTAINER, inject,
 };
 use counterweight_core::names;
-use counterweight_core::serving::{SERVING_CONFIGMAP, ServingLease};
-use counterweight_e2e::fixtures::{condition_true, create_namespaces, meta, service};
+use counterweight_e2e::fixtures::{
+    condition_true, create_namespaces, gate_access_and_service, meta, serve, write_serving_lease,
+};
 use counterweight_e2e::ha::workspace_bin;
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::realnode::BUSYBOX_IMAGE;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, HostPathVolumeSource, Pod, PodSpec, Service, Volume, VolumeMount,
+    ConfigMap, Container, HostPathVolumeSource, Pod, PodSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use serde_json::json;
+use kube::api::{Api, ListParams, PostParams};
 
 const SYSTEM: &str = names::SYSTEM_NAMESPACE;
 const APP_NS: &str = "shop";
@@ -140,22 +138,7 @@ fn injected_web(gate_bin: &Path) -> Pod {
 }
 
 async fn write_lease(cms: &Api<ConfigMap>, until_unix_ms: u64) {
-    let lease = ServingLease {
-        cluster: CLUSTER.into(),
-        epoch: 1,
-        until_unix_ms,
-    };
-    cms.patch(
-        SERVING_CONFIGMAP,
-        &PatchParams::apply("counterweight-e2e").force(),
-        &Patch::Apply(json!({
-            "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": SERVING_CONFIGMAP},
-            "data": lease.to_data(),
-        })),
-    )
-    .await
-    .expect("serving lease");
+    write_serving_lease(cms, CLUSTER, 1, until_unix_ms).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -189,18 +172,7 @@ async fn on_a_real_kubelet_a_pod_leaves_its_service_when_the_serving_lease_ends(
     .await
     .expect("state record");
     write_lease(&cms, unix_ms() + 120_000).await;
-    Api::<Role>::namespaced(client.clone(), SYSTEM)
-        .create(&PostParams::default(), &gate_role(SYSTEM))
-        .await
-        .expect("gate Role");
-    Api::<RoleBinding>::namespaced(client.clone(), SYSTEM)
-        .create(&PostParams::default(), &binding_for(SYSTEM, APP_NS))
-        .await
-        .expect("gate RoleBinding");
-    Api::<Service>::namespaced(client.clone(), APP_NS)
-        .create(&PostParams::default(), &service("web"))
-        .await
-        .expect("Service");
+    gate_access_and_service(&client, APP_NS, "web").await;
 
     // The injected pod: the gate releases it (active, epoch 1), the lease
     // sidecar starts, and once the controller's serving condition is True
@@ -229,15 +201,7 @@ async fn on_a_real_kubelet_a_pod_leaves_its_service_when_the_serving_lease_ends(
         .map(|c| c.name.clone())
         .collect();
     assert_eq!(names, [GATE_CONTAINER, LEASE_CONTAINER]);
-    pods.patch_status(
-        "web",
-        &PatchParams::default(),
-        &Patch::Strategic(json!({"status": {"conditions": [{
-            "type": names::SERVING_CONDITION, "status": "True", "reason": "Active",
-        }]}})),
-    )
-    .await
-    .expect("serving condition");
+    serve(&pods, &released.1).await;
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), APP_NS);
     eventually(
         "the pod Ready and a ready endpoint of its Service",

@@ -11,6 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use counterweight_e2e::fixtures::{app_waiting_reason, init_running};
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::netns::Namespaces;
 use counterweight_harness::realnode::{BUSYBOX_IMAGE, KUBELET_SYSCTLS};
@@ -100,25 +101,6 @@ fn gated_pod(gate_dir: &Path) -> Pod {
 
 fn ready(p: &Pod) -> bool {
     counterweight_e2e::fixtures::condition_true(p, "Ready")
-}
-
-fn init_running(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.init_container_statuses.as_ref())
-        .and_then(|c| c.first())
-        .and_then(|c| c.state.as_ref())
-        .is_some_and(|s| s.running.is_some())
-}
-
-fn app_waiting_reason(p: &Pod) -> Option<String> {
-    p.status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|c| c.first())
-        .and_then(|c| c.state.as_ref())
-        .and_then(|s| s.waiting.as_ref())
-        .and_then(|w| w.reason.clone())
 }
 
 /// The interface of the host's default route (the way out of the machine).

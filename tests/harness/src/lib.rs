@@ -47,7 +47,7 @@ pub use postgres::{PG_USER, PgOptions, Postgres, ServerTls};
 pub use process::{Process, tail};
 pub use proxy::{Mode, TcpProxy};
 pub use realnode::{BUSYBOX_IMAGE, REAL_NODE_NAME, RealNode};
-pub use webhook::loopback_webhook_configs;
+pub use webhook::{loopback_webhook_configs, webhook_configs};
 
 /// Name of the fake node every cluster gets.
 pub const NODE_NAME: &str = "kwok-node-0";

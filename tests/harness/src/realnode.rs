@@ -284,9 +284,19 @@ impl RealNode {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let tar = sh_quote(&self.dir.join("image/busybox.tar").display().to_string());
+        self.import_image(&self.dir.join("image/busybox.tar"))
+    }
+
+    /// Imports an image archive (docker-archive, or an OCI archive such as
+    /// `tools/images.sh` writes) into containerd's `k8s.io` namespace, where the
+    /// kubelet finds it: no registry is reachable, so pods use `imagePullPolicy:
+    /// Never` or `IfNotPresent`. Idempotent. Containerd must be running (after
+    /// [`RealNode::load_images`]).
+    pub fn import_image(&self, archive: &Path) -> Result<(), HarnessError> {
+        let sock = sh_quote(&self.sock().display().to_string());
+        let tar = sh_quote(&archive.display().to_string());
         self.ns.run(&format!(
-            "ctr --address {sock} -n k8s.io images import --no-unpack=false {tar} >/dev/null"
+            "ctr --address {sock} -n k8s.io images import {tar} >/dev/null"
         ))?;
         Ok(())
     }

@@ -4,6 +4,8 @@
 //! the development CA as the caBundle. Used by the e2e tests and the demo,
 //! which both register a real webhook process with a harness cluster.
 
+use std::net::{Ipv4Addr, SocketAddr};
+
 use counterweight_core::names;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
@@ -18,11 +20,21 @@ pub fn loopback_webhook_configs(
     port: u16,
     ca_pem: &[u8],
 ) -> Result<(MutatingWebhookConfiguration, ValidatingWebhookConfiguration), serde_json::Error> {
+    webhook_configs(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), ca_pem)
+}
+
+/// The same configurations for a webhook serving HTTPS on `addr`: a real-node
+/// cluster's API server runs in a network namespace of its own and reaches a
+/// webhook on this machine through the LAN bridge's host address, not 127.0.0.1.
+pub fn webhook_configs(
+    addr: SocketAddr,
+    ca_pem: &[u8],
+) -> Result<(MutatingWebhookConfiguration, ValidatingWebhookConfiguration), serde_json::Error> {
     let mut m: MutatingWebhookConfiguration = serde_json::from_value(json!({
         "metadata": {"name": "counterweight-inject"},
         "webhooks": [{
             "name": "inject.counterweight.dev",
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate-pods")},
+            "clientConfig": {"url": format!("https://{addr}/mutate-pods")},
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
                        "resources": ["pods"], "scope": "Namespaced"}],
             "namespaceSelector": {"matchExpressions": [
@@ -45,7 +57,7 @@ pub fn loopback_webhook_configs(
         "metadata": {"name": "counterweight-policy"},
         "webhooks": [{
             "name": "policy.counterweight.dev",
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate-policy")},
+            "clientConfig": {"url": format!("https://{addr}/validate-policy")},
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
                        "resources": ["configmaps"], "scope": "Namespaced"}],
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": names::SYSTEM_NAMESPACE}},
