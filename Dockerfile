@@ -86,9 +86,9 @@ ENTRYPOINT ["/counterweight-gate"]
 # PostgreSQL server of this image with pg_ctl, so both live in one image.
 # Debian's PostgreSQL 15 (/usr/lib/postgresql/15/bin, the supervisor's
 # default --pg-bin); user `postgres` is uid 999. PostgreSQL's port, 5432, is
-# the supervisor's default --pg-port. STOPSIGNAL: counterweight-sync stops on
-# SIGINT (the postgres base image sets it; said here so both stages and
-# tools/images.sh agree).
+# the supervisor's default --pg-port. STOPSIGNAL: SIGINT, as the postgres
+# base image sets it (counterweight-sync stops cleanly on SIGINT and SIGTERM;
+# said here so both stages and tools/images.sh agree).
 FROM postgres:15-bookworm AS sync-postgres
 COPY --from=build /out/counterweight-sync /usr/local/bin/counterweight-sync
 USER 999:999

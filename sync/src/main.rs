@@ -292,10 +292,11 @@ async fn run_db(args: DbArgs) -> Result<()> {
     let source = args.state.source().await?;
     let mut sup = DbSupervisor::new(cfg, server, 0);
     let mut tick = tokio::time::interval(Duration::from_millis(args.interval_ms));
+    let mut stop = stop_on_signal()?;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = stop.wait_for(|s| *s) => return Ok(()),
         }
         let state = match source.read().await {
             Ok(s) => s,
@@ -320,7 +321,7 @@ async fn run_files(args: FilesArgs) -> Result<()> {
     let supervisor = FilesSupervisor::new(cfg);
     let source = args.state.source().await?;
     let (role_tx, role_rx) = watch::channel(source.read().await.ok());
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_rx = stop_on_signal()?;
     let every = Duration::from_millis(args.interval_ms);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
@@ -357,12 +358,28 @@ async fn run_files(args: FilesArgs) -> Result<()> {
             }
         });
     }
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        let _ = stop_tx.send(true);
-    });
     supervisor.run(role_rx, stop_rx).await?;
     Ok(())
+}
+
+/// Turns true on SIGTERM, which is how Kubernetes stops a container, or on
+/// SIGINT (Ctrl-C). Only SIGINT was handled before: as a container's PID 1
+/// the process ignored SIGTERM and was killed at the end of the grace
+/// period. Installed once, up front, so a signal that arrives while the
+/// caller is busy is not lost.
+fn stop_on_signal() -> Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
 }
 
 async fn run_lag(args: LocalArgs) -> Result<()> {
