@@ -367,17 +367,22 @@ impl Controller {
         extra: &[&str],
     ) -> Self {
         let metrics_port = free_port().expect("port");
+        // Replicas of one member each keep their own log: a second one
+        // writing to the first's file truncated it, and a failed two-replica
+        // test then showed no controller log at all.
+        let log = extra
+            .iter()
+            .find_map(|a| a.strip_prefix("--leader-election-identity="))
+            .map_or_else(
+                || "logs/controller.log".to_owned(),
+                |id| format!("logs/controller-{id}.log"),
+            );
         let mut args =
             cluster.controller_args(name, ha_file, mesh.peer_port(name), metrics_port, certs);
         args.extend(mesh.peer_args(name));
         args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let mut process = Process::spawn(
-            name,
-            &controller_bin(),
-            &args,
-            &cluster.dir().join("logs/controller.log"),
-        )
-        .expect("controller starts");
+        let mut process = Process::spawn(name, &controller_bin(), &args, &cluster.dir().join(log))
+            .expect("controller starts");
         process.tail_on_panic();
         Self {
             process,
