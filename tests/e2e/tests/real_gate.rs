@@ -54,14 +54,6 @@ const GATE_IMAGE: &str = "counterweight/gate:dev";
 /// Non-root user of the app container (busybox has no such user: numeric only).
 const APP_UID: i64 = 1000;
 
-fn root() -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        return true;
-    }
-    eprintln!("skipped: real nodes need root (namespaces, cgroups, containerd)");
-    false
-}
-
 /// The directory of the image archives: `$COUNTERWEIGHT_IMAGES`, or what
 /// `tools/images.sh gate` prints (it builds only what changed).
 fn images_dir() -> PathBuf {
@@ -238,7 +230,7 @@ async fn ready_addresses(slices: &Api<EndpointSlice>) -> Result<Vec<String>, Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_a_real_kubelet_the_gate_image_holds_a_standby_pod_until_promotion() {
     init_tracing();
-    if !root() {
+    if !counterweight_harness::realnode::can_run_or_say_skipped() {
         return;
     }
     let gate_archive = images_dir().join("gate.tar");

@@ -50,14 +50,6 @@ async fn ready_endpoints(slices: &Api<EndpointSlice>) -> Result<usize, String> {
     Ok(counterweight_e2e::workload::ready_endpoints(&list.items))
 }
 
-fn root() -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        return true;
-    }
-    eprintln!("skipped: real nodes need root (namespaces, cgroups, containerd)");
-    false
-}
-
 /// The pod `web` as the webhook injects it (`counterweight_core::inject`),
 /// with the gate's image replaced by busybox plus this build's gate binary
 /// and the host's C library, mounted read-only.
@@ -144,7 +136,7 @@ async fn write_lease(cms: &Api<ConfigMap>, until_unix_ms: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_a_real_kubelet_a_pod_leaves_its_service_when_the_serving_lease_ends() {
     init_tracing();
-    if !root() {
+    if !counterweight_harness::realnode::can_run_or_say_skipped() {
         return;
     }
     let gate_bin = workspace_bin("counterweight-gate", "COUNTERWEIGHT_GATE_BIN");

@@ -29,14 +29,6 @@ use kube::api::{Api, ObjectMeta, PostParams};
 /// meanwhile would spoil (and two cores are enough for one real-node run at a time).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn root() -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        return true;
-    }
-    eprintln!("skipped: real nodes need root (namespaces, cgroups, containerd)");
-    false
-}
-
 /// A pod whose init container waits for `/gate/open` (a host directory), then an app
 /// container that turns Ready through an exec probe, with memory and CPU limits. Once
 /// released, the init container also sends a plain HTTP request to the `kubernetes` Service
@@ -159,7 +151,7 @@ fn find_files(dir: &Path, name: &str, depth: usize) -> Vec<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_node_holds_a_pod_at_its_init_container_and_no_packet_leaves() {
     init_tracing();
-    if !root() {
+    if !counterweight_harness::realnode::can_run_or_say_skipped() {
         return;
     }
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -382,7 +374,7 @@ fn connect_from(ns: &Namespaces, to: SocketAddr) -> std::io::Result<TcpStream> {
 
 #[test]
 fn a_cut_link_is_a_real_partition_and_heal_ends_it() {
-    if !root() {
+    if !counterweight_harness::realnode::can_run_or_say_skipped() {
         return;
     }
     let lan = Lan::new().unwrap();
@@ -451,7 +443,7 @@ fn a_cut_link_is_a_real_partition_and_heal_ends_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_real_node_clusters_are_partitioned_by_a_cut_and_joined_by_a_heal() {
     init_tracing();
-    if !root() {
+    if !counterweight_harness::realnode::can_run_or_say_skipped() {
         return;
     }
     let _serial = ONE_AT_A_TIME.lock().await;

@@ -42,6 +42,16 @@ use crate::netns::{Bind, Namespaces, run_sh};
 use crate::undo::{Undo, sh_quote};
 use crate::{HarnessError, kubeconfig_json, write};
 
+/// Whether real nodes can run here (they need root for namespaces,
+/// cgroups and containerd); says on stderr that the test skips if not.
+pub fn can_run_or_say_skipped() -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    eprintln!("skipped: real nodes need root (namespaces, cgroups, containerd)");
+    false
+}
+
 /// Name of the real node every real-node cluster gets.
 pub const REAL_NODE_NAME: &str = "node-0";
 
