@@ -17,7 +17,7 @@ use counterweight_core::inject::GATE_CONTAINER;
 use counterweight_core::names;
 use counterweight_core::serving::release_message;
 use counterweight_e2e::ems::APP;
-use counterweight_e2e::ems::{all_serving, prepare, restarted_blocked, set_web_ready};
+use counterweight_e2e::ems::{all_serving, pods_of, prepare, restarted_blocked, set_web_ready};
 use counterweight_e2e::fixtures::fast_ha_config;
 use counterweight_e2e::ha::{
     Controller, Mesh, Sample, event_notes, event_reasons, sample, start_group, wait_active,
@@ -45,20 +45,21 @@ struct Group {
     first: u64,
     /// uids of east's service pods that served.
     east_served: Vec<String>,
-    /// east's second replica, when east runs two with leader election.
-    east_b: Option<Controller>,
+    /// The member that runs two controller replicas with leader election,
+    /// and its second replica (the first is in `nodes`).
+    second: Option<(usize, Controller)>,
 }
 
 const NAMES: [&str; 3] = ["east", "west", "witness"];
 
 impl Group {
     async fn start() -> Self {
-        Self::start_with(false).await
+        Self::start_with(None).await
     }
 
-    /// With `replicas`, east runs two controller replicas with leader
-    /// election, as the manifests do.
-    async fn start_with(replicas: bool) -> Self {
+    /// With `two_replicas: Some(i)`, member `i` runs two controller
+    /// replicas with leader election, as the manifests do.
+    async fn start_with(two_replicas: Option<usize>) -> Self {
         init_tracing();
         counterweight_harness::install_crypto_provider();
         let (clusters, cms, dir, mesh) = start_group(&NAMES).await;
@@ -77,16 +78,15 @@ impl Group {
             nodes: Vec::new(),
             first: 0,
             east_served: Vec::new(),
-            east_b: None,
+            second: None,
         };
-        if replicas {
-            let others: Vec<_> = (1..NAMES.len()).map(|i| Some(g.controller(i))).collect();
-            g.nodes = vec![Some(g.replica("east-a"))];
-            g.east_b = Some(g.replica("east-b"));
-            g.nodes.extend(others);
-        } else {
-            g.nodes = (0..NAMES.len()).map(|i| Some(g.controller(i))).collect();
-        }
+        g.nodes = (0..NAMES.len())
+            .map(|i| match two_replicas {
+                Some(r) if r == i => Some(g.replica(i, "a")),
+                _ => Some(g.controller(i)),
+            })
+            .collect();
+        g.second = two_replicas.map(|i| (i, g.replica(i, "b")));
         g.first = wait_active(&g.cms[0], "east to become active", 1)
             .await
             .epoch;
@@ -110,20 +110,20 @@ impl Group {
         )
     }
 
-    /// One of east's replicas, `identity`, with leader election (test
-    /// timings: a 4 s Lease, as in `leader.rs`).
-    fn replica(&self, identity: &str) -> Controller {
+    /// One of member `i`'s replicas, `<name>-<suffix>`, with leader
+    /// election (test timings: a 4 s Lease, as in `leader.rs`).
+    fn replica(&self, i: usize, suffix: &str) -> Controller {
         let args = [
             "--leader-elect".to_owned(),
-            format!("--leader-election-identity={identity}"),
+            format!("--leader-election-identity={}-{suffix}", NAMES[i]),
             "--leader-lease-duration=4000ms".to_owned(),
             "--leader-renew-deadline=3000ms".to_owned(),
             "--leader-retry-period=300ms".to_owned(),
         ];
         let extra: Vec<&str> = args.iter().map(String::as_str).collect();
         Controller::start(
-            &self.clusters[0],
-            "east",
+            &self.clusters[i],
+            NAMES[i],
             &self.mesh,
             self.dir.path(),
             &self.ha_file,
@@ -138,41 +138,60 @@ impl Group {
         }
     }
 
-    /// SIGKILLs east's acting replica (east runs two) and returns the other.
-    async fn kill_east_leader(&mut self) -> Controller {
-        if leads(self.nodes[0].as_ref()).await {
-            self.kill(0);
-            self.east_b.take().expect("replica b")
+    /// SIGKILLs the acting replica of the member that runs two, and returns
+    /// the other.
+    async fn kill_leader(&mut self) -> Controller {
+        let (i, mut b) = self.second.take().expect("a member with two replicas");
+        if leads(self.nodes[i].as_ref()).await {
+            self.kill(i);
+            b
         } else {
             assert!(
-                leads(self.east_b.as_ref()).await,
-                "one of east's replicas leads"
+                leads(Some(&b)).await,
+                "one of {}'s replicas leads",
+                NAMES[i]
             );
-            let mut b = self.east_b.take().expect("replica b");
             b.process.kill();
-            self.nodes[0].take().expect("replica a")
+            self.nodes[i].take().expect("replica a")
         }
     }
 
-    /// After east's leader was killed and west promoted in `epoch`: the
-    /// follower leads, boots as any restarted controller does, fences, and
-    /// east rejoins as a standby with its served pods restarted.
-    async fn follower_rejoins_as_standby(&self, follower: &mut Controller, epoch: u64) {
+    /// After member `i`'s leader was killed and the other member promoted
+    /// in `epoch`: the follower leads, boots as any restarted controller
+    /// does, fences, and member `i` rejoins as a standby with its pods that
+    /// had served (`served`) restarted behind the gate.
+    async fn follower_rejoins_as_standby(
+        &self,
+        i: usize,
+        follower: &mut Controller,
+        served: &[String],
+        epoch: u64,
+    ) {
+        let name = NAMES[i];
         eventually(
-            "east's other replica to lead",
+            &format!("{name}'s other replica to lead"),
             Duration::from_secs(30),
             Duration::from_millis(100),
             || async { Ok(leads(Some(&*follower)).await.then_some(())) },
         )
         .await;
         restarted_blocked(
-            &self.clusters[0],
-            &self.east_served,
-            "east's served pods to be restarted by the new leader",
+            &self.clusters[i],
+            served,
+            &format!("{name}'s served pods to be restarted by the new leader"),
         )
         .await;
-        assert!(!sample(&self.cms[0]).await.is_some_and(|s| s.active));
-        assert_eq!(sample(&self.cms[1]).await.map(|s| s.epoch), Some(epoch));
+        // The restarts say little when nothing had served: wait for the
+        // record itself, which only a booted leader writes.
+        eventually(
+            &format!("{name} to record standby"),
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || async { Ok(sample(&self.cms[i]).await.filter(|s| !s.active).map(|_| ())) },
+        )
+        .await;
+        let other = 1 - i;
+        assert_eq!(sample(&self.cms[other]).await.map(|s| s.epoch), Some(epoch));
         follower
             .process
             .check_alive()
@@ -303,7 +322,7 @@ async fn a_killed_active_controller_leaves_its_pods_serving_only_until_its_lease
 /// handover its falling health started, then checks that one cluster ends
 /// up serving and never two.
 async fn killed_during_handover_after(reason: &str, replicas: bool) {
-    let mut g = Group::start_with(replicas).await;
+    let mut g = Group::start_with(replicas.then_some(0)).await;
     let sidecar = LeaseSidecar::start(&g.clusters[0], "east", g.first, g.dir.path()).await;
     sidecar.serving("east's pod to serve at first").await;
     let (bound, unbound) = monitors(&g, &sidecar);
@@ -323,7 +342,7 @@ async fn killed_during_handover_after(reason: &str, replicas: bool) {
     )
     .await;
     let mut follower = if replicas {
-        Some(g.kill_east_leader().await)
+        Some(g.kill_leader().await)
     } else {
         g.kill(0);
         None
@@ -345,7 +364,8 @@ async fn killed_during_handover_after(reason: &str, replicas: bool) {
         unbound_seen.len()
     );
     if let Some(f) = follower.as_mut() {
-        g.follower_rejoins_as_standby(f, promoted.epoch).await;
+        g.follower_rejoins_as_standby(0, f, &g.east_served, promoted.epoch)
+            .await;
     }
     bound.finish().await;
 }
@@ -360,29 +380,43 @@ async fn a_controller_killed_after_its_fence_leaves_one_cluster_serving() {
     killed_during_handover_after("ServingStopped", false).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_controller_killed_during_its_promotion_patches_leaves_one_cluster_serving() {
-    let mut g = Group::start().await;
+/// east hands over to west, and west's controller (its leader, with
+/// `replicas`) is killed as soon as it has made its first pod serve, while
+/// the others are being made to serve. east, healthy again, takes over once west's lease
+/// has ended; with two replicas, west's follower then leads and rejoins as
+/// a standby.
+async fn killed_during_promotion(replicas: bool) {
+    let mut g = Group::start_with(replicas.then_some(1)).await;
     let bound = WorkloadMonitor::start(g.watched().to_vec());
-    // east hands over to west; west is killed as soon as it has promoted,
-    // while its pods are being made to serve.
     set_web_ready(&g.clusters[0], false).await;
     eventually(
-        "west to record Promoted",
+        "west to make its first pod serve",
         Duration::from_secs(30),
         Duration::from_millis(5),
         || async {
-            Ok(event_reasons(&g.clusters[1])
+            Ok(pods_of_apps(&g.clusters[1])
                 .await
                 .iter()
-                .any(|r| r == "Promoted")
+                .any(|p| p.2.as_deref() == Some("True"))
                 .then_some(()))
         },
     )
     .await;
-    g.kill(1);
+    let mut follower = if replicas {
+        Some(g.kill_leader().await)
+    } else {
+        g.kill(1);
+        None
+    };
     let killed = Instant::now();
-    // east is healthy again and takes over once west's lease has ended.
+    // What west's dead leader had made serve: nothing changes these
+    // conditions until a controller runs in west again.
+    let west_served: Vec<String> = pods_of_apps(&g.clusters[1])
+        .await
+        .into_iter()
+        .filter(|p| p.2.as_deref() == Some("True"))
+        .map(|p| p.1)
+        .collect();
     set_web_ready(&g.clusters[0], true).await;
     let back = wait_active(
         &g.cms[0],
@@ -394,10 +428,32 @@ async fn a_controller_killed_during_its_promotion_patches_leaves_one_cluster_ser
     assert!(took >= g.lease_bound(), "east promoted after {took:?}");
     all_serving(&g.clusters[0], "east's new service pods to serve").await;
     println!(
-        "west killed during its promotion; east active again in epoch {} after {took:?}",
+        "west killed during its promotion ({} of its pods serving); east active again in epoch {} after {took:?}",
+        west_served.len(),
         back.epoch
     );
+    if let Some(f) = follower.as_mut() {
+        g.follower_rejoins_as_standby(1, f, &west_served, back.epoch)
+            .await;
+    }
     bound.finish().await;
+}
+
+/// The `web` and `api` pods of `cluster`, as [`pods_of`] lists them.
+async fn pods_of_apps(cluster: &Cluster) -> Vec<(String, String, Option<String>)> {
+    let mut pods = pods_of(cluster, "web").await;
+    pods.extend(pods_of(cluster, "api").await);
+    pods
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_killed_during_its_promotion_patches_leaves_one_cluster_serving() {
+    killed_during_promotion(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_of_two_replicas_killed_during_its_promotion_patches_leaves_one_cluster_serving() {
+    killed_during_promotion(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -422,20 +478,20 @@ async fn a_leader_of_two_replicas_killed_after_it_handed_over_leaves_one_cluster
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_leader_of_two_replicas_leaves_one_cluster_serving() {
-    let mut g = Group::start_with(true).await;
+    let mut g = Group::start_with(Some(0)).await;
     let sidecar = LeaseSidecar::start(&g.clusters[0], "east", g.first, g.dir.path()).await;
     sidecar.serving("east's pod to serve at first").await;
     let bound = monitor(&g, &sidecar);
     // The acting replica dies. Its follower takes the Lease only after a
     // whole Lease (4 s) of silence, longer than east's HA lease (1.5 s):
     // west promotes first, and east's pods must have stopped by then.
-    let mut follower = g.kill_east_leader().await;
+    let mut follower = g.kill_leader().await;
     let killed = Instant::now();
     let promoted = wait_active(&g.cms[1], "west to take over", g.first + 1).await;
     let took = killed.elapsed();
     assert!(took >= g.lease_bound(), "west promoted after {took:?}");
     sidecar_stopped(&sidecar, "at west's promotion").await;
-    g.follower_rejoins_as_standby(&mut follower, promoted.epoch)
+    g.follower_rejoins_as_standby(0, &mut follower, &g.east_served, promoted.epoch)
         .await;
     println!(
         "east's leader killed: west active after {took:?}; the other replica took over as standby"
