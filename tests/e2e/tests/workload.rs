@@ -24,7 +24,7 @@ use counterweight_e2e::ha::{
     write_ha_config,
 };
 use counterweight_e2e::workload::{LeaseSidecar, Watched, WorkloadMonitor};
-use counterweight_e2e::{eventually, init_tracing};
+use counterweight_e2e::{eventually, eventually_explained, init_tracing};
 use counterweight_gate::hold::WATCH_BACKOFF_MAX;
 use counterweight_harness::Cluster;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodReadinessGate, PodSpec};
@@ -328,7 +328,9 @@ async fn killed_during_handover_after(reason: &str, replicas: bool) {
     let (bound, unbound) = monitors(&g, &sidecar);
 
     set_web_ready(&g.clusters[0], false).await;
-    eventually(
+    // A timeout here once went unexplained: say how far the handover got
+    // on both sides.
+    eventually_explained(
         &format!("east to record {reason}"),
         Duration::from_secs(30),
         Duration::from_millis(5),
@@ -338,6 +340,18 @@ async fn killed_during_handover_after(reason: &str, replicas: bool) {
                 .iter()
                 .any(|r| r == reason)
                 .then_some(()))
+        },
+        || async {
+            let mut seen = String::new();
+            for i in [0, 1] {
+                seen += &format!(
+                    "\n{}: record {:?}, events {:?}",
+                    NAMES[i],
+                    sample(&g.cms[i]).await,
+                    event_reasons(&g.clusters[i]).await
+                );
+            }
+            seen
         },
     )
     .await;
