@@ -27,8 +27,12 @@ use counterweight_e2e::workload::{LeaseSidecar, Watched, WorkloadMonitor};
 use counterweight_e2e::{eventually, eventually_explained, init_tracing};
 use counterweight_gate::hold::WATCH_BACKOFF_MAX;
 use counterweight_harness::Cluster;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodReadinessGate, PodSpec};
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
+};
 use serde_json::json;
 
 /// east and west with the sample EMS, a witness, their controllers, and
@@ -401,21 +405,29 @@ async fn a_controller_killed_after_its_fence_leaves_one_cluster_serving() {
 /// a standby.
 async fn killed_during_promotion(replicas: bool) {
     let mut g = Group::start_with(replicas.then_some(1)).await;
-    let bound = WorkloadMonitor::start(g.watched().to_vec());
-    set_web_ready(&g.clusters[0], false).await;
+    // Enough pods in west that its patches (32 at a time) are still in
+    // flight when the first one serves: the kill lands among them.
+    let web: Api<Deployment> = Api::namespaced(g.clusters[1].client(), APP);
+    web.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": WEST_WEB_PODS}})),
+    )
+    .await
+    .expect("scale west's web");
     eventually(
-        "west to make its first pod serve",
-        Duration::from_secs(30),
-        Duration::from_millis(5),
+        "west's web pods to run",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
         || async {
-            Ok(pods_of_apps(&g.clusters[1])
-                .await
-                .iter()
-                .any(|p| p.2.as_deref() == Some("True"))
-                .then_some(()))
+            let running = pods_of(&g.clusters[1], "web").await.len();
+            Ok((running == WEST_WEB_PODS).then_some(()))
         },
     )
     .await;
+    let bound = WorkloadMonitor::start(g.watched().to_vec());
+    set_web_ready(&g.clusters[0], false).await;
+    first_serving_web_pod(&g.clusters[1]).await;
     let mut follower = if replicas {
         Some(g.kill_leader().await)
     } else {
@@ -442,8 +454,9 @@ async fn killed_during_promotion(replicas: bool) {
     assert!(took >= g.lease_bound(), "east promoted after {took:?}");
     all_serving(&g.clusters[0], "east's new service pods to serve").await;
     println!(
-        "west killed during its promotion ({} of its pods serving); east active again in epoch {} after {took:?}",
+        "west killed during its promotion ({} of its {} pods serving); east active again in epoch {} after {took:?}",
         west_served.len(),
+        WEST_WEB_PODS + 1,
         back.epoch
     );
     if let Some(f) = follower.as_mut() {
@@ -452,6 +465,51 @@ async fn killed_during_promotion(replicas: bool) {
     }
     bound.finish().await;
 }
+
+/// Returns as soon as a `web` pod of `cluster` has its serving condition
+/// True: a watch sees it within milliseconds, where a LIST of a hundred
+/// pods per poll often saw the patches already done.
+async fn first_serving_web_pod(cluster: &Cluster) {
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), APP);
+    let serves = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == names::SERVING_CONDITION && c.status == "True")
+            })
+    };
+    let list = pods
+        .list(&ListParams::default().labels("app=web"))
+        .await
+        .expect("list west's web pods");
+    if list.items.iter().any(serves) {
+        return;
+    }
+    let from = list.metadata.resource_version.unwrap_or_default();
+    let params = WatchParams::default().labels("app=web").timeout(30);
+    let mut events = pods
+        .watch(&params, &from)
+        .await
+        .expect("watch west's web pods")
+        .boxed();
+    let seen = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(WatchEvent::Added(p) | WatchEvent::Modified(p)) if serves(&p) => return true,
+                Ok(_) => {}
+                Err(e) => panic!("watching west's web pods: {e}"),
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(seen, Ok(true), "a web pod of west to serve within 30 s");
+}
+
+/// West's `web` replicas in the promotion kill tests.
+const WEST_WEB_PODS: usize = 100;
 
 /// The `web` and `api` pods of `cluster`, as [`pods_of`] lists them.
 async fn pods_of_apps(cluster: &Cluster) -> Vec<(String, String, Option<String>)> {
