@@ -84,13 +84,6 @@ impl Debouncer {
         }
     }
 
-    /// Puts a batch back after a failed sync, due again at `retry_at`.
-    pub fn retry(&mut self, retry_at: Instant) {
-        let first = retry_at.checked_sub(self.max_delay).unwrap_or(retry_at);
-        self.first = Some(self.first.map_or(first, |f| f.min(first)));
-        self.last = Some(self.last.map_or(retry_at, |l| l.max(retry_at)));
-    }
-
     /// Drops pending changes without syncing them (the side became a
     /// standby: it no longer pushes).
     pub fn clear(&mut self) {
@@ -145,22 +138,93 @@ pub struct Marker {
     /// When the active wrote the marker (Unix ms, active's clock).
     pub written_at_unix_ms: u64,
     /// Every change the active saw before this time (Unix ms, active's
-    /// clock) is in this copy: the oldest change not yet synced to every
+    /// clock) is in this copy: the oldest change not yet synced to this
     /// destination, or `written_at_unix_ms` when none waited.
     pub complete_as_of_unix_ms: u64,
-    /// The active's `syncedSeq` then.
+    /// The last change synced to this destination.
     pub synced_seq: u64,
 }
 
 impl Marker {
-    /// The marker an active with watermark `w` writes at `now_unix_ms`.
-    pub fn from_watermark(w: &Watermark, now_unix_ms: u64) -> Self {
+    /// The marker an active in `epoch` writes at `now_unix_ms` into a
+    /// destination that has every change up to `synced_seq`, the rest
+    /// dated by `log`.
+    pub fn for_destination(epoch: u64, synced_seq: u64, log: &ChangeLog, now_unix_ms: u64) -> Self {
         Self {
-            epoch: w.epoch,
+            epoch,
             written_at_unix_ms: now_unix_ms,
-            complete_as_of_unix_ms: w.oldest_unsynced_unix_ms.unwrap_or(now_unix_ms),
-            synced_seq: w.synced_seq,
+            complete_as_of_unix_ms: log.oldest_after(synced_seq).unwrap_or(now_unix_ms),
+            synced_seq,
         }
+    }
+}
+
+/// When the changes not yet at every destination happened, so that each
+/// destination's [`Marker`] can say how current that copy is, whatever the
+/// others do: a destination that hangs must not make a current one look
+/// stale. Pure: the caller passes sequence numbers and times.
+///
+/// Destinations sync whole batches ([`Debouncer::take`]), so a copy is
+/// always synced up to a batch's number, and the oldest change it lacks is
+/// the first one after that batch was taken. The log keeps exactly that: the
+/// first change after each batch, no more, until every destination has it.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeLog {
+    /// `(seq, unix_ms)` of the first change after each batch taken, oldest
+    /// first.
+    firsts: std::collections::VecDeque<(u64, u64)>,
+    /// The last batch taken.
+    taken: u64,
+}
+
+/// Most entries a [`ChangeLog`] keeps; beyond, two are merged into one
+/// that dates both by the older, which errs towards "older", never
+/// "newer". Reached only while a destination fails for thousands of
+/// batches.
+const CHANGE_LOG_MAX: usize = 1024;
+
+impl ChangeLog {
+    /// Records change `seq`, seen at `now_unix_ms`.
+    pub fn record(&mut self, seq: u64, now_unix_ms: u64) {
+        if self.firsts.back().is_none_or(|(s, _)| *s <= self.taken) {
+            self.firsts.push_back((seq, now_unix_ms));
+            if self.firsts.len() > CHANGE_LOG_MAX {
+                // Entries 1 and 2 become one: a copy synced between them
+                // now reads entry 1's older time.
+                if let (Some((_, older)), Some(next)) =
+                    (self.firsts.remove(1), self.firsts.get_mut(1))
+                {
+                    next.1 = older;
+                }
+            }
+        }
+    }
+
+    /// Records that the batch of every change up to `seq` was taken.
+    pub fn taken(&mut self, seq: u64) {
+        self.taken = seq;
+    }
+
+    /// When the oldest change after `synced_seq` happened; `None` when
+    /// there is none.
+    pub fn oldest_after(&self, synced_seq: u64) -> Option<u64> {
+        self.firsts
+            .iter()
+            .find(|(s, _)| *s > synced_seq)
+            .map(|(_, at)| *at)
+    }
+
+    /// Forgets the changes up to `seq`, which every destination has.
+    pub fn forget_through(&mut self, seq: u64) {
+        while self.firsts.front().is_some_and(|(s, _)| *s <= seq) {
+            self.firsts.pop_front();
+        }
+    }
+
+    /// Forgets everything (the side became a standby; a new active starts
+    /// over).
+    pub fn clear(&mut self) {
+        *self = Self::default();
     }
 }
 
@@ -321,17 +385,13 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_batch_is_retried_and_clear_drops_it() {
+    fn clear_drops_the_pending_batch() {
         let t0 = Instant::now();
         let mut d = Debouncer::new(10 * MS, 100 * MS);
         d.record(t0);
-        assert_eq!(d.take(t0 + 10 * MS), Some(1));
-        d.retry(t0 + 500 * MS);
-        assert_eq!(d.take(t0 + 499 * MS), None);
-        assert_eq!(d.take(t0 + 500 * MS), Some(1));
-        d.record(t0 + 600 * MS);
         d.clear();
         assert!(!d.pending());
+        assert_eq!(d.take(t0 + 500 * MS), None);
     }
 
     #[test]
@@ -548,17 +608,59 @@ mod tests {
     }
 
     #[test]
-    fn a_marker_is_complete_as_of_the_oldest_unsynced_change() {
-        let mut w = wm(Some(Role::Active), 2, None, None);
+    fn a_marker_is_complete_as_of_the_oldest_change_its_destination_lacks() {
+        let mut log = ChangeLog::default();
         assert_eq!(
-            Marker::from_watermark(&w, 5_000).complete_as_of_unix_ms,
+            Marker::for_destination(2, 0, &log, 5_000).complete_as_of_unix_ms,
             5_000
         );
-        w.oldest_unsynced_unix_ms = Some(4_000);
-        let m = Marker::from_watermark(&w, 5_000);
+        // Changes 1-3, batch 3 taken; changes 4-5, batch 5 taken; change 6.
+        for (seq, at) in [(1, 1_000), (2, 1_100), (3, 1_200)] {
+            log.record(seq, at);
+        }
+        log.taken(3);
+        log.record(4, 2_000);
+        log.record(5, 2_100);
+        log.taken(5);
+        log.record(6, 3_000);
+        let at = |log: &ChangeLog, synced| Marker::for_destination(2, synced, log, 5_000);
+        // A destination with nothing lacks change 1; one with batch 3
+        // lacks change 4; one with batch 5 lacks change 6.
+        assert_eq!(at(&log, 0).complete_as_of_unix_ms, 1_000);
+        assert_eq!(at(&log, 3).complete_as_of_unix_ms, 2_000);
+        let m = at(&log, 5);
         assert_eq!(
             (m.epoch, m.complete_as_of_unix_ms, m.synced_seq),
-            (2, 4_000, 4)
+            (2, 3_000, 5)
         );
+        log.taken(6);
+        assert_eq!(at(&log, 6).complete_as_of_unix_ms, 5_000, "current");
+        log.forget_through(3);
+        assert_eq!(
+            log.oldest_after(0),
+            Some(2_000),
+            "only after everyone has it"
+        );
+        log.clear();
+        assert_eq!(log.oldest_after(0), None);
+    }
+
+    #[test]
+    fn a_full_change_log_errs_towards_older() {
+        let mut log = ChangeLog::default();
+        // One change after each of many batches, a destination stuck at 0.
+        let n = CHANGE_LOG_MAX as u64 + 10;
+        for seq in 1..=n {
+            log.record(seq, 1_000 * seq);
+            log.taken(seq);
+        }
+        assert!(log.firsts.len() <= CHANGE_LOG_MAX);
+        for synced in 0..n {
+            let at = log.oldest_after(synced).expect("a later change");
+            // Never newer than the true oldest missing change (synced + 1).
+            assert!(at <= 1_000 * (synced + 1), "synced {synced}: {at}");
+        }
+        assert_eq!(log.oldest_after(0), Some(1_000));
+        assert_eq!(log.oldest_after(n - 1), Some(1_000 * n));
     }
 }

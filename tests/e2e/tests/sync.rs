@@ -832,6 +832,89 @@ async fn the_files_endpoint_reports_how_current_each_side_is() {
     b.stop().await;
 }
 
+/// A destination that hangs (an rsync daemon that accepts and never
+/// answers) delays nothing else: the other standby keeps getting its files
+/// and a marker every heartbeat, so it stays current, while the active's
+/// own answer says a change waits. When every destination was pushed to in
+/// turn by one loop, the hung push held back every marker until rsync's
+/// own 60 s timeout.
+#[tokio::test]
+async fn a_hung_destination_does_not_hold_back_the_others() {
+    init_tracing();
+    let _turn = SERIAL.lock().await;
+    const MAX_AGE_MS: u64 = 1500;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let [dir_a, dir_b] = ["a", "b"].map(|n| tmp.path().join(n));
+    for d in [&dir_a, &dir_b] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    // Accepts connections and reads nothing: every rsync to it hangs. The
+    // sockets are kept, so that no connection is refused or reset.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hung_port = hung.local_addr().expect("addr").port();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = hung.accept().await {
+            conns.push(c);
+        }
+    });
+    let mut cfg = FilesConfig::new(
+        dir_a.clone(),
+        vec![
+            format!("rsync://127.0.0.1:{hung_port}/files/"),
+            format!("{}/", dir_b.display()),
+        ],
+        tmp.path().join("a.json"),
+    );
+    cfg.quiet = Duration::from_millis(50);
+    cfg.max_delay = Duration::from_millis(500);
+    cfg.heartbeat = Duration::from_millis(200);
+    let a = files_side(cfg.clone(), active(1)).await;
+    let mut cfg_b = cfg;
+    cfg_b.dir = dir_b.clone();
+    cfg_b.destinations = vec![format!("{}/", dir_a.display())];
+    cfg_b.watermark_file = tmp.path().join("b.json");
+    let b = files_side(cfg_b, standby(1)).await;
+
+    // The hung destination comes first in the list, and still b's copy
+    // turns current and stays so while a writes, longer than the limit.
+    eventually("b's copy current", DEADLINE, POLL, || async {
+        Ok(match files_ready(b.port, MAX_AGE_MS).await {
+            None => Some(()),
+            Some(e) => return Err(e),
+        })
+    })
+    .await;
+    let window = Instant::now() + Duration::from_millis(3 * MAX_AGE_MS);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut i = 0;
+    while Instant::now() < window {
+        tick.tick().await;
+        std::fs::write(dir_a.join(format!("f{i}.txt")), "x").expect("write");
+        i += 1;
+        assert_eq!(files_ready(b.port, MAX_AGE_MS).await, None, "sample {i}");
+    }
+    eventually("the last file reaches b", DEADLINE, POLL, || async {
+        Ok(read(&dir_b, &format!("f{}.txt", i - 1)).map(drop))
+    })
+    .await;
+    // The active itself is not current: the hung destination lacks every
+    // change, and a's answer says so.
+    let reason = eventually(
+        "a reports the change that waits",
+        DEADLINE,
+        POLL,
+        || async { Ok(files_ready(a.port, MAX_AGE_MS).await) },
+    )
+    .await;
+    assert!(reason.contains("oldest unsynced change"), "{reason}");
+    a.stop().await;
+    b.stop().await;
+    held.abort();
+}
+
 /// The sidecar's own SQL connections to a peer follow `--sslmode` and
 /// `--sslrootcert` as libpq does: against a real PostgreSQL serving a
 /// certificate from the `certs` crate's CA for the name `localhost`.
