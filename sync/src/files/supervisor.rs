@@ -604,8 +604,10 @@ async fn push_markers(
 /// the watermark file, outside the watched directory, one per destination
 /// since their tasks run at once.
 fn staged_marker(cfg: &FilesConfig, dest: usize) -> PathBuf {
+    // Distinct before the last dot: write_atomic's temporary file replaces
+    // the extension, and the tasks must not share one.
     let mut name = cfg.watermark_file.as_os_str().to_owned();
-    name.push(format!(".marker.{dest}"));
+    name.push(format!(".marker-{dest}.json"));
     PathBuf::from(name)
 }
 
