@@ -38,20 +38,23 @@ use serde_json::json;
 /// east and west with the sample EMS, a witness, their controllers, and
 /// east elected with its service pods serving.
 struct Group {
+    // The controllers first, so dropped first: one that fails prints its
+    // log's tail on drop, from its cluster's directory, which the cluster's
+    // drop removes.
+    nodes: Vec<Option<Controller>>,
+    /// The member that runs two controller replicas with leader election,
+    /// and its second replica (the first is in `nodes`).
+    second: Option<(usize, Controller)>,
     clusters: Vec<Cluster>,
     cms: Vec<Api<ConfigMap>>,
     dir: tempfile::TempDir,
     mesh: Mesh,
     config: HaConfig,
     ha_file: std::path::PathBuf,
-    nodes: Vec<Option<Controller>>,
     /// east's epoch when it was elected.
     first: u64,
     /// uids of east's service pods that served.
     east_served: Vec<String>,
-    /// The member that runs two controller replicas with leader election,
-    /// and its second replica (the first is in `nodes`).
-    second: Option<(usize, Controller)>,
 }
 
 const NAMES: [&str; 3] = ["east", "west", "witness"];
