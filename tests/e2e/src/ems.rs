@@ -42,17 +42,7 @@ pub async fn prepare(cluster: &Cluster, with_workload: bool) {
 /// Service in front of `web`.
 pub async fn workload(cluster: &Cluster) {
     let client = cluster.client();
-    create_namespaces(&client, &[APP]).await;
-    let nss: Api<Namespace> = Api::all(client.clone());
-    nss.patch(
-        APP,
-        &PatchParams::default(),
-        &Patch::Merge(
-            json!({"metadata": {"labels": {names::INJECT_LABEL: names::INJECT_ENABLED}}}),
-        ),
-    )
-    .await
-    .expect("opt the namespace in");
+    opted_in_namespace(cluster, APP).await;
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), APP);
     for (name, role) in [("web", "service"), ("api", "service"), ("db", "database")] {
         let mut d = deployment(name, 1, &[(names::ROLE_LABEL, role)]);
@@ -74,6 +64,23 @@ pub async fn workload(cluster: &Cluster) {
         .create(&PostParams::default(), &service("web"))
         .await
         .expect("web Service");
+}
+
+/// Creates namespace `ns` in `cluster`, opted in to the gate: its service
+/// pods are the controller's to fence and make serve.
+pub async fn opted_in_namespace(cluster: &Cluster, ns: &str) {
+    let client = cluster.client();
+    create_namespaces(&client, &[ns]).await;
+    let nss: Api<Namespace> = Api::all(client);
+    nss.patch(
+        ns,
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"labels": {names::INJECT_LABEL: names::INJECT_ENABLED}}}),
+        ),
+    )
+    .await
+    .expect("opt the namespace in");
 }
 
 /// The workload monitor over the sample EMS's service pods of `clusters`,

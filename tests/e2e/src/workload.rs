@@ -172,6 +172,22 @@ impl Watched {
     }
 }
 
+/// What the serving lease published through `client` (as the cluster's
+/// lease sidecars read it) allows a pod of cluster `name` released in
+/// `epoch` now; a lease that cannot be read is no lease.
+pub async fn published_allowance(client: &kube::Client, name: &str, epoch: u64) -> Allowance {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), SYSTEM);
+    let data = cms
+        .get_opt(SERVING_CONFIGMAP)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|cm| cm.data)
+        .unwrap_or_default();
+    let lease = ServingLease::from_data(&data).ok();
+    allowance(lease.as_ref(), name, epoch, unix_ms())
+}
+
 /// Ready endpoints in `slices`: the addresses their Services send traffic to.
 pub fn ready_endpoints(slices: &[EndpointSlice]) -> usize {
     slices

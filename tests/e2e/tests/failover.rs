@@ -7,18 +7,18 @@
 use std::time::{Duration, Instant};
 
 use counterweight_cli::Outcome;
-use counterweight_core::clock::unix_ms;
 use counterweight_core::ha::HaConfig;
-use counterweight_core::serving::{Allowance, SERVING_CONFIGMAP, ServingLease, allowance};
+use counterweight_core::serving::Allowance;
 use counterweight_e2e::ems::{
     all_serving, db_uids, healthy, prepare, restarted_blocked, set_web_ready,
 };
 use counterweight_e2e::fixtures::{cwctl, fast_ha_config};
+use counterweight_e2e::ha::Mesh;
 use counterweight_e2e::ha::{
     Controller, Monitor, event_notes, event_reasons, nobody_active_for, record, sample,
     start_group, wait_active, write_ha_config,
 };
-use counterweight_e2e::ha::{Mesh, SYSTEM};
+use counterweight_e2e::workload::published_allowance;
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::Cluster;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -286,18 +286,8 @@ async fn with_a_witness_a_cut_link_leaves_the_active_serving_for_half_a_minute()
     let workload = counterweight_e2e::ems::monitor(&["east", "west"], &g.clusters);
     let first = wait_active(&g.cms[0], "east to become active", 1).await;
     all_serving(&g.clusters[0], "east's service pods to serve").await;
-    let leases: Api<ConfigMap> = Api::namespaced(g.clusters[0].client(), SYSTEM);
-    let east_lease = || async {
-        let data = leases
-            .get_opt(SERVING_CONFIGMAP)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|cm| cm.data)
-            .unwrap_or_default();
-        let lease = ServingLease::from_data(&data).ok();
-        allowance(lease.as_ref(), "east", first.epoch, unix_ms())
-    };
+    let east = g.clusters[0].client();
+    let east_lease = || published_allowance(&east, "east", first.epoch);
     eventually(
         "east's serving lease to be published",
         Duration::from_secs(10),
