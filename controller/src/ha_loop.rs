@@ -187,7 +187,11 @@ impl<S: Serving> HaLoop<S> {
         outbox: Arc<dyn Outbox>,
         serving: Arc<S>,
     ) -> Self {
-        let keys = KeyWriter::start(store.clone(), api_timeout(&config));
+        let keys = KeyWriter::start(
+            store.clone(),
+            beside_timeout(&config),
+            Duration::from_millis(config.probe_interval_ms),
+        );
         Self {
             me: me.to_owned(),
             config,
@@ -623,6 +627,22 @@ pub fn api_timeout(config: &HaConfig) -> Duration {
     Duration::from_millis(config.margin_ms.max(100))
 }
 
+/// The longest a writer beside the HA loop (the informational keys, the
+/// serving lease) waits for one write: half a lease, never less than
+/// [`api_timeout`]. Nothing waits on these writes, so the loop's margin is
+/// no reason to give up on them: on an API server that answers in 400 ms,
+/// a 300 ms bound abandoned every write (which the server may still carry
+/// out) and sent the next at once, so nothing ever got through and the
+/// load only grew. Half a lease still lets a newer value follow before the
+/// published one runs out.
+pub fn beside_timeout(config: &HaConfig) -> Duration {
+    Duration::from_millis(config.lease_ms / 2).max(api_timeout(config))
+}
+
+/// Pause after a failed or timed-out write beside the loop, before the
+/// next: a struggling API server is not sent the next request at once.
+pub const BESIDE_RETRY: Duration = Duration::from_millis(100);
+
 /// The keys of the state record the HA node owns, for a correction's Event.
 fn owned_keys(data: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     [
@@ -652,23 +672,32 @@ fn show(keys: &BTreeMap<String, String>) -> String {
 
 /// Writes the informational keys of the state record (the HA view, the
 /// last transition) from a task beside the HA loop, newest value per key,
-/// so that a slow API server never holds up a step.
+/// so that a slow API server never holds up a step. Writes are at least
+/// `spacing` apart: each one changes the record's `resourceVersion`, and a
+/// `Persist` of the loop that read the record before it must read and write
+/// again, so writing the view at every step would slow the writes that
+/// matter.
 struct KeyWriter {
     tx: watch::Sender<BTreeMap<&'static str, String>>,
 }
 
 impl KeyWriter {
-    fn start(store: StateStore, timeout: Duration) -> Self {
+    fn start(store: StateStore, timeout: Duration, spacing: Duration) -> Self {
         let (tx, mut rx) = watch::channel(BTreeMap::<&'static str, String>::new());
         tokio::spawn(async move {
             let mut written: BTreeMap<&'static str, String> = BTreeMap::new();
+            let mut last_write: Option<Instant> = None;
             loop {
+                if let Some(at) = last_write {
+                    tokio::time::sleep_until(at + spacing).await;
+                }
                 let wanted = rx.borrow_and_update().clone();
                 let todo: Vec<(&'static str, String)> = wanted
                     .into_iter()
                     .filter(|(k, v)| written.get(k) != Some(v))
                     .collect();
                 if !todo.is_empty() {
+                    last_write = Some(Instant::now());
                     let write = tokio::time::timeout(
                         timeout,
                         store.update(|data| {
@@ -682,11 +711,15 @@ impl KeyWriter {
                         Ok(Ok(_)) => written.extend(todo),
                         Ok(Err(e)) => {
                             warn!(error = %e, "could not write the HA view to the state ConfigMap");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            tokio::time::sleep(BESIDE_RETRY).await;
                             continue;
                         }
                         Err(_) => {
-                            warn!("writing the HA view to the state ConfigMap timed out");
+                            warn!(
+                                timeout_ms = timeout.as_millis(),
+                                "writing the HA view to the state ConfigMap timed out"
+                            );
+                            tokio::time::sleep(BESIDE_RETRY).await;
                             continue;
                         }
                     }

@@ -609,7 +609,7 @@ async fn run_member(
             serving_lease::LeaseTimings {
                 lease_ms: wiring.config.lease_ms,
                 max_skew_ms: wiring.config.max_clock_skew_ms,
-                write_timeout: ha_loop::api_timeout(&wiring.config),
+                write_timeout: ha_loop::beside_timeout(&wiring.config),
             },
         );
         // Pod-level effects: the serving condition, the demotion fence and

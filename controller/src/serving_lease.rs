@@ -27,7 +27,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::ha_loop::Serving;
+use crate::ha_loop::{BESIDE_RETRY, Serving};
 
 /// Timings of the publisher, from the HA configuration.
 #[derive(Debug, Clone, Copy)]
@@ -37,7 +37,7 @@ pub struct LeaseTimings {
     /// `maxClockSkewMs`: taken off every published end, and waited out
     /// after the last one before a fence counts as in place.
     pub max_skew_ms: u64,
-    /// Longest wait for one write.
+    /// Longest wait for one write ([`crate::ha_loop::beside_timeout`]).
     pub write_timeout: Duration,
 }
 
@@ -190,7 +190,7 @@ async fn write_loop(
                         warn!(error = %e, "could not publish the serving lease; the pods keep the last one, which runs out on its own");
                         // Try again soon, even if nothing new is wanted.
                         drop(inner);
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tokio::time::sleep(BESIDE_RETRY).await;
                         continue;
                     }
                     Err(_) => {
@@ -199,6 +199,7 @@ async fn write_loop(
                             "publishing the serving lease timed out; the pods keep the last one, which runs out on its own"
                         );
                         drop(inner);
+                        tokio::time::sleep(BESIDE_RETRY).await;
                         continue;
                     }
                 }
