@@ -1441,7 +1441,12 @@ mod tests {
             pod.spec.as_mut().unwrap().automount_service_account_token = automount;
             let out = injected(&pod, &config());
             let spec = out.spec.unwrap();
-            let vols: Vec<_> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+            let vols: Vec<_> = spec
+                .volumes
+                .iter()
+                .flatten()
+                .map(|v| v.name.as_str())
+                .collect();
             let want: &[&str] = if automount == Some(false) {
                 &[RUN_VOLUME, TOKEN_VOLUME]
             } else {
@@ -1462,8 +1467,7 @@ mod tests {
             // The injector's bytes agree.
             let json = serde_json::to_string(&pod).unwrap();
             let view: PodView<'_> = serde_json::from_str(&json).unwrap();
-            let Choice::Inject(plan) = Injector::new(config()).decide(&view, &enabled(), NS)
-            else {
+            let Choice::Inject(plan) = Injector::new(config()).decide(&view, &enabled(), NS) else {
                 panic!("the injector must inject");
             };
             let Decision::Inject(p) = inject(&pod, &enabled(), NS, &config()) else {
@@ -1482,8 +1486,9 @@ mod tests {
             Decision::Skip(Skip::NameConflict)
         );
         // `emptyDir: null` is no emptyDir.
-        let json = serde_json::json!({"spec": {"volumes": [{"name": RUN_VOLUME, "emptyDir": null}]}})
-            .to_string();
+        let json =
+            serde_json::json!({"spec": {"volumes": [{"name": RUN_VOLUME, "emptyDir": null}]}})
+                .to_string();
         let view: PodView<'_> = serde_json::from_str(&json).unwrap();
         assert!(!view.spec.unwrap().volumes.unwrap()[0].empty_dir);
     }
