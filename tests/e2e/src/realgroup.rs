@@ -708,20 +708,45 @@ impl RealGroup {
     /// the command ConfigMap, the controllers run the handshake) and waits
     /// until `to`'s record is active in an epoch above `above`; its epoch.
     pub async fn switchover(&self, to: &str, above: u64) -> u64 {
+        let i = usize::from(to == REAL);
+        let other = 1 - i;
+        // The active hands over only to a standby that answered its recent
+        // probes as healthy (`candidateFreshMs`). A member just demoted
+        // turns healthy again once its replacement pods wait at the gate,
+        // and its next probe answer says so: wait for the active's view
+        // (the record's `ha` key, as cwctl shows it) to have heard that.
+        eventually(
+            "the active to hear the target as an eligible standby",
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            || async {
+                let ha = crate::ha::record(&self.cms[other])
+                    .await
+                    .remove("ha")
+                    .unwrap_or_default();
+                let v: serde_json::Value =
+                    serde_json::from_str(&ha).map_err(|e| format!("{e}: {ha}"))?;
+                let peer = &v["peers"][to];
+                let status = peer["status"].as_str().unwrap_or_default();
+                let fresh = peer["lastHeardMsAgo"].as_u64().is_some_and(|ms| ms < 500);
+                let ok =
+                    fresh && status.contains("role: Standby") && status.contains("eligible: true");
+                if ok { Ok(Some(())) } else { Err(ha) }
+            },
+        )
+        .await;
         let (r, out) = cwctl(
             &self.kubeconfig,
             &["switchover", "--to", to, "--timeout", "60s"],
         )
         .await;
         assert_eq!(r, Ok(counterweight_cli::Outcome::Ok), "{out}");
-        let i = usize::from(to == REAL);
         let now = wait_active(
             &self.cms[i],
             "the switchover's target to be active",
             above + 1,
         )
         .await;
-        let other = 1 - i;
         eventually(
             "the former active to record standby",
             Duration::from_secs(30),
