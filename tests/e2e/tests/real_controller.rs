@@ -323,6 +323,7 @@ async fn the_real_controller_gates_promotes_and_demotes_pods_on_a_real_kubelet()
         "{sync_history:#?}"
     );
 
+    let ms = |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()));
     records.finish();
     workload.finish().await;
     g.check_alive();
@@ -330,13 +331,18 @@ async fn the_real_controller_gates_promotes_and_demotes_pods_on_a_real_kubelet()
         "real controller on a real kubelet: real-node cluster Ready {:?} after start, gate image \
          imported in {:?}, group elected {:?} after start; web pod gated {gated_after:?} after its \
          Deployment; switchover to west promoted it {promoted_after:?} after the request (epoch \
-         {epoch}); west active -> gate released {gate_logged:?} (its log; exit seen through the \
-         API {gate_after:?}), -> app started {app_logged:?} (its first log line; Running through \
-         the API {app_after:?}), -> Ready {ready_after:?} (endpoint {ip}); switchover back \
+         {epoch}); west active -> gate released {} (its log; exit seen through the API {}), -> \
+         app started {} (its first log line; Running through the API {}), -> Ready {} (endpoint \
+         {ip}); switchover back \
          (epoch {back}) -> replacement held at the gate {replaced_after:?}; test {:?}",
         g.times.real_cluster,
         g.times.import,
         g.times.elected,
+        ms(gate_logged),
+        ms(gate_after),
+        ms(app_logged),
+        ms(app_after),
+        ms(ready_after),
         started.elapsed(),
     );
 }
