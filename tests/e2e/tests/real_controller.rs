@@ -323,7 +323,8 @@ async fn the_real_controller_gates_promotes_and_demotes_pods_on_a_real_kubelet()
         "{sync_history:#?}"
     );
 
-    let ms = |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()));
+    let ms =
+        |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()));
     records.finish();
     workload.finish().await;
     g.check_alive();
