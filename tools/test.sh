@@ -44,9 +44,9 @@ else
   echo "not root: the real-node tests will skip" >&2
 fi
 
-# The gate image (tools/images.sh: OCI archive, static musl gate), which the real-node gate test
-# (tests/e2e/tests/real_gate.rs) imports into each real node's containerd. Cached; the first run
-# compiles the gate for musl (about 6 minutes on 2 cores).
+# The gate image (tools/images.sh: OCI archive, static musl gate), which the real-node gate and
+# controller tests (tests/e2e/tests/real_gate.rs, real_controller.rs) import into each real node's
+# containerd. Cached; the first run compiles the gate for musl (about 6 minutes on 2 cores).
 if [ -n "${COUNTERWEIGHT_NODE_BIN:-}" ] && [ "$(id -u)" = 0 ]; then
   step "the gate image (cached under ~/.cache/counterweight/images)"
   COUNTERWEIGHT_IMAGES=$(tools/images.sh gate)

@@ -52,6 +52,7 @@ fn core_benchmarks() {
                     labels: BTreeMap::from([("app".to_owned(), app_of(i).to_owned())]),
                     running_ready: true,
                     at_gate: false,
+                    released: false,
                     ip: Some(format!("10.0.{}.{}", i / 256, i % 256)),
                 },
             )

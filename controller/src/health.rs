@@ -454,7 +454,13 @@ impl HealthLoop {
                     let (selected, ready) = tally.counts(i);
                     Observation {
                         selected,
-                        ready: pods_up(ready, tally.at_gate(i), stance, grace_ms),
+                        ready: pods_up(
+                            ready,
+                            tally.at_gate(i),
+                            tally.released(i),
+                            stance,
+                            grace_ms,
+                        ),
                         checks: ev.checks.get(i).cloned().unwrap_or_default(),
                     }
                 })
@@ -714,7 +720,7 @@ pub fn strip_pod(pod: &mut Pod) {
     pod.spec = None;
     if let Some(status) = &mut pod.status {
         // Only what `PodFacts::of` reads: ContainersReady, and whether the
-        // init-gate is running.
+        // init-gate is running or exited (and its exit code).
         let conditions = status.conditions.take().map(|cs| {
             cs.into_iter()
                 .filter(|c| c.type_ == "ContainersReady")
@@ -729,6 +735,12 @@ pub fn strip_pod(pod: &mut Pod) {
                         .state
                         .map(|st| k8s_openapi::api::core::v1::ContainerState {
                             running: st.running,
+                            terminated: st.terminated.map(|t| {
+                                k8s_openapi::api::core::v1::ContainerStateTerminated {
+                                    exit_code: t.exit_code,
+                                    ..Default::default()
+                                }
+                            }),
                             ..Default::default()
                         }),
                     ..Default::default()

@@ -35,6 +35,12 @@ pub struct PodFacts {
     /// being deleted: the standby's way of being up (FIG. 3, "running but
     /// not in service").
     pub at_gate: bool,
+    /// Released by the init-gate (it exited 0) and still starting: its
+    /// containers not ready yet, not being deleted. A fresh active's pods
+    /// pass through this for as long as the kubelet takes to start the
+    /// lease sidecar and the app and to see them ready (seconds on a real
+    /// node); it counts as up within the policy's `gateReleaseGrace`.
+    pub released: bool,
     /// Pod IP, once assigned.
     pub ip: Option<String>,
 }
@@ -51,19 +57,24 @@ impl PodFacts {
                 cs.iter()
                     .any(|c| c.type_ == "ContainersReady" && c.status == "True")
             });
-        let at_gate = status
+        let gate = status
             .and_then(|s| s.init_container_statuses.as_ref())
-            .is_some_and(|ics| {
-                ics.iter().any(|c| {
-                    c.name == crate::inject::GATE_CONTAINER
-                        && c.state.as_ref().is_some_and(|st| st.running.is_some())
-                })
+            .and_then(|ics| {
+                ics.iter()
+                    .find(|c| c.name == crate::inject::GATE_CONTAINER)
+                    .and_then(|c| c.state.as_ref())
             });
+        let at_gate = gate.is_some_and(|st| st.running.is_some());
+        let released = gate
+            .and_then(|st| st.terminated.as_ref())
+            .is_some_and(|t| t.exit_code == 0);
+        let up = running && ready;
         Self {
             namespace: pod.metadata.namespace.clone().unwrap_or_default(),
             labels: pod.metadata.labels.clone().unwrap_or_default(),
-            running_ready: running && ready && alive,
-            at_gate: at_gate && alive && !(running && ready),
+            running_ready: up && alive,
+            at_gate: at_gate && alive && !up,
+            released: released && alive && !up,
             ip: status.and_then(|s| s.pod_ip.clone()),
         }
     }
@@ -75,8 +86,9 @@ impl PodFacts {
 pub enum Stance {
     /// Standby: a pod waiting at the gate is exactly what should be there.
     Standby,
-    /// Serving (active) for this long: a pod still at the gate counts only
-    /// within the policy's `gateReleaseGrace`.
+    /// Serving (active) for this long: a pod still at the gate, or released
+    /// by it and still starting, counts only within the policy's
+    /// `gateReleaseGrace`.
     Serving {
         /// Milliseconds since serving began.
         for_ms: u64,
@@ -84,11 +96,14 @@ pub enum Stance {
 }
 
 /// Pods of a component that count as up: the ready ones, plus those
-/// waiting at the gate while standing by or within the release grace.
-pub fn pods_up(ready: u32, at_gate: u32, stance: Stance, grace_ms: u64) -> u32 {
+/// waiting at the gate while standing by, plus, within the release grace
+/// of an active, those at the gate and those it released that are still
+/// starting. A released pod that is not ready is not up on a standby: a
+/// standby's pods are up by waiting at the gate.
+pub fn pods_up(ready: u32, at_gate: u32, released: u32, stance: Stance, grace_ms: u64) -> u32 {
     match stance {
         Stance::Standby => ready + at_gate,
-        Stance::Serving { for_ms } if for_ms < grace_ms => ready + at_gate,
+        Stance::Serving { for_ms } if for_ms < grace_ms => ready + at_gate + released,
         Stance::Serving { .. } => ready,
     }
 }
@@ -108,6 +123,7 @@ struct Counts {
     selected: u32,
     ready: u32,
     at_gate: u32,
+    released: u32,
     // Ready pods with an IP, for active checks that dial a pod.
     ready_ips: BTreeMap<String, String>,
 }
@@ -117,6 +133,7 @@ struct Contribution {
     components: Vec<usize>,
     ready: bool,
     at_gate: bool,
+    released: bool,
     ip: Option<String>,
 }
 
@@ -158,6 +175,8 @@ impl Tally {
                 }
             } else if facts.at_gate {
                 c.at_gate += 1;
+            } else if facts.released {
+                c.released += 1;
             }
         }
         self.pods.insert(
@@ -166,6 +185,7 @@ impl Tally {
                 components,
                 ready: facts.running_ready,
                 at_gate: facts.at_gate && !facts.running_ready,
+                released: facts.released && !facts.running_ready && !facts.at_gate,
                 ip: facts.ip.clone(),
             },
         );
@@ -186,6 +206,8 @@ impl Tally {
                 }
             } else if old.at_gate {
                 c.at_gate -= 1;
+            } else if old.released {
+                c.released -= 1;
             }
         }
     }
@@ -207,6 +229,12 @@ impl Tally {
     /// ready).
     pub fn at_gate(&self, index: usize) -> u32 {
         self.counts.get(index).map_or(0, |c| c.at_gate)
+    }
+
+    /// Pods of the component at `index` that the init-gate released and
+    /// that are still starting (not ready, not at the gate).
+    pub fn released(&self, index: usize) -> u32 {
+        self.counts.get(index).map_or(0, |c| c.released)
     }
 
     /// The IP of some Running and Ready pod of the component, for checks
@@ -739,10 +767,63 @@ mod tests {
 
     #[test]
     fn pods_at_the_gate_count_on_standby_and_within_the_release_grace() {
-        assert_eq!(pods_up(1, 2, Stance::Standby, 1000), 3);
-        assert_eq!(pods_up(1, 2, Stance::Serving { for_ms: 999 }, 1000), 3);
-        assert_eq!(pods_up(1, 2, Stance::Serving { for_ms: 1000 }, 1000), 1);
-        assert_eq!(pods_up(0, 0, Stance::Standby, 0), 0);
+        assert_eq!(pods_up(1, 2, 0, Stance::Standby, 1000), 3);
+        assert_eq!(pods_up(1, 2, 0, Stance::Serving { for_ms: 999 }, 1000), 3);
+        assert_eq!(pods_up(1, 2, 0, Stance::Serving { for_ms: 1000 }, 1000), 1);
+        assert_eq!(pods_up(0, 0, 0, Stance::Standby, 0), 0);
+    }
+
+    #[test]
+    fn pods_the_gate_released_count_while_they_start_within_the_release_grace() {
+        // On a real kubelet the gate exits, then the lease sidecar and the
+        // app start and turn ready: seconds in which a fresh active's pod
+        // is neither at the gate nor ready. Counted as down, the new active
+        // was abnormal within (K+1) intervals and handed back
+        // (tests/e2e/tests/real_controller.rs).
+        let starting = PodFacts::of(&pod(
+            "Running",
+            &[("ContainersReady", "False")],
+            Some(false),
+            false,
+        ));
+        assert!(starting.released && !starting.at_gate && !starting.running_ready);
+        // Still Pending while the sidecar starts: released too.
+        assert!(PodFacts::of(&pod("Pending", &[], Some(false), false)).released);
+        // Ready, or going away: not starting.
+        let ready = PodFacts::of(&pod(
+            "Running",
+            &[("ContainersReady", "True")],
+            Some(false),
+            false,
+        ));
+        assert!(!ready.released && ready.running_ready);
+        assert!(!PodFacts::of(&pod("Running", &[], Some(false), true)).released);
+        // A gate that failed released nothing.
+        let mut failed = pod("Pending", &[], Some(false), false);
+        if let Some(t) = failed
+            .status
+            .as_mut()
+            .and_then(|s| s.init_container_statuses.as_mut())
+            .and_then(|ics| ics[0].state.as_mut())
+            .and_then(|st| st.terminated.as_mut())
+        {
+            t.exit_code = 75;
+        }
+        assert!(!PodFacts::of(&failed).released);
+
+        let p = policy(0.5, 0, &[("web", 1.0)]);
+        let mut t = Tally::new(&p);
+        t.upsert("ems/web-1", &starting);
+        assert_eq!((t.counts(0), t.at_gate(0), t.released(0)), ((1, 0), 0, 1));
+        let up = |stance| pods_up(t.counts(0).1, t.at_gate(0), t.released(0), stance, 1000);
+        assert_eq!(up(Stance::Serving { for_ms: 999 }), 1, "within the grace");
+        assert_eq!(up(Stance::Serving { for_ms: 1000 }), 0, "after it");
+        assert_eq!(up(Stance::Standby), 0, "a standby's pods wait at the gate");
+        t.upsert("ems/web-1", &ready);
+        assert_eq!((t.counts(0), t.released(0)), ((1, 1), 0));
+        t.upsert("ems/web-1", &starting);
+        t.remove("ems/web-1");
+        assert_eq!((t.counts(0), t.released(0)), ((0, 0), 0));
     }
 
     #[test]
@@ -1046,6 +1127,7 @@ components:
             labels: BTreeMap::from([("app".to_owned(), app.to_owned())]),
             running_ready: ready,
             at_gate: false,
+            released: false,
             ip: Some(ip.into()),
         }
     }

@@ -61,7 +61,17 @@ pub const LEASE_FILE_PATH: &str = "/var/run/counterweight/lease";
 /// Name of the projected token volume added when the pod disables token automount.
 pub const TOKEN_VOLUME: &str = "counterweight-gate-token";
 /// Name of the writable scratch volume the gate writes its release epoch to
-/// (the gate's root filesystem is read-only).
+/// (the gate's root filesystem is read-only), and the lease sidecar its
+/// lease file.
+///
+/// The application's contract is to read both files, so its container
+/// mounts this volume. A Deployment (any pod template) can mount only a
+/// volume it declares: its template is validated when it is created, long
+/// before the webhook sees a pod. A pod may therefore declare the volume
+/// itself, as an `emptyDir`; the injector then uses that one instead of
+/// adding its own. Declared as anything else it is a
+/// [`Skip::NameConflict`]: the gate must write to scratch space of the pod's
+/// own, not to a host path or a shared volume.
 pub const RUN_VOLUME: &str = "counterweight-gate-run";
 /// Where the gate's scratch volume is mounted; the gate's default epoch file lives here.
 pub const RUN_MOUNT_PATH: &str = "/var/run/counterweight";
@@ -172,7 +182,9 @@ pub struct InjectorConfig {
 
 impl InjectorConfig {
     /// Container and volume names the injection adds: a pod that already
-    /// uses one is a [`Skip::NameConflict`], and a warning names them.
+    /// uses one is a [`Skip::NameConflict`], and a warning names them. The
+    /// one exception is [`RUN_VOLUME`] declared as an `emptyDir`, which the
+    /// pod may bring so its app can mount it.
     pub fn reserved_names(&self) -> Vec<&str> {
         let mut names = vec![self.container_name.as_str()];
         if self.lease_sidecar {
@@ -228,7 +240,8 @@ pub enum Skip {
     /// hostNetwork pod, and the config says to skip those.
     HostNetwork,
     /// The pod already has a volume, or an app container, with a name the
-    /// gate or its lease sidecar needs.
+    /// gate or its lease sidecar needs (a [`RUN_VOLUME`] that is an
+    /// `emptyDir` is not a conflict: the injector uses it).
     NameConflict,
 }
 
@@ -371,9 +384,9 @@ pub struct SpecView<'a> {
     /// `spec.readinessGates`.
     #[serde(default, borrow)]
     pub readiness_gates: Option<Vec<ReadinessGateView<'a>>>,
-    /// Names of `spec.volumes`.
+    /// Names of `spec.volumes`, and which are `emptyDir`s.
     #[serde(default, borrow)]
-    pub volumes: Option<Vec<Named<'a>>>,
+    pub volumes: Option<Vec<VolumeView<'a>>>,
     /// `spec.hostNetwork`.
     #[serde(default)]
     pub host_network: Option<bool>,
@@ -382,12 +395,32 @@ pub struct SpecView<'a> {
     pub automount_service_account_token: Option<bool>,
 }
 
-/// A container or volume, by its (required) name.
+/// A container, by its (required) name.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 pub struct Named<'a> {
     /// The name.
     #[serde(borrow)]
     pub name: Cow<'a, str>,
+}
+
+/// A volume, by its (required) name, and whether it is an `emptyDir` (the
+/// one kind of [`RUN_VOLUME`] a pod may declare itself).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeView<'a> {
+    /// The name.
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
+    /// `emptyDir` is set (its content is not read).
+    #[serde(default, deserialize_with = "is_present")]
+    pub empty_dir: bool,
+}
+
+/// Whether a field holds a value (`null` counts as absent, as it does for
+/// the API server), without reading the value.
+fn is_present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<serde::de::IgnoredAny>::deserialize(d)?.is_some())
 }
 
 /// A readiness gate, by its (required) condition type.
@@ -443,8 +476,9 @@ impl<'a> From<&'a Pod> for PodView<'a> {
                 }),
                 volumes: s.volumes.as_ref().map(|vs| {
                     vs.iter()
-                        .map(|v| Named {
+                        .map(|v| VolumeView {
                             name: Cow::Borrowed(&v.name),
+                            empty_dir: v.empty_dir.is_some(),
                         })
                         .collect()
                 }),
@@ -499,9 +533,11 @@ fn skip_reason(
     if config.skip_host_network && spec.and_then(|s| s.host_network) == Some(true) {
         return Some(Skip::HostNetwork);
     }
+    // The pod's own emptyDir scratch volume is used, not a conflict: its app
+    // mounts it to read the epoch and lease files (see `RUN_VOLUME`).
     let volume_taken = spec.and_then(|s| s.volumes.as_ref()).is_some_and(|vs| {
         vs.iter()
-            .any(|v| v.name == TOKEN_VOLUME || v.name == RUN_VOLUME)
+            .any(|v| v.name == TOKEN_VOLUME || (v.name == RUN_VOLUME && !v.empty_dir))
     });
     // An app container named like the gate, or any container named like
     // the lease sidecar, would make the injected pod one the API server
@@ -560,10 +596,12 @@ enum Step {
     VolumesNew { own_token: bool },
     /// Append the gate's volumes to the pod's.
     VolumesAppend { own_token: bool },
+    /// The pod declares the scratch volume itself: append only the token.
+    TokenAppend,
 }
 
 impl Step {
-    const COUNT: usize = 14;
+    const COUNT: usize = 15;
     const ALL: [Step; Step::COUNT] = [
         Step::AnnotationsNew,
         Step::AnnotationAdd,
@@ -579,6 +617,7 @@ impl Step {
         Step::VolumesNew { own_token: true },
         Step::VolumesAppend { own_token: false },
         Step::VolumesAppend { own_token: true },
+        Step::TokenAppend,
     ];
 
     /// Position in [`Step::ALL`].
@@ -594,6 +633,7 @@ impl Step {
             Step::ReadinessAppend => 9,
             Step::VolumesNew { own_token } => 10 + t(own_token),
             Step::VolumesAppend { own_token } => 12 + t(own_token),
+            Step::TokenAppend => 14,
         }
     }
 
@@ -658,12 +698,17 @@ impl Step {
                 .into_iter()
                 .map(|v| add(&["spec", "volumes", "-"], v))
                 .collect(),
+            Step::TokenAppend => vec![add(
+                &["spec", "volumes", "-"],
+                to_value(&token_volume(config)),
+            )],
         }
     }
 }
 
 /// The steps of the patch for `pod`, in order: marker, gate, readiness gate
-/// (unless the pod already declares it), volumes.
+/// (unless the pod already declares it), volumes (none when the pod brings
+/// its own scratch volume and needs no token).
 fn plan(pod: &PodView<'_>, config: &InjectorConfig) -> [Option<Step>; 4] {
     let own_token = needs_own_token(pod);
     let spec = pod.spec.as_ref();
@@ -684,10 +729,14 @@ fn plan(pod: &PodView<'_>, config: &InjectorConfig) -> [Option<Step>; 4] {
         Some(_) => Some(Step::ReadinessAppend),
     };
     let volumes = match spec.and_then(|s| s.volumes.as_ref()) {
-        None => Step::VolumesNew { own_token },
-        Some(_) => Step::VolumesAppend { own_token },
+        None => Some(Step::VolumesNew { own_token }),
+        // `skip_reason` let it through, so it is an emptyDir.
+        Some(vs) if vs.iter().any(|v| v.name == RUN_VOLUME) => {
+            own_token.then_some(Step::TokenAppend)
+        }
+        Some(_) => Some(Step::VolumesAppend { own_token }),
     };
-    [Some(annotation), Some(gate), readiness, Some(volumes)]
+    [Some(annotation), Some(gate), readiness, volumes]
 }
 
 fn patch(pod: &PodView<'_>, config: &InjectorConfig) -> Patch {
@@ -1366,6 +1415,85 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_that_declares_the_scratch_volume_as_an_empty_dir_is_injected_with_it() {
+        // An app reads the epoch and lease files (the application's
+        // contract), so it mounts the scratch volume, and a Deployment must
+        // declare what its containers mount. Before, such a pod was a
+        // name conflict: skipped, so it ran ungated on a standby (and the
+        // Deployment without the declaration is refused by the API server).
+        let mounted = |mut pod: Pod, empty: bool| {
+            let spec = pod.spec.as_mut().unwrap();
+            spec.containers[0].volume_mounts = Some(vec![VolumeMount {
+                name: RUN_VOLUME.into(),
+                mount_path: RUN_MOUNT_PATH.into(),
+                read_only: Some(true),
+                ..Default::default()
+            }]);
+            spec.volumes = Some(vec![Volume {
+                name: RUN_VOLUME.into(),
+                empty_dir: empty.then(EmptyDirVolumeSource::default),
+                ..Default::default()
+            }]);
+            pod
+        };
+        for automount in [None, Some(false)] {
+            let mut pod = mounted(bare_pod(), true);
+            pod.spec.as_mut().unwrap().automount_service_account_token = automount;
+            let out = injected(&pod, &config());
+            let spec = out.spec.unwrap();
+            let vols: Vec<_> = spec
+                .volumes
+                .iter()
+                .flatten()
+                .map(|v| v.name.as_str())
+                .collect();
+            let want: &[&str] = if automount == Some(false) {
+                &[RUN_VOLUME, TOKEN_VOLUME]
+            } else {
+                &[RUN_VOLUME]
+            };
+            assert_eq!(vols, want, "the pod's own scratch volume, not a second one");
+            // The gate and the sidecar write into it, the app reads it.
+            for c in spec.init_containers.iter().flatten() {
+                assert!(
+                    c.volume_mounts
+                        .iter()
+                        .flatten()
+                        .any(|m| m.name == RUN_VOLUME && m.mount_path == RUN_MOUNT_PATH),
+                    "{}",
+                    c.name
+                );
+            }
+            // The injector's bytes agree.
+            let json = serde_json::to_string(&pod).unwrap();
+            let view: PodView<'_> = serde_json::from_str(&json).unwrap();
+            let Choice::Inject(plan) = Injector::new(config()).decide(&view, &enabled(), NS) else {
+                panic!("the injector must inject");
+            };
+            let Decision::Inject(p) = inject(&pod, &enabled(), NS, &config()) else {
+                panic!("inject must inject");
+            };
+            assert_eq!(
+                Injector::new(config()).json(&plan),
+                serde_json::to_vec(&p).unwrap()
+            );
+        }
+        // Any other kind of volume under that name stays a conflict: the gate
+        // writes there, and it must be the pod's own scratch space.
+        let p = mounted(bare_pod(), false);
+        assert_eq!(
+            inject(&p, &enabled(), NS, &config()),
+            Decision::Skip(Skip::NameConflict)
+        );
+        // `emptyDir: null` is no emptyDir.
+        let json =
+            serde_json::json!({"spec": {"volumes": [{"name": RUN_VOLUME, "emptyDir": null}]}})
+                .to_string();
+        let view: PodView<'_> = serde_json::from_str(&json).unwrap();
+        assert!(!view.spec.unwrap().volumes.unwrap()[0].empty_dir);
+    }
+
+    #[test]
     fn named_skip_reasons() {
         let cfg = config();
         let pod = bare_pod();
@@ -1523,7 +1651,10 @@ mod tests {
             role in proptest::option::of(prop_oneof![Just("service".to_owned()), Just("database".to_owned()), arb_name()]),
             inits in proptest::option::of(proptest::collection::vec(arb_name(), 0..4)),
             gates in proptest::option::of(proptest::collection::vec(prop_oneof![Just(SERVING_CONDITION.to_owned()), arb_name()], 0..3)),
-            volumes in proptest::option::of(proptest::collection::vec(arb_name(), 0..3)),
+            volumes in proptest::option::of(proptest::collection::vec(
+                (prop_oneof![3 => arb_name(), 1 => Just(RUN_VOLUME.to_owned())], any::<bool>()),
+                0..3,
+            )),
             automount in proptest::option::of(any::<bool>()),
             host_network in proptest::option::of(any::<bool>()),
         ) -> Pod {
@@ -1537,7 +1668,11 @@ mod tests {
                     containers: vec![container("app")],
                     init_containers: inits.map(|v| v.iter().map(|n| container(n)).collect()),
                     readiness_gates: gates.map(|v| v.into_iter().map(|condition_type| PodReadinessGate { condition_type }).collect()),
-                    volumes: volumes.map(|v| v.into_iter().map(|name| Volume { name, ..Default::default() }).collect()),
+                    volumes: volumes.map(|v| v.into_iter().map(|(name, empty)| Volume {
+                        name,
+                        empty_dir: empty.then(EmptyDirVolumeSource::default),
+                        ..Default::default()
+                    }).collect()),
                     automount_service_account_token: automount,
                     host_network,
                     ..Default::default()
@@ -1587,6 +1722,10 @@ mod tests {
                     prop_assert_eq!(&spec.containers, &pod.spec.as_ref().unwrap().containers);
                     let token = spec.volumes.iter().flatten().any(|v| v.name == TOKEN_VOLUME);
                     prop_assert_eq!(token, spec.automount_service_account_token == Some(false));
+                    // One scratch volume more than the pod had, unless it
+                    // brought its own (an emptyDir, else it was skipped).
+                    let scratch = |p: &Pod| p.spec.iter().flat_map(|s| s.volumes.iter().flatten()).filter(|v| v.name == RUN_VOLUME).count();
+                    prop_assert_eq!(scratch(&out), scratch(&pod).max(1));
                     prop_assert_eq!(inject(&out, &enabled(), NS, &cfg), Decision::Skip(Skip::AlreadyInjected));
                 }
             }

@@ -40,9 +40,10 @@ pub struct Policy {
     /// The weighted components, in the order written.
     pub components: Vec<Component>,
     /// How long after its cluster starts serving a service pod still
-    /// waiting at the init-gate counts as up: gates release within moments
-    /// of a promotion, but the released containers need time to start.
-    /// Without it a fresh active would look degraded and hand back.
+    /// waiting at the init-gate, or released by it and still starting,
+    /// counts as up: gates release within moments of a promotion, but the
+    /// released containers need time to start. Without it a fresh active
+    /// would look degraded and hand back.
     #[serde(with = "duration_text")]
     pub gate_release_grace: Duration,
 }

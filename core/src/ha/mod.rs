@@ -600,20 +600,42 @@ impl Node {
     }
 
     /// The latest time by which the controller must deliver the next
-    /// [`Event::Tick`]: the next probe, or a lease, election or handover
-    /// deadline, whichever is first.
+    /// [`Event::Tick`]: the next probe of a claim, or a lease, recovery or
+    /// election deadline, whichever is first; `u64::MAX` when none is
+    /// pending (the controller ticks every probe interval anyway, which is
+    /// also how `change` is resent and handovers time out).
+    ///
+    /// Only deadlines the next tick acts on count: the controller sleeps
+    /// until this time, so one already past that a tick does not clear
+    /// wakes it at once, again and again. Before, the probe time counted
+    /// without a claim (it moves only during one) and the election time
+    /// counted while no election could start: a standby's HA loop spun, and
+    /// an old active waiting for `changed` sent a `change` per spin.
     pub fn next_tick_ms(&self) -> u64 {
-        let mut t = self.next_probe_ms;
+        let mut t = u64::MAX;
+        if self.claim.is_some() {
+            t = self.next_probe_ms;
+        }
         if let Some(u) = self.lease_until_ms() {
             t = t.min(u);
         }
         if let Some(r) = self.recover_until {
             t = t.min(r);
         }
-        if self.rec.role == Role::Standby && self.claim.is_none() && !self.is_witness() {
+        if self.may_start_election() {
             t = t.min(self.election_at());
         }
         t
+    }
+
+    /// Whether a tick at [`Node::election_at`] starts an election.
+    fn may_start_election(&self) -> bool {
+        self.rec.role == Role::Standby
+            && self.claim.is_none()
+            && self.handover.is_none()
+            && !self.is_witness()
+            && !self.rec.paused
+            && self.health.eligible()
     }
 
     fn status(&self, now: u64) -> Status {
@@ -920,14 +942,7 @@ impl Node {
             let (target, epoch) = (h.target.clone(), h.epoch);
             out.push(self.envelope(&target, Body::Change { epoch, new_epoch }));
         }
-        if self.rec.role == Role::Standby
-            && self.claim.is_none()
-            && self.handover.is_none()
-            && !self.is_witness()
-            && !self.rec.paused
-            && self.health.eligible()
-            && now >= self.election_at()
-        {
+        if self.may_start_election() && now >= self.election_at() {
             let epoch = self
                 .highest_seen
                 .max(self.rec.epoch)

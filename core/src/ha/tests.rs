@@ -1142,3 +1142,65 @@ fn the_serving_lease_ends_with_the_lease_and_only_while_serving() {
     assert_eq!(sim.node("a").serving_until_ms(), None);
     assert!(sim.node("b").serving_until_ms().is_some());
 }
+
+#[test]
+fn the_next_tick_is_never_in_the_past() {
+    // The controller sleeps until `next_tick_ms` (at most a probe interval);
+    // a time already past wakes it at once, so a deadline that the next
+    // tick does not act on makes its HA loop spin. `next_probe_ms` moved
+    // only during a claim, so a member without one (a standby; an old
+    // active waiting for `changed`) ticked in a busy loop, and the old
+    // active sent another `change` at every tick: on the real-node e2e its
+    // peer client's in-flight limit filled with them, the vote replies to
+    // the handover's target were dropped, the target's election failed and
+    // the handover timed out.
+    let future = |sim: &Sim, what: &str| {
+        for (name, node) in &sim.nodes {
+            assert!(
+                node.next_tick_ms() > sim.now,
+                "{what}: {name}'s next tick {} is not after now {}",
+                node.next_tick_ms(),
+                sim.now
+            );
+        }
+    };
+    let mut sim = Sim::settled(two());
+    sim.run(2 * PROBE);
+    future(&sim, "settled");
+    // An unhealthy standby does not start an election at its election time.
+    sim.event("b", Event::Health(LOW));
+    sim.run(4 * LEASE);
+    future(&sim, "unhealthy standby");
+    sim.event("b", Event::Health(HEALTHY));
+    sim.run(2 * PROBE);
+    // A handover whose target does not answer `change` (b stopped): a stays
+    // in Changing until the handover times out.
+    sim.event("a", Event::Health(ABNORMAL));
+    sim.deliver_all();
+    let changes_before = sim
+        .log
+        .iter()
+        .filter(|(_, n, a)| {
+            n == "a"
+                && matches!(
+                    a,
+                    Action::Send(Envelope {
+                        body: Body::Change { .. },
+                        ..
+                    })
+                )
+        })
+        .count();
+    assert!(changes_before > 0, "a handed over");
+    sim.crash("b");
+    for _ in 0..5 {
+        sim.now += 1;
+        sim.event("a", Event::Tick);
+        assert!(
+            sim.node("a").next_tick_ms() > sim.now,
+            "a waiting for `changed`: next tick {} is not after now {}",
+            sim.node("a").next_tick_ms(),
+            sim.now
+        );
+    }
+}

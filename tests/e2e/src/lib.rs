@@ -4,6 +4,7 @@
 pub mod ems;
 pub mod fixtures;
 pub mod ha;
+pub mod realgroup;
 pub mod workload;
 
 use std::future::Future;

@@ -759,6 +759,12 @@ impl Drop for Cluster {
 /// Writes a kubeconfig with one context per cluster (named after it) to
 /// `path`, for humans and for `cwctl`.
 pub fn write_merged_kubeconfig(clusters: &[Cluster], path: &Path) -> Result<(), HarnessError> {
+    write_kubeconfig_of(&clusters.iter().collect::<Vec<_>>(), path)
+}
+
+/// [`write_merged_kubeconfig`] for clusters held apart (a KWOK one and a
+/// real-node one, say), not in one slice.
+pub fn write_kubeconfig_of(clusters: &[&Cluster], path: &Path) -> Result<(), HarnessError> {
     let mut merged = serde_json::json!({
         "apiVersion": "v1", "kind": "Config",
         "clusters": [], "users": [], "contexts": [],
