@@ -9,11 +9,11 @@ use counterweight_core::health::{HealthReport, below_threshold};
 use counterweight_core::names;
 use counterweight_harness::Cluster;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodReadinessGate, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodReadinessGate, Service};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use crate::fixtures::{EMS_POLICY, create_namespaces, deployment, install_policy, service};
+use crate::fixtures::{EMS_POLICY, create_namespaces, deployment, install_policy, opt_in, service};
 use crate::ha::{SYSTEM, record};
 use crate::workload::{Watched, WorkloadMonitor};
 use crate::{eventually, eventually_explained};
@@ -71,16 +71,7 @@ pub async fn workload(cluster: &Cluster) {
 pub async fn opted_in_namespace(cluster: &Cluster, ns: &str) {
     let client = cluster.client();
     create_namespaces(&client, &[ns]).await;
-    let nss: Api<Namespace> = Api::all(client);
-    nss.patch(
-        ns,
-        &PatchParams::default(),
-        &Patch::Merge(
-            json!({"metadata": {"labels": {names::INJECT_LABEL: names::INJECT_ENABLED}}}),
-        ),
-    )
-    .await
-    .expect("opt the namespace in");
+    opt_in(&client, ns).await;
 }
 
 /// The workload monitor over the sample EMS's service pods of `clusters`,

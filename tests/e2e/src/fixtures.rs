@@ -187,6 +187,29 @@ pub fn service(name: &str) -> k8s_openapi::api::core::v1::Service {
     }
 }
 
+/// Opts `ns` in to injection (the namespace label).
+pub async fn opt_in(client: &kube::Client, ns: &str) {
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            ns,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                serde_json::json!({"metadata": {"labels": {counterweight_core::names::INJECT_LABEL: counterweight_core::names::INJECT_ENABLED}}}),
+            ),
+        )
+        .await
+        .expect("opt the namespace in");
+}
+
+/// The names of `pod`'s init containers, in the order of their statuses.
+pub fn init_container_names(pod: &Pod) -> Vec<String> {
+    pod.status
+        .iter()
+        .flat_map(|s| s.init_container_statuses.iter().flatten())
+        .map(|c| c.name.clone())
+        .collect()
+}
+
 /// Creates the namespaces and waits until each has its `default`
 /// ServiceAccount, without which no pod is admitted there.
 pub async fn create_namespaces(client: &kube::Client, names: &[&str]) {

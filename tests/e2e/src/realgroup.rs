@@ -35,16 +35,15 @@ use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, EmptyDirVolumeSource, Namespace, Pod, PodSecurityContext, PodSpec,
-    SecurityContext, Volume, VolumeMount,
+    ConfigMap, Container, EmptyDirVolumeSource, Pod, PodSecurityContext, PodSpec, SecurityContext,
+    Volume, VolumeMount,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, LogParams, PostParams};
 use kube::runtime::watcher;
-use serde_json::json;
 
 use crate::eventually;
-use crate::fixtures::{condition_true, cwctl, deployment, fast_ha_config, meta, service};
+use crate::fixtures::{condition_true, cwctl, deployment, fast_ha_config, meta, opt_in, service};
 use crate::ha::{Controller, Mesh, SYSTEM, sample, wait_active, workspace_bin};
 
 /// The gate image as `tools/images.sh` names it (docker.io/ once normalized).
@@ -255,20 +254,6 @@ pub async fn start_webhook(
     )
     .await;
     webhook
-}
-
-/// Opts `ns` in to injection (the namespace label).
-pub async fn opt_in(client: &kube::Client, ns: &str) {
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            ns,
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"labels": {names::INJECT_LABEL: names::INJECT_ENABLED}}}),
-            ),
-        )
-        .await
-        .expect("opt the namespace in");
 }
 
 /// Addresses of the ready endpoints in the namespace's EndpointSlices.

@@ -30,6 +30,7 @@ use counterweight_controller::serving::{ACTIVE_REASON, STOPPED_REASON, released_
 use counterweight_core::inject::{GATE_CONTAINER, LEASE_CONTAINER, RUN_VOLUME};
 use counterweight_core::names;
 use counterweight_e2e::ems::APP;
+use counterweight_e2e::fixtures::init_container_names;
 use counterweight_e2e::ha::{Monitor, event_reasons, sample};
 use counterweight_e2e::realgroup::{
     GATE_IMAGE, KWOK, PodLog, PodSeen, REAL, RealGroup, StateLog, gate_of, logged_at,
@@ -171,14 +172,10 @@ async fn the_real_controller_gates_promotes_and_demotes_pods_on_a_real_kubelet()
         Some(epoch),
         "released in {epoch}"
     );
-    let inits: Vec<String> = running
-        .0
-        .status
-        .iter()
-        .flat_map(|s| s.init_container_statuses.iter().flatten())
-        .map(|c| c.name.clone())
-        .collect();
-    assert_eq!(inits, [GATE_CONTAINER, LEASE_CONTAINER]);
+    assert_eq!(
+        init_container_names(&running.0),
+        [GATE_CONTAINER, LEASE_CONTAINER]
+    );
     // The epoch file, as the app reads it from the gate's volume.
     let printed = eventually(
         "the app to print the gate's epoch file",

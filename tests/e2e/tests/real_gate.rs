@@ -29,10 +29,11 @@ use counterweight_core::inject::{GATE_CONTAINER, LEASE_CONTAINER};
 use counterweight_core::names;
 use counterweight_e2e::fixtures::{
     app_running, app_waiting_reason, condition_true, create_namespaces, deployment,
-    gate_access_and_service, init_running, serve, write_serving_lease,
+    gate_access_and_service, init_container_names, init_running, opt_in, serve,
+    write_serving_lease,
 };
 use counterweight_e2e::realgroup::{
-    GATE_IMAGE, app_pod_spec, gate_archive, gate_of, opt_in, ready_addresses, start_webhook,
+    GATE_IMAGE, app_pod_spec, gate_archive, gate_of, ready_addresses, start_webhook,
 };
 use counterweight_e2e::{eventually, init_tracing};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -176,13 +177,10 @@ async fn on_a_real_kubelet_the_gate_image_holds_a_standby_pod_until_promotion() 
     .await;
     let app_after = promoted.elapsed();
     assert_eq!(released_epoch(&started), Some(1), "released in epoch 1");
-    let inits: Vec<String> = started
-        .status
-        .iter()
-        .flat_map(|s| s.init_container_statuses.iter().flatten())
-        .map(|c| c.name.clone())
-        .collect();
-    assert_eq!(inits, [GATE_CONTAINER, LEASE_CONTAINER]);
+    assert_eq!(
+        init_container_names(&started),
+        [GATE_CONTAINER, LEASE_CONTAINER]
+    );
     assert!(
         !condition_true(&started, "Ready"),
         "Ready before the serving condition: the readiness gate is not held"
