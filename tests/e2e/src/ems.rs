@@ -207,6 +207,10 @@ pub async fn db_uids(cluster: &Cluster) -> Vec<String> {
 
 /// Marks every `web` pod of `cluster` Ready (or not), as a failing
 /// readiness probe would: S falls by web's weight.
+///
+/// A pod deleted between the LIST and its patch is skipped: a demoted
+/// cluster's controller evicts its service pods, so one can vanish at
+/// any moment, and its replacement starts with a fresh status.
 pub async fn set_web_ready(cluster: &Cluster, ready: bool) {
     let pods: Api<Pod> = Api::namespaced(cluster.client(), APP);
     let status = if ready { "True" } else { "False" };
@@ -216,14 +220,22 @@ pub async fn set_web_ready(cluster: &Cluster, ready: bool) {
         .expect("pods")
         .items
     {
-        pods.patch_status(
-            &p.metadata.name.expect("name"),
-            &PatchParams::default(),
-            &Patch::Strategic(
-                json!({"status": {"conditions": [{"type": "Ready", "status": status}, {"type": "ContainersReady", "status": status}]}}),
-            ),
-        )
-        .await
-        .expect("patch status");
+        let name = p.metadata.name.expect("name");
+        match pods
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Strategic(
+                    json!({"status": {"conditions": [{"type": "Ready", "status": status}, {"type": "ContainersReady", "status": status}]}}),
+                ),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                tracing::info!(pod = %name, "web pod gone before its status patch; skipped");
+            }
+            Err(e) => panic!("patch status of web pod {name}: {e}"),
+        }
     }
 }
