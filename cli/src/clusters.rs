@@ -13,10 +13,12 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::Error;
 
-/// How long to wait for a TCP and TLS connection to an API server.
+/// How long to wait for a TCP and TLS connection to an API server, at
+/// most (a shorter `--request-timeout` shortens it too).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long to wait for an API server's answer.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default of `--request-timeout`: how long to wait for one cluster's
+/// answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One cluster: its name (the context name) and a client, or why there is none.
 #[derive(Clone)]
@@ -25,6 +27,9 @@ pub struct Target {
     pub name: String,
     /// A client for it, or why it could not be configured.
     pub client: Result<kube::Client, String>,
+    /// The longest a read of this cluster may take, connection included:
+    /// past it the cluster is shown as unreachable.
+    pub deadline: Duration,
 }
 
 impl std::fmt::Debug for Target {
@@ -32,14 +37,20 @@ impl std::fmt::Debug for Target {
         f.debug_struct("Target")
             .field("name", &self.name)
             .field("client", &self.client.as_ref().map(|_| "configured"))
+            .field("deadline", &self.deadline)
             .finish()
     }
 }
 
 /// Reads the kubeconfig (`path`, a `:`-separated list, or the default
 /// locations) and builds a client per selected context, in the order given,
-/// or in kubeconfig order when `contexts` is empty.
-pub async fn targets(path: Option<&Path>, contexts: &[String]) -> Result<Vec<Target>, Error> {
+/// or in kubeconfig order when `contexts` is empty. Each read of a cluster
+/// is bounded by `deadline`.
+pub async fn targets(
+    path: Option<&Path>,
+    contexts: &[String],
+    deadline: Duration,
+) -> Result<Vec<Target>, Error> {
     let kc = read_kubeconfig(path)?;
     let available: Vec<String> = kc.contexts.iter().map(|c| c.name.clone()).collect();
     let selected: Vec<String> = if contexts.is_empty() {
@@ -62,8 +73,12 @@ pub async fn targets(path: Option<&Path>, contexts: &[String]) -> Result<Vec<Tar
     }
     let mut out = Vec::with_capacity(selected.len());
     for name in selected {
-        let client = client_for(&kc, &name).await;
-        out.push(Target { name, client });
+        let client = client_for(&kc, &name, deadline).await;
+        out.push(Target {
+            name,
+            client,
+            deadline,
+        });
     }
     Ok(out)
 }
@@ -91,7 +106,11 @@ fn read_kubeconfig(path: Option<&Path>) -> Result<Kubeconfig, Error> {
     merged.ok_or_else(|| Error::Kubeconfig(format!("{} names no file", path.display())))
 }
 
-async fn client_for(kc: &Kubeconfig, context: &str) -> Result<kube::Client, String> {
+async fn client_for(
+    kc: &Kubeconfig,
+    context: &str,
+    deadline: Duration,
+) -> Result<kube::Client, String> {
     let options = KubeConfigOptions {
         context: Some(context.to_owned()),
         ..Default::default()
@@ -99,7 +118,7 @@ async fn client_for(kc: &Kubeconfig, context: &str) -> Result<kube::Client, Stri
     let mut config = kube::Config::from_custom_kubeconfig(kc.clone(), &options)
         .await
         .map_err(|e| format!("cannot configure a client: {e}"))?;
-    config.connect_timeout = Some(CONNECT_TIMEOUT);
-    config.read_timeout = Some(READ_TIMEOUT);
+    config.connect_timeout = Some(CONNECT_TIMEOUT.min(deadline));
+    config.read_timeout = Some(deadline);
     kube::Client::try_from(config).map_err(|e| format!("cannot build a client: {e}"))
 }

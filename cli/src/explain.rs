@@ -51,14 +51,15 @@ pub struct EventLine {
     pub count: i32,
 }
 
-/// Reads the state records and the Events of every cluster; keeps the
-/// `limit` most recent Events.
+/// Reads the state records and the Events of every cluster, all at once:
+/// a cluster that never answers costs one deadline (`--request-timeout`),
+/// not one per read. Keeps the `limit` most recent Events.
 pub async fn gather(targets: &[Target], namespace: &str, limit: usize) -> Explanation {
-    let status = status::gather(targets, namespace).await;
     let reads = targets.iter().map(|t| events_of(t, namespace));
+    let (status, read) = tokio::join!(status::gather(targets, namespace), join_all(reads));
     let mut events = Vec::new();
     let mut event_errors = Vec::new();
-    for (t, r) in targets.iter().zip(join_all(reads).await) {
+    for (t, r) in targets.iter().zip(read) {
         match r {
             Ok(mut e) => events.append(&mut e),
             Err(why) => event_errors.push(format!("{}: {why}", t.name)),
@@ -78,12 +79,14 @@ async fn events_of(target: &Target, namespace: &str) -> Result<Vec<EventLine>, S
     // Filtered here rather than by field selector: the field selectors
     // events.k8s.io supports for `regarding` differ between versions.
     let list = tokio::time::timeout(
-        std::time::Duration::from_secs(15),
+        target.deadline,
         api.list(&ListParams::default().limit(1000)),
     )
     .await
-    .map_err(|_| "no answer within 15s".to_owned())?
-    .map_err(|e| e.to_string())?;
+    .map_err(|_| status::no_answer(target.deadline))?
+    // With its causes: kube's own message ("client error (Connect)") only
+    // says where to look.
+    .map_err(|e| crate::describe(&e))?;
     Ok(list
         .items
         .into_iter()

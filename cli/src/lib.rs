@@ -19,8 +19,16 @@
 //! - `cwctl check` runs named checks with fix hints and exits non-zero if
 //!   any fails.
 //!
-//! Exit codes: 0 when done, 1 when `check` found a failing check, 2 when
-//! the command could not be carried out (the message says why).
+//! Exit codes, for scripts:
+//!
+//! - 0: done, every cluster read;
+//! - 1: `check` found a failing check;
+//! - 2: the command could not be carried out (the message says why);
+//! - 3: `status` or `explain` printed what it could, but at least one
+//!   cluster could not be read (shown as unreachable, with the reason).
+//!
+//! Every read of a cluster is bounded by `--request-timeout` (10 s), and
+//! the clusters are read at once: a dead cluster costs one timeout.
 //!
 //! # As a kubectl plugin
 //!
@@ -66,6 +74,11 @@ pub struct Args {
     /// Namespace of the controller and its ConfigMaps.
     #[arg(long, short = 'n', global = true, env = "CWCTL_NAMESPACE", default_value = names::SYSTEM_NAMESPACE)]
     pub namespace: String,
+
+    /// Longest wait for one cluster's answer (connection included); a
+    /// cluster that has not answered by then is shown as unreachable.
+    #[arg(long, global = true, env = "CWCTL_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
 
     /// Output format of `status`, `explain` and `check`.
     #[arg(long, short = 'o', global = true, env = "CWCTL_OUTPUT", value_enum, default_value_t = Output::Table)]
@@ -136,12 +149,36 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// How a command ended, when it ended without an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Everything asked for was done or shown.
     Ok,
     /// `check` ran and at least one check failed.
     ChecksFailed,
+    /// `status` or `explain` was printed, but these clusters could not be
+    /// read.
+    Unreachable(Vec<String>),
+}
+
+impl Outcome {
+    /// The process exit code (see the crate documentation).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::Ok => 0,
+            Outcome::ChecksFailed => 1,
+            Outcome::Unreachable(_) => 3,
+        }
+    }
+}
+
+/// [`Outcome::Unreachable`] if `status` names clusters it could not read.
+fn read_outcome(status: &status::Status) -> Outcome {
+    let down = status.unreachable();
+    if down.is_empty() {
+        Outcome::Ok
+    } else {
+        Outcome::Unreachable(down.into_iter().map(str::to_owned).collect())
+    }
 }
 
 /// Errors `cwctl` reports.
@@ -178,12 +215,18 @@ impl From<std::io::Error> for Error {
 /// Runs one `cwctl` command, printing to `out`.
 pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> Result<Outcome, Error> {
     tracing::debug!(?args.command, "cwctl");
-    let targets = clusters::targets(args.kubeconfig.as_deref(), &args.contexts).await?;
+    let targets = clusters::targets(
+        args.kubeconfig.as_deref(),
+        &args.contexts,
+        args.request_timeout,
+    )
+    .await?;
     let ns = args.namespace.as_str();
     match &args.command {
         Command::Status { watch: None } => {
             let status = status::gather(&targets, ns).await;
             print(out, args.output, &status, status::render)?;
+            return Ok(read_outcome(&status));
         }
         Command::Status { watch: Some(every) } => loop {
             // Runs until the user interrupts it (Ctrl-C ends the process).
@@ -203,6 +246,7 @@ pub async fn run(args: &Args, out: &mut (dyn Write + Send)) -> Result<Outcome, E
         Command::Explain { events } => {
             let explanation = explain::gather(&targets, ns, *events).await;
             print(out, args.output, &explanation, explain::render)?;
+            return Ok(read_outcome(&explanation.status));
         }
         Command::Switchover { to, timeout } => {
             request::switchover(&targets, ns, to, *timeout, out).await?;

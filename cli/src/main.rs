@@ -24,9 +24,9 @@ async fn main() -> anyhow::Result<ExitCode> {
         .init();
     let mut stdout = std::io::stdout();
     match counterweight_cli::run(&args, &mut stdout).await {
-        Ok(counterweight_cli::Outcome::Ok) => Ok(ExitCode::SUCCESS),
-        // Failed checks were printed with their hints; only the exit code is left.
-        Ok(counterweight_cli::Outcome::ChecksFailed) => Ok(ExitCode::from(1)),
+        // Failed checks were printed with their hints, unreachable clusters
+        // with their reasons; only the exit code is left.
+        Ok(outcome) => Ok(ExitCode::from(outcome.exit_code())),
         // An operator-facing message, not a program fault: no backtrace.
         Err(e) => {
             eprintln!("error: {e}");

@@ -32,9 +32,6 @@ pub const POLICY_KEY: &str = "policy";
 /// State ConfigMap key of the serving effect.
 pub const SERVING_KEY: &str = "serving";
 
-/// Upper bound on one cluster's read, beyond the client's own timeouts.
-const READ_DEADLINE: Duration = Duration::from_secs(15);
-
 /// All clusters, in kubeconfig order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -57,6 +54,16 @@ impl Status {
     /// The entry of `cluster`.
     pub fn cluster(&self, cluster: &str) -> Option<&ClusterStatus> {
         self.clusters.iter().find(|c| c.cluster == cluster)
+    }
+
+    /// The clusters that could not be read (no answer, refused, no
+    /// client): what makes `status` and `explain` exit 3.
+    pub fn unreachable(&self) -> Vec<&str> {
+        self.clusters
+            .iter()
+            .filter(|c| c.unreachable.is_some())
+            .map(|c| c.cluster.as_str())
+            .collect()
     }
 }
 
@@ -142,6 +149,14 @@ pub struct Transition {
     pub at: Option<String>,
 }
 
+/// What a cluster that did not answer within `deadline` is shown with.
+pub fn no_answer(deadline: Duration) -> String {
+    format!(
+        "no answer within {:.1}s (--request-timeout)",
+        deadline.as_secs_f64()
+    )
+}
+
 /// Reads every cluster's state ConfigMap, concurrently.
 pub async fn gather(targets: &[Target], namespace: &str) -> Status {
     let reads = targets.iter().map(|t| read_one(t, namespace));
@@ -162,8 +177,8 @@ async fn read_one(target: &Target, namespace: &str) -> ClusterStatus {
         Err(e) => return unreachable(e.clone()),
     };
     let api: Api<ConfigMap> = Api::namespaced(client, namespace);
-    match tokio::time::timeout(READ_DEADLINE, api.get_opt(names::STATE_CONFIGMAP)).await {
-        Err(_) => unreachable(format!("no answer within {}s", READ_DEADLINE.as_secs())),
+    match tokio::time::timeout(target.deadline, api.get_opt(names::STATE_CONFIGMAP)).await {
+        Err(_) => unreachable(no_answer(target.deadline)),
         Ok(Err(e)) => unreachable(crate::describe(&e)),
         Ok(Ok(None)) => ClusterStatus {
             cluster: target.name.clone(),

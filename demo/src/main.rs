@@ -80,7 +80,12 @@ async fn run(args: &Args) -> Result<()> {
     let started = Instant::now();
     let timeout = Duration::from_secs(args.timeout);
     let mut stack = Stack::start(started).await?;
-    let targets = counterweight_cli::clusters::targets(Some(&stack.kubeconfig), &[]).await?;
+    let targets = counterweight_cli::clusters::targets(
+        Some(&stack.kubeconfig),
+        &[],
+        counterweight_cli::clusters::REQUEST_TIMEOUT,
+    )
+    .await?;
     let gate_logs = stack
         .gates
         .iter()

@@ -604,3 +604,157 @@ async fn cwctl_status_switchover_explain_and_check() {
         "{out}"
     );
 }
+
+/// A TLS server that completes every handshake and then never answers: an
+/// API server stalled behind a healthy load balancer. Returns its address
+/// and the CA that signed its certificate.
+async fn hung_tls_server() -> (std::net::SocketAddr, String, tokio::task::JoinHandle<()>) {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let ca = counterweight_certs::CertificateAuthority::new("hung CA").expect("CA");
+    let leaf = ca
+        .issue(
+            &counterweight_certs::LeafSpec::new("hung", counterweight_certs::Usage::Server)
+                .sans(["127.0.0.1"]),
+        )
+        .expect("leaf");
+    let cert = CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes()).expect("cert");
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key");
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        // Bounded: the test makes a handful of connections.
+        for _ in 0..64 {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    // Read the request and never answer; end when the
+                    // client gives up.
+                    let mut buf = [0u8; 4096];
+                    while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {}
+                }
+            });
+        }
+    });
+    (addr, ca.pem().cert_pem.clone(), task)
+}
+
+/// Runs the `cwctl` binary; its exit code, stdout and stderr, and how long
+/// it took.
+async fn cwctl_bin(kubeconfig: &Path, args: &[&str]) -> (Option<i32>, String, String, Duration) {
+    let bin = counterweight_e2e::ha::workspace_bin("cwctl", "COUNTERWEIGHT_CWCTL_BIN");
+    let started = std::time::Instant::now();
+    let out = tokio::process::Command::new(bin)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("cwctl ends within 60 s")
+        .expect("run cwctl");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// Issue 15, item 4: with a context whose API server refuses connections
+/// and one that completes TLS and never answers, `status` (table and JSON)
+/// and `explain` print both clusters as unreachable, with the cause, and
+/// exit 3 so that a script can tell; `explain` reads the clusters and their
+/// Events at once, so it costs one `--request-timeout`, not two in a row;
+/// and its Event error keeps the cause ("Connection refused").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cwctl_exits_3_for_unreachable_clusters_and_explain_waits_one_timeout() {
+    init_tracing();
+    counterweight_harness::install_crypto_provider();
+    let (hung, hung_ca, _server) = hung_tls_server().await;
+    // A port nothing listens on: bound, then released.
+    let refused = counterweight_harness::free_port().expect("port");
+    let dir = tempfile::tempdir().expect("dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    };
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n\
+             - name: dead\n  cluster:\n    server: https://127.0.0.1:{refused}\n    certificate-authority-data: {ca}\n\
+             - name: hung\n  cluster:\n    server: https://{hung}\n    certificate-authority-data: {ca}\n\
+             users:\n- name: u\n  user:\n    token: t\n\
+             contexts:\n- name: dead\n  context: {{cluster: dead, user: u}}\n- name: hung\n  context: {{cluster: hung, user: u}}\n\
+             current-context: dead\n",
+            ca = b64(&hung_ca)
+        ),
+    )
+    .expect("kubeconfig");
+
+    let timeout = Duration::from_secs(3);
+    let t = "--request-timeout=3s";
+    for output in ["table", "json"] {
+        let (code, out, err, _) = cwctl_bin(&kubeconfig, &[t, "-o", output, "status"]).await;
+        assert_eq!(code, Some(3), "status -o {output}: {out}\n{err}");
+        if output == "json" {
+            let s: Status = serde_json::from_str(&out).expect("status JSON");
+            assert_eq!(s.unreachable(), ["dead", "hung"], "{out}");
+            let why = |c: &str| s.cluster(c).and_then(|c| c.unreachable.clone());
+            assert!(
+                why("dead").is_some_and(|w| w.contains("Connection refused")),
+                "{out}"
+            );
+            assert!(why("hung").is_some_and(|w| !w.is_empty()), "{out}");
+        } else {
+            assert!(
+                out.contains("dead: unreachable") && out.contains("hung: unreachable"),
+                "{out}"
+            );
+        }
+    }
+
+    let (code, out, err, took) = cwctl_bin(&kubeconfig, &[t, "-o", "json", "explain"]).await;
+    assert_eq!(code, Some(3), "explain: {out}\n{err}");
+    let x: counterweight_cli::explain::Explanation =
+        serde_json::from_str(&out).expect("explain JSON");
+    assert_eq!(x.status.unreachable(), ["dead", "hung"], "{out}");
+    let dead_events = x.event_errors.iter().find(|e| e.starts_with("dead:"));
+    assert!(
+        dead_events.is_some_and(|e| e.contains("Connection refused")),
+        "the Event error keeps its cause: {:?}",
+        x.event_errors
+    );
+    assert!(
+        x.event_errors.iter().any(|e| e.starts_with("hung:")),
+        "{:?}",
+        x.event_errors
+    );
+    // Reading the records and then the Events one after the other would
+    // take two timeouts on the hung cluster (6 s); at once, one.
+    assert!(
+        took >= timeout && took < timeout * 2 - Duration::from_millis(500),
+        "explain took {took:?} with --request-timeout 3s"
+    );
+
+    // The in-process API says the same, for callers of the library.
+    let (r, _) = cwctl(&kubeconfig, &[t, "status"]).await;
+    assert_eq!(
+        r,
+        Ok(Outcome::Unreachable(vec!["dead".into(), "hung".into()]))
+    );
+}
