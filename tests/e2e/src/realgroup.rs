@@ -31,14 +31,16 @@ use counterweight_core::names;
 use counterweight_harness::{
     BUSYBOX_IMAGE, Binaries, Cluster, Lan, Process, free_port, http_get, webhook_configs,
 };
+use counterweight_sync::files::Watermark;
 use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, EmptyDirVolumeSource, Pod, PodSecurityContext, PodSpec, SecurityContext,
-    Volume, VolumeMount,
+    Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
+    Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams, LogParams, PostParams};
 use kube::runtime::watcher;
 
@@ -58,8 +60,8 @@ pub const REAL: &str = "west";
 pub const APP_NS: &str = crate::ems::APP;
 
 /// The real-node cluster's policy: the gated service `web` and the
-/// synchronization Deployment `db` (role `database`, never gated); every
-/// 300 ms, D = 0.6, K = 1, as the KWOK side's sample policy.
+/// synchronization Deployment `files` (role `file-replication`, never
+/// gated); every 300 ms, D = 0.6, K = 1, as the KWOK side's sample policy.
 pub const REAL_POLICY: &str = r#"
 interval: 300ms
 threshold: 0.6
@@ -69,15 +71,24 @@ components:
     namespaces: [ems]
     selector: {matchLabels: {app: web}}
     weight: 0.7
-  - name: db
+  - name: files
     namespaces: [ems]
-    selector: {matchLabels: {app: db}}
+    selector: {matchLabels: {app: files}}
     weight: 0.3
-    role: database
+    role: file-replication
 "#;
 
+/// The file-replication image as `tools/images.sh` names it.
+pub const SYNC_IMAGE: &str = "counterweight/sync-rsync:dev";
+/// The sync container's HTTP port (`/watermark`, `/ready`), as in
+/// `manifests/sample/files.yaml`.
+pub const SYNC_PORT: i32 = 8081;
+/// The images the real-node tests import into containerd: the gate, and
+/// the file-replication sidecar of the synchronization pod.
+pub const IMAGES: [&str; 2] = ["gate", "sync-rsync"];
+
 /// The directory of the image archives: `$COUNTERWEIGHT_IMAGES`, or what
-/// `tools/images.sh gate` prints (it builds only what changed).
+/// `tools/images.sh gate sync-rsync` prints (it builds only what changed).
 pub fn images_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("COUNTERWEIGHT_IMAGES") {
         return PathBuf::from(dir);
@@ -88,14 +99,15 @@ pub fn images_dir() -> PathBuf {
     let keep = |k: &str| !k.starts_with("CARGO_") || matches!(k, "CARGO_HOME" | "CARGO_TARGET_DIR");
     let out = std::process::Command::new("bash")
         .arg(&script)
-        .arg("gate")
+        .args(IMAGES)
         .env_clear()
         .envs(std::env::vars().filter(|(k, _)| keep(k) && k != "CARGO" && k != "LD_LIBRARY_PATH"))
         .output()
         .expect("run tools/images.sh");
     assert!(
         out.status.success(),
-        "tools/images.sh gate failed: {}",
+        "tools/images.sh {} failed: {}",
+        IMAGES.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
@@ -103,7 +115,12 @@ pub fn images_dir() -> PathBuf {
 
 /// The gate image archive, checked to exist.
 pub fn gate_archive() -> PathBuf {
-    let archive = images_dir().join("gate.tar");
+    archive("gate")
+}
+
+/// The archive of image `name` (one of [`IMAGES`]), checked to exist.
+pub fn archive(name: &str) -> PathBuf {
+    let archive = images_dir().join(format!("{name}.tar"));
     assert!(archive.is_file(), "{} missing", archive.display());
     archive
 }
@@ -157,20 +174,96 @@ pub fn app_pod_spec() -> PodSpec {
     }
 }
 
-/// A synchronization pod's spec: busybox that sleeps, Ready as soon as it
-/// runs (no probe). It stands in for the sync image, which the real node
-/// does not carry.
+/// The synchronization pod's spec: the project's `sync-rsync` image running
+/// `counterweight-sync files`, with the container security of
+/// `manifests/sample/files.yaml` (non-root 65532, read-only root
+/// filesystem, no capabilities, RuntimeDefault seccomp) and its readiness
+/// probe on `/watermark`. It reads the state record through the API server
+/// with its service-account token, as in production, and while its cluster
+/// is active pushes `/data` to a local destination (`/mirror`, an
+/// `emptyDir`): the pod flips with the state and is never restarted for it.
 pub fn sync_pod_spec() -> PodSpec {
+    let empty = |name: &str| Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    };
+    let mount = |name: &str, path: &str| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        ..Default::default()
+    };
+    let env = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        ..Default::default()
+    };
     PodSpec {
-        automount_service_account_token: Some(false),
+        automount_service_account_token: Some(true),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            fs_group: Some(65532),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         containers: vec![Container {
             name: "sync".into(),
-            image: Some(BUSYBOX_IMAGE.into()),
+            image: Some(SYNC_IMAGE.into()),
             image_pull_policy: Some("Never".into()),
-            command: Some(vec!["/bin/sleep".into(), "2147483647".into()]),
+            args: Some(vec!["files".into()]),
+            env: Some(vec![
+                env(
+                    "COUNTERWEIGHT_SYNC_STATE_CONFIGMAP",
+                    format!("{SYSTEM}/{}", names::STATE_CONFIGMAP),
+                ),
+                env("COUNTERWEIGHT_SYNC_DIR", "/data".into()),
+                env("COUNTERWEIGHT_SYNC_DESTS", "/mirror/".into()),
+                env(
+                    "COUNTERWEIGHT_SYNC_WATERMARK",
+                    "/var/run/counterweight/watermark.json".into(),
+                ),
+                env("COUNTERWEIGHT_SYNC_LISTEN", format!("0.0.0.0:{SYNC_PORT}")),
+                env("COUNTERWEIGHT_SYNC_HEARTBEAT_MS", "500".into()),
+                env("COUNTERWEIGHT_SYNC_INTERVAL_MS", "200".into()),
+                env("RUST_LOG", "info".into()),
+            ]),
+            ports: Some(vec![ContainerPort {
+                name: Some("sync-http".into()),
+                container_port: SYNC_PORT,
+                ..Default::default()
+            }]),
+            readiness_probe: Some(Probe {
+                http_get: Some(HTTPGetAction {
+                    path: Some("/watermark".into()),
+                    port: IntOrString::String("sync-http".into()),
+                    ..Default::default()
+                }),
+                period_seconds: Some(1),
+                ..Default::default()
+            }),
+            security_context: Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                read_only_root_filesystem: Some(true),
+                capabilities: Some(Capabilities {
+                    drop: Some(vec!["ALL".into()]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            volume_mounts: Some(vec![
+                mount("data", "/data"),
+                mount("mirror", "/mirror"),
+                mount("run", "/var/run/counterweight"),
+            ]),
             ..Default::default()
         }],
-        termination_grace_period_seconds: Some(1),
+        volumes: Some(vec![empty("data"), empty("mirror"), empty("run")]),
+        termination_grace_period_seconds: Some(5),
         ..Default::default()
     }
 }
@@ -491,7 +584,7 @@ pub struct StartTimes {
     /// From nothing to the real-node cluster's node Ready (its API server,
     /// containerd, kubelet, kube-proxy).
     pub real_cluster: Duration,
-    /// Importing the gate image into the node's containerd.
+    /// Importing the images ([`IMAGES`]) into the node's containerd.
     pub import: Duration,
     /// From nothing to the KWOK member elected and the real one recording
     /// standby, with both controllers and the webhook running.
@@ -534,7 +627,7 @@ impl RealGroup {
     /// created yet: see [`RealGroup::deploy`].
     pub async fn start(alone_first: bool) -> Self {
         counterweight_harness::install_crypto_provider();
-        let archive = gate_archive();
+        let archives = IMAGES.map(archive);
         let names = [KWOK, REAL];
         let dir = tempfile::tempdir().expect("dir");
         crate::ha::write_peer_certs(dir.path(), &names);
@@ -555,10 +648,12 @@ impl RealGroup {
         };
         let kwok = kwok.expect("the KWOK cluster starts");
         let t = Instant::now();
-        real.real_node()
-            .expect("a real node")
-            .import_image(&archive)
-            .expect("import the gate image into containerd");
+        for archive in &archives {
+            real.real_node()
+                .expect("a real node")
+                .import_image(archive)
+                .expect("import the images into containerd");
+        }
         let import = t.elapsed();
 
         crate::ems::prepare(&kwok, true).await;
@@ -616,13 +711,13 @@ impl RealGroup {
 
     /// Creates the real member's Deployments: `web`, one gated service pod
     /// (the app of [`app_pod_spec`], labelled `counterweight.dev/role:
-    /// service`, in front of which the Service `web` stands), and `db`, one
-    /// synchronization pod (role `database`, [`sync_pod_spec`]).
+    /// service`, in front of which the Service `web` stands), and `files`,
+    /// one synchronization pod (role `file-replication`, [`sync_pod_spec`]).
     pub async fn deploy(&self) {
         let deploys: Api<Deployment> = Api::namespaced(self.real.client(), APP_NS);
         for (name, role, spec) in [
             ("web", "service", app_pod_spec()),
-            ("db", "database", sync_pod_spec()),
+            ("files", "file-replication", sync_pod_spec()),
         ] {
             let mut d = deployment(name, 1, &[(names::ROLE_LABEL, role)]);
             if let Some(t) = d.spec.as_mut().map(|s| &mut s.template) {
@@ -638,6 +733,23 @@ impl RealGroup {
     /// The real member's pods.
     pub fn pods(&self) -> Api<Pod> {
         Api::namespaced(self.real.client(), APP_NS)
+    }
+
+    /// The `/watermark` of the synchronization pod `pod`, read through the
+    /// API server's pod proxy (the pod's address exists only inside the
+    /// real node's network namespace, where the API server runs).
+    pub async fn sync_watermark(&self, pod: &str) -> Result<Watermark, String> {
+        let path = format!("/api/v1/namespaces/{APP_NS}/pods/{pod}:{SYNC_PORT}/proxy/watermark");
+        let req = http::Request::get(&path)
+            .body(Vec::new())
+            .map_err(|e| e.to_string())?;
+        let text = self
+            .real
+            .client()
+            .request_text(req)
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        serde_json::from_str(&text).map_err(|e| format!("{path}: {e}: {text}"))
     }
 
     /// The real member's EndpointSlices of the app namespace.

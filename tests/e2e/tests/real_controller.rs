@@ -7,7 +7,8 @@
 //!
 //! - Standby: `west`'s service pod is held at the gate (gate Running, app
 //!   Waiting in `PodInitializing`, not Ready, no endpoint), while its
-//!   synchronization pod (role `database`, never gated) is Ready at once.
+//!   synchronization pod (role `file-replication`, never gated, from the
+//!   project's `sync-rsync` image) is Ready at once and reports standby.
 //! - Promotion: the gate exits 0 with the epoch as termination message and
 //!   writes its epoch file (the app prints it), the app starts, the
 //!   controller's serving condition turns the pod Ready through the
@@ -16,19 +17,23 @@
 //! - Demotion: the controller fences the pod (serving condition False,
 //!   reason `ServingStopped`) and evicts it; its replacement is held at the
 //!   gate again and stays out of the EndpointSlice.
-//! - The synchronization pod keeps its uid and never restarts throughout.
+//! - The synchronization pod follows every transition without a restart:
+//!   its `/watermark` says active in the new epoch (and its pushes succeed)
+//!   after the promotion, standby after the demotion, and it keeps its uid
+//!   and restart count 0 throughout.
 //!
 //! Two monitors run the whole time: the state records (never two actives)
 //! and the workloads (never both clusters' service pods serving).
 //!
-//! Needs root and the node binaries (see `real_node.rs`) and the gate image
-//! (see `real_gate.rs`).
+//! Needs root and the node binaries (see `real_node.rs`) and the gate and
+//! sync-rsync images (`tools/images.sh gate sync-rsync`).
 
 use std::time::{Duration, Instant};
 
 use counterweight_controller::serving::{ACTIVE_REASON, STOPPED_REASON, released_epoch};
 use counterweight_core::inject::{GATE_CONTAINER, LEASE_CONTAINER, RUN_VOLUME};
 use counterweight_core::names;
+use counterweight_core::state::Role;
 use counterweight_e2e::ems::APP;
 use counterweight_e2e::fixtures::init_container_names;
 use counterweight_e2e::ha::{Monitor, event_reasons, sample};
@@ -38,16 +43,17 @@ use counterweight_e2e::realgroup::{
 };
 use counterweight_e2e::workload::{Watched, WorkloadMonitor};
 use counterweight_e2e::{eventually, init_tracing};
+use counterweight_sync::files::Watermark;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::LogParams;
 
 /// uid, Ready, restarts and whether the gate was injected, of the sync pod.
 async fn sync_pod(g: &RealGroup) -> (String, bool, i32, bool) {
     let p = g
-        .one_pod("db")
+        .one_pod("files")
         .await
         .expect("list pods")
-        .expect("one db pod");
+        .expect("one files pod");
     let seen = PodSeen::of(&p, Instant::now(), false);
     let injected = gate_of(&p).is_some()
         || p.metadata
@@ -55,6 +61,31 @@ async fn sync_pod(g: &RealGroup) -> (String, bool, i32, bool) {
             .as_ref()
             .is_some_and(|a| a.contains_key(names::STATUS_ANNOTATION));
     (seen.uid, seen.ready, seen.restarts, injected)
+}
+
+/// Waits until the sync pod's `/watermark` says `role` (in `epoch`, if
+/// given) and, for an active, that a push reached its destination since
+/// the role began, with no error; the watermark.
+async fn sync_follows(g: &RealGroup, role: Role, epoch: Option<u64>, what: &str) -> Watermark {
+    eventually(
+        what,
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            let p = g.one_pod("files").await?.ok_or("no single files pod")?;
+            let name = p.metadata.name.unwrap_or_default();
+            let w = g.sync_watermark(&name).await?;
+            let pushed =
+                role == Role::Standby || (w.synced_at_unix_ms.is_some() && w.last_error.is_none());
+            let ok = w.role == Some(role) && epoch.is_none_or(|e| w.epoch == e) && pushed;
+            if ok {
+                Ok(Some(w))
+            } else {
+                Err(format!("{w:?}"))
+            }
+        },
+    )
+    .await
 }
 
 /// The app container's log: what it printed of the gate's epoch file.
@@ -79,7 +110,7 @@ async fn the_real_controller_gates_promotes_and_demotes_pods_on_a_real_kubelet()
     }
     let started = Instant::now();
     let mut g = RealGroup::start(false).await;
-    let log = PodLog::start(g.pods(), "app in (web,db)");
+    let log = PodLog::start(g.pods(), "app in (web,files)");
     let states = StateLog::start(g.cms[1].clone());
     let records = Monitor::on(&[KWOK, REAL], &g.cms);
     let workload = WorkloadMonitor::start(vec![
@@ -123,6 +154,7 @@ async fn the_real_controller_gates_promotes_and_demotes_pods_on_a_real_kubelet()
     .await;
     assert!(!sync.3, "the webhook must not gate a synchronization pod");
     assert_eq!(sync.2, 0, "the sync pod has not restarted");
+    sync_follows(&g, Role::Standby, None, "the sync pod to report standby").await;
     // A standby keeps holding: for 2 s the record stays standby and the pod
     // gated, while the sync pod stays Ready.
     let hold_until = Instant::now() + Duration::from_secs(2);
@@ -239,6 +271,15 @@ async fn the_real_controller_gates_promotes_and_demotes_pods_on_a_real_kubelet()
         first_serving.is_some() && first_ready >= first_serving,
         "Ready only once serving: {before_serving:#?}"
     );
+    // The sync pod follows the promotion in place: active in the new
+    // epoch, pushing, same pod, no restart.
+    sync_follows(
+        &g,
+        Role::Active,
+        Some(epoch),
+        "the sync pod to report active in the new epoch and push",
+    )
+    .await;
     let s = sync_pod(&g).await;
     assert_eq!(
         (s.0.as_str(), s.1, s.2),
@@ -301,6 +342,13 @@ async fn the_real_controller_gates_promotes_and_demotes_pods_on_a_real_kubelet()
         assert_eq!(ready_addresses(&slices).await, Ok(vec![]));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    sync_follows(
+        &g,
+        Role::Standby,
+        None,
+        "the sync pod to report standby again",
+    )
+    .await;
     let s = sync_pod(&g).await;
     assert_eq!(
         (s.0.as_str(), s.1, s.2),
@@ -311,7 +359,7 @@ async fn the_real_controller_gates_promotes_and_demotes_pods_on_a_real_kubelet()
     let sync_history: Vec<PodSeen> = log
         .all()
         .into_iter()
-        .filter(|p| p.name.starts_with("db-"))
+        .filter(|p| p.name.starts_with("files-"))
         .collect();
     assert!(
         sync_history
