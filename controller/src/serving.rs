@@ -43,7 +43,7 @@
 //!
 //! The `serving` key of the state ConfigMap is kept as before, for `cwctl`.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -416,6 +416,73 @@ struct Shared {
     effects: tokio::sync::Mutex<()>,
     /// Uids being restarted by a running batch.
     restarting: Mutex<HashSet<String>>,
+    /// Pods this controller made serve moments ago (see [`ServeMemo`]).
+    served: Mutex<ServeMemo>,
+}
+
+/// How long a successful serve patch stands for its pod in the reconcile
+/// loop's eyes, while the pod watch catches up with it. A few seconds is
+/// ample for a watch to deliver thousands of updates; past it the pod
+/// cache decides again, so a hand edit of the condition is undone at the
+/// latest this much later.
+pub const SERVE_MEMO: Duration = Duration::from_secs(5);
+
+/// The pods whose serving condition this controller set True in the last
+/// [`SERVE_MEMO`], by uid.
+///
+/// Why: a promotion patches every service pod, and every patch comes back
+/// through the pod watch. The reconcile loop's pass runs on that watch's
+/// cache, which lags the patches by up to seconds under load, so without a
+/// memory it patched most pods a second time (2,000 pods: 4,201 status
+/// PATCHes instead of about 2,300 in `benches/serving_scale.rs`), each
+/// a real write with a new `lastTransitionTime`, which doubled the time to
+/// all-serving. Only serving is remembered: a stop is never skipped, and
+/// the fence forgets everything, so a later promotion starts afresh.
+#[derive(Debug, Default)]
+pub struct ServeMemo {
+    at: HashMap<String, Instant>,
+}
+
+impl ServeMemo {
+    /// Whether the pod `uid` was made to serve less than [`SERVE_MEMO`]
+    /// before `now`.
+    pub fn fresh(&self, uid: &str, now: Instant) -> bool {
+        self.at
+            .get(uid)
+            .is_some_and(|t| now.saturating_duration_since(*t) < SERVE_MEMO)
+    }
+
+    /// Notes that the pod `uid` was made to serve at `now`.
+    pub fn record(&mut self, uid: &str, now: Instant) {
+        self.at.insert(uid.to_owned(), now);
+    }
+
+    /// Forgets the pod `uid` (its condition was set False).
+    pub fn forget(&mut self, uid: &str) {
+        self.at.remove(uid);
+    }
+
+    /// Forgets every pod (a fence).
+    pub fn clear(&mut self) {
+        self.at.clear();
+    }
+
+    /// Drops the entries older than [`SERVE_MEMO`] at `now`, so that pods
+    /// long gone do not accumulate.
+    pub fn prune(&mut self, now: Instant) {
+        self.at
+            .retain(|_, t| now.saturating_duration_since(*t) < SERVE_MEMO);
+    }
+
+    /// How many pods are remembered.
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    /// Whether no pod is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
 }
 
 /// The pod-level [`Serving`]: see the module documentation.
@@ -447,6 +514,7 @@ impl PodServing {
             epoch: std::sync::atomic::AtomicU64::new(0),
             effects: tokio::sync::Mutex::new(()),
             restarting: Mutex::new(HashSet::new()),
+            served: Mutex::new(ServeMemo::default()),
         });
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
         let weak = Arc::downgrade(&tasks);
@@ -682,10 +750,21 @@ async fn send_conditions(
             (patch, res)
         })
         .collect();
-    stream::iter(futures)
+    let results: Vec<(ConditionPatch, Result<bool, kube::Error>)> = stream::iter(futures)
         .buffer_unordered(shared.config.concurrency.max(1))
         .collect()
-        .await
+        .await;
+    if let Ok(mut memo) = shared.served.lock() {
+        let now = Instant::now();
+        for ((r, serve, _), res) in &results {
+            match (serve, res) {
+                (true, Ok(true)) => memo.record(&r.uid, now),
+                (false, Ok(true)) => memo.forget(&r.uid),
+                _ => {}
+            }
+        }
+    }
+    results
 }
 
 /// The effects lock, handed back by [`fence`] so the restarts it found are
@@ -701,6 +780,11 @@ async fn fence(
     shared: &Shared,
 ) -> Result<(FenceGuard<'_>, usize, usize, Vec<PodRef>), ServingError> {
     let effects = shared.effects.lock().await;
+    // Whatever served before the fence is judged afresh by the next
+    // promotion.
+    if let Ok(mut memo) = shared.served.lock() {
+        memo.clear();
+    }
     let (mut stopped, mut standby) = (0, 0);
     let mut restart: Vec<PodRef> = Vec::new();
     let mut last_error = String::new();
@@ -762,6 +846,36 @@ async fn fence(
     Err(ServingError::FenceIncomplete(still, last_error))
 }
 
+/// What one pass does to `pods` for `desired`: the condition patches to
+/// send and the pods to restart. Pods made to serve in the last
+/// [`SERVE_MEMO`] are left alone (see [`ServeMemo`]).
+fn plan_pass(
+    shared: &Shared,
+    pods: &[Pod],
+    desired: bool,
+) -> (Vec<ConditionPatch>, Vec<PodRef>) {
+    let mut patches = Vec::new();
+    let mut restart = Vec::new();
+    let now = Instant::now();
+    let mut memo = shared.served.lock().ok();
+    if let Some(m) = memo.as_mut() {
+        m.prune(now);
+    }
+    let epoch = shared.epoch.load(std::sync::atomic::Ordering::SeqCst);
+    for pod in pods {
+        let Some(r) = PodRef::of(pod) else { continue };
+        match decide(pod, desired, epoch) {
+            // Made to serve moments ago; the cache has not caught up.
+            PodAction::Serve if memo.as_ref().is_some_and(|m| m.fresh(&r.uid, now)) => {}
+            PodAction::Serve => patches.push((r, true, ACTIVE_REASON)),
+            PodAction::Stop(reason) => patches.push((r, false, reason)),
+            PodAction::Restart => restart.push(r),
+            PodAction::Keep => {}
+        }
+    }
+    (patches, restart)
+}
+
 /// One reconciliation pass over `pods` for the current desired state: sends
 /// condition patches and starts restarts. Returns how many pods were made to
 /// serve.
@@ -770,21 +884,7 @@ async fn pass(shared: &Arc<Shared>, pods: &[Pod], tasks: &Arc<Mutex<JoinSet<()>>
     let Some(desired) = *shared.desired.borrow() else {
         return 0;
     };
-    let mut patches = Vec::new();
-    let mut restart = Vec::new();
-    for pod in pods {
-        let Some(r) = PodRef::of(pod) else { continue };
-        match decide(
-            pod,
-            desired,
-            shared.epoch.load(std::sync::atomic::Ordering::SeqCst),
-        ) {
-            PodAction::Serve => patches.push((r, true, ACTIVE_REASON)),
-            PodAction::Stop(reason) => patches.push((r, false, reason)),
-            PodAction::Restart => restart.push(r),
-            PodAction::Keep => {}
-        }
-    }
+    let (patches, restart) = plan_pass(shared, pods, desired);
     let mut served = 0;
     for ((r, serve, _), res) in send_conditions(shared, patches).await {
         let done = res.unwrap_or_else(|e| {
@@ -1399,6 +1499,24 @@ mod tests {
         assert_eq!(backoff(4, min, max), Duration::from_millis(3200));
         assert_eq!(backoff(5, min, max), max);
         assert_eq!(backoff(u32::MAX, min, max), max);
+    }
+
+    #[test]
+    fn a_serve_is_remembered_for_the_memo_period_and_a_stop_or_fence_forgets_it() {
+        let t0 = Instant::now();
+        let mut memo = ServeMemo::default();
+        assert!(!memo.fresh("a", t0));
+        memo.record("a", t0);
+        memo.record("b", t0);
+        assert!(memo.fresh("a", t0 + SERVE_MEMO - Duration::from_millis(1)));
+        assert!(!memo.fresh("a", t0 + SERVE_MEMO), "past the memo the cache decides");
+        memo.forget("a");
+        assert!(!memo.fresh("a", t0));
+        memo.prune(t0 + SERVE_MEMO);
+        assert!(memo.is_empty(), "old entries are pruned");
+        memo.record("c", t0);
+        memo.clear();
+        assert_eq!(memo.len(), 0);
     }
 
     #[test]

@@ -897,56 +897,24 @@ const ALL_SERVING_WITHIN: Duration = Duration::from_secs(2);
 /// Creates `n` KWOK service pods in `cluster`'s bulk namespace, 32 at a
 /// time, and waits until they run.
 async fn bulk_pods(cluster: &Cluster, n: usize) {
+    use counterweight_harness::bulk::{create_pods, kwok_pod, wait_running};
     counterweight_e2e::ems::opted_in_namespace(cluster, BULK).await;
     let pods: Api<Pod> = Api::namespaced(cluster.client(), BULK);
-    let created = futures::stream::iter(0..n)
+    let bulk = (0..n)
         .map(|i| {
-            let pods = pods.clone();
-            async move {
-                let pod = Pod {
-                    metadata: ObjectMeta {
-                        name: Some(format!("bulk-{i}")),
-                        labels: Some(
-                            [
-                                ("app".to_owned(), BULK.to_owned()),
-                                (names::ROLE_LABEL.to_owned(), "service".to_owned()),
-                            ]
-                            .into(),
-                        ),
-                        ..Default::default()
-                    },
-                    spec: Some(PodSpec {
-                        node_name: Some(counterweight_harness::NODE_NAME.into()),
-                        readiness_gates: Some(vec![PodReadinessGate {
-                            condition_type: names::SERVING_CONDITION.into(),
-                        }]),
-                        containers: vec![Container {
-                            name: "app".into(),
-                            image: Some("registry.invalid/bulk:1".into()),
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                };
-                pods.create(&PostParams::default(), &pod).await.is_ok()
-            }
+            kwok_pod(
+                &format!("bulk-{i}"),
+                &[("app", BULK), (names::ROLE_LABEL, "service")],
+                &[names::SERVING_CONDITION],
+            )
         })
-        .buffer_unordered(32)
-        .filter(|ok| futures::future::ready(*ok))
-        .count()
-        .await;
-    assert_eq!(created, n, "every bulk pod must be created");
-    eventually(
-        "the bulk pods to run",
-        Duration::from_secs(120),
-        Duration::from_millis(500),
-        || async {
-            let running = bulk_states(cluster).await.0;
-            Ok((running == n).then_some(()))
-        },
-    )
-    .await;
+        .collect();
+    create_pods(&pods, bulk, 32)
+        .await
+        .expect("every bulk pod must be created");
+    wait_running(&pods, &format!("app={BULK}"), n, Duration::from_secs(120))
+        .await
+        .expect("the bulk pods to run");
 }
 
 /// `(running, serving)`: how many bulk pods run, and how many of them have
@@ -966,6 +934,27 @@ async fn bulk_states(cluster: &Cluster) -> (usize, usize) {
         .filter(|p| condition_true(p, names::SERVING_CONDITION))
         .count();
     (running.len(), serving)
+}
+
+/// How many pod status PATCHes `cluster`'s API server has served (its
+/// `apiserver_request_total`): the controller's serving conditions and
+/// KWOK's status updates, for the test's printout.
+async fn status_patches(cluster: &Cluster) -> u64 {
+    let req = http::Request::get("/metrics")
+        .body(Vec::new())
+        .expect("request");
+    let Ok(text) = cluster.client().request_text(req).await else {
+        return 0;
+    };
+    text.lines()
+        .filter(|l| {
+            l.starts_with("apiserver_request_total{")
+                && l.contains(r#"verb="PATCH""#)
+                && l.contains(r#"resource="pods""#)
+                && l.contains(r#"subresource="status""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 /// Issue 16's done-when: a cluster with 2,000 service pods is promoted;
@@ -1013,6 +1002,7 @@ async fn a_promotion_of_two_thousand_service_pods_keeps_its_lease_and_serves_the
         }
     });
 
+    let patches_before = status_patches(&g.clusters[1]).await;
     set_web_ready(&g.clusters[0], false).await;
     let promoted = wait_active(&g.cms[1], "west to take over", first + 1).await;
     let at = Instant::now();
@@ -1032,12 +1022,13 @@ async fn a_promotion_of_two_thousand_service_pods_keeps_its_lease_and_serves_the
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let took = at.elapsed();
+    let patches = status_patches(&g.clusters[1]).await - patches_before;
     // A few more lease periods with everything serving.
     tokio::time::sleep(Duration::from_millis(2 * g.config.lease_ms)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (samples, lapses) = sampler.await.expect("sampler");
     println!(
-        "west promoted in epoch {} with {BULK_PODS} bulk service pods: all serving {took:?} after its record said active; lease valid at {samples} samples, lapsed at {}",
+        "west promoted in epoch {} with {BULK_PODS} bulk service pods: all serving {took:?} after its record said active ({patches} pod status PATCHes meanwhile, KWOK's included); lease valid at {samples} samples, lapsed at {}",
         promoted.epoch,
         lapses.len()
     );

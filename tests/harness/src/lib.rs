@@ -20,6 +20,7 @@
 //! binds the cluster's LAN address instead of 127.0.0.1.
 
 mod binaries;
+pub mod bulk;
 pub mod lan;
 pub mod netns;
 mod postgres;

@@ -1,0 +1,246 @@
+//! The workload effects at scale: how long the fence and "every service pod
+//! serving" take at 100, 1,000 and 10,000 KWOK service pods, beside what
+//! the API server allows (issue 16, item 2).
+//!
+//! One real control plane (etcd, kube-apiserver, KWOK). For each size the
+//! namespace is filled up to N service pods (opted in, role `service`, the
+//! `counterweight.dev/serving` readiness gate), then:
+//!
+//! - **API floor**: the bench itself sends one status PATCH per pod (a
+//!   condition of another type, the same strategic-merge shape as the
+//!   controller's), at 8, 32 and 128 at a time. N / that time is the most
+//!   the API server can take here: no controller can make N pods serve
+//!   faster, since each needs one write.
+//! - **activate**: the controller's `PodServing` (the real code, in this
+//!   process, its pod watch running) at a patch concurrency of 32 (the
+//!   default) and 128: `activate()` returns once every pod's serving
+//!   condition is True (checked by a LIST after it).
+//! - **fence**: `demote()` until no service pod serves (`fence_took`).
+//!   Restarts are held back (`restart_delay` of an hour), so the pods stay
+//!   for the next round.
+//!
+//! Each phase also reports the API server's status PATCHes and pod LISTs
+//! (its `apiserver_request_total`), and the bench process's peak RSS.
+//!
+//! Run: `cargo bench -p counterweight-controller --bench serving_scale`
+//! (`SIZES=100,1000` to choose; the default is 100,1000,10000; about 10
+//! minutes on 2 cores).
+
+use std::time::{Duration, Instant};
+
+use counterweight_controller::serving::{PodServing, PodServingConfig};
+use counterweight_controller::state_store::StateStore;
+use counterweight_core::names;
+use counterweight_harness::bulk::{create_pods, kwok_pod, wait_running};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+const APP: &str = "bulk";
+const SYSTEM: &str = "counterweight-system";
+const LABELS: &str = "app=bulk";
+
+/// The API server's request counts of interest: status PATCHes and pod
+/// LISTs.
+async fn api_counts(client: &kube::Client) -> (u64, u64) {
+    let Ok(req) = http::Request::get("/metrics").body(Vec::new()) else {
+        return (0, 0);
+    };
+    let Ok(text) = client.request_text(req).await else {
+        return (0, 0);
+    };
+    let sum = |verb: &str, sub: Option<&str>| -> u64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("apiserver_request_total{")
+                    && l.contains(&format!("verb=\"{verb}\""))
+                    && l.contains("resource=\"pods\"")
+                    && match sub {
+                        Some(s) => l.contains(&format!("subresource=\"{s}\"")),
+                        None => l.contains("subresource=\"\""),
+                    }
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    (sum("PATCH", Some("status")), sum("LIST", None))
+}
+
+fn vm_hwm_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// Sends one status PATCH per pod, `concurrency` at a time; the time taken.
+async fn floor(pods: &Api<Pod>, names: &[String], concurrency: usize, round: u32) -> Duration {
+    let started = Instant::now();
+    let failed = futures::stream::iter(names.iter().cloned())
+        .map(|name| {
+            let pods = pods.clone();
+            async move {
+                let body = json!({"status": {"conditions": [{
+                    "type": "bench.counterweight.dev/probe",
+                    "status": "True",
+                    "reason": format!("Round{round}"),
+                }]}});
+                pods.patch_status(&name, &PatchParams::default(), &Patch::Strategic(body))
+                    .await
+                    .is_err()
+            }
+        })
+        .buffer_unordered(concurrency)
+        .filter(|failed| futures::future::ready(*failed))
+        .count()
+        .await;
+    assert_eq!(failed, 0, "every probe PATCH must succeed");
+    started.elapsed()
+}
+
+async fn serving_count(pods: &Api<Pod>) -> usize {
+    let list = pods
+        .list(&ListParams::default().labels(LABELS))
+        .await
+        .expect("list pods");
+    list.items
+        .iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == names::SERVING_CONDITION && c.status == "True")
+                })
+        })
+        .count()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    counterweight_harness::install_crypto_provider();
+    let sizes: Vec<usize> = std::env::var("SIZES")
+        .unwrap_or_else(|_| "100,1000,10000".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("SIZES: comma-separated numbers"))
+        .collect();
+    let clusters = counterweight_harness::start_clusters(1)
+        .await
+        .expect("a local cluster starts");
+    let client = clusters[0].client();
+    let nss: Api<Namespace> = Api::all(client.clone());
+    for (ns, opted) in [(SYSTEM, false), (APP, true)] {
+        let labels = opted.then(|| {
+            [(
+                names::INJECT_LABEL.to_owned(),
+                names::INJECT_ENABLED.to_owned(),
+            )]
+            .into()
+        });
+        nss.create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(ns.into()),
+                    labels,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("namespace");
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), APP);
+    let mut names_so_far: Vec<String> = Vec::new();
+    let mut rows = Vec::new();
+    for (round, &n) in sizes.iter().enumerate() {
+        let round = u32::try_from(round).unwrap_or(u32::MAX);
+        let new: Vec<Pod> = (names_so_far.len()..n)
+            .map(|i| {
+                kwok_pod(
+                    &format!("bulk-{i}"),
+                    &[("app", APP), (names::ROLE_LABEL, "service")],
+                    &[names::SERVING_CONDITION],
+                )
+            })
+            .collect();
+        let t = Instant::now();
+        let added = new.len();
+        create_pods(&pods, new, 32).await.expect("create pods");
+        names_so_far = (0..n).map(|i| format!("bulk-{i}")).collect();
+        wait_running(&pods, LABELS, n, Duration::from_secs(600))
+            .await
+            .expect("pods Running");
+        println!(
+            "\n{n} service pods ({added} created and Running in {:.1}s)",
+            t.elapsed().as_secs_f64()
+        );
+
+        for c in [8, 32, 128] {
+            let before = api_counts(&client).await;
+            let took = floor(&pods, &names_so_far, c, round * 10 + c as u32).await;
+            let after = api_counts(&client).await;
+            println!(
+                "  API floor, {c:>3} at a time: {n} status PATCHes in {:>7.3}s = {:>6.0}/s ({} PATCHes counted by the API server)",
+                took.as_secs_f64(),
+                n as f64 / took.as_secs_f64(),
+                after.0 - before.0
+            );
+            rows.push((n, format!("floor c={c}"), took));
+        }
+
+        for c in [32, 128] {
+            let store = StateStore::new(client.clone(), SYSTEM, names::STATE_CONFIGMAP);
+            let config = PodServingConfig {
+                concurrency: c,
+                restart_delay: Duration::from_secs(3600),
+                ..Default::default()
+            };
+            let serving = PodServing::start(client.clone(), store, None, config);
+            serving.set_epoch(u64::from(round) + 1);
+            let before = api_counts(&client).await;
+            let t = Instant::now();
+            let served = serving.activate().await.expect("activate");
+            let activate = t.elapsed();
+            let mid = api_counts(&client).await;
+            assert_eq!(
+                serving_count(&pods).await,
+                n,
+                "every pod serves after activate"
+            );
+            let demotion = serving.demote().await.expect("demote");
+            let after = api_counts(&client).await;
+            assert_eq!(
+                serving_count(&pods).await,
+                0,
+                "no pod serves after the fence"
+            );
+            drop(serving);
+            println!(
+                "  controller, {c:>3} at a time: all serving {:>7.3}s ({served} by activate; {} PATCHes, {} LISTs) | fence {:>7.3}s ({} stopped; {} PATCHes, {} LISTs) | bench RSS peak {:.0} MiB",
+                activate.as_secs_f64(),
+                mid.0 - before.0,
+                mid.1 - before.1,
+                demotion.fence_took.as_secs_f64(),
+                demotion.stopped,
+                after.0 - mid.0,
+                after.1 - mid.1,
+                vm_hwm_mib(),
+            );
+            rows.push((n, format!("activate c={c}"), activate));
+            rows.push((n, format!("fence c={c}"), demotion.fence_took));
+        }
+    }
+    println!("\nsummary (pods, what, seconds):");
+    for (n, what, took) in rows {
+        println!("  {n:>6}  {what:<14} {:>8.3}", took.as_secs_f64());
+    }
+}
