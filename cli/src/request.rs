@@ -316,6 +316,7 @@ pub async fn switchover(
     // Watch both records until the target is active in a newer epoch.
     let events: Api<Event> = Api::namespaced(active_client, namespace);
     let mut seen: BTreeMap<String, (Option<Role>, Option<u64>)> = BTreeMap::new();
+    let mut abort_noted = false;
     loop {
         let now = status::gather(targets, namespace).await;
         for name in [active.as_str(), to] {
@@ -348,7 +349,19 @@ pub async fn switchover(
             return Ok(());
         }
         if let Some(why) = refusal_since(&events, request.requested_at).await {
-            return Err(Error::Refused(format!("{active} did not hand over: {why}")));
+            let old_still_active = now
+                .cluster(&active)
+                .is_some_and(|c| c.role == Some(Role::Active) && c.epoch == Some(old_epoch));
+            if refusal_is_final(&why, old_still_active) {
+                return Err(Error::Refused(format!("{active} did not hand over: {why}")));
+            }
+            if !abort_noted {
+                writeln!(
+                    out,
+                    "  {active} reports {why}; it no longer holds the active role, so {to} may                      still take over: watching"
+                )?;
+                abort_noted = true;
+            }
         }
         if Instant::now() >= deadline {
             return Err(Error::Timeout(format!(
@@ -358,6 +371,17 @@ pub async fn switchover(
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// Whether a refusal (`refusal_since`'s text) ends the switchover as
+/// failed. A `CommandRefused` always does: the handover never began. A
+/// `HandoverAborted` does only while the old active still holds its role in
+/// its epoch; once it does not (it fenced before the abort, and its lease
+/// may let the target in), the target becoming active is still the outcome
+/// to wait for, and `cwctl` must not call a switchover that happened
+/// refused.
+pub fn refusal_is_final(refusal: &str, old_active_still_active: bool) -> bool {
+    !refusal.starts_with("HandoverAborted") || old_active_still_active
 }
 
 /// A `CommandRefused` or `HandoverAborted` Event recorded after `since`
@@ -487,6 +511,15 @@ pub async fn set_paused(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_aborted_handover_is_final_only_while_the_old_active_holds_on() {
+        use super::refusal_is_final;
+        assert!(refusal_is_final("CommandRefused: paused", false));
+        assert!(refusal_is_final("CommandRefused: paused", true));
+        assert!(refusal_is_final("HandoverAborted: west not ready", true));
+        assert!(!refusal_is_final("HandoverAborted: west not ready", false));
+    }
+
     use super::*;
     use crate::status::ClusterStatus;
 

@@ -849,11 +849,7 @@ async fn fence(
 /// What one pass does to `pods` for `desired`: the condition patches to
 /// send and the pods to restart. Pods made to serve in the last
 /// [`SERVE_MEMO`] are left alone (see [`ServeMemo`]).
-fn plan_pass(
-    shared: &Shared,
-    pods: &[Pod],
-    desired: bool,
-) -> (Vec<ConditionPatch>, Vec<PodRef>) {
+fn plan_pass(shared: &Shared, pods: &[Pod], desired: bool) -> (Vec<ConditionPatch>, Vec<PodRef>) {
     let mut patches = Vec::new();
     let mut restart = Vec::new();
     let now = Instant::now();
@@ -1509,7 +1505,10 @@ mod tests {
         memo.record("a", t0);
         memo.record("b", t0);
         assert!(memo.fresh("a", t0 + SERVE_MEMO - Duration::from_millis(1)));
-        assert!(!memo.fresh("a", t0 + SERVE_MEMO), "past the memo the cache decides");
+        assert!(
+            !memo.fresh("a", t0 + SERVE_MEMO),
+            "past the memo the cache decides"
+        );
         memo.forget("a");
         assert!(!memo.fresh("a", t0));
         memo.prune(t0 + SERVE_MEMO);
