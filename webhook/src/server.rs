@@ -183,8 +183,22 @@ async fn mutate(State(handler): State<Arc<Handler>>, body: Bytes) -> Response {
     reply(handler.handle(Endpoint::Mutate, &body))
 }
 
+/// Parsing a policy is CPU work bounded by its size (the bounded YAML
+/// reader caps what aliases expand to), not by time: tens to hundreds of
+/// milliseconds for a large one. On the blocking pool it cannot hold up the
+/// pod reviews that share the async workers, which sit in the path of every
+/// pod creation with `failurePolicy: Fail`.
 async fn validate_policy(State(handler): State<Arc<Handler>>, body: Bytes) -> Response {
-    reply(handler.handle(Endpoint::ValidatePolicy, &body))
+    match tokio::task::spawn_blocking(move || handler.handle(Endpoint::ValidatePolicy, &body)).await
+    {
+        Ok(r) => reply(r),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("policy validation did not finish: {e}"),
+        )
+            .into_response(),
+    }
 }
 
 fn reply(r: Reply) -> Response {

@@ -298,3 +298,92 @@ async fn shuts_down_gracefully() {
         .unwrap();
     assert!(connect(addr, Some(&tls)).await.is_err(), "listener closed");
 }
+
+/// Issue 17, finding 2: a large policy's parse must not hold up pod
+/// reviews. On a runtime with one thread (the worst case of a busy
+/// webhook), a pod review sent while a policy of about 190,000 values (just
+/// under the reader's limit) is being validated is answered first: the
+/// policy parses on the blocking pool. Parsed on the async worker, the pod
+/// review waited for it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_large_policy_does_not_hold_up_pod_reviews() {
+    let w = start(ServeOptions {
+        max_body_bytes: 1024 * 1024,
+        ..fast_poll()
+    })
+    .await;
+    let tls = client_config(&w.ca_pem());
+    // 190 components naming the same 1,000 namespaces through an alias.
+    let namespaces = (0..1000)
+        .map(|i| format!("n{i}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut policy = format!(
+        "interval: 1s\nthreshold: 0.5\nretries: 1\ncomponents:\n  - {{name: c0, weight: 1, \
+         selector: {{matchLabels: {{app: x}}}}, namespaces: &ns [{namespaces}]}}\n"
+    );
+    for i in 1..190 {
+        policy.push_str(&format!(
+            "  - {{name: c{i}, weight: 0, selector: {{matchLabels: {{app: x}}}}, namespaces: *ns}}\n"
+        ));
+    }
+    let review = Bytes::from(
+        serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "policy-1",
+                "kind": {"group": "", "version": "v1", "kind": "ConfigMap"},
+                "resource": {"group": "", "version": "v1", "resource": "configmaps"},
+                "name": counterweight_core::names::POLICY_CONFIGMAP,
+                "namespace": "counterweight-system",
+                "operation": "UPDATE",
+                "userInfo": {"username": "test"},
+                "object": {"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": counterweight_core::names::POLICY_CONFIGMAP,
+                                 "namespace": "counterweight-system"},
+                    "data": {counterweight_core::names::POLICY_KEY: policy}},
+                "oldObject": null,
+            }
+        }))
+        .unwrap(),
+    );
+    // Three at once: parsed on the blocking pool they share the two cores
+    // and take longer than one alone, which widens the window in which the
+    // pod review must get through; parsed on the one async worker, they
+    // run one after another and the pod review waits for at least one.
+    let (mut b1, _) = connect(w.admission, Some(&tls)).await.unwrap();
+    let (mut b2, _) = connect(w.admission, Some(&tls)).await.unwrap();
+    let (mut b3, _) = connect(w.admission, Some(&tls)).await.unwrap();
+    let (mut small, _) = connect(w.admission, Some(&tls)).await.unwrap();
+    let validate = |c| {
+        let review = review.clone();
+        async move {
+            let r = send(c, "POST", VALIDATE_POLICY_PATH, review).await;
+            (Instant::now(), r)
+        }
+    };
+    let pod_done = async {
+        // A head start for the policies: their 30 KB bodies are on their
+        // way before the pod review is.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let r = send(&mut small, "POST", MUTATE_PATH, pod_review("u-1", "shop")).await;
+        (Instant::now(), r)
+    };
+    let (p1, p2, p3, (pod_at, pod)) = tokio::join!(
+        validate(&mut b1),
+        validate(&mut b2),
+        validate(&mut b3),
+        pod_done
+    );
+    assert_eq!(pod.unwrap().0, 200);
+    for (policy_at, policy) in [p1, p2, p3] {
+        let (status, body) = policy.unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        assert!(
+            pod_at < policy_at,
+            "the pod review waited for a policy's parse ({:?} after it)",
+            pod_at - policy_at
+        );
+    }
+}
