@@ -275,6 +275,44 @@ async fn web_pods(cluster: &Cluster) -> Result<Vec<(Pod, PodSeen)>, String> {
         .collect())
 }
 
+/// `want` occurs in `events` in this order (others may come between).
+fn in_order(events: &[String], want: &[&str]) -> bool {
+    let mut it = events.iter();
+    want.iter().all(|w| it.any(|e| e == w))
+}
+
+/// What the active's record says it last heard of `peer` (the `ha` key,
+/// as `cwctl status` shows it): eligible as a handover target, and recently.
+async fn hears_eligible(active: &Api<ConfigMap>, peer: &str) -> Result<Option<()>, String> {
+    let cm = active
+        .get_opt("counterweight-state")
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no state record")?;
+    let ha = cm.data.unwrap_or_default().remove("ha").unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&ha).map_err(|e| format!("{e}: {ha}"))?;
+    let p = &v["peers"][peer];
+    let status = p["status"].as_str().unwrap_or_default();
+    let fresh = p["lastHeardMsAgo"].as_u64().is_some_and(|ms| ms < 3000);
+    if fresh && status.contains("role: Standby") && status.contains("eligible: true") {
+        Ok(Some(()))
+    } else {
+        Err(ha)
+    }
+}
+
+/// The reasons of `cluster`'s Events in `counterweight-system`, oldest first.
+async fn event_reasons(cluster: &Cluster) -> Result<Vec<String>, String> {
+    let mut events: Vec<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(cluster.client(), "counterweight-system")
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items;
+    events.sort_by(|a, b| a.event_time.cmp(&b.event_time));
+    Ok(events.into_iter().filter_map(|e| e.reason).collect())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_elected() {
     init_tracing();
@@ -585,6 +623,165 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         );
     }
 
+    // ---- failover by health (FIG. 9) ----
+    // west must be a fit target first: its database streams from east's
+    // (pg_basebackup over the NodePort, TLS verify-full), its file copy is
+    // current by east's markers, its web pods wait at their gates.
+    let monitor = counterweight_e2e::ha::Monitor::on(
+        &["east", "west"],
+        &[east_cms.clone(), west_cms.clone()],
+    );
+    eventually_explained(
+        "east to hear west as an eligible standby (west's database and files current)",
+        Duration::from_secs(240),
+        Duration::from_millis(500),
+        || async { hears_eligible(&east_cms, "west").await },
+        || async { g.explain() },
+    )
+    .await;
+    let west_eligible = install_began.elapsed();
+    // east's web falls: its pods stop answering /hostname (the policy's
+    // check, and the readiness probe after it). The handover follows after
+    // K+1 = 3 degraded intervals of 5 s.
+    let east_web: Vec<String> = web_pods(&g.east)
+        .await
+        .expect("east's web pods")
+        .iter()
+        .filter_map(|(p, _)| p.metadata.name.clone())
+        .collect();
+    let broken = Instant::now();
+    for pod in &east_web {
+        let out = g.kubectl_text(
+            "east",
+            &format!("-n ems exec {pod} -c web -- rm /www/hostname"),
+        );
+        assert!(
+            out.trim().is_empty(),
+            "breaking east's web pod {pod}: {out}"
+        );
+    }
+    let second = eventually_explained(
+        "west active in a new epoch and east standby after east's web fell",
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+        || async {
+            let (e, w) = (role(&east_cms).await, role(&west_cms).await);
+            match (&e, &w) {
+                (Some((es, _)), Some((ws, we)))
+                    if ws == "active" && es == "standby" && *we > first =>
+                {
+                    Ok(Some(*we))
+                }
+                _ => Err(format!("east {e:?}, west {w:?}")),
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let handed_over = broken.elapsed();
+    eventually_explained(
+        "the FIG. 9 Events: east HandoverStarted then HandedOver, west HandoverReady then Promoted",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let (e, w) = (event_reasons(&g.east).await?, event_reasons(&g.west).await?);
+            if in_order(&e, &["HandoverStarted", "HandedOver"])
+                && in_order(&w, &["HandoverReady", "Promoted"])
+            {
+                Ok(Some(()))
+            } else {
+                Err(format!("east {e:?}; west {w:?}"))
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    // west's gates release: the same pods start their app and serve.
+    let west_uids: Vec<String> = gated
+        .iter()
+        .filter_map(|(p, _)| p.metadata.uid.clone())
+        .collect();
+    eventually_explained(
+        "west's web pods released by their gates, app running, Ready behind west's Service",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || async {
+            let pods = web_pods(&g.west).await?;
+            let ready = web_ready_endpoints(&g.west).await?;
+            let released = pods.len() == 2
+                && pods.iter().all(|(p, s)| {
+                    s.gate_exit == Some(0)
+                        && s.app_running
+                        && s.ready
+                        && p.metadata
+                            .uid
+                            .as_ref()
+                            .is_some_and(|u| west_uids.contains(u))
+                });
+            if released && ready.len() == 2 {
+                Ok(Some(()))
+            } else {
+                let seen: Vec<&PodSeen> = pods.iter().map(|(_, s)| s).collect();
+                Err(format!("ready endpoints {ready:?}; {seen:?}"))
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let west_served = broken.elapsed();
+    // east's pods that served are replaced by pods held at their gates.
+    eventually_explained(
+        "east's web pods replaced by new ones held at their gates, no ready endpoint",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || async {
+            let pods = web_pods(&g.east).await?;
+            let ready = web_ready_endpoints(&g.east).await?;
+            let held = pods.len() == 2
+                && pods.iter().all(|(p, s)| {
+                    s.gated()
+                        && !p
+                            .metadata
+                            .name
+                            .as_ref()
+                            .is_some_and(|n| east_web.contains(n))
+                });
+            if held && ready.is_empty() {
+                Ok(Some(()))
+            } else {
+                let seen: Vec<&PodSeen> = pods.iter().map(|(_, s)| s).collect();
+                Err(format!("ready endpoints {ready:?}; {seen:?}"))
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let east_held = broken.elapsed();
+    let west_pods: Vec<String> = web_pods(&g.west)
+        .await
+        .expect("west's web pods")
+        .iter()
+        .filter_map(|(p, _)| p.metadata.name.clone())
+        .collect();
+    let answer = eventually_explained(
+        "the EMS to answer through west's web Service",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async { get_via_service(&g.west, west_ip, "/hostname").map(Some) },
+        || async { g.explain() },
+    )
+    .await;
+    assert!(
+        west_pods.contains(&answer),
+        "west's Service answered {answer:?}, not one of west's web pods {west_pods:?}"
+    );
+    let from_east = get_via_service(&g.east, east_ip, "/hostname");
+    assert!(
+        from_east.is_err(),
+        "east's web Service served {from_east:?} after the handover"
+    );
+    monitor.finish();
+
     println!("| step | seconds |\n|---|---|");
     println!(
         "| two real-node clusters and the witness's KWOK cluster up | {:.1} |",
@@ -609,6 +806,22 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     println!(
         "| install began → east's web pods Ready behind its Service | {:.1} |",
         east_served.as_secs_f64()
+    );
+    println!(
+        "| install began → east hears west as an eligible standby (database and files current) | {:.1} |",
+        west_eligible.as_secs_f64()
+    );
+    println!(
+        "| east's web broken → west active (epoch {second}), east standby | {:.1} |",
+        handed_over.as_secs_f64()
+    );
+    println!(
+        "| east's web broken → west's released pods Ready behind its Service | {:.1} |",
+        west_served.as_secs_f64()
+    );
+    println!(
+        "| east's web broken → east's replacement pods held at their gates | {:.1} |",
+        east_held.as_secs_f64()
     );
 
     // ---- teardown leaves nothing ----
