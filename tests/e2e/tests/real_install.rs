@@ -313,6 +313,19 @@ async fn event_reasons(cluster: &Cluster) -> Result<Vec<String>, String> {
     Ok(events.into_iter().filter_map(|e| e.reason).collect())
 }
 
+/// When `cluster`'s latest Event with `reason` happened, by its eventTime.
+async fn event_time(cluster: &Cluster, reason: &str) -> Option<k8s_openapi::jiff::Timestamp> {
+    Api::<k8s_openapi::api::events::v1::Event>::namespaced(cluster.client(), "counterweight-system")
+        .list(&ListParams::default())
+        .await
+        .ok()?
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .filter_map(|e| e.event_time.map(|t| t.0))
+        .max()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_elected() {
     init_tracing();
@@ -780,6 +793,66 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         from_east.is_err(),
         "east's web Service served {from_east:?} after the handover"
     );
+    // ---- partition: the active (west) cut off the LAN ----
+    // west keeps its API server (it lives in west's namespace), so its
+    // controller fences and records it; the test cannot read west until
+    // the heal. east, with the witness's vote, promotes only after west's
+    // lease: the Events' times (one clock: this machine's) show the order.
+    eventually_explained(
+        "west to hear east as an eligible standby before the cut",
+        Duration::from_secs(240),
+        Duration::from_millis(500),
+        || async { hears_eligible(&west_cms, "east").await },
+        || async { g.explain() },
+    )
+    .await;
+    let west_link = g.west.real_node().expect("a real node").link().clone();
+    west_link.cut().expect("cut west's link");
+    let cut = Instant::now();
+    let third = eventually_explained(
+        "east active in a new epoch while west is cut off",
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+        || async {
+            match role(&east_cms).await {
+                Some((s, e)) if s == "active" && e > second => Ok(Some(e)),
+                other => Err(format!("east {other:?}")),
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let east_promoted_after_cut = cut.elapsed();
+    west_link.heal().expect("heal west's link");
+    let healed = Instant::now();
+    eventually_explained(
+        "west to rejoin as standby in east's epoch, its web pods held at their gates",
+        Duration::from_secs(180),
+        Duration::from_millis(200),
+        || async {
+            let w = role(&west_cms).await;
+            if !matches!(&w, Some((s, e)) if s == "standby" && *e >= third) {
+                return Err(format!("west {w:?}"));
+            }
+            let pods = web_pods(&g.west).await?;
+            let ready = web_ready_endpoints(&g.west).await?;
+            if pods.len() == 2 && pods.iter().all(|(_, s)| s.gated()) && ready.is_empty() {
+                Ok(Some(()))
+            } else {
+                let seen: Vec<&PodSeen> = pods.iter().map(|(_, s)| s).collect();
+                Err(format!("ready endpoints {ready:?}; {seen:?}"))
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let rejoined = healed.elapsed();
+    let fenced_at = event_time(&g.west, "Fenced").await;
+    let promoted_at = event_time(&g.east, "Promoted").await;
+    assert!(
+        matches!((fenced_at, promoted_at), (Some(f), Some(p)) if f < p),
+        "west fenced before east promoted: Fenced {fenced_at:?}, Promoted {promoted_at:?}"
+    );
     monitor.finish();
 
     println!("| step | seconds |\n|---|---|");
@@ -822,6 +895,14 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     println!(
         "| east's web broken → east's replacement pods held at their gates | {:.1} |",
         east_held.as_secs_f64()
+    );
+    println!(
+        "| west's link cut → east active (epoch {third}) with the witness | {:.1} |",
+        east_promoted_after_cut.as_secs_f64()
+    );
+    println!(
+        "| west's link healed → west standby again, its web pods held at their gates | {:.1} |",
+        rejoined.as_secs_f64()
     );
 
     // ---- teardown leaves nothing ----
