@@ -44,12 +44,13 @@ else
   echo "not root: the real-node tests will skip" >&2
 fi
 
-# The gate image (tools/images.sh: OCI archive, static musl gate), which the real-node gate and
-# controller tests (tests/e2e/tests/real_gate.rs, real_controller.rs) import into each real node's
-# containerd. Cached; the first run compiles the gate for musl (about 6 minutes on 2 cores).
+# The images (tools/images.sh: OCI archives, static musl binaries), which the real-node tests
+# import into each real node's containerd: the gate (real_gate.rs, real_controller.rs) and all of
+# them for the install from the manifests (real_install.rs). Cached; the first run compiles the
+# gate for musl (about 6 minutes on 2 cores) and the release binaries (about 20 more).
 if [ -n "${COUNTERWEIGHT_NODE_BIN:-}" ] && [ "$(id -u)" = 0 ]; then
-  step "the gate image (cached under ~/.cache/counterweight/images)"
-  COUNTERWEIGHT_IMAGES=$(tools/images.sh gate)
+  step "the images (cached under ~/.cache/counterweight/images)"
+  COUNTERWEIGHT_IMAGES=$(tools/images.sh)
   export COUNTERWEIGHT_IMAGES
 fi
 
