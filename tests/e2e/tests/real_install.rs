@@ -24,7 +24,12 @@
 //! witness), that `cwctl status` and `cwctl check` pass from the host with
 //! the kubeconfig contexts, that west's `web` pods wait at their gates (app
 //! containers never started, pods not Ready), and that the sample EMS
-//! answers through east's `web` Service and not through west's.
+//! answers through east's `web` Service and not through west's. A failover
+//! by health follows (east's `web` stops answering its check: the FIG. 9
+//! Events, west's gates release, east's pods come back held), then a
+//! partition of the new active (west's LAN link cut: east promotes with
+//! the witness only after west fenced; after the heal west is standby with
+//! its pods held), with the two-actives monitor sampling both records.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
