@@ -44,13 +44,14 @@ else
   echo "not root: the real-node tests will skip" >&2
 fi
 
-# The gate and sync-rsync images (tools/images.sh: OCI archives, static musl binaries; sync-rsync
-# on a Debian bookworm minbase made with mmdebstrap), which the real-node tests
-# (tests/e2e/tests/real_gate.rs, real_controller.rs) import into each real node's containerd.
-# Cached; the first run compiles the gate and counterweight-sync for musl and bootstraps Debian.
+# Every image (tools/images.sh: OCI archives, static musl binaries; the sync images on Debian
+# bookworm made with mmdebstrap), which the real-node tests import into each real node's
+# containerd: the gate and sync-rsync (real_gate.rs, real_controller.rs) and all of them for the
+# install from the manifests (real_install.rs). Cached; the first run compiles the gate for musl
+# (about 6 minutes on 2 cores), the release binaries (about 20 more) and bootstraps Debian.
 if [ -n "${COUNTERWEIGHT_NODE_BIN:-}" ] && [ "$(id -u)" = 0 ]; then
-  step "the gate and sync-rsync images (cached under ~/.cache/counterweight/images)"
-  COUNTERWEIGHT_IMAGES=$(tools/images.sh gate sync-rsync)
+  step "the images (cached under ~/.cache/counterweight/images)"
+  COUNTERWEIGHT_IMAGES=$(tools/images.sh)
   export COUNTERWEIGHT_IMAGES
 fi
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use counterweight_core::health::{
     CheckOutcome, HealthReport, Observation, PodFacts, RetryCounter, Tally, Verdict, evaluate,
-    pods_up,
+    pods_up, runs_checks,
 };
 use counterweight_core::names;
 use counterweight_core::policy::{Check, Policy, format_duration};
@@ -376,20 +376,32 @@ impl HealthLoop {
         // Hosts first: the tally borrow must end before credentials are
         // fetched (which may update the credential cache).
         let mut specs = Vec::new();
+        let stance = self.stance.get();
+        let grace_ms = u64::try_from(policy.gate_release_grace.as_millis()).unwrap_or(u64::MAX);
         for (i, component) in policy.components.iter().enumerate() {
+            // A standby's service pods serve nothing to check (core's
+            // `runs_checks`): their checks pass as not run.
+            let runs = runs_checks(component.role, stance, grace_ms, tally.counts(i).1);
             for (k, check) in component.checks.iter().enumerate() {
                 let host = check_host(check).or_else(|| tally.ready_ip(i).map(str::to_owned));
-                specs.push((i, k, check.clone(), host, component.check_timeout));
+                specs.push((i, k, check.clone(), host, component.check_timeout, runs));
             }
         }
         let mut jobs = Vec::with_capacity(specs.len());
-        for (i, k, check, host, timeout) in specs {
+        for (i, k, check, host, timeout, runs) in specs {
             let creds = match &check {
-                Check::Postgres(pg) => self.credentials(ev, &pg.secret_ref).await,
+                Check::Postgres(pg) if runs => self.credentials(ev, &pg.secret_ref).await,
                 _ => None,
             };
             jobs.push(async move {
                 let outcome = match host {
+                    _ if !runs => CheckOutcome {
+                        check: format!(
+                            "{} not run: no service pod is meant to serve yet",
+                            check.describe()
+                        ),
+                        error: None,
+                    },
                     Some(host) => checks::run(&check, &host, timeout, creds.as_ref()).await,
                     None => CheckOutcome {
                         check: check.describe(),

@@ -95,6 +95,22 @@ pub enum Stance {
     },
 }
 
+/// Whether a component's active checks are run and judged under `stance`.
+/// A service component's checks dial one of its Ready pods; none serves
+/// while the cluster stands by (its pods are up by waiting at the gate,
+/// [`pods_up`]), nor within the release grace of a fresh active before the
+/// first is Ready. Judged then, a check with nothing to dial failed, the
+/// component counted as down, and a standby whose service had a check
+/// (the sample's `web`) never reached D: nobody was ever elected.
+/// Synchronization components serve in every state: always judged.
+pub fn runs_checks(role: Role, stance: Stance, grace_ms: u64, ready: u32) -> bool {
+    match (role, stance) {
+        (Role::Service, Stance::Standby) => false,
+        (Role::Service, Stance::Serving { for_ms }) => for_ms >= grace_ms || ready > 0,
+        _ => true,
+    }
+}
+
 /// Pods of a component that count as up: the ready ones, plus those
 /// waiting at the gate while standing by, plus, within the release grace
 /// of an active, those at the gate and those it released that are still
@@ -656,6 +672,19 @@ mod tests {
             ..Default::default()
         });
         p
+    }
+
+    #[test]
+    fn service_checks_run_only_where_a_service_pod_is_meant_to_serve() {
+        let serving = |for_ms| Stance::Serving { for_ms };
+        assert!(!runs_checks(Role::Service, Stance::Standby, 1000, 2));
+        assert!(!runs_checks(Role::Service, serving(999), 1000, 0));
+        assert!(runs_checks(Role::Service, serving(999), 1000, 1));
+        assert!(runs_checks(Role::Service, serving(1000), 1000, 0));
+        for role in [Role::Database, Role::FileReplication, Role::Ha] {
+            assert!(runs_checks(role, Stance::Standby, 1000, 0));
+            assert!(runs_checks(role, serving(0), 1000, 0));
+        }
     }
 
     #[test]

@@ -54,6 +54,13 @@ enum Command {
         /// Days the leaf certificates stay valid.
         #[arg(long, env = "CW_CERTS_DAYS", default_value_t = 365)]
         days: i64,
+        /// PostgreSQL server certificates for the sample's `ems-db`, as
+        /// `name=host[;host...]`, comma-separated: each gets `db-<name>.crt`
+        /// and `db-<name>.key` valid for every host given (addresses or DNS
+        /// names: what the other cluster dials, since replication verifies
+        /// the name with `sslmode=verify-full`).
+        #[arg(long, env = "CW_CERTS_DB", value_delimiter = ',')]
+        db: Vec<String>,
     },
 }
 
@@ -65,6 +72,7 @@ fn main() -> anyhow::Result<()> {
             service,
             clusters,
             days,
+            db,
         } => {
             std::fs::create_dir_all(&args.out)
                 .with_context(|| format!("creating {}", args.out.display()))?;
@@ -95,6 +103,24 @@ fn main() -> anyhow::Result<()> {
                         .valid_for(valid),
                 )?;
                 peer.write(&args.out, &format!("peer-{cluster}"))?;
+            }
+            for spec in &db {
+                let (name, hosts) = spec.split_once('=').with_context(|| {
+                    format!("--db {spec:?}: expected name=host[;host...], e.g. east=10.0.1.10")
+                })?;
+                let hosts: Vec<String> = hosts
+                    .split(';')
+                    .map(str::trim)
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                anyhow::ensure!(!hosts.is_empty(), "--db {spec:?}: no host for {name}");
+                ca.issue(
+                    &LeafSpec::new(format!("ems-db-{name}"), Usage::Server)
+                        .sans(hosts)
+                        .valid_for(valid),
+                )?
+                .write(&args.out, &format!("db-{name}"))?;
             }
             eprintln!("wrote certificates to {}", args.out.display());
             println!(

@@ -143,7 +143,30 @@ impl Tools {
             args.push("-o".into());
             args.push(options.to_owned());
         }
-        self.run("pg_ctl", &args, None).await.map(drop)
+        // Not captured: the server pg_ctl leaves behind keeps whatever `-l`
+        // opens, and the default log, /dev/stderr, is pg_ctl's own stderr.
+        // Captured, that is the pipe `run` reads to its end, which never
+        // comes while the server runs: the supervisor hung after its first
+        // start (found in a pod, where the log is the container's). Passed
+        // through, the server logs to the sidecar's stderr, the pod's log.
+        let mut cmd = self.command("pg_ctl");
+        cmd.args(&args)
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        tracing::info!(tool = "pg_ctl", ?args, "running");
+        let status = cmd.status().await.map_err(|e| SyncError::Tool {
+            tool: "pg_ctl".to_owned(),
+            status: format!("could not start: {e}"),
+            stderr: String::new(),
+        })?;
+        if !status.success() {
+            return Err(SyncError::Tool {
+                tool: "pg_ctl".to_owned(),
+                status: status.to_string(),
+                stderr: format!("see the server log ({})", log.display()),
+            });
+        }
+        Ok(())
     }
 
     /// `pg_ctl stop -m fast -w`: clean shutdown; a primary sends all WAL
@@ -172,6 +195,27 @@ impl Tools {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `pg_ctl` that leaves a server behind holding its stderr, as the
+    /// real one does with `-l /dev/stderr`.
+    #[tokio::test]
+    async fn start_returns_while_the_server_it_left_holds_stderr() {
+        let dir = tempfile::tempdir().expect("dir");
+        let fake = dir.path().join("pg_ctl");
+        std::fs::write(&fake, "#!/bin/sh\nsleep 30 >> /dev/stderr &\nexit 0\n").expect("write");
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let tools = Tools::new(dir.path());
+        let started = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            tools.pg_ctl_start(dir.path(), Path::new("/dev/stderr"), ""),
+        )
+        .await;
+        assert!(
+            matches!(started, Ok(Ok(()))),
+            "pg_ctl start must return once pg_ctl exits: {started:?}"
+        );
+    }
 
     #[test]
     fn tails_keep_the_end_on_a_char_boundary() {

@@ -208,6 +208,28 @@ impl RealNode {
         &self.cgroup_root
     }
 
+    /// Routes as a cluster node does, for workloads installed from the manifests: the
+    /// node's pods reach the rest of the LAN (IPv4 forwarding on in the node's namespace, pod
+    /// traffic that leaves through the LAN link masqueraded to the node's address: both
+    /// clusters use the same pod range, so an unmasqueraded reply would stay home), traffic
+    /// from the LAN to a NodePort is forwarded to its pod, and the node's own processes reach
+    /// Service addresses (a route for the Service range onto the CNI bridge: kube-proxy's
+    /// DNAT runs after the route lookup, which failed without one, so the API server could
+    /// not call a webhook through its Service).
+    ///
+    /// Still nothing leaves the machine: the namespace routes only the LAN, pod and Service
+    /// /24s (no default route), and the host bridge forwards nothing (`forwarding=0` on it).
+    /// Off by default: tests that need no traffic between clusters' pods keep forwarding off.
+    pub fn route_like_a_node(&self) -> Result<(), HarnessError> {
+        self.ns
+            .run(&format!(
+                "sysctl -qw net.ipv4.ip_forward=1\n\
+                 iptables -t nat -A POSTROUTING -s {POD_CIDR} -o eth0 -j MASQUERADE\n\
+                 ip route add {SERVICE_CIDR} dev cni0"
+            ))
+            .map(drop)
+    }
+
     /// Runs the teardown now (normally on drop).
     pub fn teardown(&mut self) {
         self.undo.run();

@@ -34,6 +34,11 @@ struct Args {
     /// by a host bridge) instead of KWOK. Needs root and `tools/controlplane/node.sh`.
     #[arg(long)]
     real: bool,
+
+    /// With `--real`: route as cluster nodes do (`RealNode::route_like_a_node`): pods reach
+    /// the other clusters' NodePorts over the LAN, the API server reaches Service addresses.
+    #[arg(long, requires = "real")]
+    route_pods: bool,
 }
 
 #[tokio::main]
@@ -49,6 +54,13 @@ async fn main() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let (_lan, clusters) = if args.real {
         let (lan, clusters) = counterweight_harness::start_real_named(&args.names).await?;
+        if args.route_pods {
+            for c in &clusters {
+                if let Some(node) = c.real_node() {
+                    node.route_like_a_node()?;
+                }
+            }
+        }
         (Some(lan), clusters)
     } else {
         (None, counterweight_harness::start_named(&args.names).await?)

@@ -1,0 +1,964 @@
+//! Install from the manifests onto two real-node clusters and a witness,
+//! with README.md's "Install on two clusters" commands (issue 15).
+//!
+//! Everything of Counterweight's that runs in a cluster runs in pods from
+//! the project's images (`tools/images.sh`): both controllers (two replicas
+//! each, leader election), both webhooks, the gates the webhooks inject, and
+//! the sample EMS's synchronization pods (`ems-db` with PostgreSQL,
+//! `ems-files` with rsync). The install is not this file's: each step is a
+//! shell block of README.md, found by its `<!-- install-step: NAME -->`
+//! marker and run as written, with the variables the guide asks a user to
+//! set (the nodes' LAN addresses, the witness's address, the image names).
+//! So the guide cannot rot without this test failing.
+//!
+//! What the test does itself is what the guide leaves to the person and
+//! their infrastructure: start the clusters (two real nodes on one LAN that
+//! route like cluster nodes: pods reach the other cluster's NodePorts),
+//! import the images into each node's containerd (no registry is
+//! reachable), make the local volumes' directories on the nodes, and give
+//! the witness a cluster for its record (a KWOK one: the witness holds no
+//! workload, and a third real node would add start-up time and load on two
+//! cores for nothing the test looks at).
+//!
+//! Then it checks the first election (east active, west standby, with the
+//! witness), that `cwctl status` and `cwctl check` pass from the host with
+//! the kubeconfig contexts, that west's `web` pods wait at their gates (app
+//! containers never started, pods not Ready), and that the sample EMS
+//! answers through east's `web` Service and not through west's. A failover
+//! by health follows (east's `web` stops answering its check: the FIG. 9
+//! Events, west's gates release, east's pods come back held), then a
+//! partition of the new active (west's LAN link cut: east promotes with
+//! the witness only after west fenced; after the heal west is standby with
+//! its pods held), with the two-actives monitor sampling both records.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use counterweight_e2e::realgroup::{PodSeen, images_dir};
+use counterweight_e2e::{eventually_explained, init_tracing};
+use counterweight_harness::undo::sh_quote;
+use counterweight_harness::{Binaries, Cluster, Lan, Process, free_port};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ListParams};
+
+/// The guide's steps, in the order the guide gives them. The test fails if
+/// README.md has a step this list lacks, or lacks one of these.
+const STEPS: [&str; 7] = [
+    "certs", "ha", "overlays", "secrets", "volumes", "apply", "witness",
+];
+/// The guide's last step, run after the election: `cwctl status` and
+/// `cwctl check`.
+const CHECK_STEP: &str = "check";
+/// The images the overlays name, imported into every node (no registry).
+const IMAGES: [&str; 5] = [
+    "controller",
+    "webhook",
+    "gate",
+    "sync-postgres",
+    "sync-rsync",
+];
+/// The sample's service Deployment.
+const WEB: &str = "app.kubernetes.io/name=web";
+/// How long a guide step may take (kubectl waits for rollouts in `apply`).
+const STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The shell block of README.md marked `<!-- install-step: <name> -->`.
+fn guide_step(readme: &str, name: &str) -> String {
+    let marker = format!("<!-- install-step: {name} -->");
+    let mut lines = readme.lines().skip_while(|l| l.trim() != marker);
+    assert!(
+        lines.next().is_some(),
+        "README.md has no step {name:?} ({marker})"
+    );
+    assert_eq!(
+        lines.next().map(str::trim),
+        Some("```sh"),
+        "README.md's step {name:?} must be a ```sh block right after its marker"
+    );
+    let block: Vec<&str> = lines.take_while(|l| l.trim() != "```").collect();
+    assert!(!block.is_empty(), "README.md's step {name:?} is empty");
+    block.join("\n") + "\n"
+}
+
+/// Every step marker in README.md, in order.
+fn guide_steps(readme: &str) -> Vec<String> {
+    readme
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("<!-- install-step: ")?
+                .strip_suffix(" -->")
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// What a person types before the guide's commands: `cd` to the checkout
+/// (here a directory with `manifests` linked in, so that nothing is written
+/// into the source tree) and the variables, then the block itself.
+fn script(work: &Path, vars: &[(String, String)], block: &str) -> String {
+    let mut s = format!("cd {}\n", sh_quote(&work.display().to_string()));
+    for (k, v) in vars {
+        s.push_str(&format!("export {k}={}\n", sh_quote(v)));
+    }
+    s.push_str(block);
+    s
+}
+
+/// Runs one guide step with bash (`-euo pipefail`), bounded by
+/// [`STEP_TIMEOUT`]; panics with its output when it fails.
+async fn run_step(name: &str, script: &str) -> Duration {
+    let started = Instant::now();
+    let child = tokio::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(STEP_TIMEOUT, child)
+        .await
+        .unwrap_or_else(|_| panic!("guide step {name:?} did not finish within {STEP_TIMEOUT:?}"))
+        .unwrap_or_else(|e| panic!("guide step {name:?}: bash: {e}"));
+    assert!(
+        out.status.success(),
+        "guide step {name:?} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    started.elapsed()
+}
+
+/// A state record's role and epoch, if readable.
+async fn role(cms: &Api<ConfigMap>) -> Option<(String, u64)> {
+    let d = cms.get_opt("counterweight-state").await.ok()??.data?;
+    Some((d.get("state")?.clone(), d.get("epoch")?.parse().ok()?))
+}
+
+/// The two real-node clusters, the witness's KWOK cluster and process, and
+/// the directory the guide runs in. Fields drop in order: the witness
+/// process first, then the clusters (their teardown kills every pod), the
+/// LAN, the directory.
+struct Install {
+    witness_log: PathBuf,
+    east: Cluster,
+    west: Cluster,
+    witness_cluster: Cluster,
+    lan: Arc<Lan>,
+    work: tempfile::TempDir,
+    vars: Vec<(String, String)>,
+    kubectl: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Install {
+    /// A kubectl command line for `context`, as text for diagnostics.
+    fn kubectl_text(&self, context: &str, args: &str) -> String {
+        let out = std::process::Command::new(&self.kubectl)
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg(format!("--context={context}"))
+            .args(args.split_whitespace())
+            .output();
+        match out {
+            Ok(o) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("kubectl: {e}"),
+        }
+    }
+
+    /// What the clusters look like, for a failed wait: the state records,
+    /// every pod, recent Events, the controllers' and the witness's logs.
+    fn explain(&self) -> String {
+        let mut s = String::new();
+        for c in ["east", "west"] {
+            s.push_str(&format!("\n===== {c}\n"));
+            s.push_str(&self.kubectl_text(
+                c,
+                "-n counterweight-system get configmap counterweight-state -o jsonpath={.data}",
+            ));
+            s.push('\n');
+            s.push_str(&self.kubectl_text(c, "get pods -A -o wide"));
+            s.push_str(&self.kubectl_text(c, "get events -A --sort-by=.lastTimestamp"));
+            s.push_str(&self.kubectl_text(
+                c,
+                "-n counterweight-system logs -l app.kubernetes.io/name=counterweight-controller --tail=30 --prefix",
+            ));
+            s.push_str(&self.kubectl_text(
+                c,
+                "-n ems logs -l app.kubernetes.io/name=ems-db --all-containers --tail=15 --prefix",
+            ));
+            s.push_str(&self.kubectl_text(
+                c,
+                "-n ems logs -l app.kubernetes.io/name=ems-files --all-containers --tail=10 --prefix",
+            ));
+        }
+        s.push_str(&format!(
+            "\n===== witness log\n{}",
+            counterweight_harness::tail(&self.witness_log)
+        ));
+        s
+    }
+
+    fn cms(&self, cluster: &Cluster) -> Api<ConfigMap> {
+        Api::namespaced(cluster.client(), "counterweight-system")
+    }
+}
+
+/// GET `path` through the `web` Service's cluster IP from inside the node
+/// namespace of `cluster`, as a client in that cluster would: the body, or
+/// why not (no endpoint: kube-proxy refuses the connection).
+fn get_via_service(cluster: &Cluster, cluster_ip: Ipv4Addr, path: &str) -> Result<String, String> {
+    let node = cluster.real_node().ok_or("not a real node")?;
+    node.namespaces()
+        .in_net(|| -> Result<String, String> {
+            let to = SocketAddr::from((cluster_ip, 80));
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                .map_err(|e| format!("connect {to}: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))
+                .map_err(|e| e.to_string())?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: web\r\n\r\n").map_err(|e| e.to_string())?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+            let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
+            if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+                return Err(format!("answered {head:?}"));
+            }
+            Ok(body.trim().to_owned())
+        })
+        .map_err(|e| e.to_string())?
+}
+
+/// The `web` Service's cluster IP.
+async fn web_cluster_ip(cluster: &Cluster) -> Ipv4Addr {
+    let svc = Api::<Service>::namespaced(cluster.client(), "ems")
+        .get("web")
+        .await
+        .expect("the sample's web Service");
+    svc.spec
+        .and_then(|s| s.cluster_ip)
+        .and_then(|ip| ip.parse().ok())
+        .expect("a cluster IP")
+}
+
+/// Ready endpoint addresses behind the `web` Service.
+async fn web_ready_endpoints(cluster: &Cluster) -> Result<Vec<String>, String> {
+    let slices = Api::<EndpointSlice>::namespaced(cluster.client(), "ems")
+        .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(slices
+        .items
+        .iter()
+        .flat_map(|s| s.endpoints.iter().flatten())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .flat_map(|e| e.addresses.iter().cloned())
+        .collect())
+}
+
+/// The `web` pods of `cluster` as the watch helper reads them.
+async fn web_pods(cluster: &Cluster) -> Result<Vec<(Pod, PodSeen)>, String> {
+    let pods = Api::<Pod>::namespaced(cluster.client(), "ems")
+        .list(&ListParams::default().labels(WEB))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(pods
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| {
+            let seen = PodSeen::of(&p, Instant::now(), false);
+            (p, seen)
+        })
+        .collect())
+}
+
+/// `want` occurs in `events` in this order (others may come between).
+fn in_order(events: &[String], want: &[&str]) -> bool {
+    let mut it = events.iter();
+    want.iter().all(|w| it.any(|e| e == w))
+}
+
+/// What the active's record says it last heard of `peer` (the `ha` key,
+/// as `cwctl status` shows it): eligible as a handover target, and recently.
+async fn hears_eligible(active: &Api<ConfigMap>, peer: &str) -> Result<Option<()>, String> {
+    let cm = active
+        .get_opt("counterweight-state")
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no state record")?;
+    let ha = cm.data.unwrap_or_default().remove("ha").unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&ha).map_err(|e| format!("{e}: {ha}"))?;
+    let p = &v["peers"][peer];
+    let status = p["status"].as_str().unwrap_or_default();
+    let fresh = p["lastHeardMsAgo"].as_u64().is_some_and(|ms| ms < 3000);
+    if fresh && status.contains("role: Standby") && status.contains("eligible: true") {
+        Ok(Some(()))
+    } else {
+        Err(ha)
+    }
+}
+
+/// The reasons of `cluster`'s Events in `counterweight-system`, oldest first.
+async fn event_reasons(cluster: &Cluster) -> Result<Vec<String>, String> {
+    let mut events: Vec<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(cluster.client(), "counterweight-system")
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items;
+    events.sort_by(|a, b| a.event_time.cmp(&b.event_time));
+    Ok(events.into_iter().filter_map(|e| e.reason).collect())
+}
+
+/// When `cluster`'s latest Event with `reason` happened, by its eventTime.
+async fn event_time(cluster: &Cluster, reason: &str) -> Option<k8s_openapi::jiff::Timestamp> {
+    Api::<k8s_openapi::api::events::v1::Event>::namespaced(cluster.client(), "counterweight-system")
+        .list(&ListParams::default())
+        .await
+        .ok()?
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .filter_map(|e| e.event_time.map(|t| t.0))
+        .max()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_elected() {
+    init_tracing();
+    if !counterweight_harness::realnode::can_run_or_say_skipped() {
+        return;
+    }
+    counterweight_harness::install_crypto_provider();
+    let readme_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
+    let readme = std::fs::read_to_string(&readme_path).expect("README.md");
+    let mut all: Vec<&str> = STEPS.to_vec();
+    all.push(CHECK_STEP);
+    assert_eq!(
+        guide_steps(&readme),
+        all,
+        "README.md's install steps and the ones this test runs differ"
+    );
+    let images = images_dir();
+    for i in IMAGES {
+        assert!(
+            images.join(format!("{i}.tar")).is_file(),
+            "{i}.tar missing in {} (tools/images.sh)",
+            images.display()
+        );
+    }
+    let bins = Binaries::locate().expect("control-plane binaries");
+    let tools = counterweight_e2e::ha::workspace_bin("cw-certs", "COUNTERWEIGHT_CW_CERTS_BIN");
+    let tools_dir = tools.parent().expect("target dir").to_owned();
+    for b in ["cwctl", "counterweight-controller"] {
+        assert!(
+            tools_dir.join(b).is_file(),
+            "{b} not built in {}: cargo build -p counterweight-certs -p counterweight-cli -p counterweight-controller",
+            tools_dir.display()
+        );
+    }
+
+    // ---- what the person's infrastructure provides ----
+    let begun = Instant::now();
+    let real = counterweight_harness::start_real_named(&["east", "west"]);
+    let (real, witness_cluster) = tokio::join!(real, Cluster::start(bins.clone(), "witness"));
+    let (lan, mut clusters) = real.expect("two real-node clusters start");
+    let witness_cluster = witness_cluster.expect("the witness's cluster starts");
+    let west = clusters.pop().expect("west");
+    let east = clusters.pop().expect("east");
+    let clusters_up = begun.elapsed();
+    for c in [&east, &west] {
+        c.real_node()
+            .expect("a real node")
+            .route_like_a_node()
+            .expect("route like a cluster node");
+    }
+    let t = Instant::now();
+    for c in [&east, &west] {
+        for i in IMAGES {
+            c.real_node()
+                .expect("a real node")
+                .import_image(&images.join(format!("{i}.tar")))
+                .unwrap_or_else(|e| panic!("import {i} into {}: {e}", c.name()));
+        }
+    }
+    let imported = t.elapsed();
+    let work = tempfile::Builder::new()
+        .prefix("counterweight-install-")
+        .tempdir()
+        .expect("work dir");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::os::unix::fs::symlink(
+        repo.join("manifests").canonicalize().expect("manifests"),
+        work.path().join("manifests"),
+    )
+    .expect("link manifests");
+    let pv_dir = work.path().join("volumes");
+    for c in ["east", "west"] {
+        for v in ["ems-db", "ems-files"] {
+            std::fs::create_dir_all(pv_dir.join(c).join(v)).expect("volume dir");
+        }
+    }
+    let kubeconfig = work.path().join("kubeconfig");
+    counterweight_harness::write_kubeconfig_of(&[&east, &west], &kubeconfig).expect("kubeconfig");
+    let kubectl = bins.kubectl();
+    let path = format!(
+        "{}:{}:{}",
+        tools_dir.display(),
+        kubectl.parent().expect("bin dir").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let addr = |c: &Cluster| c.real_node().expect("a real node").addr().to_string();
+    let vars: Vec<(String, String)> = [
+        ("PATH", path),
+        ("KUBECONFIG", kubeconfig.display().to_string()),
+        ("EAST_ADDR", addr(&east)),
+        ("WEST_ADDR", addr(&west)),
+        ("WITNESS_ADDR", lan.host_addr().to_string()),
+        ("WITNESS_PORT", free_port().expect("port").to_string()),
+        (
+            "WITNESS_METRICS",
+            format!("127.0.0.1:{}", free_port().expect("port")),
+        ),
+        ("REGISTRY", "counterweight".into()),
+        ("TAG", "dev".into()),
+        (
+            "BUSYBOX_IMAGE",
+            counterweight_harness::BUSYBOX_IMAGE.to_owned(),
+        ),
+        ("PV_DIR", pv_dir.display().to_string()),
+        (
+            "WITNESS_KUBECONFIG",
+            witness_cluster.kubeconfig().display().to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let g = Install {
+        witness_log: work.path().join("witness.log"),
+        east,
+        west,
+        witness_cluster,
+        lan,
+        work,
+        vars,
+        kubectl,
+        kubeconfig,
+    };
+
+    // ---- the guide ----
+    let install_began = Instant::now();
+    let mut took = Vec::new();
+    let mut witness = None;
+    for name in STEPS {
+        let s = script(g.work.path(), &g.vars, &guide_step(&readme, name));
+        if name == "witness" {
+            let mut p = Process::spawn(
+                "witness",
+                Path::new("bash"),
+                &["-euo".into(), "pipefail".into(), "-c".into(), s],
+                &g.witness_log,
+            )
+            .expect("start the witness");
+            p.tail_on_panic();
+            witness = Some(p);
+            continue;
+        }
+        took.push((name, run_step(name, &s).await));
+    }
+    let witness = std::sync::Mutex::new(witness.expect("the guide starts the witness"));
+
+    // ---- first election: east (priority 2) active, west standby ----
+    let (east_cms, west_cms) = (g.cms(&g.east), g.cms(&g.west));
+    let first = eventually_explained(
+        "east active and west standby in the same epoch",
+        Duration::from_secs(240),
+        Duration::from_millis(200),
+        || async {
+            witness
+                .lock()
+                .expect("witness")
+                .check_alive()
+                .map_err(|e| format!("the witness exited: {e}"))?;
+            let (e, w) = (role(&east_cms).await, role(&west_cms).await);
+            match (&e, &w) {
+                (Some((es, ee)), Some((ws, we)))
+                    if es == "active" && ws == "standby" && ee == we =>
+                {
+                    Ok(Some(*ee))
+                }
+                _ => Err(format!("east {e:?}, west {w:?}")),
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let elected = install_began.elapsed();
+    let witness_record = role(&g.cms(&g.witness_cluster)).await;
+    assert!(
+        witness_record
+            .as_ref()
+            .is_some_and(|(_, epoch)| *epoch >= first),
+        "the witness voted in epoch {first}: its record {witness_record:?}"
+    );
+
+    // ---- west's web pods wait at their gates; east's serve ----
+    let gated = eventually_explained(
+        "every web pod of west held at its gate (app not started, not Ready), two of them",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || async {
+            let pods = web_pods(&g.west).await?;
+            let seen: Vec<&PodSeen> = pods.iter().map(|(_, s)| s).collect();
+            let held = pods.len() == 2
+                && seen
+                    .iter()
+                    .all(|s| s.gated() && !s.app_running && s.gate_exit.is_none());
+            if held {
+                Ok(Some(pods))
+            } else {
+                Err(format!("{seen:?}"))
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    for (p, _) in &gated {
+        let inits: Vec<String> = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_ref())
+            .map(|c| c.iter().map(|c| c.name.clone()).collect())
+            .unwrap_or_default();
+        assert!(
+            inits.contains(&counterweight_core::inject::GATE_CONTAINER.to_owned()),
+            "west's web pod {:?} was injected with the gate: {inits:?}",
+            p.metadata.name
+        );
+    }
+    let west_gated = install_began.elapsed();
+    eventually_explained(
+        "east's two web pods Ready behind its Service",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || async {
+            let ready = web_ready_endpoints(&g.east).await?;
+            if ready.len() == 2 {
+                Ok(Some(()))
+            } else {
+                Err(format!("ready endpoints {ready:?}"))
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let east_served = install_began.elapsed();
+
+    // The EMS answers through east's Service, with an east pod's name, and
+    // not through west's (no endpoint: the connection is refused).
+    let (east_ip, west_ip) = (web_cluster_ip(&g.east).await, web_cluster_ip(&g.west).await);
+    let east_pods: Vec<String> = web_pods(&g.east)
+        .await
+        .expect("east's web pods")
+        .iter()
+        .filter_map(|(p, _)| p.metadata.name.clone())
+        .collect();
+    let answer = eventually_explained(
+        "the EMS to answer through east's web Service",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async { get_via_service(&g.east, east_ip, "/hostname").map(Some) },
+        || async { g.explain() },
+    )
+    .await;
+    assert!(
+        east_pods.contains(&answer),
+        "east's Service answered {answer:?}, not one of east's web pods {east_pods:?}"
+    );
+    let from_west = get_via_service(&g.west, west_ip, "/hostname");
+    assert!(
+        from_west.is_err(),
+        "west's web Service served {from_west:?} while west is standby"
+    );
+    assert_eq!(
+        web_ready_endpoints(&g.west)
+            .await
+            .expect("west's endpoints"),
+        Vec::<String>::new(),
+        "west's web Service has ready endpoints"
+    );
+
+    // ---- cwctl, from the host, with the kubeconfig contexts ----
+    let check = script(g.work.path(), &g.vars, &guide_step(&readme, CHECK_STEP));
+    let out = eventually_explained(
+        "cwctl status and cwctl check to pass",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        || async {
+            let out = tokio::process::Command::new("bash")
+                .args(["-euo", "pipefail", "-c", &check])
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output()
+                .await
+                .map_err(|e| e.to_string())?;
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if out.status.success() {
+                Ok(Some(text))
+            } else {
+                Err(format!("{}: {text}", out.status))
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    assert!(
+        !out.contains('✗'),
+        "cwctl check reported a failing check:\n{out}"
+    );
+    println!("{out}");
+
+    // Still: west's pods never started their app in the meantime.
+    for (p, _) in web_pods(&g.west).await.expect("west's web pods") {
+        let s = PodSeen::of(&p, Instant::now(), false);
+        assert!(
+            s.gated() && s.restarts == 0,
+            "west's web pod {} left its gate: {s:?}",
+            s.name
+        );
+    }
+
+    // ---- failover by health (FIG. 9) ----
+    // west must be a fit target first: its database streams from east's
+    // (pg_basebackup over the NodePort, TLS verify-full), its file copy is
+    // current by east's markers, its web pods wait at their gates.
+    let monitor = counterweight_e2e::ha::Monitor::on(
+        &["east", "west"],
+        &[east_cms.clone(), west_cms.clone()],
+    );
+    eventually_explained(
+        "east to hear west as an eligible standby (west's database and files current)",
+        Duration::from_secs(240),
+        Duration::from_millis(500),
+        || async { hears_eligible(&east_cms, "west").await },
+        || async { g.explain() },
+    )
+    .await;
+    let west_eligible = install_began.elapsed();
+    // east's web falls: its pods stop answering /hostname (the policy's
+    // check, and the readiness probe after it). The handover follows after
+    // K+1 = 3 degraded intervals of 5 s.
+    let east_web: Vec<String> = web_pods(&g.east)
+        .await
+        .expect("east's web pods")
+        .iter()
+        .filter_map(|(p, _)| p.metadata.name.clone())
+        .collect();
+    let broken = Instant::now();
+    for pod in &east_web {
+        let out = g.kubectl_text(
+            "east",
+            &format!("-n ems exec {pod} -c web -- rm /www/hostname"),
+        );
+        assert!(
+            out.trim().is_empty(),
+            "breaking east's web pod {pod}: {out}"
+        );
+    }
+    let second = eventually_explained(
+        "west active in a new epoch and east standby after east's web fell",
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+        || async {
+            let (e, w) = (role(&east_cms).await, role(&west_cms).await);
+            match (&e, &w) {
+                (Some((es, _)), Some((ws, we)))
+                    if ws == "active" && es == "standby" && *we > first =>
+                {
+                    Ok(Some(*we))
+                }
+                _ => Err(format!("east {e:?}, west {w:?}")),
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let handed_over = broken.elapsed();
+    eventually_explained(
+        "the FIG. 9 Events: east HandoverStarted then HandedOver, west HandoverReady then Promoted",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let (e, w) = (event_reasons(&g.east).await?, event_reasons(&g.west).await?);
+            if in_order(&e, &["HandoverStarted", "HandedOver"])
+                && in_order(&w, &["HandoverReady", "Promoted"])
+            {
+                Ok(Some(()))
+            } else {
+                Err(format!("east {e:?}; west {w:?}"))
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    // west's gates release: the same pods start their app and serve.
+    let west_uids: Vec<String> = gated
+        .iter()
+        .filter_map(|(p, _)| p.metadata.uid.clone())
+        .collect();
+    eventually_explained(
+        "west's web pods released by their gates, app running, Ready behind west's Service",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || async {
+            let pods = web_pods(&g.west).await?;
+            let ready = web_ready_endpoints(&g.west).await?;
+            let released = pods.len() == 2
+                && pods.iter().all(|(p, s)| {
+                    s.gate_exit == Some(0)
+                        && s.app_running
+                        && s.ready
+                        && p.metadata
+                            .uid
+                            .as_ref()
+                            .is_some_and(|u| west_uids.contains(u))
+                });
+            if released && ready.len() == 2 {
+                Ok(Some(()))
+            } else {
+                let seen: Vec<&PodSeen> = pods.iter().map(|(_, s)| s).collect();
+                Err(format!("ready endpoints {ready:?}; {seen:?}"))
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let west_served = broken.elapsed();
+    // east's pods that served are replaced by pods held at their gates.
+    eventually_explained(
+        "east's web pods replaced by new ones held at their gates, no ready endpoint",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || async {
+            let pods = web_pods(&g.east).await?;
+            let ready = web_ready_endpoints(&g.east).await?;
+            let held = pods.len() == 2
+                && pods.iter().all(|(p, s)| {
+                    s.gated()
+                        && !p
+                            .metadata
+                            .name
+                            .as_ref()
+                            .is_some_and(|n| east_web.contains(n))
+                });
+            if held && ready.is_empty() {
+                Ok(Some(()))
+            } else {
+                let seen: Vec<&PodSeen> = pods.iter().map(|(_, s)| s).collect();
+                Err(format!("ready endpoints {ready:?}; {seen:?}"))
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let east_held = broken.elapsed();
+    let west_pods: Vec<String> = web_pods(&g.west)
+        .await
+        .expect("west's web pods")
+        .iter()
+        .filter_map(|(p, _)| p.metadata.name.clone())
+        .collect();
+    let answer = eventually_explained(
+        "the EMS to answer through west's web Service",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async { get_via_service(&g.west, west_ip, "/hostname").map(Some) },
+        || async { g.explain() },
+    )
+    .await;
+    assert!(
+        west_pods.contains(&answer),
+        "west's Service answered {answer:?}, not one of west's web pods {west_pods:?}"
+    );
+    let from_east = get_via_service(&g.east, east_ip, "/hostname");
+    assert!(
+        from_east.is_err(),
+        "east's web Service served {from_east:?} after the handover"
+    );
+    // ---- partition: the active (west) cut off the LAN ----
+    // west keeps its API server (it lives in west's namespace), so its
+    // controller fences and records it; the test cannot read west until
+    // the heal. east, with the witness's vote, promotes only after west's
+    // lease: the Events' times (one clock: this machine's) show the order.
+    eventually_explained(
+        "west to hear east as an eligible standby before the cut",
+        Duration::from_secs(240),
+        Duration::from_millis(500),
+        || async { hears_eligible(&west_cms, "east").await },
+        || async { g.explain() },
+    )
+    .await;
+    let west_link = g.west.real_node().expect("a real node").link().clone();
+    west_link.cut().expect("cut west's link");
+    let cut = Instant::now();
+    let third = eventually_explained(
+        "east active in a new epoch while west is cut off",
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+        || async {
+            match role(&east_cms).await {
+                Some((s, e)) if s == "active" && e > second => Ok(Some(e)),
+                other => Err(format!("east {other:?}")),
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let east_promoted_after_cut = cut.elapsed();
+    west_link.heal().expect("heal west's link");
+    let healed = Instant::now();
+    eventually_explained(
+        "west to rejoin as standby in east's epoch, its web pods held at their gates",
+        Duration::from_secs(180),
+        Duration::from_millis(200),
+        || async {
+            let w = role(&west_cms).await;
+            if !matches!(&w, Some((s, e)) if s == "standby" && *e >= third) {
+                return Err(format!("west {w:?}"));
+            }
+            let pods = web_pods(&g.west).await?;
+            let ready = web_ready_endpoints(&g.west).await?;
+            if pods.len() == 2 && pods.iter().all(|(_, s)| s.gated()) && ready.is_empty() {
+                Ok(Some(()))
+            } else {
+                let seen: Vec<&PodSeen> = pods.iter().map(|(_, s)| s).collect();
+                Err(format!("ready endpoints {ready:?}; {seen:?}"))
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let rejoined = healed.elapsed();
+    let fenced_at = event_time(&g.west, "Fenced").await;
+    let promoted_at = event_time(&g.east, "Promoted").await;
+    assert!(
+        matches!((fenced_at, promoted_at), (Some(f), Some(p)) if f < p),
+        "west fenced before east promoted: Fenced {fenced_at:?}, Promoted {promoted_at:?}"
+    );
+    monitor.finish();
+
+    println!("| step | seconds |\n|---|---|");
+    println!(
+        "| two real-node clusters and the witness's KWOK cluster up | {:.1} |",
+        clusters_up.as_secs_f64()
+    );
+    println!(
+        "| {} images imported into both nodes | {:.1} |",
+        IMAGES.len(),
+        imported.as_secs_f64()
+    );
+    for (name, d) in &took {
+        println!("| guide step `{name}` | {:.1} |", d.as_secs_f64());
+    }
+    println!(
+        "| install began → east active, west standby (epoch {first}) | {:.1} |",
+        elected.as_secs_f64()
+    );
+    println!(
+        "| install began → west's web pods held at their gates | {:.1} |",
+        west_gated.as_secs_f64()
+    );
+    println!(
+        "| install began → east's web pods Ready behind its Service | {:.1} |",
+        east_served.as_secs_f64()
+    );
+    println!(
+        "| install began → east hears west as an eligible standby (database and files current) | {:.1} |",
+        west_eligible.as_secs_f64()
+    );
+    println!(
+        "| east's web broken → west active (epoch {second}), east standby | {:.1} |",
+        handed_over.as_secs_f64()
+    );
+    println!(
+        "| east's web broken → west's released pods Ready behind its Service | {:.1} |",
+        west_served.as_secs_f64()
+    );
+    println!(
+        "| east's web broken → east's replacement pods held at their gates | {:.1} |",
+        east_held.as_secs_f64()
+    );
+    println!(
+        "| west's link cut → east active (epoch {third}) with the witness | {:.1} |",
+        east_promoted_after_cut.as_secs_f64()
+    );
+    println!(
+        "| west's link healed → west standby again, its web pods held at their gates | {:.1} |",
+        rejoined.as_secs_f64()
+    );
+
+    // ---- teardown leaves nothing ----
+    let names: Vec<String> = [&g.east, &g.west]
+        .iter()
+        .map(|c| {
+            c.real_node()
+                .expect("a real node")
+                .namespaces()
+                .name()
+                .to_owned()
+        })
+        .collect();
+    let links: Vec<String> = [&g.east, &g.west]
+        .iter()
+        .map(|c| {
+            c.real_node()
+                .expect("a real node")
+                .link()
+                .host_if()
+                .to_owned()
+        })
+        .collect();
+    let bridge = g.lan.bridge().to_owned();
+    let dirs: Vec<String> = [&g.east, &g.west, &g.witness_cluster]
+        .iter()
+        .map(|c| c.dir().display().to_string())
+        .chain([g.work.path().display().to_string()])
+        .collect();
+    drop(witness);
+    drop(g);
+    for n in &names {
+        assert!(!Path::new("/run/netns").join(n).exists(), "netns {n} left");
+        assert!(
+            !Path::new(counterweight_harness::netns::MNT_DIR)
+                .join(n)
+                .exists(),
+            "mount namespace {n} left"
+        );
+    }
+    for i in links.iter().chain([&bridge]) {
+        assert!(
+            !Path::new("/sys/class/net").join(i).exists(),
+            "link {i} left"
+        );
+    }
+    for p in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        for d in &dirs {
+            assert!(!cmdline.contains(d.as_str()), "a process left: {cmdline}");
+        }
+    }
+}
