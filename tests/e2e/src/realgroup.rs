@@ -87,8 +87,11 @@ pub const SYNC_PORT: i32 = 8081;
 /// the file-replication sidecar of the synchronization pod.
 pub const IMAGES: [&str; 2] = ["gate", "sync-rsync"];
 
-/// The directory of the image archives: `$COUNTERWEIGHT_IMAGES`, or what
-/// `tools/images.sh gate sync-rsync` prints (it builds only what changed).
+/// The directory of the image archives: `$COUNTERWEIGHT_IMAGES` (which
+/// `tools/test.sh` sets), or what `tools/images.sh` prints, as
+/// `tools/test.sh` runs it: every image, built only where its inputs
+/// changed (`real_install.rs` needs them all; the group here imports
+/// [`IMAGES`]).
 pub fn images_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("COUNTERWEIGHT_IMAGES") {
         return PathBuf::from(dir);
@@ -99,15 +102,13 @@ pub fn images_dir() -> PathBuf {
     let keep = |k: &str| !k.starts_with("CARGO_") || matches!(k, "CARGO_HOME" | "CARGO_TARGET_DIR");
     let out = std::process::Command::new("bash")
         .arg(&script)
-        .args(IMAGES)
         .env_clear()
         .envs(std::env::vars().filter(|(k, _)| keep(k) && k != "CARGO" && k != "LD_LIBRARY_PATH"))
         .output()
         .expect("run tools/images.sh");
     assert!(
         out.status.success(),
-        "tools/images.sh {} failed: {}",
-        IMAGES.join(" "),
+        "tools/images.sh failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
