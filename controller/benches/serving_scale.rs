@@ -31,11 +31,11 @@ use std::time::{Duration, Instant};
 use counterweight_controller::serving::{PodServing, PodServingConfig};
 use counterweight_controller::state_store::StateStore;
 use counterweight_core::names;
-use counterweight_harness::bulk::{create_pods, kwok_pod, wait_running};
-use futures::StreamExt;
+use counterweight_harness::bulk::{
+    apiserver_metric, create_pods, kwok_pod, status_write_floor, wait_running,
+};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use serde_json::json;
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 
 const APP: &str = "bulk";
 const SYSTEM: &str = "counterweight-system";
@@ -44,27 +44,17 @@ const LABELS: &str = "app=bulk";
 /// The API server's request counts of interest: status PATCHes and pod
 /// LISTs.
 async fn api_counts(client: &kube::Client) -> (u64, u64) {
-    let Ok(req) = http::Request::get("/metrics").body(Vec::new()) else {
-        return (0, 0);
-    };
-    let Ok(text) = client.request_text(req).await else {
-        return (0, 0);
-    };
-    let sum = |verb: &str, sub: Option<&str>| -> u64 {
-        text.lines()
-            .filter(|l| {
-                l.starts_with("apiserver_request_total{")
-                    && l.contains(&format!("verb=\"{verb}\""))
-                    && l.contains("resource=\"pods\"")
-                    && match sub {
-                        Some(s) => l.contains(&format!("subresource=\"{s}\"")),
-                        None => l.contains("subresource=\"\""),
-                    }
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    };
-    (sum("PATCH", Some("status")), sum("LIST", None))
+    let metric = "apiserver_request_total";
+    let patches = [
+        ("verb", "PATCH"),
+        ("resource", "pods"),
+        ("subresource", "status"),
+    ];
+    let lists = [("verb", "LIST"), ("resource", "pods"), ("subresource", "")];
+    (
+        apiserver_metric(client, metric, &patches).await,
+        apiserver_metric(client, metric, &lists).await,
+    )
 }
 
 fn vm_hwm_mib() -> f64 {
@@ -77,31 +67,6 @@ fn vm_hwm_mib() -> f64 {
                 .and_then(|v| v.parse::<f64>().ok())
         })
         .map_or(f64::NAN, |kib| kib / 1024.0)
-}
-
-/// Sends one status PATCH per pod, `concurrency` at a time; the time taken.
-async fn floor(pods: &Api<Pod>, names: &[String], concurrency: usize, round: u32) -> Duration {
-    let started = Instant::now();
-    let failed = futures::stream::iter(names.iter().cloned())
-        .map(|name| {
-            let pods = pods.clone();
-            async move {
-                let body = json!({"status": {"conditions": [{
-                    "type": "bench.counterweight.dev/probe",
-                    "status": "True",
-                    "reason": format!("Round{round}"),
-                }]}});
-                pods.patch_status(&name, &PatchParams::default(), &Patch::Strategic(body))
-                    .await
-                    .is_err()
-            }
-        })
-        .buffer_unordered(concurrency)
-        .filter(|failed| futures::future::ready(*failed))
-        .count()
-        .await;
-    assert_eq!(failed, 0, "every probe PATCH must succeed");
-    started.elapsed()
 }
 
 async fn serving_count(pods: &Api<Pod>) -> usize {
@@ -186,7 +151,9 @@ async fn main() {
 
         for c in [8, 32, 128] {
             let before = api_counts(&client).await;
-            let took = floor(&pods, &names_so_far, c, round * 10 + c as u32).await;
+            let took = status_write_floor(&pods, &names_so_far, c, &format!("Round{round}c{c}"))
+                .await
+                .expect("every probe PATCH must succeed");
             let after = api_counts(&client).await;
             println!(
                 "  API floor, {c:>3} at a time: {n} status PATCHes in {:>7.3}s = {:>6.0}/s ({} PATCHes counted by the API server)",

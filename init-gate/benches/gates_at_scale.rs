@@ -55,20 +55,12 @@ async fn set(cms: &Api<ConfigMap>, role: &str, epoch: u64) {
 
 /// ConfigMap WATCHes the API server holds open now.
 async fn configmap_watches(client: &kube::Client) -> u64 {
-    let Ok(req) = http::Request::get("/metrics").body(Vec::new()) else {
-        return 0;
-    };
-    let Ok(text) = client.request_text(req).await else {
-        return 0;
-    };
-    text.lines()
-        .filter(|l| {
-            l.starts_with("apiserver_longrunning_requests{")
-                && l.contains("resource=\"configmaps\"")
-                && l.contains("verb=\"WATCH\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    counterweight_harness::bulk::apiserver_metric(
+        client,
+        "apiserver_longrunning_requests",
+        &[("resource", "configmaps"), ("verb", "WATCH")],
+    )
+    .await
 }
 
 /// CPU seconds (user + system) of process `pid` so far.

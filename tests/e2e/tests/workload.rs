@@ -900,35 +900,6 @@ const BULK: &str = "bulk";
 /// from what it measurably allows.
 const FLOOR_FACTOR: u32 = 3;
 
-/// One bare status PATCH per bulk pod (a condition of another type), 32 at
-/// a time as the controller sends them: what the API server needs for the
-/// writes alone.
-async fn status_write_floor(cluster: &Cluster, n: usize) -> Duration {
-    let pods: Api<Pod> = Api::namespaced(cluster.client(), BULK);
-    let started = Instant::now();
-    let failed = futures::stream::iter(0..n)
-        .map(|i| {
-            let pods = pods.clone();
-            async move {
-                let body = serde_json::json!({"status": {"conditions": [{
-                    "type": "e2e.counterweight.dev/probe", "status": "True"}]}});
-                pods.patch_status(
-                    &format!("bulk-{i}"),
-                    &PatchParams::default(),
-                    &Patch::Strategic(body),
-                )
-                .await
-                .is_err()
-            }
-        })
-        .buffer_unordered(32)
-        .filter(|failed| futures::future::ready(*failed))
-        .count()
-        .await;
-    assert_eq!(failed, 0, "every probe PATCH must succeed");
-    started.elapsed()
-}
-
 /// Creates `n` KWOK service pods in `cluster`'s bulk namespace, 32 at a
 /// time, and waits until they run.
 async fn bulk_pods(cluster: &Cluster, n: usize) {
@@ -971,25 +942,20 @@ async fn bulk_states(cluster: &Cluster) -> (usize, usize) {
     (running.len(), serving)
 }
 
-/// How many pod status PATCHes `cluster`'s API server has served (its
-/// `apiserver_request_total`): the controller's serving conditions and
-/// KWOK's status updates, for the test's printout.
+/// How many pod status PATCHes `cluster`'s API server has served (the
+/// controller's serving conditions and KWOK's status updates), for the
+/// test's printout.
 async fn status_patches(cluster: &Cluster) -> u64 {
-    let req = http::Request::get("/metrics")
-        .body(Vec::new())
-        .expect("request");
-    let Ok(text) = cluster.client().request_text(req).await else {
-        return 0;
-    };
-    text.lines()
-        .filter(|l| {
-            l.starts_with("apiserver_request_total{")
-                && l.contains(r#"verb="PATCH""#)
-                && l.contains(r#"resource="pods""#)
-                && l.contains(r#"subresource="status""#)
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    counterweight_harness::bulk::apiserver_metric(
+        &cluster.client(),
+        "apiserver_request_total",
+        &[
+            ("verb", "PATCH"),
+            ("resource", "pods"),
+            ("subresource", "status"),
+        ],
+    )
+    .await
 }
 
 /// Issue 16's done-when: a cluster with 2,000 service pods is promoted;
@@ -1038,7 +1004,17 @@ async fn a_promotion_of_two_thousand_service_pods_keeps_its_lease_and_serves_the
         }
     });
 
-    let floor = status_write_floor(&g.clusters[1], BULK_PODS).await;
+    // What the API server needs for the writes alone, 32 at a time as the
+    // controller sends them.
+    let bulk_names: Vec<String> = (0..BULK_PODS).map(|i| format!("bulk-{i}")).collect();
+    let floor = counterweight_harness::bulk::status_write_floor(
+        &Api::namespaced(g.clusters[1].client(), BULK),
+        &bulk_names,
+        32,
+        "Floor",
+    )
+    .await
+    .expect("every probe PATCH must succeed");
     let within = floor * FLOOR_FACTOR;
     let patches_before = status_patches(&g.clusters[1]).await;
     set_web_ready(&g.clusters[0], false).await;

@@ -4,14 +4,16 @@
 //! ([`create_pods`]) so that every test or bench that needs a thousand pods
 //! makes them the same way: bound to the KWOK node (no scheduler in the
 //! path), with an image nothing pulls, and optionally the readiness gates a
-//! Counterweight service pod carries.
+//! Counterweight service pod carries. Also what the API server allows for
+//! them: one status write per pod ([`status_write_floor`]) and its own
+//! request counters ([`apiserver_metric`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Container, Pod, PodReadinessGate, PodSpec};
-use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 
 use crate::{HarnessError, NODE_NAME};
 
@@ -110,4 +112,66 @@ pub async fn wait_running(
         what: format!("{n} pods {labels} Running ({running} are)"),
         after: timeout,
     })
+}
+
+/// The condition type of [`status_write_floor`]'s patches: no controller
+/// reads it.
+pub const PROBE_CONDITION: &str = "probe.counterweight.dev/write";
+
+/// Sends one bare status PATCH per pod of `names` in `api`'s namespace (the
+/// condition [`PROBE_CONDITION`] with `reason`, the strategic-merge shape
+/// of the controller's serving condition), `concurrency` at a time, and
+/// returns how long they took: the least time in which any controller can
+/// make that many pods serve on this API server. A `reason` different from
+/// the last round's makes every patch a real write.
+pub async fn status_write_floor(
+    api: &Api<Pod>,
+    names: &[String],
+    concurrency: usize,
+    reason: &str,
+) -> Result<Duration, HarnessError> {
+    let started = Instant::now();
+    let body = serde_json::json!({"status": {"conditions": [{
+        "type": PROBE_CONDITION, "status": "True", "reason": reason}]}});
+    let failed: Vec<String> = futures::stream::iter(names)
+        .map(|name| {
+            let (api, body) = (api.clone(), body.clone());
+            async move {
+                api.patch_status(name, &PatchParams::default(), &Patch::Strategic(body))
+                    .await
+                    .err()
+                    .map(|e| format!("pod {name}: {e}"))
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .filter_map(futures::future::ready)
+        .collect()
+        .await;
+    match failed.first() {
+        None => Ok(started.elapsed()),
+        Some(first) => Err(HarnessError::Command {
+            what: "probe status PATCHes".into(),
+            status: format!("{} of {} failed", failed.len(), names.len()),
+            stderr: first.clone(),
+        }),
+    }
+}
+
+/// The sum of the API server's metric `metric` (a counter or gauge such as
+/// `apiserver_request_total`) over the series whose labels include every
+/// `labels` pair (`("subresource", "")` for none), from its `/metrics`; 0
+/// if that cannot be read.
+pub async fn apiserver_metric(client: &kube::Client, metric: &str, labels: &[(&str, &str)]) -> u64 {
+    let Ok(req) = http::Request::get("/metrics").body(Vec::new()) else {
+        return 0;
+    };
+    let Ok(text) = client.request_text(req).await else {
+        return 0;
+    };
+    let series = format!("{metric}{{");
+    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    text.lines()
+        .filter(|l| l.starts_with(&series) && pairs.iter().all(|p| l.contains(p.as_str())))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
