@@ -350,12 +350,13 @@ pub async fn start_webhook(
     webhook
 }
 
-/// Addresses of the ready endpoints in the namespace's EndpointSlices.
-pub async fn ready_addresses(slices: &Api<EndpointSlice>) -> Result<Vec<String>, String> {
-    let list = slices
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| e.to_string())?;
+/// Addresses of the ready endpoints in the namespace's EndpointSlices that
+/// `params` selects (`kubernetes.io/service-name=<svc>` for one Service's).
+pub async fn ready_addresses(
+    slices: &Api<EndpointSlice>,
+    params: &ListParams,
+) -> Result<Vec<String>, String> {
+    let list = slices.list(params).await.map_err(|e| e.to_string())?;
     Ok(list
         .items
         .iter()
@@ -792,7 +793,7 @@ impl RealGroup {
                 if not.contains(&uid) || !seen.gated() {
                     return Err(format!("{seen:?}"));
                 }
-                let ready = ready_addresses(&slices).await?;
+                let ready = ready_addresses(&slices, &ListParams::default()).await?;
                 if !ready.is_empty() {
                     return Err(format!("ready endpoints {ready:?} beside a gated pod"));
                 }

@@ -45,7 +45,7 @@ use counterweight_e2e::workload::{Watched, WorkloadMonitor};
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_sync::files::Watermark;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::LogParams;
+use kube::api::{ListParams, LogParams};
 
 /// uid, Ready, restarts and whether the gate was injected, of the sync pod.
 async fn sync_pod(g: &RealGroup) -> (String, bool, i32, bool) {
@@ -247,7 +247,7 @@ async fn the_real_controller_gates_promotes_and_demotes_pods_on_a_real_kubelet()
             let p = g.pods().get(&held_name).await.map_err(|e| e.to_string())?;
             let seen = PodSeen::of(&p, Instant::now(), false);
             let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
-            let ready = ready_addresses(&slices).await?;
+            let ready = ready_addresses(&slices, &ListParams::default()).await?;
             Ok(ip.filter(|ip| seen.ready && ready == [ip.clone()]))
         },
     )
@@ -339,7 +339,10 @@ async fn the_real_controller_gates_promotes_and_demotes_pods_on_a_real_kubelet()
             seen.gated() && seen.uid == replacement_uid,
             "the replacement left the gate on a standby: {seen:?}"
         );
-        assert_eq!(ready_addresses(&slices).await, Ok(vec![]));
+        assert_eq!(
+            ready_addresses(&slices, &ListParams::default()).await,
+            Ok(vec![])
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     sync_follows(

@@ -197,7 +197,7 @@ async fn on_a_real_kubelet_the_gate_image_holds_a_standby_pod_until_promotion() 
         || async {
             let p = pods.get(&name).await.map_err(|e| e.to_string())?;
             let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
-            let ready = ready_addresses(&slices).await?;
+            let ready = ready_addresses(&slices, &ListParams::default()).await?;
             Ok(ip.filter(|ip| condition_true(&p, "Ready") && ready == [ip.clone()]))
         },
     )

@@ -39,12 +39,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use counterweight_e2e::realgroup::{PodSeen, images_dir};
+use counterweight_e2e::realgroup::{PodSeen, images_dir, ready_addresses};
 use counterweight_e2e::{eventually_explained, init_tracing};
 use counterweight_harness::undo::sh_quote;
 use counterweight_harness::{Binaries, Cluster, Lan, Process, free_port};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
 
 /// The guide's steps, in the order the guide gives them. The test fails if
@@ -248,19 +247,48 @@ async fn web_cluster_ip(cluster: &Cluster) -> Ipv4Addr {
         .expect("a cluster IP")
 }
 
+/// Waits until the EMS answers through the `web` Service of `serving`
+/// (name, cluster, the Service's address) with the name of one of that
+/// cluster's web pods, then checks that `other`'s refuses the connection
+/// (no endpoint); `when` says when that is, for the message.
+async fn served_only_through(
+    g: &Install,
+    (name, serving, ip): (&str, &Cluster, Ipv4Addr),
+    (other_name, other, other_ip): (&str, &Cluster, Ipv4Addr),
+    when: &str,
+) {
+    let pods: Vec<String> = web_pods(serving)
+        .await
+        .unwrap_or_else(|e| panic!("{name}'s web pods: {e}"))
+        .iter()
+        .filter_map(|(p, _)| p.metadata.name.clone())
+        .collect();
+    let answer = eventually_explained(
+        &format!("the EMS to answer through {name}'s web Service"),
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async { get_via_service(serving, ip, "/hostname").map(Some) },
+        || async { g.explain() },
+    )
+    .await;
+    assert!(
+        pods.contains(&answer),
+        "{name}'s Service answered {answer:?}, not one of {name}'s web pods {pods:?}"
+    );
+    let from_other = get_via_service(other, other_ip, "/hostname");
+    assert!(
+        from_other.is_err(),
+        "{other_name}'s web Service served {from_other:?} {when}"
+    );
+}
+
 /// Ready endpoint addresses behind the `web` Service.
 async fn web_ready_endpoints(cluster: &Cluster) -> Result<Vec<String>, String> {
-    let slices = Api::<EndpointSlice>::namespaced(cluster.client(), "ems")
-        .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(slices
-        .items
-        .iter()
-        .flat_map(|s| s.endpoints.iter().flatten())
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-        .flat_map(|e| e.addresses.iter().cloned())
-        .collect())
+    ready_addresses(
+        &Api::namespaced(cluster.client(), "ems"),
+        &ListParams::default().labels("kubernetes.io/service-name=web"),
+    )
+    .await
 }
 
 /// The `web` pods of `cluster` as the watch helper reads them.
@@ -566,29 +594,13 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     // The EMS answers through east's Service, with an east pod's name, and
     // not through west's (no endpoint: the connection is refused).
     let (east_ip, west_ip) = (web_cluster_ip(&g.east).await, web_cluster_ip(&g.west).await);
-    let east_pods: Vec<String> = web_pods(&g.east)
-        .await
-        .expect("east's web pods")
-        .iter()
-        .filter_map(|(p, _)| p.metadata.name.clone())
-        .collect();
-    let answer = eventually_explained(
-        "the EMS to answer through east's web Service",
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-        || async { get_via_service(&g.east, east_ip, "/hostname").map(Some) },
-        || async { g.explain() },
+    served_only_through(
+        &g,
+        ("east", &g.east, east_ip),
+        ("west", &g.west, west_ip),
+        "while west is standby",
     )
     .await;
-    assert!(
-        east_pods.contains(&answer),
-        "east's Service answered {answer:?}, not one of east's web pods {east_pods:?}"
-    );
-    let from_west = get_via_service(&g.west, west_ip, "/hostname");
-    assert!(
-        from_west.is_err(),
-        "west's web Service served {from_west:?} while west is standby"
-    );
     assert_eq!(
         web_ready_endpoints(&g.west)
             .await
@@ -775,29 +787,13 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     )
     .await;
     let east_held = broken.elapsed();
-    let west_pods: Vec<String> = web_pods(&g.west)
-        .await
-        .expect("west's web pods")
-        .iter()
-        .filter_map(|(p, _)| p.metadata.name.clone())
-        .collect();
-    let answer = eventually_explained(
-        "the EMS to answer through west's web Service",
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-        || async { get_via_service(&g.west, west_ip, "/hostname").map(Some) },
-        || async { g.explain() },
+    served_only_through(
+        &g,
+        ("west", &g.west, west_ip),
+        ("east", &g.east, east_ip),
+        "after the handover",
     )
     .await;
-    assert!(
-        west_pods.contains(&answer),
-        "west's Service answered {answer:?}, not one of west's web pods {west_pods:?}"
-    );
-    let from_east = get_via_service(&g.east, east_ip, "/hostname");
-    assert!(
-        from_east.is_err(),
-        "east's web Service served {from_east:?} after the handover"
-    );
     // ---- partition: the active (west) cut off the LAN ----
     // west keeps its API server (it lives in west's namespace), so its
     // controller fences and records it; the test cannot read west until
