@@ -127,7 +127,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 command -v cargo >/dev/null || die "cargo is missing: install Rust with rustup"
-rustup target list --installed 2>/dev/null | grep -qx "$target" || die "the Rust target $target is missing: rustup target add $target"
+# A fresh rustup has only the host target; the images are static musl binaries.
+if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
+  command -v rustup >/dev/null || die "the Rust target $target is missing, and there is no rustup to add it: install Rust with rustup"
+  quietly "adding the Rust target $target" rustup target add "$target"
+fi
 tar --version 2>/dev/null | grep -q 'GNU tar' || die "GNU tar is missing (deterministic layers need --sort=name)"
 if need_base postgres || need_base rsync; then
   [ "$(id -u)" = 0 ] || die "the Debian images need root (mmdebstrap --mode=root, owners 999 and 0): run as root, or name only controller webhook cwctl gate"
