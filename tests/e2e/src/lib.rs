@@ -6,6 +6,7 @@ pub mod fixtures;
 pub mod ha;
 pub mod realgroup;
 pub mod workload;
+pub mod workload_group;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
