@@ -15,6 +15,13 @@
 //! another build side by side: the two alternate in blocks of
 //! `BLOCK` handovers (default 10), each block on fresh clusters, so both
 //! see the same load on a noisy machine.
+//!
+//! Where the time goes: each round also reads both controllers' logs (one
+//! machine, one clock) for the verdict (`cluster abnormal`) and the FIG. 9
+//! transitions, each logged by the HA loop as it executes the step, and
+//! prints the segments between them: verdict → `prepare` sent → `ready`
+//! answered → fenced and `change` sent → the target's election started →
+//! promoted (its record written) → the bench's watch sees `active`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -159,6 +166,72 @@ async fn abnormal_at(
         .max()
 }
 
+/// The steps of one handover, in order, as the controllers log them: the
+/// old active's verdict (`cluster abnormal`) and `HA transition` lines with
+/// these reasons; `old` says whose log holds each.
+const STEPS: [(&str, bool); 6] = [
+    ("verdict", true),
+    ("HandoverStarted", true),
+    ("HandoverReady", false),
+    ("HandedOver", true),
+    ("ElectionStarted", false),
+    ("Promoted", false),
+];
+
+/// Segment names: from each step to the next, and from the last to the
+/// bench's watch seeing the standby's record `active`.
+const SEGMENTS: [&str; 6] = [
+    "verdict -> prepare sent",
+    "prepare sent -> ready answered",
+    "ready -> fenced, change sent",
+    "change sent -> target's election",
+    "election -> promoted (record written)",
+    "promoted -> watch sees active",
+];
+
+/// The first time after `after` at which `log` (a controller's tracing
+/// output, one line per event, its timestamp first) logged `step`: the
+/// verdict, or the HA transition of that reason.
+fn logged_at(
+    log: &Path,
+    step: &str,
+    after: k8s_openapi::jiff::Timestamp,
+) -> Option<k8s_openapi::jiff::Timestamp> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let needle = if step == "verdict" {
+        "cluster abnormal".to_owned()
+    } else {
+        format!("HA transition reason={step} ")
+    };
+    text.lines()
+        .filter(|l| l.contains(&needle))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .find(|t| *t > after)
+}
+
+/// Milliseconds of each of [`SEGMENTS`] in one handover from `old` to
+/// `new`, or `None` if a step is missing from the logs.
+fn breakdown(
+    old: &Path,
+    new: &Path,
+    after: k8s_openapi::jiff::Timestamp,
+    seen: k8s_openapi::jiff::Timestamp,
+) -> Option<[f64; 6]> {
+    let mut times = Vec::with_capacity(STEPS.len() + 1);
+    for (step, on_old) in STEPS {
+        let t = logged_at(if on_old { old } else { new }, step, after)?;
+        times.push(t);
+    }
+    times.push(seen);
+    let mut out = [0.0; 6];
+    for (i, w) in times.windows(2).enumerate() {
+        out[i] = (w[1] - w[0])
+            .total(k8s_openapi::jiff::Unit::Millisecond)
+            .ok()?;
+    }
+    Some(out)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -183,16 +256,19 @@ async fn main() {
         builds.push(("baseline", PathBuf::from(b)));
     }
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
+    let mut parts: Vec<Vec<[f64; 6]>> = vec![Vec::new(); builds.len()];
     let mut done = 0;
     while done < rounds {
         let n = block.min(rounds - done);
         for (i, (label, bin)) in builds.iter().enumerate() {
             println!("-- {label}: {n} handovers ({})", bin.display());
-            samples[i].extend(handovers(bin, n).await);
+            let (times, breakdowns) = handovers(bin, n).await;
+            samples[i].extend(times);
+            parts[i].extend(breakdowns);
         }
         done += n;
     }
-    for ((label, _), mut s) in builds.iter().zip(samples) {
+    for (((label, _), mut s), p) in builds.iter().zip(samples).zip(parts) {
         s.sort_by(f64::total_cmp);
         println!(
             "{label}: handover (abnormal verdict -> standby ConfigMap active) over {} rounds: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
@@ -201,6 +277,32 @@ async fn main() {
             percentile(&s, 0.99),
             s.last().copied().unwrap_or(f64::NAN)
         );
+        println!(
+            "{label}: where it goes, from the controllers' logs ({} rounds with every step logged):",
+            p.len()
+        );
+        let mut totals: Vec<f64> = p.iter().map(|b| b.iter().sum()).collect();
+        totals.sort_by(f64::total_cmp);
+        for (i, name) in SEGMENTS.iter().enumerate() {
+            let mut seg: Vec<f64> = p.iter().map(|b| b[i]).collect();
+            seg.sort_by(f64::total_cmp);
+            if seg.is_empty() {
+                continue;
+            }
+            println!(
+                "  {name:<40} p50 {:>6.1} ms  p99 {:>6.1} ms",
+                percentile(&seg, 0.5),
+                percentile(&seg, 0.99)
+            );
+        }
+        if !totals.is_empty() {
+            println!(
+                "  {:<40} p50 {:>6.1} ms  p99 {:>6.1} ms",
+                "total (logged verdict -> watch)",
+                percentile(&totals, 0.5),
+                percentile(&totals, 0.99)
+            );
+        }
     }
     println!(
         "configured detection time (K+1)*interval = {} ms (K = {RETRIES}, interval = {INTERVAL_MS} ms), probe interval 100 ms",
@@ -209,8 +311,9 @@ async fn main() {
 }
 
 /// `rounds` handovers back and forth between two fresh clusters whose
-/// controllers run `bin`; the time of each, in ms.
-async fn handovers(bin: &Path, rounds: usize) -> Vec<f64> {
+/// controllers run `bin`: the time of each, in ms, and the breakdown of
+/// those whose steps were all logged.
+async fn handovers(bin: &Path, rounds: usize) -> (Vec<f64>, Vec<[f64; 6]>) {
     let dir = tempfile::tempdir().expect("dir");
     let ca = CertificateAuthority::new("bench-peers").expect("CA");
     ca.pem().write(dir.path(), "ca").expect("write");
@@ -253,6 +356,8 @@ async fn handovers(bin: &Path, rounds: usize) -> Vec<f64> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let mut samples = Vec::new();
+    let mut breakdowns = Vec::new();
+    let log = |i: usize| clusters[i].dir().join("logs/controller.log");
     for round in 0..rounds {
         east.check_alive().expect("east runs");
         west.check_alive().expect("west runs");
@@ -294,13 +399,16 @@ async fn handovers(bin: &Path, rounds: usize) -> Vec<f64> {
         let ms = (promoted - verdict)
             .total(k8s_openapi::jiff::Unit::Millisecond)
             .expect("span");
+        let parts = breakdown(&log(active), &log(standby), before, promoted);
         println!(
-            "round {round}: {} -> {}: {ms:.1} ms",
+            "round {round}: {} -> {}: {ms:.1} ms; logged steps {}",
             ["east", "west"][active],
-            ["east", "west"][standby]
+            ["east", "west"][standby],
+            parts.map_or("(incomplete)".to_owned(), |p| format!("{p:.1?}"))
         );
         samples.push(ms);
+        breakdowns.extend(parts);
         active = standby;
     }
-    samples
+    (samples, breakdowns)
 }
