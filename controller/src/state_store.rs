@@ -5,8 +5,18 @@
 //! read again and the change re-decided, never written over blindly. A
 //! missing or unreadable record is recreated as standby, epoch 0: recreating
 //! a cluster as active could create a second active.
+//!
+//! A store remembers the object its last write returned (shared by its
+//! clones) and applies the next change to that instead of reading first:
+//! the HA loop's `Persist` is on the handover's critical path, and a read
+//! before every write doubled its round trips. The compare-and-swap keeps
+//! that safe: if anyone wrote since, the API server refuses the write with a
+//! conflict, and the store reads and decides again. A change that makes no
+//! difference to the remembered object is checked against a fresh read, so
+//! a stale memory never skips a write that is needed.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use counterweight_core::state::{Role, RoleEpoch};
 use futures::StreamExt;
@@ -63,6 +73,9 @@ pub struct StateStore {
     api: Api<ConfigMap>,
     namespace: String,
     name: String,
+    /// The object as the last successful write returned it, for the next
+    /// write's compare-and-swap (see the module documentation).
+    last_written: Arc<Mutex<Option<ConfigMap>>>,
 }
 
 impl StateStore {
@@ -72,6 +85,19 @@ impl StateStore {
             api: Api::namespaced(client, namespace),
             namespace: namespace.to_owned(),
             name: name.to_owned(),
+            last_written: Arc::default(),
+        }
+    }
+
+    /// The object the last write returned, if any (taken: a write that
+    /// fails must not leave it behind).
+    fn take_remembered(&self) -> Option<ConfigMap> {
+        self.last_written.lock().ok().and_then(|mut m| m.take())
+    }
+
+    fn remember(&self, written: &ConfigMap) {
+        if let Ok(mut m) = self.last_written.lock() {
+            *m = Some(written.clone());
         }
     }
 
@@ -100,8 +126,14 @@ impl StateStore {
     where
         F: FnMut(&mut BTreeMap<String, String>),
     {
+        let mut remembered = self.take_remembered();
         for _ in 0..MAX_CONFLICTS {
-            let Some(current) = self.get().await? else {
+            let from_memory = remembered.is_some();
+            let current = match remembered.take() {
+                Some(cm) => Some(cm),
+                None => self.get().await?,
+            };
+            let Some(current) = current else {
                 let mut data = BTreeMap::new();
                 RoleEpoch {
                     role: Role::Standby,
@@ -119,7 +151,10 @@ impl StateStore {
                     ..Default::default()
                 };
                 match self.api.create(&PostParams::default(), &cm).await {
-                    Ok(created) => return Ok((created, Written::Created)),
+                    Ok(created) => {
+                        self.remember(&created);
+                        return Ok((created, Written::Created));
+                    }
                     // Someone else created it first: decide again on theirs.
                     Err(kube::Error::Api(s)) if s.code == 409 => continue,
                     Err(e) => return Err(self.err("creating", e)),
@@ -129,6 +164,12 @@ impl StateStore {
             let mut data = before.clone();
             change(&mut data);
             if data == before {
+                if from_memory {
+                    // Nothing to do by the memory; what is stored may
+                    // differ. Decide on a fresh read.
+                    continue;
+                }
+                self.remember(&current);
                 return Ok((current, Written::Unchanged));
             }
             let mut next = current;
@@ -140,8 +181,13 @@ impl StateStore {
                 .replace(&self.name, &PostParams::default(), &next)
                 .await
             {
-                Ok(written) => return Ok((written, Written::Updated)),
+                Ok(written) => {
+                    self.remember(&written);
+                    return Ok((written, Written::Updated));
+                }
                 Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                // Deleted since the remembered write: read, and recreate.
+                Err(kube::Error::Api(s)) if s.code == 404 && from_memory => continue,
                 Err(e) => return Err(self.err("updating", e)),
             }
         }
