@@ -1204,3 +1204,63 @@ fn the_next_tick_is_never_in_the_past() {
         );
     }
 }
+
+#[test]
+fn the_last_epoch_stops_elections_and_handovers_instead_of_overflowing() {
+    // Found with the state_record fuzz target (fuzz/, README "Coverage-
+    // guided fuzzing"): from a state record with epoch u64::MAX (edited by
+    // hand), or after a peer's message naming it, the next epoch was
+    // `epoch + 1`: a panic with overflow checks, a wrap to epoch 0 (which
+    // no voter grants again) without.
+    let last = Persisted {
+        role: Role::Standby,
+        epoch: u64::MAX,
+        vote: None,
+        paused: false,
+    };
+    let mut sim = Sim::new(two(), &[("a", last.clone()), ("b", last)]);
+    sim.run(4 * LEASE);
+    assert!(sim.actives().is_empty());
+    for name in ["a", "b"] {
+        assert!(!sim.reasons(name).contains(&Reason::ElectionStarted));
+        assert!(sim.node(name).next_tick_ms() > sim.now, "{name} spins");
+    }
+
+    // A vote refusal naming the last epoch, then a switchover: the active
+    // has no epoch to hand over in, so it stays active and serving.
+    let mut sim = Sim::settled(two());
+    let (active, other) = match sim.actives()[..] {
+        ["a"] => ("a", "b"),
+        _ => ("b", "a"),
+    };
+    let epoch = sim.node(active).epoch();
+    let now = sim.now;
+    sim.event(
+        active,
+        Event::Message(Envelope {
+            version: PROTOCOL_VERSION,
+            from: other.into(),
+            to: active.into(),
+            epoch,
+            body: Body::ProbeReply {
+                probe_sent_ms: now,
+                status: status(Role::Standby, false),
+                lease: Some(LeaseAnswer::Denied {
+                    epoch,
+                    voted_epoch: u64::MAX,
+                }),
+            },
+        }),
+    );
+    sim.event(
+        active,
+        Event::Command(Command::Switchover {
+            target: other.into(),
+        }),
+    );
+    sim.run(3 * PROBE);
+    assert!(sim.reasons(other).contains(&Reason::HandoverReady), "ready sent");
+    assert_eq!(sim.actives(), vec![active]);
+    assert!(!sim.reasons(active).contains(&Reason::HandedOver));
+    assert!(sim.overlaps.is_empty());
+}
