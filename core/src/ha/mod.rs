@@ -1113,6 +1113,14 @@ impl Node {
                 status,
                 lease,
             } => {
+                // The reply echoes our own send time, which a lease is then
+                // counted from. One from the future answers no probe of
+                // ours: counted, it would stretch the lease past what the
+                // voter promised (and near `u64::MAX` overflow it), and
+                // make the peer look fresh for as long.
+                if probe_sent_ms > now {
+                    return;
+                }
                 self.observe(now, &from, env.epoch, status, Some(probe_sent_ms), out);
                 match lease {
                     Some(LeaseAnswer::Granted { epoch }) => {
