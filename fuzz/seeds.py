@@ -218,6 +218,9 @@ write("peer_message", "\n".join([
 ]))
 write("peer_message", env("west", "east", bodies[4], epoch=18446744073709551615))
 write("peer_message", env("west", "east", dict(bodies[3], probe_sent_ms=18446744073709551615)))
+write("peer_message", "\n".join(
+    env(frm, "east", dict(bodies[3], probe_sent_ms=18446744073709551615))
+    for frm in ["west", "witness"]))
 write("peer_message", "\n".join([
     env("east", "west", bodies[5]),
     env("east", "west", bodies[9]),
