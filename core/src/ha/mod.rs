@@ -636,6 +636,22 @@ impl Node {
             && !self.is_witness()
             && !self.rec.paused
             && self.health.eligible()
+            && self.next_epoch().is_some()
+    }
+
+    /// The epoch a new election or handover takes: one above every epoch
+    /// this member knows of. `None` once that is `u64::MAX`, which no
+    /// election reaches by counting (one a millisecond would take 584
+    /// million years) but a hand-edited state record or a peer's message
+    /// can claim: then there is no later epoch to take, and the member
+    /// starts no election and no handover rather than overflow (a panic
+    /// with overflow checks, and without them a wrap to epoch 0 that no
+    /// voter grants again). An operator resets the records to recover.
+    fn next_epoch(&self) -> Option<u64> {
+        self.highest_seen
+            .max(self.rec.epoch)
+            .max(self.rec.vote.as_ref().map_or(0, |v| v.epoch))
+            .checked_add(1)
     }
 
     fn status(&self, now: u64) -> Status {
@@ -942,12 +958,10 @@ impl Node {
             let (target, epoch) = (h.target.clone(), h.epoch);
             out.push(self.envelope(&target, Body::Change { epoch, new_epoch }));
         }
-        if self.may_start_election() && now >= self.election_at() {
-            let epoch = self
-                .highest_seen
-                .max(self.rec.epoch)
-                .max(self.rec.vote.as_ref().map_or(0, |v| v.epoch))
-                + 1;
+        if self.may_start_election()
+            && now >= self.election_at()
+            && let Some(epoch) = self.next_epoch()
+        {
             self.start_candidacy(now, epoch, None, out);
         }
     }
@@ -1099,6 +1113,14 @@ impl Node {
                 status,
                 lease,
             } => {
+                // The reply echoes our own send time, which a lease is then
+                // counted from. One from the future answers no probe of
+                // ours: counted, it would stretch the lease past what the
+                // voter promised (and near `u64::MAX` overflow it), and
+                // make the peer look fresh for as long.
+                if probe_sent_ms > now {
+                    return;
+                }
                 self.observe(now, &from, env.epoch, status, Some(probe_sent_ms), out);
                 match lease {
                     Some(LeaseAnswer::Granted { epoch }) => {
@@ -1313,11 +1335,11 @@ impl Node {
             return;
         }
         let reason = h.reason;
-        let new_epoch = self
-            .highest_seen
-            .max(self.rec.epoch)
-            .max(self.rec.vote.as_ref().map_or(0, |v| v.epoch))
-            + 1;
+        // No epoch left: the handover cannot happen, and times out as one
+        // the target never confirms; the active keeps serving meanwhile.
+        let Some(new_epoch) = self.next_epoch() else {
+            return;
+        };
         // Fence first: stop serving, then persist standby together with the
         // vote that lets `from` take the next epoch. Only then `change`.
         if !self.cfg.fencing_disabled_for_tests {

@@ -1204,3 +1204,120 @@ fn the_next_tick_is_never_in_the_past() {
         );
     }
 }
+
+#[test]
+fn the_last_epoch_stops_elections_and_handovers_instead_of_overflowing() {
+    // Found with the state_record fuzz target (fuzz/, README "Coverage-
+    // guided fuzzing"): from a state record with epoch u64::MAX (edited by
+    // hand), or after a peer's message naming it, the next epoch was
+    // `epoch + 1`: a panic with overflow checks, a wrap to epoch 0 (which
+    // no voter grants again) without.
+    let last = Persisted {
+        role: Role::Standby,
+        epoch: u64::MAX,
+        vote: None,
+        paused: false,
+    };
+    let mut sim = Sim::new(two(), &[("a", last.clone()), ("b", last)]);
+    sim.run(4 * LEASE);
+    assert!(sim.actives().is_empty());
+    for name in ["a", "b"] {
+        assert!(!sim.reasons(name).contains(&Reason::ElectionStarted));
+        assert!(sim.node(name).next_tick_ms() > sim.now, "{name} spins");
+    }
+
+    // A vote refusal naming the last epoch, then a switchover: the active
+    // has no epoch to hand over in, so it stays active and serving.
+    let mut sim = Sim::settled(two());
+    let (active, other) = match sim.actives()[..] {
+        ["a"] => ("a", "b"),
+        _ => ("b", "a"),
+    };
+    let epoch = sim.node(active).epoch();
+    let now = sim.now;
+    sim.event(
+        active,
+        Event::Message(Envelope {
+            version: PROTOCOL_VERSION,
+            from: other.into(),
+            to: active.into(),
+            epoch,
+            body: Body::ProbeReply {
+                probe_sent_ms: now,
+                status: status(Role::Standby, false),
+                lease: Some(LeaseAnswer::Denied {
+                    epoch,
+                    voted_epoch: u64::MAX,
+                }),
+            },
+        }),
+    );
+    sim.event(
+        active,
+        Event::Command(Command::Switchover {
+            target: other.into(),
+        }),
+    );
+    sim.run(3 * PROBE);
+    assert!(
+        sim.reasons(other).contains(&Reason::HandoverReady),
+        "ready sent"
+    );
+    assert_eq!(sim.actives(), vec![active]);
+    assert!(!sim.reasons(active).contains(&Reason::HandedOver));
+    assert!(sim.overlaps.is_empty());
+}
+
+#[test]
+fn a_probe_reply_from_the_future_counts_for_nothing() {
+    // Found with the peer_message fuzz target (fuzz/, README "Coverage-
+    // guided fuzzing"), from a hand-written boundary input: grants echoing
+    // a send time this node never had were counted as given then. Two of them at u64::MAX overflowed the
+    // lease end (`sent + leaseMs - marginMs`); any later time stretched
+    // the lease past what the voters promised.
+    for forged in [u64::MAX, 10_000_000] {
+        let config = cfg(&[("a", 2), ("b", 1)], true);
+        let (mut node, _) = Node::start(config, "a", Some(active_rec(3, "a")), 1000).unwrap();
+        node.handle(1000, Event::Health(HEALTHY));
+        node.handle(1000, Event::Tick);
+        for from in ["b", "w"] {
+            node.handle(
+                1010,
+                Event::Message(Envelope {
+                    version: PROTOCOL_VERSION,
+                    from: from.into(),
+                    to: "a".into(),
+                    epoch: 3,
+                    body: Body::ProbeReply {
+                        probe_sent_ms: forged,
+                        status: status(Role::Standby, false),
+                        lease: Some(LeaseAnswer::Granted { epoch: 3 }),
+                    },
+                }),
+            );
+        }
+        assert_eq!(node.lease_until_ms(), None, "forged {forged}");
+        assert!(!node.serving());
+        assert!(
+            node.peers()
+                .get("b")
+                .is_none_or(|p| p.answered_probe_ms != Some(forged))
+        );
+        // A genuine reply to the probe sent at 1000 still counts.
+        node.handle(
+            1020,
+            Event::Message(Envelope {
+                version: PROTOCOL_VERSION,
+                from: "b".into(),
+                to: "a".into(),
+                epoch: 3,
+                body: Body::ProbeReply {
+                    probe_sent_ms: 1000,
+                    status: status(Role::Standby, false),
+                    lease: Some(LeaseAnswer::Granted { epoch: 3 }),
+                },
+            }),
+        );
+        assert_eq!(node.lease_until_ms(), Some(1000 + LEASE - MARGIN));
+    }
+}
