@@ -110,14 +110,7 @@ impl Group {
         } else {
             &[]
         };
-        Controller::start(
-            &self.clusters[i],
-            NAMES[i],
-            &self.mesh,
-            self.dir.path(),
-            &self.ha_file,
-            extra,
-        )
+        self.start_member(i, extra)
     }
 
     /// One of member `i`'s replicas, `<name>-<suffix>`, with leader
@@ -131,13 +124,19 @@ impl Group {
             "--leader-retry-period=300ms".to_owned(),
         ];
         let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.start_member(i, &extra)
+    }
+
+    /// A controller process for member `i` with the group's mesh, HA file
+    /// and directory, and `extra` flags.
+    fn start_member(&self, i: usize, extra: &[&str]) -> Controller {
         Controller::start(
             &self.clusters[i],
             NAMES[i],
             &self.mesh,
             self.dir.path(),
             &self.ha_file,
-            &extra,
+            extra,
         )
     }
 

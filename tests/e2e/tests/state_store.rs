@@ -7,9 +7,10 @@
 use std::collections::BTreeMap;
 
 use counterweight_controller::state_store::{StateStore, Written};
+use counterweight_e2e::fixtures::create_namespaces;
 use counterweight_harness::bulk::apiserver_metric;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
 const NS: &str = "store";
 const NAME: &str = "counterweight-state";
@@ -50,19 +51,7 @@ async fn writes_without_reading_first_and_never_over_a_foreign_write() {
         .await
         .expect("a local cluster starts");
     let client = clusters[0].client();
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some(NS.into()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("namespace");
+    create_namespaces(&client, &[NS]).await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
     let store = StateStore::new(client.clone(), NS, NAME);
 
