@@ -193,34 +193,38 @@ const SEGMENTS: [&str; 6] = [
 /// output, one line per event, its timestamp first) logged `step`: the
 /// verdict, or the HA transition of that reason.
 fn logged_at(
-    log: &Path,
+    log: &str,
     step: &str,
     after: k8s_openapi::jiff::Timestamp,
 ) -> Option<k8s_openapi::jiff::Timestamp> {
-    let text = std::fs::read_to_string(log).ok()?;
     let needle = if step == "verdict" {
         "cluster abnormal".to_owned()
     } else {
         format!("HA transition reason={step} ")
     };
-    text.lines()
+    log.lines()
         .filter(|l| l.contains(&needle))
         .filter_map(|l| l.split_whitespace().next()?.parse().ok())
         .find(|t| *t > after)
 }
 
-/// Milliseconds of each of [`SEGMENTS`] in one handover from `old` to
-/// `new`, or `None` if a step is missing from the logs.
+/// Milliseconds of each of [`SEGMENTS`] in one handover from the
+/// controller logging to `old` to the one logging to `new`, or `None` if a
+/// step is missing from the logs.
 fn breakdown(
     old: &Path,
     new: &Path,
     after: k8s_openapi::jiff::Timestamp,
     seen: k8s_openapi::jiff::Timestamp,
 ) -> Option<[f64; 6]> {
+    // Each log is read once per round.
+    let (old, new) = (
+        std::fs::read_to_string(old).ok()?,
+        std::fs::read_to_string(new).ok()?,
+    );
     let mut times = Vec::with_capacity(STEPS.len() + 1);
     for (step, on_old) in STEPS {
-        let t = logged_at(if on_old { old } else { new }, step, after)?;
-        times.push(t);
+        times.push(logged_at(if on_old { &old } else { &new }, step, after)?);
     }
     times.push(seen);
     let mut out = [0.0; 6];
