@@ -40,9 +40,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use counterweight_e2e::realgroup::{PodSeen, images_dir, ready_addresses};
+use counterweight_e2e::sample_data::Kubectl;
 use counterweight_e2e::{eventually_explained, init_tracing};
 use counterweight_harness::undo::sh_quote;
 use counterweight_harness::{Binaries, Cluster, Lan, Process, free_port};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{Api, ListParams};
 
@@ -64,6 +66,17 @@ const IMAGES: [&str; 5] = [
 ];
 /// The sample's service Deployment.
 const WEB: &str = "app.kubernetes.io/name=web";
+/// Rows the test writes through east's database Service before the failover.
+const ROWS_BEFORE: u64 = 1000;
+/// Rows in all once west has written its own after the failover.
+const ROWS_TOTAL: u64 = 1100;
+/// The rows' count and the sum of their ids: equal on both sides only if
+/// every row is there.
+const ALARMS_DIGEST: &str = "SELECT count(*), sum(id) FROM alarms";
+/// A file written on east (active) before the failover.
+const FILE_BEFORE: &str = "east-before-failover.txt";
+/// A file written on west (active) after it.
+const FILE_AFTER: &str = "west-after-failover.txt";
 /// How long a guide step may take (kubectl waits for rollouts in `apply`).
 const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -209,6 +222,131 @@ impl Install {
     fn cms(&self, cluster: &Cluster) -> Api<ConfigMap> {
         Api::namespaced(cluster.client(), "counterweight-system")
     }
+}
+
+/// The holder of a controller Lease, if any.
+async fn leader_of(leases: &Api<Lease>) -> Option<String> {
+    leases
+        .get_opt("counterweight-controller")
+        .await
+        .ok()??
+        .spec?
+        .holder_identity
+        .filter(|h| !h.is_empty())
+}
+
+/// Which cluster is the one active, with its epoch ("west active in epoch
+/// 4"), when exactly one is and the other is standby in that epoch.
+async fn one_active(east: &Api<ConfigMap>, west: &Api<ConfigMap>) -> Result<String, String> {
+    let (e, w) = (role(east).await, role(west).await);
+    match (&e, &w) {
+        (Some((es, ee)), Some((ws, we))) if es == "active" && ws == "standby" && we <= ee => {
+            Ok(format!("east active in epoch {ee}"))
+        }
+        (Some((es, ee)), Some((ws, we))) if ws == "active" && es == "standby" && ee <= we => {
+            Ok(format!("west active in epoch {we}"))
+        }
+        _ => Err(format!("east {e:?}, west {w:?}")),
+    }
+}
+
+/// Waits until a controller pod other than `gone` holds east's Lease and
+/// exactly one cluster is active: the new leader and which cluster is.
+async fn one_active_under_a_new_leader(
+    g: &Install,
+    k: &Kubectl,
+    leases: &Api<Lease>,
+    gone: &str,
+    when: &str,
+) -> (String, String) {
+    let (east_cms, west_cms) = (g.cms(&g.east), g.cms(&g.west));
+    eventually_explained(
+        &format!("another replica leading east's controller {when}, and one active"),
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || async {
+            let holder = leader_of(leases).await.ok_or("no Lease holder")?;
+            if holder == gone {
+                return Err(format!("{gone} still holds the Lease"));
+            }
+            let pods = k
+                .run(
+                    "east",
+                    &[
+                        "-n",
+                        "counterweight-system",
+                        "get",
+                        "pods",
+                        "-l",
+                        "app.kubernetes.io/name=counterweight-controller",
+                        "-o",
+                        "jsonpath={.items[*].metadata.name}",
+                    ],
+                )
+                .await?;
+            if !pods.split_whitespace().any(|p| p == holder) {
+                return Err(format!("the holder {holder} is not among the pods {pods:?}"));
+            }
+            let active = one_active(&east_cms, &west_cms).await?;
+            Ok(Some((holder, active)))
+        },
+        || async { g.explain() },
+    )
+    .await
+}
+
+/// The `controller` container's restart count in `pod`.
+async fn controller_restarts(cluster: &Cluster, pod: &str) -> i32 {
+    controller_status(cluster, pod)
+        .await
+        .map_or(0, |s| s.restart_count)
+}
+
+/// The `controller` container's runtime id in `pod` (without the
+/// `containerd://` scheme).
+async fn controller_container_id(cluster: &Cluster, pod: &str) -> String {
+    controller_status(cluster, pod)
+        .await
+        .and_then(|s| s.container_id)
+        .and_then(|id| id.rsplit("://").next().map(str::to_owned))
+        .unwrap_or_else(|| panic!("{pod}'s controller container has no id"))
+}
+
+async fn controller_status(
+    cluster: &Cluster,
+    pod: &str,
+) -> Option<k8s_openapi::api::core::v1::ContainerStatus> {
+    Api::<Pod>::namespaced(cluster.client(), "counterweight-system")
+        .get_opt(pod)
+        .await
+        .ok()??
+        .status?
+        .container_statuses?
+        .into_iter()
+        .find(|c| c.name == "controller")
+}
+
+/// SIGKILLs every process of the container `id` on this machine (a real
+/// node's containers are this machine's processes, in the container's
+/// cgroup): what the OOM killer or a crash does. The pids killed.
+fn sigkill_container(id: &str) -> Vec<i32> {
+    let mut killed = Vec::new();
+    for p in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cgroup = std::fs::read_to_string(p.path().join("cgroup")).unwrap_or_default();
+        if cgroup.contains(id)
+            && nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .is_ok()
+        {
+            killed.push(pid);
+        }
+    }
+    killed
 }
 
 /// GET `path` through the `web` Service's cluster IP from inside the node
@@ -670,6 +808,70 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     )
     .await;
     let west_eligible = install_began.elapsed();
+
+    // ---- data before the failover: rows under synchronous commit, a file ----
+    // The guide sets `synchronous_standby_names = FIRST 1 (west)` on east:
+    // once west streams as the synchronous standby, a commit returns only
+    // when west has the row, so every acknowledged row must be on west
+    // after the failover.
+    let k = Kubectl {
+        bin: g.kubectl.clone(),
+        kubeconfig: g.kubeconfig.clone(),
+    };
+    let east_db = eventually_explained(
+        "east's database a primary with west as its synchronous standby",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || async {
+            let r = k.db_role("east").await?;
+            if !r.in_recovery
+                && r.synchronous_standby_names == "FIRST 1 (west)"
+                && r.standbys == ["west=sync"]
+            {
+                Ok(Some(r))
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let t = Instant::now();
+    k.sql_via_service(
+        "east",
+        &format!(
+            "CREATE TABLE alarms (id int PRIMARY KEY, site text NOT NULL); \
+             INSERT INTO alarms SELECT i, 'east' FROM generate_series(1, {ROWS_BEFORE}) i"
+        ),
+    )
+    .await
+    .expect("rows written through east's ems-db Service");
+    let rows_written = t.elapsed();
+    let rows_before = k
+        .sql_via_service("east", ALARMS_DIGEST)
+        .await
+        .expect("east's rows");
+    assert_eq!(
+        rows_before,
+        format!("{ROWS_BEFORE}|{}", ROWS_BEFORE * (ROWS_BEFORE + 1) / 2),
+        "east's rows as written"
+    );
+    k.write_file("east", FILE_BEFORE, "written on east before the failover")
+        .await
+        .expect("a file written in east's replicated volume");
+    eventually_explained(
+        "east's file copied into west's volume",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || async {
+            match k.read_file("west", FILE_BEFORE).await? {
+                Some(c) if c == "written on east before the failover" => Ok(Some(())),
+                other => Err(format!("west has {other:?}")),
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
     // east's web falls: its pods stop answering /hostname (the policy's
     // check, and the readiness probe after it). The handover follows after
     // K+1 = 3 degraded intervals of 5 s.
@@ -794,6 +996,91 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         "after the handover",
     )
     .await;
+    // ---- data after the failover ----
+    // west's database was promoted in its pod (a new timeline), with every
+    // row east acknowledged; east's former primary was rewound (pg_rewind)
+    // and streams from west as its synchronous standby.
+    let west_db = eventually_explained(
+        "west's database promoted, with east streaming from it as its synchronous standby",
+        Duration::from_secs(180),
+        Duration::from_millis(500),
+        || async {
+            let (w, e) = (k.db_role("west").await?, k.db_role("east").await?);
+            if !w.in_recovery
+                && w.timeline > east_db.timeline
+                && w.synchronous_standby_names == "FIRST 1 (east)"
+                && w.standbys == ["east=sync"]
+                && e.in_recovery
+                && e.receiver == "streaming"
+                && e.timeline == w.timeline
+            {
+                Ok(Some(w))
+            } else {
+                Err(format!("west {w:?}; east {e:?}"))
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let db_rejoined = broken.elapsed();
+    assert_eq!(
+        k.sql_via_service("west", ALARMS_DIGEST)
+            .await
+            .expect("west's rows"),
+        rows_before,
+        "every row east acknowledged is on west after the failover"
+    );
+    let rewinds = k
+        .db_log_lines("east", "Rewind")
+        .await
+        .expect("east's database log");
+    assert!(
+        !rewinds.is_empty(),
+        "east's former primary rejoined through pg_rewind: no Rewind step in its log"
+    );
+    // Rows written on the new primary reach east: the commit waits for east,
+    // its synchronous standby, so they are there when it returns.
+    k.sql_via_service(
+        "west",
+        &format!("INSERT INTO alarms SELECT i, 'west' FROM generate_series({}, {ROWS_TOTAL}) i", ROWS_BEFORE + 1),
+    )
+    .await
+    .expect("rows written through west's ems-db Service");
+    let rows_after = format!("{ROWS_TOTAL}|{}", ROWS_TOTAL * (ROWS_TOTAL + 1) / 2);
+    assert_eq!(
+        k.sql_local("east", ALARMS_DIGEST).await.expect("east's rows"),
+        rows_after,
+        "west's acknowledged rows on east, its synchronous standby"
+    );
+    // Files flip with the state: west's copy is the truth now.
+    k.write_file("west", FILE_AFTER, "written on west after the failover")
+        .await
+        .expect("a file written in west's replicated volume");
+    eventually_explained(
+        "west's file copied into east's volume, east's older file kept",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || async {
+            let after = k.read_file("east", FILE_AFTER).await?;
+            let before = k.read_file("east", FILE_BEFORE).await?;
+            match (after.as_deref(), before.as_deref()) {
+                (
+                    Some("written on west after the failover"),
+                    Some("written on east before the failover"),
+                ) => Ok(Some(())),
+                other => Err(format!("east has {other:?}")),
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    println!(
+        "databases: east timeline {} → west promoted on timeline {}; east rewound ({} Rewind step(s)) and streams from west",
+        east_db.timeline,
+        west_db.timeline,
+        rewinds.len()
+    );
+
     // ---- partition: the active (west) cut off the LAN ----
     // west keeps its API server (it lives in west's namespace), so its
     // controller fences and records it; the test cannot read west until
@@ -854,6 +1141,63 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         matches!((fenced_at, promoted_at), (Some(f), Some(p)) if f < p),
         "west fenced before east promoted: Fenced {fenced_at:?}, Promoted {promoted_at:?}"
     );
+
+    // ---- the active cluster's leading controller pod killed ----
+    // First deleted at once (`--grace-period=0 --force`: no SIGTERM
+    // hand-back), then the new leader's container SIGKILLed on the node.
+    // Each time a live replica must hold the Lease again and the group keep
+    // exactly one active; the monitor samples the records throughout.
+    let leases = Api::<Lease>::namespaced(g.east.client(), "counterweight-system");
+    let first_leader = leader_of(&leases).await.expect("east's controller Lease holder");
+    let killed = Instant::now();
+    k.run(
+        "east",
+        &[
+            "-n",
+            "counterweight-system",
+            "delete",
+            "pod",
+            &first_leader,
+            "--grace-period=0",
+            "--force",
+        ],
+    )
+    .await
+    .expect("force-delete east's leading controller pod");
+    let (second_leader, after_delete) =
+        one_active_under_a_new_leader(&g, &k, &leases, &first_leader, "after the force delete").await;
+    let took_over = killed.elapsed();
+    let restarts_before = controller_restarts(&g.east, &second_leader).await;
+    let container = controller_container_id(&g.east, &second_leader).await;
+    let killed = Instant::now();
+    let pids = sigkill_container(&container);
+    assert!(
+        !pids.is_empty(),
+        "no process of container {container} (pod {second_leader}) found on the node"
+    );
+    let (third_leader, after_sigkill) = eventually_explained(
+        "a live replica leading east's controller again after the SIGKILL, and one active",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || async {
+            let restarts = controller_restarts(&g.east, &second_leader).await;
+            if restarts <= restarts_before {
+                return Err(format!("{second_leader} restarted {restarts} times"));
+            }
+            let holder = leader_of(&leases).await.ok_or("no Lease holder")?;
+            let active = one_active(&east_cms, &west_cms).await?;
+            Ok(Some((holder, active)))
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let recovered = killed.elapsed();
+    println!(
+        "controller kills: {first_leader} force-deleted → {second_leader} leads after {:.1} s, {after_delete}; \
+         {second_leader}'s container SIGKILLed (pids {pids:?}) → {third_leader} leads after {:.1} s, {after_sigkill}",
+        took_over.as_secs_f64(),
+        recovered.as_secs_f64(),
+    );
     monitor.finish();
 
     println!("| step | seconds |\n|---|---|");
@@ -896,6 +1240,14 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     println!(
         "| east's web broken → east's replacement pods held at their gates | {:.1} |",
         east_held.as_secs_f64()
+    );
+    println!(
+        "| {ROWS_BEFORE} rows inserted through east's Service, synchronous commit to west | {:.2} |",
+        rows_written.as_secs_f64()
+    );
+    println!(
+        "| east's web broken → west's database promoted, east's rewound and streaming from it | {:.1} |",
+        db_rejoined.as_secs_f64()
     );
     println!(
         "| west's link cut → east active (epoch {third}) with the witness | {:.1} |",
