@@ -43,7 +43,7 @@
 //!
 //! The `serving` key of the state ConfigMap is kept as before, for `cwctl`.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -52,6 +52,7 @@ use counterweight_core::names;
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::events::EventType;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -181,10 +182,64 @@ pub fn serving_state(pod: &Pod) -> ServingState {
 }
 
 /// Whether `pod` is a service pod Counterweight acts on: in an opted-in
-/// namespace, role `service` or none, and injected (it has the readiness
-/// gate; without it the condition means nothing and a restart would not
-/// bring it back blocked).
+/// namespace, role `service` or none, and either injected (it has the
+/// readiness gate) or [`escaped`] (the webhook would gate it, but it was
+/// created without passing it).
 pub fn is_service_pod(pod: &Pod, opted_in: &BTreeSet<String>) -> bool {
+    is_gated_service_pod(pod, opted_in) || escaped(pod, opted_in)
+}
+
+/// Whether `pod` carries the `counterweight.dev/serving` readiness gate:
+/// the webhook injected it, so the condition decides whether it is Ready.
+fn has_serving_gate(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.readiness_gates.as_ref())
+        .is_some_and(|gs| {
+            gs.iter()
+                .any(|g| g.condition_type == names::SERVING_CONDITION)
+        })
+}
+
+/// Whether `pod` escaped its gate: a service pod of an opted-in namespace
+/// without the readiness gate, which the webhook would inject if the pod
+/// were created now ([`counterweight_core::inject::inject`] decides).
+///
+/// How it happens: the pod was made before the webhook was registered (an
+/// install in one pass, found by the real-node install walk), before its
+/// namespace was labelled, or while the webhook was briefly bypassed. Such
+/// a pod starts its application at once and is Ready whatever the
+/// cluster's state: on a standby it serves. Restarting it through its
+/// controller (a ReplicaSet, a StatefulSet) brings it back through the
+/// webhook, gated.
+///
+/// Read with the injector's default configuration, except that hostNetwork
+/// pods never count: the webhook may be configured to skip them
+/// (`--skip-host-network`), and a pod the webhook skips on purpose would
+/// come back ungated at every restart. Pods the webhook skips for a reason
+/// of the pod's own (opted out, a name conflict, a mirror pod) do not count
+/// either.
+pub fn escaped(pod: &Pod, opted_in: &BTreeSet<String>) -> bool {
+    use counterweight_core::inject::{Decision, InjectorConfig, inject};
+    let Some(ns) = pod.metadata.namespace.as_deref() else {
+        return false;
+    };
+    if !opted_in.contains(ns) || has_serving_gate(pod) {
+        return false;
+    }
+    let labels = BTreeMap::from([(
+        names::INJECT_LABEL.to_owned(),
+        names::INJECT_ENABLED.to_owned(),
+    )]);
+    let config = InjectorConfig {
+        skip_host_network: true,
+        ..InjectorConfig::default()
+    };
+    matches!(inject(pod, &labels, ns, &config), Decision::Inject(_))
+}
+
+/// [`is_service_pod`] for injected pods only.
+fn is_gated_service_pod(pod: &Pod, opted_in: &BTreeSet<String>) -> bool {
     let in_opted_ns = pod
         .metadata
         .namespace
@@ -199,15 +254,7 @@ pub fn is_service_pod(pod: &Pod, opted_in: &BTreeSet<String>) -> bool {
         None => true,
         Some(r) => r == SERVICE_ROLE && !SYNC_ROLES.contains(&r.as_str()),
     };
-    let gated = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.readiness_gates.as_ref())
-        .is_some_and(|gs| {
-            gs.iter()
-                .any(|g| g.condition_type == names::SERVING_CONDITION)
-        });
-    in_opted_ns && service_role && gated
+    in_opted_ns && service_role && has_serving_gate(pod)
 }
 
 /// The epoch `pod`'s gate released it in, from the gate's termination
@@ -249,6 +296,15 @@ pub fn released_epoch(pod: &Pod) -> Option<u64> {
 pub fn decide(pod: &Pod, desired: bool, epoch: u64) -> PodAction {
     let state = serving_state(pod);
     let terminating = pod.metadata.deletion_timestamp.is_some();
+    if !has_serving_gate(pod) {
+        // An [`escaped`] pod: no condition holds it out of service, so on
+        // a standby only a restart (back through the webhook) stops it.
+        return if desired || terminating {
+            PodAction::Keep
+        } else {
+            PodAction::Restart
+        };
+    }
     let active_epoch = desired.then_some(epoch).filter(|e| *e > 0);
     let stale_release = match released_epoch(pod) {
         None => false,
@@ -418,6 +474,141 @@ struct Shared {
     restarting: Mutex<HashSet<String>>,
     /// Pods this controller made serve moments ago (see [`ServeMemo`]).
     served: Mutex<ServeMemo>,
+    /// Restarts of pods that escaped their gate (see [`EscapeMemo`]).
+    escapes: Mutex<EscapeMemo>,
+}
+
+/// How long after restarting an [`escaped`] pod its owner's next escaped
+/// pod is left alone: a replacement that came back without its gate says
+/// a restart does not gate this owner's pods (no webhook registered, or
+/// one configured to skip them), and restarting it again would only crash
+/// the application in a loop.
+pub const ESCAPE_RETRY: Duration = Duration::from_secs(600);
+
+/// What to do with an [`escaped`] pod that [`decide`] would restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EscapeVerdict {
+    /// Restart it: its controller will make a gated replacement.
+    Restart,
+    /// Leave it serving, and warn (once per pod) for this reason.
+    Leave(&'static str),
+    /// Leave it; already warned about.
+    LeaveQuietly,
+}
+
+/// The memory that keeps restarts of [`escaped`] pods from looping: for
+/// each owner whose escaped pods were restarted, the newest creation time
+/// among them and when; and which pods were warned about.
+///
+/// A pod of that owner created *later* and still without its gate is a
+/// replacement that the webhook did not gate either, so it is left alone
+/// (with a warning) for [`ESCAPE_RETRY`]. Pods as old as the ones restarted
+/// are escapees of the same cause (all replicas made before the webhook)
+/// and are restarted too; the same pod asked about again (the next pass,
+/// while its eviction runs) gets the same answer.
+#[derive(Debug, Default)]
+pub struct EscapeMemo {
+    owners: HashMap<String, (Option<Timestamp>, Instant)>,
+    warned: HashMap<String, Instant>,
+}
+
+impl EscapeMemo {
+    /// Decides for the escaped pod `uid`, created at `created`, whose
+    /// controller is `owner` (its controller owner reference's uid), at
+    /// `now`, and remembers it. A pod without a controller is left alone:
+    /// evicting it deletes it for good.
+    pub fn admit(
+        &mut self,
+        uid: &str,
+        owner: Option<&str>,
+        created: Option<Timestamp>,
+        now: Instant,
+    ) -> EscapeVerdict {
+        self.owners
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) < ESCAPE_RETRY);
+        self.warned
+            .retain(|_, t| now.saturating_duration_since(*t) < ESCAPE_RETRY);
+        let reason = match owner {
+            None => "no controller owns it, and a restart would delete it for good",
+            Some(o) => match self.owners.get_mut(o) {
+                Some((newest, _)) if created.is_some() && created > *newest => {
+                    "a replacement of the same owner came back without its gate too: check that \
+                     the webhook is registered and injects this pod (cwctl check)"
+                }
+                Some((newest, _)) => {
+                    *newest = (*newest).max(created);
+                    return EscapeVerdict::Restart;
+                }
+                None => {
+                    self.owners.insert(o.to_owned(), (created, now));
+                    return EscapeVerdict::Restart;
+                }
+            },
+        };
+        if self.warned.insert(uid.to_owned(), now).is_some() {
+            EscapeVerdict::LeaveQuietly
+        } else {
+            EscapeVerdict::Leave(reason)
+        }
+    }
+}
+
+/// The uid of `pod`'s controller (the owner reference marked `controller`).
+fn controller_uid(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.as_str())
+}
+
+/// Keeps from `restart` the [`escaped`] pods that [`EscapeMemo::admit`]
+/// lets restart, with a Warning Event for each pod restarted or left
+/// serving; gated pods pass unchanged.
+fn admit_restarts(shared: &Shared, pods: &[Pod], restart: Vec<PodRef>) -> Vec<PodRef> {
+    let now = Instant::now();
+    let Ok(mut memo) = shared.escapes.lock() else {
+        return restart;
+    };
+    restart
+        .into_iter()
+        .filter(|r| {
+            let Some(pod) = pods.iter().find(|p| p.metadata.uid.as_deref() == Some(&r.uid)) else {
+                return true;
+            };
+            if has_serving_gate(pod) {
+                return true;
+            }
+            let name = format!("{}/{}", r.namespace, r.name);
+            let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            match memo.admit(&r.uid, controller_uid(pod), created, now) {
+                EscapeVerdict::Restart => {
+                    warn!(pod = %name, "a pod without its init-gate runs on a standby; restarting it so that its replacement is gated");
+                    record(
+                        shared,
+                        EventType::Warning,
+                        "UngatedPodRestarted",
+                        "Restart",
+                        &format!("{name} ran without its init-gate on a standby (made before the webhook or before its namespace opted in); restarting it so that its replacement is gated"),
+                    );
+                    true
+                }
+                EscapeVerdict::Leave(why) => {
+                    warn!(pod = %name, why, "a pod without its init-gate serves on a standby; not restarting it");
+                    record(
+                        shared,
+                        EventType::Warning,
+                        "UngatedPodServes",
+                        "Restart",
+                        &format!("{name} runs without its init-gate on a standby and is not restarted: {why}"),
+                    );
+                    false
+                }
+                EscapeVerdict::LeaveQuietly => false,
+            }
+        })
+        .collect()
 }
 
 /// How long a successful serve patch stands for its pod in the reconcile
@@ -515,6 +706,7 @@ impl PodServing {
             effects: tokio::sync::Mutex::new(()),
             restarting: Mutex::new(HashSet::new()),
             served: Mutex::new(ServeMemo::default()),
+            escapes: Mutex::new(EscapeMemo::default()),
         });
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
         let weak = Arc::downgrade(&tasks);
@@ -791,14 +983,16 @@ async fn fence(
     for round in 0..FENCE_ROUNDS {
         let pods = list_service_pods(&shared.client).await?;
         let mut work = Vec::new();
+        let mut found = Vec::new();
         for pod in &pods {
             let Some(r) = PodRef::of(pod) else { continue };
             match decide(pod, false, 0) {
                 PodAction::Stop(reason) => work.push((r, reason)),
-                PodAction::Restart => restart.push(r),
+                PodAction::Restart => found.push(r),
                 PodAction::Keep | PodAction::Serve => {}
             }
         }
+        restart.extend(admit_restarts(shared, &pods, found));
         if work.is_empty() {
             restart.sort_by(|a, b| a.uid.cmp(&b.uid));
             restart.dedup();
@@ -869,7 +1063,8 @@ fn plan_pass(shared: &Shared, pods: &[Pod], desired: bool) -> (Vec<ConditionPatc
             PodAction::Keep => {}
         }
     }
-    (patches, restart)
+    drop(memo);
+    (patches, admit_restarts(shared, pods, restart))
 }
 
 /// One reconciliation pass over `pods` for the current desired state: sends
@@ -1306,12 +1501,115 @@ mod tests {
             &o
         ));
         assert!(
-            !is_service_pod(&pod("app", None, false, "Running", None), &o),
-            "not injected"
+            is_service_pod(&pod("app", None, false, "Running", None), &o),
+            "not injected, but the webhook would: escaped"
         );
         assert!(
             !is_service_pod(&pod("other", None, true, "Running", None), &o),
             "not opted in"
+        );
+        assert!(
+            !is_service_pod(&pod("other", None, false, "Running", None), &o),
+            "not opted in"
+        );
+    }
+
+    #[test]
+    fn a_pod_escaped_its_gate_only_if_the_webhook_would_gate_it_now() {
+        let o = opted();
+        let bare = || pod("app", None, false, "Running", None);
+        assert!(escaped(&bare(), &o));
+        assert!(escaped(
+            &pod("app", Some("service"), false, "Running", None),
+            &o
+        ));
+        assert!(
+            !escaped(&pod("app", None, true, "Running", None), &o),
+            "gated"
+        );
+        assert!(
+            !escaped(&pod("other", None, false, "Running", None), &o),
+            "namespace not opted in"
+        );
+        for sync in SYNC_ROLES {
+            assert!(
+                !escaped(&pod("app", Some(sync), false, "Running", None), &o),
+                "{sync}"
+            );
+        }
+        let mut opted_out = bare();
+        opted_out.metadata.annotations = Some(BTreeMap::from([(
+            names::INJECT_ANNOTATION.to_owned(),
+            names::INJECT_DISABLED.to_owned(),
+        )]));
+        assert!(!escaped(&opted_out, &o), "opted out");
+        let mut host = bare();
+        if let Some(spec) = host.spec.as_mut() {
+            spec.host_network = Some(true);
+        }
+        assert!(
+            !escaped(&host, &o),
+            "hostNetwork: the webhook may skip those on purpose"
+        );
+        let mut has_gate = bare();
+        if let Some(spec) = has_gate.spec.as_mut() {
+            spec.init_containers = Some(vec![k8s_openapi::api::core::v1::Container {
+                name: GATE_CONTAINER.into(),
+                ..Default::default()
+            }]);
+        }
+        assert!(!escaped(&has_gate, &o), "already injected");
+    }
+
+    #[test]
+    fn an_escaped_pod_is_restarted_on_a_standby_and_left_serving_on_an_active() {
+        let p = pod("app", None, false, "Running", None);
+        assert_eq!(decide(&p, false, 0), PodAction::Restart);
+        assert_eq!(decide(&p, true, 3), PodAction::Keep);
+        let mut terminating = p.clone();
+        terminating.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
+        assert_eq!(decide(&terminating, false, 0), PodAction::Keep);
+    }
+
+    #[test]
+    fn escaped_pods_are_restarted_once_per_cause_never_in_a_loop() {
+        let t = |s: i64| Some(Timestamp::from_second(s).expect("a time"));
+        let now = Instant::now();
+        let mut m = EscapeMemo::default();
+        // No controller: an eviction would delete it for good.
+        assert!(matches!(
+            m.admit("bare", None, t(1), now),
+            EscapeVerdict::Leave(_)
+        ));
+        assert_eq!(
+            m.admit("bare", None, t(1), now),
+            EscapeVerdict::LeaveQuietly
+        );
+        // Every replica made before the webhook, asked about in any order
+        // and again on the next pass, is restarted.
+        assert_eq!(m.admit("a", Some("rs"), t(10), now), EscapeVerdict::Restart);
+        assert_eq!(m.admit("b", Some("rs"), t(9), now), EscapeVerdict::Restart);
+        assert_eq!(m.admit("a", Some("rs"), t(10), now), EscapeVerdict::Restart);
+        // A replacement made after them that is still ungated: the restart
+        // did not gate it; leave it, warn once.
+        assert!(matches!(
+            m.admit("c", Some("rs"), t(20), now),
+            EscapeVerdict::Leave(_)
+        ));
+        assert_eq!(
+            m.admit("c", Some("rs"), t(20), now),
+            EscapeVerdict::LeaveQuietly
+        );
+        // Another owner is judged on its own.
+        assert_eq!(
+            m.admit("d", Some("other"), t(20), now),
+            EscapeVerdict::Restart
+        );
+        // After ESCAPE_RETRY the owner is tried again.
+        let later = now + ESCAPE_RETRY;
+        assert_eq!(
+            m.admit("c", Some("rs"), t(20), later),
+            EscapeVerdict::Restart
         );
     }
 

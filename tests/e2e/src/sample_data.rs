@@ -169,7 +169,9 @@ impl Kubectl {
             .await?;
         let f: Vec<&str> = out.split('|').collect();
         let [rec, tli, names, standbys, receiver] = f[..] else {
-            return Err(format!("unexpected answer from {context}'s database: {out:?}"));
+            return Err(format!(
+                "unexpected answer from {context}'s database: {out:?}"
+            ));
         };
         Ok(DbRole {
             in_recovery: rec == "t",
@@ -190,7 +192,10 @@ impl Kubectl {
     /// contain `needle`.
     pub async fn db_log_lines(&self, context: &str, needle: &str) -> Result<Vec<String>, String> {
         let log = self
-            .run(context, &["-n", "ems", "logs", DB_POD, "-c", SYNC_CONTAINER])
+            .run(
+                context,
+                &["-n", "ems", "logs", DB_POD, "-c", SYNC_CONTAINER],
+            )
             .await?;
         Ok(log
             .lines()

@@ -285,7 +285,9 @@ async fn one_active_under_a_new_leader(
                 )
                 .await?;
             if !pods.split_whitespace().any(|p| p == holder) {
-                return Err(format!("the holder {holder} is not among the pods {pods:?}"));
+                return Err(format!(
+                    "the holder {holder} is not among the pods {pods:?}"
+                ));
             }
             let active = one_active(&east_cms, &west_cms).await?;
             Ok(Some((holder, active)))
@@ -1042,13 +1044,18 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     // its synchronous standby, so they are there when it returns.
     k.sql_via_service(
         "west",
-        &format!("INSERT INTO alarms SELECT i, 'west' FROM generate_series({}, {ROWS_TOTAL}) i", ROWS_BEFORE + 1),
+        &format!(
+            "INSERT INTO alarms SELECT i, 'west' FROM generate_series({}, {ROWS_TOTAL}) i",
+            ROWS_BEFORE + 1
+        ),
     )
     .await
     .expect("rows written through west's ems-db Service");
     let rows_after = format!("{ROWS_TOTAL}|{}", ROWS_TOTAL * (ROWS_TOTAL + 1) / 2);
     assert_eq!(
-        k.sql_local("east", ALARMS_DIGEST).await.expect("east's rows"),
+        k.sql_local("east", ALARMS_DIGEST)
+            .await
+            .expect("east's rows"),
         rows_after,
         "west's acknowledged rows on east, its synchronous standby"
     );
@@ -1148,7 +1155,9 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     // Each time a live replica must hold the Lease again and the group keep
     // exactly one active; the monitor samples the records throughout.
     let leases = Api::<Lease>::namespaced(g.east.client(), "counterweight-system");
-    let first_leader = leader_of(&leases).await.expect("east's controller Lease holder");
+    let first_leader = leader_of(&leases)
+        .await
+        .expect("east's controller Lease holder");
     let killed = Instant::now();
     k.run(
         "east",
@@ -1165,7 +1174,8 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     .await
     .expect("force-delete east's leading controller pod");
     let (second_leader, after_delete) =
-        one_active_under_a_new_leader(&g, &k, &leases, &first_leader, "after the force delete").await;
+        one_active_under_a_new_leader(&g, &k, &leases, &first_leader, "after the force delete")
+            .await;
     let took_over = killed.elapsed();
     let restarts_before = controller_restarts(&g.east, &second_leader).await;
     let container = controller_container_id(&g.east, &second_leader).await;

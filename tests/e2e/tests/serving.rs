@@ -654,3 +654,130 @@ async fn quick_repromotion_within_the_restart_delay_restarts_nothing() {
     .await;
     assert_eq!(after, before, "no pod was restarted");
 }
+
+/// Service pods that escaped their gate (made before the webhook, as a
+/// one-pass install does: found by the real-node walk) serve whatever the
+/// cluster's state. On a standby each is restarted once through its
+/// controller; a replacement that comes back ungated too (here: there is
+/// no webhook at all) is left alone with a Warning, not restarted in a
+/// loop. A pod without a controller is never restarted (an eviction would
+/// delete it for good). On an active, nothing is restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pods_that_escaped_their_gate_are_restarted_once_on_a_standby() {
+    init_tracing();
+    let clusters = counterweight_harness::start_clusters(1)
+        .await
+        .expect("a local cluster starts");
+    let cluster = &clusters[0];
+    let client = cluster.client();
+    namespace(&client, SYSTEM, false).await;
+    namespace(&client, APP, true).await;
+    let n = 2;
+    Api::<Deployment>::namespaced(client.clone(), APP)
+        .create(
+            &PostParams::default(),
+            &deployment("escapee", n, None, false),
+        )
+        .await
+        .expect("create deployment");
+    let loner = Pod {
+        metadata: ObjectMeta {
+            labels: Some(BTreeMap::from([("app".to_owned(), "loner".to_owned())])),
+            ..meta("loner")
+        },
+        spec: deployment("loner", 1, None, false)
+            .spec
+            .and_then(|s| s.template.spec),
+        ..Default::default()
+    };
+    Api::<Pod>::namespaced(client.clone(), APP)
+        .create(&PostParams::default(), &loner)
+        .await
+        .expect("create a pod without a controller");
+    let uids = |ps: Vec<Pod>| ps.iter().map(uid).collect::<BTreeSet<_>>();
+    let escaped = uids(running_pods(&client, APP, "escapee", n as usize).await);
+    let loner = uids(running_pods(&client, APP, "loner", 1).await);
+    let ps = serving_for(
+        cluster,
+        PodServingConfig {
+            resync: Duration::from_millis(500),
+            delete_after: Duration::from_secs(10),
+            ..Default::default()
+        },
+    );
+    // Active: the escapees serve, as any pod without a gate does; nothing
+    // is restarted.
+    ps.activate().await.expect("activate");
+    let same_pods_for = |app: &'static str, want: BTreeSet<String>, window: Duration| {
+        let client = client.clone();
+        async move {
+            let end = Instant::now() + window;
+            while Instant::now() < end {
+                let now = uids(pods(&client, APP, app).await.expect("list pods"));
+                assert_eq!(now, want, "pods of {app} were restarted");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    same_pods_for("escapee", escaped.clone(), Duration::from_secs(3)).await;
+
+    // Standby: each escapee is restarted; their replacements run.
+    ps.demote().await.expect("demote");
+    let replaced = eventually(
+        "the escaped pods replaced by new ones",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async {
+            let now: Vec<Pod> = pods(&client, APP, "escapee")
+                .await?
+                .into_iter()
+                .filter(running)
+                .collect();
+            let now = uids(now);
+            Ok((now.len() == n as usize && now.is_disjoint(&escaped)).then_some(now))
+        },
+    )
+    .await;
+    // The replacements came back without a gate (no webhook here), so a
+    // restart does not help: they are left alone, with a Warning, and so
+    // is the pod without a controller.
+    let events: Api<Event> = Api::namespaced(client.clone(), SYSTEM);
+    eventually(
+        "Warning Events for the restarted escapees and for those left serving",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let list = events
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let notes: Vec<String> = list
+                .items
+                .iter()
+                .filter(|e| e.type_.as_deref() == Some("Warning"))
+                .map(|e| {
+                    format!(
+                        "{} {}",
+                        e.reason.clone().unwrap_or_default(),
+                        e.note.clone().unwrap_or_default()
+                    )
+                })
+                .collect();
+            let has = |reason: &str, pod: &str| {
+                notes
+                    .iter()
+                    .any(|n| n.starts_with(reason) && n.contains(&format!("{APP}/{pod}")))
+            };
+            let restarted = has("UngatedPodRestarted", "escapee");
+            let left = has("UngatedPodServes", "escapee") && has("UngatedPodServes", "loner");
+            if restarted && left {
+                Ok(Some(()))
+            } else {
+                Err(format!("{notes:?}"))
+            }
+        },
+    )
+    .await;
+    same_pods_for("escapee", replaced, Duration::from_secs(4)).await;
+    same_pods_for("loner", loner, Duration::from_secs(1)).await;
+}
