@@ -30,6 +30,18 @@
 //! partition of the new active (west's LAN link cut: east promotes with
 //! the witness only after west fenced; after the heal west is standby with
 //! its pods held), with the two-actives monitor sampling both records.
+//!
+//! The data goes with the failover: 1,000 rows written through east's
+//! `ems-db` Service under synchronous commit (west streaming as east's
+//! synchronous standby, checked first) are all on west once it is active;
+//! west's PostgreSQL is promoted in its pod (a new timeline), east's former
+//! primary is rewound (`pg_rewind`, in its pod's log) and streams from
+//! west as its synchronous standby, and rows written on west are then on
+//! east. A file written in east's replicated volume is in west's before the
+//! failover, and one written on west after it is in east's. Last, east's
+//! leading controller pod is force-deleted, then the new leader's container
+//! is SIGKILLed on the node: each time a live replica must hold the Lease
+//! again with exactly one cluster active.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
