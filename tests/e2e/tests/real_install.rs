@@ -51,7 +51,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use counterweight_e2e::realgroup::{PodSeen, images_dir, ready_addresses};
+use counterweight_e2e::realgroup::{PodLog, PodSeen, images_dir, ready_addresses};
 use counterweight_e2e::sample_data::Kubectl;
 use counterweight_e2e::{eventually_explained, init_tracing};
 use counterweight_harness::undo::sh_quote;
@@ -59,6 +59,7 @@ use counterweight_harness::{Binaries, Cluster, Lan, Process, free_port};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{Api, ListParams};
+use nix::sys::signal::Signal;
 
 /// The guide's steps, in the order the guide gives them. The test fails if
 /// README.md has a step this list lacks, or lacks one of these.
@@ -340,10 +341,16 @@ async fn controller_status(
         .find(|c| c.name == "controller")
 }
 
-/// SIGKILLs every process of the container `id` on this machine (a real
-/// node's containers are this machine's processes, in the container's
-/// cgroup): what the OOM killer or a crash does. The pids killed.
+/// SIGKILLs every process of the container `id` on this machine: what the
+/// OOM killer or a crash does. The pids killed.
 fn sigkill_container(id: &str) -> Vec<i32> {
+    signal_container(id, Signal::SIGKILL)
+}
+
+/// Sends `signal` to every process of the container `id` on this machine (a
+/// real node's containers are this machine's processes, in the container's
+/// cgroup). The pids signalled.
+fn signal_container(id: &str, signal: Signal) -> Vec<i32> {
     let mut killed = Vec::new();
     for p in std::fs::read_dir("/proc").expect("/proc").flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -351,16 +358,31 @@ fn sigkill_container(id: &str) -> Vec<i32> {
         };
         let cgroup = std::fs::read_to_string(p.path().join("cgroup")).unwrap_or_default();
         if cgroup.contains(id)
-            && nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            )
-            .is_ok()
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).is_ok()
         {
             killed.push(pid);
         }
     }
     killed
+}
+
+/// When a cluster's `web` pods served, from a watch of them: spans from
+/// the first moment any pod was Ready to the moment none was (`None`: still
+/// serving at the end).
+fn serving_spans(seen: &[PodSeen]) -> Vec<(Instant, Option<Instant>)> {
+    let mut ready: std::collections::BTreeMap<&str, bool> = Default::default();
+    let mut spans: Vec<(Instant, Option<Instant>)> = Vec::new();
+    for s in seen {
+        ready.insert(&s.uid, s.ready && !s.deleting);
+        let any = ready.values().any(|r| *r);
+        match spans.last_mut() {
+            Some((_, end @ None)) if !any => *end = Some(s.at),
+            Some((_, None)) => {}
+            _ if any => spans.push((s.at, None)),
+            _ => {}
+        }
+    }
+    spans
 }
 
 /// GET `path` through the `web` Service's cluster IP from inside the node
@@ -1214,6 +1236,130 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     )
     .await;
     let recovered = killed.elapsed();
+
+    // ---- the active's leader frozen: it can neither renew nor fence ----
+    // SIGSTOP, as a hung process or a node that stops scheduling it: no
+    // hand-back, no fence from the controller. East's web pods must leave
+    // their Service by themselves (the serving lease runs out, their lease
+    // sidecars fail readiness) before any of west's pods turns Ready, and
+    // the other replica must take the Lease once the frozen one's lapsed.
+    // Woken up, the frozen leader must not act again.
+    let east_pods = PodLog::start(Api::namespaced(g.east.client(), "ems"), WEB);
+    let west_pods = PodLog::start(Api::namespaced(g.west.client(), "ems"), WEB);
+    let frozen_leader = leader_of(&leases)
+        .await
+        .expect("east's controller Lease holder");
+    eventually_explained(
+        "east's two web pods Ready behind its Service before the freeze",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || async {
+            let ready = web_ready_endpoints(&g.east).await?;
+            (ready.len() == 2)
+                .then_some(())
+                .map(Some)
+                .ok_or(format!("{ready:?}"))
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let epoch_before_freeze = role(&east_cms).await.map_or(0, |(_, e)| e);
+    let container = controller_container_id(&g.east, &frozen_leader).await;
+    // East's record stays "active in epoch N" while its writer is frozen,
+    // and while the replica that takes over tries to renew that lease (it
+    // restarts as "active, not serving until a majority renews", for a
+    // lease and a margin) before it steps down: a record in an older epoch
+    // than west's, not a second serving active. Whether east's pods served
+    // is judged from the pods themselves, below.
+    monitor.mark_dead("east");
+    let frozen_at = Instant::now();
+    let frozen = signal_container(&container, Signal::SIGSTOP);
+    assert!(
+        !frozen.is_empty(),
+        "no process of container {container} found to freeze"
+    );
+    let (new_leader, west_epoch) = eventually_explained(
+        "west active in a new epoch, east standby under another replica's lead, while east's leader is frozen",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || async {
+            let holder = leader_of(&leases).await.ok_or("no Lease holder")?;
+            let (e, w) = (role(&east_cms).await, role(&west_cms).await);
+            match (&e, &w) {
+                (Some((es, _)), Some((ws, we)))
+                    if holder != frozen_leader
+                        && ws == "active"
+                        && es == "standby"
+                        && *we > epoch_before_freeze =>
+                {
+                    Ok(Some((holder, *we)))
+                }
+                _ => Err(format!("Lease holder {holder}; east {e:?}, west {w:?}")),
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let frozen_to_standby = frozen_at.elapsed();
+    eventually_explained(
+        "west's web pods Ready behind its Service after the freeze",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || async {
+            let ready = web_ready_endpoints(&g.west).await?;
+            (ready.len() == 2)
+                .then_some(())
+                .map(Some)
+                .ok_or(format!("{ready:?}"))
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let west_serving_after_freeze = frozen_at.elapsed();
+    // Woken up: its Lease and its HA lease are long gone.
+    signal_container(&container, Signal::SIGCONT);
+    let woke = Instant::now();
+    while woke.elapsed() < Duration::from_secs(10) {
+        assert_eq!(
+            leader_of(&leases).await.as_deref(),
+            Some(new_leader.as_str()),
+            "the woken leader took east's Lease back"
+        );
+        one_active(&east_cms, &west_cms)
+            .await
+            .expect("one active after the frozen leader woke");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (east_seen, west_seen) = (east_pods.all(), west_pods.all());
+    drop((east_pods, west_pods));
+    let (east_serving, west_serving) = (serving_spans(&east_seen), serving_spans(&west_seen));
+    let east_stopped = east_serving.last().and_then(|(_, end)| *end);
+    let west_started = west_serving.first().map(|(start, _)| *start);
+    assert!(
+        west_serving.iter().all(|(_, end)| end.is_none()) && west_serving.len() == 1,
+        "west's web pods stopped serving after they started: {west_serving:?}"
+    );
+    match (east_stopped, west_started) {
+        (Some(stop), Some(start)) => assert!(
+            stop < start,
+            "east's web pods served until {:?} after the freeze, west's from {:?}: both sites served",
+            stop.duration_since(frozen_at),
+            start.duration_since(frozen_at)
+        ),
+        other => panic!("east's web pods never stopped, or west's never started: {other:?}"),
+    }
+    let gap = west_started
+        .zip(east_stopped)
+        .map(|(w, e)| w.duration_since(e));
+    println!(
+        "frozen leader {frozen_leader}: east's web out of service {:.1} s after the freeze, west's in {:.1} s (gap {gap:?}); \
+         {new_leader} leads east as standby, west active in epoch {west_epoch} after {:.1} s, \
+         west's two pods behind its Service after {:.1} s",
+        east_stopped.map_or(f64::NAN, |t| t.duration_since(frozen_at).as_secs_f64()),
+        west_started.map_or(f64::NAN, |t| t.duration_since(frozen_at).as_secs_f64()),
+        frozen_to_standby.as_secs_f64(),
+        west_serving_after_freeze.as_secs_f64(),
+    );
     println!(
         "controller kills: {first_leader} force-deleted → {second_leader} leads after {:.1} s, {after_delete}; \
          {second_leader}'s container SIGKILLed (pids {pids:?}) → {third_leader} leads after {:.1} s, {after_sigkill}",
