@@ -21,6 +21,9 @@ pub struct PgCredentials {
     pub user: String,
     /// Password.
     pub password: String,
+    /// The CA bundle (PEM) from the Secret's `caKey`, if the check names
+    /// one, and where it came from.
+    pub ca: Option<(String, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for PgCredentials {
@@ -152,11 +155,15 @@ async fn postgres(
         .password(&creds.password)
         .application_name("counterweight-health")
         .connect_timeout(timeout);
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
+    let root = creds
+        .ca
+        .as_ref()
+        .map(|(source, pem)| counterweight_pgtls::RootCert { source, pem });
+    let tls = counterweight_pgtls::from_libpq(Some(check.sslmode.as_str()), root)
+        .map_err(|e| e.to_string())?;
+    let client = counterweight_pgtls::connect(config, &tls)
         .await
         .map_err(|e| format!("connect failed: {}", pg_message(&e)))?;
-    let driver = tokio::spawn(connection);
     let result = match check.max_lag_bytes {
         None => client
             .simple_query("SELECT 1")
@@ -168,7 +175,6 @@ async fn postgres(
             .and_then(|probe| replication_ready(&probe, max).map(Some)),
     };
     drop(client);
-    driver.abort();
     result
 }
 

@@ -613,9 +613,20 @@ impl HealthLoop {
             data.get(k)
                 .and_then(|v| String::from_utf8(v.0.clone()).ok())
         };
+        let ca = match &secret.ca_key {
+            None => None,
+            Some(key) => match data.get(key) {
+                Some(v) => Some((format!("Secret {} key {key}", secret.name), v.0.clone())),
+                None => {
+                    warn!(secret = %secret.name, key = %key, "check credentials Secret lacks the CA key the check names");
+                    return None;
+                }
+            },
+        };
         let creds = PgCredentials {
             user: get(&secret.user_key)?,
             password: get(&secret.password_key)?,
+            ca,
         };
         ev.credentials.insert(secret.name.clone(), creds.clone());
         Some(creds)

@@ -271,6 +271,56 @@ pub struct PostgresCheck {
     /// standby refuse a handover (Patroni's `maximum_lag_on_failover`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lag_bytes: Option<u64>,
+    /// TLS to the server, with libpq's meaning of `sslmode`. Default
+    /// `prefer` (libpq's): TLS when the server offers it, unverified.
+    /// `verify-ca` checks the server's certificate against the CA in
+    /// `secretRef.caKey`; `verify-full` its name too, which the pod IPs the
+    /// check dials rarely are in (set `host`).
+    #[serde(default, skip_serializing_if = "PgSslMode::is_default")]
+    pub sslmode: PgSslMode,
+}
+
+/// libpq's `sslmode` values, for the PostgreSQL check.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PgSslMode {
+    /// No TLS.
+    Disable,
+    /// As libpq's `allow`: here the same as `prefer`.
+    Allow,
+    /// TLS if the server offers it; no verification.
+    #[default]
+    Prefer,
+    /// TLS or fail; no verification (the chain if a CA is given).
+    Require,
+    /// TLS, the chain checked against the CA.
+    VerifyCa,
+    /// TLS, the chain and the host name checked.
+    VerifyFull,
+}
+
+impl PgSslMode {
+    /// The libpq spelling (`verify-ca`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PgSslMode::Disable => "disable",
+            PgSslMode::Allow => "allow",
+            PgSslMode::Prefer => "prefer",
+            PgSslMode::Require => "require",
+            PgSslMode::VerifyCa => "verify-ca",
+            PgSslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether the server's certificate is checked against a CA, which
+    /// must then be given.
+    pub fn verifies(self) -> bool {
+        matches!(self, PgSslMode::VerifyCa | PgSslMode::VerifyFull)
+    }
+
+    fn is_default(&self) -> bool {
+        *self == PgSslMode::default()
+    }
 }
 
 fn default_pg_port() -> u16 {
@@ -293,6 +343,10 @@ pub struct SecretRef {
     /// Key holding the password.
     #[serde(default = "default_password_key")]
     pub password_key: String,
+    /// Key holding the CA bundle (PEM) that signs the server's certificate;
+    /// needed by `sslmode` `verify-ca` and `verify-full`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_key: Option<String>,
 }
 
 fn default_user_key() -> String {
@@ -694,6 +748,16 @@ impl RawComponent {
                     if pg.database.is_empty() {
                         p.push(cf("database"), "must not be empty");
                     }
+                    if pg.sslmode.verifies() && pg.secret_ref.ca_key.is_none() {
+                        p.push(
+                            cf("secretRef.caKey"),
+                            format!(
+                                "sslmode {} checks the server's certificate: name the Secret's key \
+                                 that holds the CA (e.g. ca.crt)",
+                                pg.sslmode.as_str()
+                            ),
+                        );
+                    }
                 }
                 _ => {}
             }
@@ -845,6 +909,40 @@ components:
             panic!("expected an http check")
         };
         assert_eq!(h.path, "/ready?maxAgeMs=10000");
+    }
+
+    #[test]
+    fn the_postgres_check_takes_libpqs_sslmode_and_a_ca_for_verification() {
+        let line = "postgres: {host: 127.0.0.1, port: 5432, secretRef: {name: db-cred}}";
+        assert!(GOOD.contains(line));
+        let with = |check: &str| GOOD.replace(line, &format!("postgres: {{{check}}}"));
+        let pg = |p: &Policy| match &p.component("db").unwrap().checks[0] {
+            Check::Postgres(pg) => pg.clone(),
+            _ => panic!("expected a postgres check"),
+        };
+        let p = Policy::from_yaml(GOOD).unwrap();
+        assert_eq!(pg(&p).sslmode, PgSslMode::Prefer, "libpq's default");
+        let p = Policy::from_yaml(&with(
+            "port: 5432, sslmode: verify-ca, secretRef: {name: db-cred, caKey: ca.crt}",
+        ))
+        .unwrap();
+        assert_eq!(pg(&p).sslmode, PgSslMode::VerifyCa);
+        assert_eq!(pg(&p).secret_ref.ca_key.as_deref(), Some("ca.crt"));
+        let e = Policy::from_yaml(&with(
+            "port: 5432, sslmode: verify-full, secretRef: {name: db-cred}",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("secretRef.caKey") && e.contains("verify-full"),
+            "{e}"
+        );
+        let e = Policy::from_yaml(&with(
+            "port: 5432, sslmode: verify_ca, secretRef: {name: db-cred}",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("verify_ca"), "{e}");
     }
 
     #[test]

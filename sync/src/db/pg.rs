@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::conninfo::ConnParams;
 use super::decide::PeerState;
@@ -14,46 +14,17 @@ use crate::SyncError;
 /// Connects (bounded by `timeout`) and drives the connection in a task that
 /// ends when the returned client is dropped.
 /// TLS follows `params.sslmode` and `params.sslrootcert` as libpq would
-/// ([`super::tls`]); without an `sslmode` the connection is plain.
+/// ([`counterweight_pgtls`]); without an `sslmode` the connection is plain.
 pub async fn connect(params: &ConnParams, timeout: Duration) -> Result<Client, SyncError> {
     let what = format!("connecting to {}:{}", params.host, params.port);
-    let tls = super::tls::from_libpq(params.sslmode.as_deref(), params.sslrootcert.as_deref())?;
-    let mut cfg = params.tokio_config(timeout);
-    cfg.ssl_mode(tls.mode);
-    let bounded = |r: Result<Result<Client, tokio_postgres::Error>, _>| {
-        r.map_err(|_| SyncError::Timeout { what: what.clone() })?
-            .map_err(|e| SyncError::pg(what.clone(), e))
-    };
-    // Two arms: the connection future's type depends on the connector.
-    let client = match tls.connector {
-        None => bounded(
-            tokio::time::timeout(timeout, async {
-                let (client, connection) = cfg.connect(NoTls).await?;
-                tokio::spawn(drive(connection));
-                Ok(client)
-            })
-            .await,
-        )?,
-        Some(connector) => bounded(
-            tokio::time::timeout(timeout, async {
-                let (client, connection) = cfg.connect(connector).await?;
-                tokio::spawn(drive(connection));
-                Ok(client)
-            })
-            .await,
-        )?,
-    };
-    Ok(client)
-}
-
-/// Drives a connection until its client is dropped.
-async fn drive<F>(connection: F)
-where
-    F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
-{
-    if let Err(e) = connection.await {
-        tracing::debug!(error = %e, "PostgreSQL connection ended");
-    }
+    let tls = super::tls::from_params(params)?;
+    tokio::time::timeout(
+        timeout,
+        counterweight_pgtls::connect(params.tokio_config(timeout), &tls),
+    )
+    .await
+    .map_err(|_| SyncError::Timeout { what: what.clone() })?
+    .map_err(|e| SyncError::pg(what, e))
 }
 
 /// `pg_is_in_recovery()`.

@@ -1,335 +1,30 @@
-//! TLS for the sidecar's own SQL connections (`tokio-postgres`), with
-//! rustls, following libpq's `sslmode` so that one `--sslmode` /
-//! `--sslrootcert` pair means the same for the tools (libpq) and for the
-//! sidecar's probes of its peers:
-//!
-//! | sslmode | TLS | chain checked against sslrootcert | host name checked |
-//! |---|---|---|---|
-//! | `disable` | no | | |
-//! | `allow`, `prefer` | if the server offers it | no | no |
-//! | `require` | yes | only if `sslrootcert` is given (as libpq) | no |
-//! | `verify-ca` | yes | yes | no |
-//! | `verify-full` | yes | yes | yes (DNS name or IP address SAN) |
-//!
-//! Without an `sslmode` the connection is plain: that is the sidecar's
-//! loopback connection to its own server (the same pod), which the binary
-//! makes without the peers' settings. A small [`MakeTlsConnect`] of our own
-//! rather than a crate: it is a few dozen lines over `tokio-rustls`, which
-//! the workspace already builds, and the libpq modes need custom verifiers
-//! anyway. No channel binding (SCRAM without `-PLUS`), as libpq's default
-//! `channel_binding=prefer` allows.
+//! The sidecar's side of [`counterweight_pgtls`]: `--sslmode` and the
+//! `--sslrootcert` file of a connection's parameters, read into the TLS
+//! side of its connections.
 
-use std::future::Future;
-use std::io;
-use std::path::Path;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use counterweight_pgtls::{PgTls, RootCert};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{ClientConfig, WebPkiServerVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_postgres::config::SslMode;
-use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
-
+use super::conninfo::ConnParams;
 use crate::SyncError;
 
-/// The TLS side of a connection: the mode for `tokio-postgres` and, unless
-/// TLS is off, the connector.
-pub struct PgTls {
-    /// Whether TLS is off, attempted, or required.
-    pub mode: SslMode,
-    /// The connector (`None` when `mode` is `Disable`).
-    pub connector: Option<RustlsConnect>,
-}
-
-fn tls_error(what: impl Into<String>, message: impl ToString) -> SyncError {
-    SyncError::Tls {
-        what: what.into(),
-        message: message.to_string(),
-    }
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Reads a PEM CA bundle into a root store; an empty or unreadable bundle
-/// is an error (it would make every server untrusted, confusingly).
-fn roots(path: &Path) -> Result<RootCertStore, SyncError> {
-    let what = || format!("sslrootcert {}", path.display());
-    let mut store = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| tls_error(what(), e))? {
-        let cert = cert.map_err(|e| tls_error(what(), e))?;
-        store.add(cert).map_err(|e| tls_error(what(), e))?;
-    }
-    if store.is_empty() {
-        return Err(tls_error(what(), "no certificate in the file"));
-    }
-    Ok(store)
-}
-
-/// Builds the TLS side from libpq's `sslmode` and `sslrootcert` (see the
-/// module's table).
-pub fn from_libpq(sslmode: Option<&str>, sslrootcert: Option<&str>) -> Result<PgTls, SyncError> {
-    enum Check {
-        Nothing,
-        Chain,
-        ChainAndName,
-    }
-    let (mode, check) = match (sslmode, sslrootcert) {
-        (None | Some("disable"), _) => {
-            return Ok(PgTls {
-                mode: SslMode::Disable,
-                connector: None,
-            });
-        }
-        (Some("allow" | "prefer"), _) => (SslMode::Prefer, Check::Nothing),
-        (Some("require"), None) => (SslMode::Require, Check::Nothing),
-        (Some("require" | "verify-ca"), Some(_)) => (SslMode::Require, Check::Chain),
-        (Some("verify-full"), Some(_)) => (SslMode::Require, Check::ChainAndName),
-        (Some(m @ ("verify-ca" | "verify-full")), None) => {
-            return Err(tls_error(
-                format!("sslmode {m}"),
-                "needs sslrootcert (--sslrootcert): the CA that signs the servers' certificates",
-            ));
-        }
-        (Some(other), _) => {
-            return Err(tls_error(
-                format!("sslmode {other:?}"),
-                "unknown; use disable, allow, prefer, require, verify-ca or verify-full",
-            ));
-        }
+/// The TLS side of connections made with `params` (libpq's meaning of
+/// `sslmode` and `sslrootcert`; the CA file is read now).
+pub fn from_params(params: &ConnParams) -> Result<PgTls, SyncError> {
+    let pem = match params.sslrootcert.as_deref() {
+        Some(path) => Some((
+            path,
+            std::fs::read(path).map_err(|e| SyncError::Tls {
+                what: format!("sslrootcert {path}"),
+                message: e.to_string(),
+            })?,
+        )),
+        None => None,
     };
-    let provider = provider();
-    let verifier: Arc<dyn ServerCertVerifier> = match (check, sslrootcert) {
-        (Check::Nothing, _) | (_, None) => Arc::new(AnyCertificate {
-            provider: provider.clone(),
-        }),
-        (check, Some(path)) => {
-            let webpki = WebPkiServerVerifier::builder_with_provider(
-                Arc::new(roots(Path::new(path))?),
-                provider.clone(),
-            )
-            .build()
-            .map_err(|e| tls_error(format!("sslrootcert {path}"), e))?;
-            match check {
-                Check::ChainAndName => webpki,
-                _ => Arc::new(ChainOnly { inner: webpki }),
-            }
-        }
-    };
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| tls_error("protocol versions", e))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    Ok(PgTls {
-        mode,
-        connector: Some(RustlsConnect {
-            config: Arc::new(config),
-        }),
+    let root = pem.as_ref().map(|(source, pem)| RootCert { source, pem });
+    counterweight_pgtls::from_libpq(params.sslmode.as_deref(), root).map_err(|e| SyncError::Tls {
+        what: e.what,
+        message: e.message,
     })
-}
-
-/// `sslmode=prefer`/`require` without a CA: encryption without
-/// authentication, as libpq. Handshake signatures are still verified (the
-/// peer must hold the key of the certificate it shows).
-#[derive(Debug)]
-struct AnyCertificate {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// `sslmode=verify-ca`: the chain must lead to the CA; the name is not
-/// checked (the only difference from `verify-full`).
-#[derive(Debug)]
-struct ChainOnly {
-    inner: Arc<WebPkiServerVerifier>,
-}
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
-            // webpki checks the name last, after the chain: a name error
-            // means the chain was fine.
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-/// A [`MakeTlsConnect`] over rustls for `tokio-postgres`.
-#[derive(Clone)]
-pub struct RustlsConnect {
-    config: Arc<ClientConfig>,
-}
-
-impl<S> MakeTlsConnect<S> for RustlsConnect
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    type Stream = RustlsStream<S>;
-    type TlsConnect = RustlsConnector;
-    type Error = rustls::pki_types::InvalidDnsNameError;
-
-    fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnector, Self::Error> {
-        // An IP address parses as one, so verify-full checks IP SANs.
-        let name = ServerName::try_from(domain.to_owned())?;
-        Ok(RustlsConnector {
-            name,
-            connector: tokio_rustls::TlsConnector::from(self.config.clone()),
-        })
-    }
-}
-
-/// One connection's TLS handshake.
-pub struct RustlsConnector {
-    name: ServerName<'static>,
-    connector: tokio_rustls::TlsConnector,
-}
-
-impl<S> TlsConnect<S> for RustlsConnector
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    type Stream = RustlsStream<S>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<RustlsStream<S>>> + Send>>;
-
-    fn connect(self, stream: S) -> Self::Future {
-        Box::pin(async move {
-            self.connector
-                .connect(self.name, stream)
-                .await
-                .map(RustlsStream)
-        })
-    }
-}
-
-/// A TLS stream as `tokio-postgres` wants it.
-pub struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for RustlsStream<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for RustlsStream<S> {
-    fn channel_binding(&self) -> ChannelBinding {
-        ChannelBinding::none()
-    }
 }
 
 #[cfg(test)]
@@ -337,26 +32,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn modes_follow_libpq() {
-        let mode = |m: Option<&str>, ca: Option<&str>| from_libpq(m, ca).map(|t| t.mode);
-        assert!(matches!(mode(None, None), Ok(SslMode::Disable)));
-        assert!(matches!(mode(Some("disable"), None), Ok(SslMode::Disable)));
-        assert!(matches!(mode(Some("prefer"), None), Ok(SslMode::Prefer)));
-        assert!(matches!(mode(Some("require"), None), Ok(SslMode::Require)));
-        let e = from_libpq(Some("verify-full"), None)
+    fn a_missing_root_file_is_named() {
+        let params = ConnParams {
+            host: "db.example".into(),
+            port: 5432,
+            user: "postgres".into(),
+            password: None,
+            dbname: "postgres".into(),
+            sslmode: Some("verify-ca".into()),
+            sslrootcert: Some("/nonexistent/ca.crt".into()),
+            application_name: None,
+        };
+        let e = from_params(&params)
             .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("needs sslrootcert"), "{e}");
-        let e = from_libpq(Some("verify_full"), None)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("unknown"), "{e}");
-        let e = from_libpq(Some("verify-ca"), Some("/nonexistent/ca.crt"))
-            .err()
-            .unwrap()
-            .to_string();
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("/nonexistent/ca.crt"), "{e}");
     }
 }

@@ -468,6 +468,7 @@ async fn database_verdict(sup: &Sup, max_lag: u64) -> (HealthVerdict, HealthRepo
     let creds = PgCredentials {
         user: local.user.clone(),
         password: local.password.clone().unwrap_or_default(),
+        ca: None,
     };
     let outcome = checks::run(
         &policy.components[0].checks[0],
@@ -913,6 +914,85 @@ async fn a_hung_destination_does_not_hold_back_the_others() {
     a.stop().await;
     b.stop().await;
     held.abort();
+}
+
+/// The controller's PostgreSQL health check follows the policy's `sslmode`
+/// with the CA from the check's Secret (`caKey`), as libpq would: against a
+/// real PostgreSQL serving a certificate from the `certs` crate's CA. The
+/// check dials an address (here 127.0.0.1; in a cluster a pod IP) that is
+/// not in the certificate, so `verify-ca` is what a policy uses.
+#[tokio::test]
+async fn the_controllers_postgres_check_uses_tls_as_its_sslmode_says() {
+    use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
+    use counterweight_harness::ServerTls;
+    init_tracing();
+    let _turn = SERIAL.lock().await;
+    let ca = CertificateAuthority::new("counterweight test database CA").expect("CA");
+    let other_ca = CertificateAuthority::new("some other CA").expect("other CA");
+    let leaf = ca
+        .issue(&LeafSpec::new("db.east", Usage::Server).sans(["localhost"]))
+        .expect("server certificate");
+    let tls_pg = Postgres::start_with(PgOptions {
+        tls: Some(ServerTls {
+            cert_pem: leaf.cert_pem.clone(),
+            key_pem: leaf.key_pem.clone(),
+        }),
+        ..PgOptions::default()
+    })
+    .await
+    .expect("postgres with TLS");
+    let plain_pg = Postgres::start().await.expect("postgres without TLS");
+    let check = |pg: &Postgres, mode: &str, ca_key: bool| {
+        let policy = Policy::from_yaml(&format!(
+            "interval: 1s\nthreshold: 0.5\nretries: 0\ncomponents:\n  - name: db\n    namespaces: [ems]\n    selector: {{matchLabels: {{app: db}}}}\n    weight: 1\n    role: database\n    checks:\n      - postgres: {{host: 127.0.0.1, port: {}, sslmode: {mode}, secretRef: {{name: db{}}}}}\n",
+            pg.port(),
+            if ca_key { ", caKey: ca.crt" } else { "" }
+        ))
+        .expect("policy");
+        policy.components[0].checks[0].clone()
+    };
+    let creds = |pg: &Postgres, ca: Option<&str>| PgCredentials {
+        user: PG_USER.to_owned(),
+        password: pg.password().to_owned(),
+        ca: ca.map(|pem| ("Secret db key ca.crt".to_owned(), pem.as_bytes().to_vec())),
+    };
+    let run = |check, creds| async move {
+        checks::run(&check, "127.0.0.1", Duration::from_secs(5), Some(&creds)).await
+    };
+    let right = ca.pem().cert_pem.clone();
+    let wrong = other_ca.pem().cert_pem.clone();
+
+    // verify-ca with the right CA: passes over TLS.
+    let ok = run(
+        check(&tls_pg, "verify-ca", true),
+        creds(&tls_pg, Some(&right)),
+    )
+    .await;
+    assert!(ok.error.is_none(), "{ok:?}");
+    // With a certificate from another CA: refused, saying why.
+    let bad = run(
+        check(&tls_pg, "verify-ca", true),
+        creds(&tls_pg, Some(&wrong)),
+    )
+    .await;
+    let e = bad.error.clone().unwrap_or_default();
+    assert!(e.contains("UnknownIssuer"), "{bad:?}");
+    // require: a server without TLS is refused, not talked to in plain.
+    let bad = run(check(&plain_pg, "require", false), creds(&plain_pg, None)).await;
+    assert!(bad.error.is_some(), "{bad:?}");
+    // prefer (the default) and disable still reach a plain server.
+    for mode in ["prefer", "disable"] {
+        let ok = run(check(&plain_pg, mode, false), creds(&plain_pg, None)).await;
+        assert!(ok.error.is_none(), "{mode}: {ok:?}");
+    }
+    // A CA that is not a certificate is named in the error.
+    let bad = run(
+        check(&tls_pg, "verify-ca", true),
+        creds(&tls_pg, Some("not a certificate")),
+    )
+    .await;
+    let e = bad.error.clone().unwrap_or_default();
+    assert!(e.contains("Secret db key ca.crt"), "{bad:?}");
 }
 
 /// The sidecar's own SQL connections to a peer follow `--sslmode` and
