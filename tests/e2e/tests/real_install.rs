@@ -237,6 +237,26 @@ impl Install {
     }
 }
 
+/// Waits until `cluster`'s `web` Service has its two pods as ready
+/// endpoints; `what` names the wait.
+async fn two_ready_web(g: &Install, cluster: &Cluster, what: &str) {
+    eventually_explained(
+        what,
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || async {
+            let ready = web_ready_endpoints(cluster).await?;
+            if ready.len() == 2 {
+                Ok(Some(()))
+            } else {
+                Err(format!("ready endpoints {ready:?}"))
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+}
+
 /// The holder of a controller Lease, if any.
 async fn leader_of(leases: &Api<Lease>) -> Option<String> {
     leases
@@ -748,21 +768,7 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         );
     }
     let west_gated = install_began.elapsed();
-    eventually_explained(
-        "east's two web pods Ready behind its Service",
-        Duration::from_secs(120),
-        Duration::from_millis(200),
-        || async {
-            let ready = web_ready_endpoints(&g.east).await?;
-            if ready.len() == 2 {
-                Ok(Some(()))
-            } else {
-                Err(format!("ready endpoints {ready:?}"))
-            }
-        },
-        || async { g.explain() },
-    )
-    .await;
+    two_ready_web(&g, &g.east, "east's two web pods Ready behind its Service").await;
     let east_served = install_began.elapsed();
 
     // The EMS answers through east's Service, with an east pod's name, and
@@ -1249,18 +1255,10 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     let frozen_leader = leader_of(&leases)
         .await
         .expect("east's controller Lease holder");
-    eventually_explained(
+    two_ready_web(
+        &g,
+        &g.east,
         "east's two web pods Ready behind its Service before the freeze",
-        Duration::from_secs(120),
-        Duration::from_millis(200),
-        || async {
-            let ready = web_ready_endpoints(&g.east).await?;
-            (ready.len() == 2)
-                .then_some(())
-                .map(Some)
-                .ok_or(format!("{ready:?}"))
-        },
-        || async { g.explain() },
     )
     .await;
     let epoch_before_freeze = role(&east_cms).await.map_or(0, |(_, e)| e);
@@ -1301,18 +1299,10 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     )
     .await;
     let frozen_to_standby = frozen_at.elapsed();
-    eventually_explained(
+    two_ready_web(
+        &g,
+        &g.west,
         "west's web pods Ready behind its Service after the freeze",
-        Duration::from_secs(120),
-        Duration::from_millis(200),
-        || async {
-            let ready = web_ready_endpoints(&g.west).await?;
-            (ready.len() == 2)
-                .then_some(())
-                .map(Some)
-                .ok_or(format!("{ready:?}"))
-        },
-        || async { g.explain() },
     )
     .await;
     let west_serving_after_freeze = frozen_at.elapsed();

@@ -916,23 +916,21 @@ async fn a_hung_destination_does_not_hold_back_the_others() {
     held.abort();
 }
 
-/// The controller's PostgreSQL health check follows the policy's `sslmode`
-/// with the CA from the check's Secret (`caKey`), as libpq would: against a
-/// real PostgreSQL serving a certificate from the `certs` crate's CA. The
-/// check dials an address (here 127.0.0.1; in a cluster a pod IP) that is
-/// not in the certificate, so `verify-ca` is what a policy uses.
-#[tokio::test]
-async fn the_controllers_postgres_check_uses_tls_as_its_sslmode_says() {
+/// A real PostgreSQL serving TLS with a certificate for `localhost` from
+/// a new CA, that CA, and another CA that signed nothing of it.
+async fn postgres_with_tls() -> (
+    Postgres,
+    counterweight_certs::CertificateAuthority,
+    counterweight_certs::CertificateAuthority,
+) {
     use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
     use counterweight_harness::ServerTls;
-    init_tracing();
-    let _turn = SERIAL.lock().await;
     let ca = CertificateAuthority::new("counterweight test database CA").expect("CA");
     let other_ca = CertificateAuthority::new("some other CA").expect("other CA");
     let leaf = ca
         .issue(&LeafSpec::new("db.east", Usage::Server).sans(["localhost"]))
         .expect("server certificate");
-    let tls_pg = Postgres::start_with(PgOptions {
+    let pg = Postgres::start_with(PgOptions {
         tls: Some(ServerTls {
             cert_pem: leaf.cert_pem.clone(),
             key_pem: leaf.key_pem.clone(),
@@ -941,6 +939,19 @@ async fn the_controllers_postgres_check_uses_tls_as_its_sslmode_says() {
     })
     .await
     .expect("postgres with TLS");
+    (pg, ca, other_ca)
+}
+
+/// The controller's PostgreSQL health check follows the policy's `sslmode`
+/// with the CA from the check's Secret (`caKey`), as libpq would: against a
+/// real PostgreSQL serving a certificate from the `certs` crate's CA. The
+/// check dials an address (here 127.0.0.1; in a cluster a pod IP) that is
+/// not in the certificate, so `verify-ca` is what a policy uses.
+#[tokio::test]
+async fn the_controllers_postgres_check_uses_tls_as_its_sslmode_says() {
+    init_tracing();
+    let _turn = SERIAL.lock().await;
+    let (tls_pg, ca, other_ca) = postgres_with_tls().await;
     let plain_pg = Postgres::start().await.expect("postgres without TLS");
     let check = |pg: &Postgres, mode: &str, ca_key: bool| {
         let policy = Policy::from_yaml(&format!(
@@ -1000,24 +1011,9 @@ async fn the_controllers_postgres_check_uses_tls_as_its_sslmode_says() {
 /// certificate from the `certs` crate's CA for the name `localhost`.
 #[tokio::test]
 async fn the_sidecars_sql_probes_use_tls_as_sslmode_says() {
-    use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
-    use counterweight_harness::ServerTls;
     init_tracing();
     let _turn = SERIAL.lock().await;
-    let ca = CertificateAuthority::new("counterweight test database CA").expect("CA");
-    let other_ca = CertificateAuthority::new("some other CA").expect("other CA");
-    let leaf = ca
-        .issue(&LeafSpec::new("db.east", Usage::Server).sans(["localhost"]))
-        .expect("server certificate");
-    let pg = Postgres::start_with(PgOptions {
-        tls: Some(ServerTls {
-            cert_pem: leaf.cert_pem.clone(),
-            key_pem: leaf.key_pem.clone(),
-        }),
-        ..PgOptions::default()
-    })
-    .await
-    .expect("postgres with TLS");
+    let (pg, ca, other_ca) = postgres_with_tls().await;
     let tmp = tempfile::tempdir().expect("tmp");
     let (ca_file, wrong_ca) = (tmp.path().join("ca.crt"), tmp.path().join("other.crt"));
     std::fs::write(&ca_file, &ca.pem().cert_pem).expect("ca file");
