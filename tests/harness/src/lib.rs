@@ -21,6 +21,7 @@
 
 mod binaries;
 pub mod bulk;
+pub mod install;
 pub mod lan;
 pub mod netns;
 mod postgres;
