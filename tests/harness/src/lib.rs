@@ -431,6 +431,17 @@ impl Cluster {
         }
     }
 
+    /// Stops every process and, for a real node, runs its teardown (every
+    /// container, namespace, cgroup, link and mount goes); what dropping
+    /// the cluster does, less removing the directory, so that several
+    /// clusters can be torn down in parallel. Idempotent.
+    pub fn teardown(&mut self) {
+        self.stop();
+        if let Some(node) = self.real.as_mut() {
+            node.teardown();
+        }
+    }
+
     /// Starts the processes again after [`Cluster::stop`] and waits until
     /// the API server is ready.
     pub async fn restart(&mut self) -> Result<(), HarnessError> {
