@@ -4,7 +4,10 @@
 //! synchronization Deployments (`ems-db` with role `database`, `ems-files`
 //! with role `file-replication`; never gated), weighed by one policy. KWOK
 //! runs the pods: a gated pod is Running at once and turns Ready only when
-//! the controller sets its `counterweight.dev/serving` condition True.
+//! the controller sets its `counterweight.dev/serving` condition True. With
+//! `--real-nodes` the sample is `manifests/sample` instead, installed by
+//! README.md's guide, and this module also reads what the kubelet reports
+//! of each service pod's containers ([`Sample`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -194,6 +197,35 @@ pub fn is_injected(pod: &Pod) -> bool {
             })
 }
 
+/// Which sample EMS the pods are: the demo's own on KWOK clusters, or
+/// `manifests/sample` as README.md's install guide applies it on real nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sample {
+    /// [`WORKLOADS`], labelled `app`; KWOK runs no containers.
+    Kwok,
+    /// `manifests/sample` (`web`, `ems-db`, `ems-files`), labelled
+    /// `app.kubernetes.io/name`; the kubelet reports real containers.
+    Manifests,
+}
+
+impl Sample {
+    /// The label naming a pod's app.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Kwok => "app",
+            Self::Manifests => "app.kubernetes.io/name",
+        }
+    }
+
+    /// The apps, services first.
+    fn apps(self) -> &'static [&'static str] {
+        match self {
+            Self::Kwok => &["web", "api", "ems-db", "ems-files"],
+            Self::Manifests => &["web", "ems-db", "ems-files"],
+        }
+    }
+}
+
 /// What the pods of one Deployment look like.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AppPods {
@@ -205,34 +237,165 @@ pub struct AppPods {
     pub serving: usize,
     /// Of those, Ready.
     pub ready: usize,
+    /// Of those, held at the gate by the kubelet's account: the gate's init
+    /// container running and every app container waiting (real nodes only).
+    pub at_gate: usize,
+    /// Per pod (real nodes only), its containers as the kubelet reports
+    /// them, in one line: `(pod name, line)`.
+    pub containers: Vec<(String, String)>,
 }
 
-/// Per Deployment (in [`WORKLOADS`] order), the state of its pods.
-pub async fn pods(client: &kube::Client) -> Result<Vec<(&'static str, AppPods)>> {
+/// Per app (in the sample's order), the state of its pods.
+pub async fn pods(client: &kube::Client, sample: Sample) -> Result<Vec<(&'static str, AppPods)>> {
     let list = Api::<Pod>::namespaced(client.clone(), NAMESPACE)
         .list(&ListParams::default())
         .await
         .context("listing EMS pods")?;
-    Ok(WORKLOADS
+    let label = sample.label();
+    Ok(sample
+        .apps()
         .iter()
-        .map(|(app, _, _)| {
+        .map(|app| {
             let mut a = AppPods::default();
             for p in list.items.iter().filter(|p| {
                 p.metadata.deletion_timestamp.is_none()
                     && p.metadata
                         .labels
                         .as_ref()
-                        .and_then(|l| l.get("app"))
+                        .and_then(|l| l.get(label))
                         .is_some_and(|v| v == app)
             }) {
                 a.total += 1;
                 a.gated += usize::from(is_injected(p));
                 a.serving += usize::from(condition(p, names::SERVING_CONDITION));
                 a.ready += usize::from(condition(p, "Ready"));
+                if sample == Sample::Manifests && is_service(app) {
+                    let c = Containers::of(p);
+                    a.at_gate += usize::from(c.held_at_gate());
+                    a.containers.push((
+                        p.metadata.name.clone().unwrap_or_default(),
+                        c.line(condition(p, "Ready")),
+                    ));
+                }
             }
             (*app, a)
         })
         .collect())
+}
+
+/// A container's state as the kubelet reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ContainerState {
+    /// No status yet.
+    Unknown,
+    /// Waiting, with the kubelet's reason (`PodInitializing`, ...).
+    Waiting(String),
+    Running,
+    /// Exited with this code.
+    Exited(i32),
+}
+
+impl ContainerState {
+    fn of(s: &k8s_openapi::api::core::v1::ContainerStatus) -> Self {
+        let Some(st) = s.state.as_ref() else {
+            return Self::Unknown;
+        };
+        if st.running.is_some() {
+            Self::Running
+        } else if let Some(t) = &st.terminated {
+            Self::Exited(t.exit_code)
+        } else if let Some(w) = &st.waiting {
+            Self::Waiting(w.reason.clone().unwrap_or_default())
+        } else {
+            Self::Unknown
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Self::Unknown => "not reported yet".into(),
+            Self::Waiting(r) if r.is_empty() => "waiting".into(),
+            Self::Waiting(r) => format!("waiting ({r})"),
+            Self::Running => "running".into(),
+            Self::Exited(c) => format!("exited {c}"),
+        }
+    }
+}
+
+/// A pod's gate init container and app containers, from its status.
+#[derive(Debug, Clone)]
+struct Containers {
+    gate: Option<ContainerState>,
+    apps: Vec<(String, ContainerState)>,
+}
+
+impl Containers {
+    fn of(p: &Pod) -> Self {
+        let status = p.status.as_ref();
+        let gate = status
+            .and_then(|s| s.init_container_statuses.as_ref())
+            .and_then(|cs| {
+                cs.iter()
+                    .find(|c| c.name == counterweight_core::inject::GATE_CONTAINER)
+            })
+            .map(ContainerState::of);
+        let reported = status
+            .and_then(|s| s.container_statuses.clone())
+            .unwrap_or_default();
+        let apps = p
+            .spec
+            .as_ref()
+            .map(|s| {
+                s.containers
+                    .iter()
+                    .map(|c| c.name.clone())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+            .into_iter()
+            .map(|name| {
+                let st = reported
+                    .iter()
+                    .find(|c| c.name == name)
+                    .map_or(ContainerState::Unknown, ContainerState::of);
+                (name, st)
+            })
+            .collect();
+        Self { gate, apps }
+    }
+
+    /// The gate runs and no app container has started: the init container
+    /// holds the pod.
+    fn held_at_gate(&self) -> bool {
+        self.gate == Some(ContainerState::Running)
+            && !self.apps.is_empty()
+            && self
+                .apps
+                .iter()
+                .all(|(_, s)| matches!(s, ContainerState::Waiting(_)))
+    }
+
+    /// `init container counterweight-gate running; app container web
+    /// waiting (PodInitializing); not Ready`.
+    fn line(&self, ready: bool) -> String {
+        let gate = self.gate.as_ref().map_or("no gate".to_owned(), |g| {
+            format!(
+                "init container {} {}",
+                counterweight_core::inject::GATE_CONTAINER,
+                g.text()
+            )
+        });
+        let apps: Vec<String> = self
+            .apps
+            .iter()
+            .map(|(n, s)| format!("app container {n} {}", s.text()))
+            .collect();
+        format!(
+            "{gate}; {}; {}",
+            apps.join(", "),
+            if ready { "Ready" } else { "not Ready" }
+        )
+    }
 }
 
 fn condition(p: &Pod, ty: &str) -> bool {

@@ -8,8 +8,14 @@
 //! the handover with `--once`. Every process and directory goes away on
 //! exit: the harness kills its process groups when its values are dropped,
 //! and every way out of `main` drops them.
+//!
+//! With `--real-nodes` (root) the clusters have real nodes instead
+//! ([`real`]): README.md's install guide installs everything in pods, the
+//! gates hold real app containers, and PostgreSQL rows written on east are
+//! read back on west after the handover.
 
 mod ems;
+mod real;
 mod stack;
 mod view;
 
@@ -20,6 +26,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::ems::Sample;
 use crate::stack::{CLUSTERS, Stack};
 use crate::view::{TICK, View};
 
@@ -32,6 +39,15 @@ struct Args {
     /// view until Ctrl-C. For CI and scripts.
     #[arg(long)]
     once: bool,
+
+    /// Two real-node clusters (containerd, kubelet, kube-proxy) and a
+    /// witness instead of KWOK, installed with README.md's "Install on two
+    /// clusters" commands; shows the gate holding real app containers and
+    /// PostgreSQL rows surviving the handover. Needs root and the images
+    /// (`COUNTERWEIGHT_IMAGES`, tools/images.sh); run it with
+    /// `tools/demo.sh --real-nodes`.
+    #[arg(long)]
+    real_nodes: bool,
 
     /// Longest wait for each stage (start-up, first election, handover), in
     /// seconds.
@@ -77,6 +93,9 @@ async fn main() -> Result<()> {
 }
 
 async fn run(args: &Args) -> Result<()> {
+    if args.real_nodes {
+        return real::run(args).await;
+    }
     let started = Instant::now();
     let timeout = Duration::from_secs(args.timeout);
     let mut stack = Stack::start(started).await?;
@@ -91,14 +110,14 @@ async fn run(args: &Args) -> Result<()> {
         .iter()
         .map(|g| (g.cluster.clone(), g.process.log().to_owned()))
         .collect();
-    let mut view = View::new(targets, gate_logs, started);
+    let mut view = View::new(targets, gate_logs, started, Sample::Kwok);
     let (east, west) = (CLUSTERS[0], CLUSTERS[1]);
 
     // 1. The first election: east (preferred) active and serving, west's
     //    service pods held at the gate.
     view.say("waiting for the first election (east is preferred)");
     wait(
-        &mut stack,
+        &mut || stack.check_alive(),
         &mut view,
         timeout,
         "east active and serving",
@@ -132,7 +151,7 @@ async fn run(args: &Args) -> Result<()> {
     ems::scale(&stack.clusters[0].client(), "web", 0).await?;
     view.say("east: Deployment ems/web scaled to 0 (the web tier crashed)");
     wait(
-        &mut stack,
+        &mut || stack.check_alive(),
         &mut view,
         timeout,
         "the handover to west",
@@ -195,9 +214,10 @@ fn view_elapsed(view: &View) -> f64 {
 }
 
 /// Looks every [`TICK`] until `done` holds; fails after `timeout` with
-/// what was last seen, or as soon as one of our processes dies.
+/// what was last seen, or as soon as `alive` says one of our processes
+/// died.
 async fn wait(
-    stack: &mut Stack,
+    alive: &mut dyn FnMut() -> Result<()>,
     view: &mut View,
     timeout: Duration,
     what: &str,
@@ -205,7 +225,7 @@ async fn wait(
 ) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        stack.check_alive()?;
+        alive()?;
         view.look().await?;
         if done(view) {
             return Ok(());

@@ -7,7 +7,7 @@
 //! gate's `waiting:`/`released:` line, a new Event. Nothing here decides
 //! anything; the lines are what an operator would see with kubectl.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use counterweight_core::names;
 use counterweight_core::state::Role;
 use k8s_openapi::jiff::Timestamp;
 
-use crate::ems::{self, AppPods};
+use crate::ems::{self, AppPods, Sample};
 
 /// How often the clusters are read.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -68,6 +68,16 @@ impl Side {
         })
     }
 
+    /// Every service Deployment has its pods, each held by the gate's init
+    /// container as the kubelet reports it (gate running, app containers
+    /// waiting): real nodes only.
+    pub fn all_at_gate(&self) -> bool {
+        self.service_pods().is_some_and(|ps| {
+            ps.iter()
+                .all(|(_, a)| a.total > 0 && a.at_gate == a.total && a.serving == 0)
+        })
+    }
+
     /// One line: role, epoch, S vs D and the pods, for error messages.
     pub fn summary(&self) -> String {
         let role = self
@@ -102,6 +112,9 @@ impl Side {
 /// The clusters as last seen, and what has been printed already.
 pub struct View {
     targets: Vec<Target>,
+    sample: Sample,
+    // (cluster, pod) -> its containers' line as last printed (real nodes).
+    containers: HashMap<(String, String), String>,
     gate_logs: Vec<(String, PathBuf)>,
     t0: Instant,
     // `t0` on the wall clock, which Event times are on.
@@ -122,11 +135,20 @@ pub struct View {
 }
 
 impl View {
-    /// A view of `targets` (cwctl's clusters) and the gates' log files.
-    pub fn new(targets: Vec<Target>, gate_logs: Vec<(String, PathBuf)>, t0: Instant) -> Self {
+    /// A view of `targets` (cwctl's clusters), the gates' log files (the
+    /// KWOK demo's gate processes; none on real nodes, where the gates are
+    /// init containers and the kubelet reports them) and `sample`'s pods.
+    pub fn new(
+        targets: Vec<Target>,
+        gate_logs: Vec<(String, PathBuf)>,
+        t0: Instant,
+        sample: Sample,
+    ) -> Self {
         let n = gate_logs.len();
         Self {
             targets,
+            sample,
+            containers: HashMap::new(),
             gate_logs,
             t0,
             t0_wall: Timestamp::now(),
@@ -136,7 +158,10 @@ impl View {
             fresh_events: Vec::new(),
             gate_lines: vec![0; n],
             released: HashSet::new(),
-            handover_reported: false,
+            // No handover is timed before the fault (restart_clock): at a
+            // real-node install both clusters may be abnormal before the
+            // first election, and that Promoted is no handover.
+            handover_reported: true,
         }
     }
 
@@ -182,7 +207,7 @@ impl View {
         let mut sides = Vec::new();
         for (t, status) in self.targets.iter().zip(x.status.clusters) {
             let pods = match &t.client {
-                Ok(c) => ems::pods(c).await.ok(),
+                Ok(c) => ems::pods(c, self.sample).await.ok(),
                 Err(_) => None,
             };
             sides.push(Side {
@@ -221,8 +246,31 @@ impl View {
                 self.say(&format!("{} pods: {}", new.name, now.unwrap_or_default()));
             }
         }
+        self.report_containers();
         self.report_gates();
         Ok(())
+    }
+
+    /// A line per service pod whose containers changed, as the kubelet
+    /// reports them: the gate's init container holding the app container,
+    /// then releasing it (real nodes; KWOK pods have no such lines).
+    fn report_containers(&mut self) {
+        let mut lines = Vec::new();
+        for side in &self.sides {
+            let Some(pods) = &side.pods else { continue };
+            for (app, a) in pods {
+                for (pod, line) in &a.containers {
+                    let key = (side.name.clone(), pod.clone());
+                    if self.containers.get(&key) != Some(line) {
+                        lines.push(format!("{} {app} pod {pod}: {line}", side.name));
+                        self.containers.insert(key, line.clone());
+                    }
+                }
+            }
+        }
+        for l in lines {
+            self.say(&l);
+        }
     }
 
     fn report_gates(&mut self) {
@@ -356,6 +404,10 @@ fn pods_line(pods: &[(&'static str, AppPods)]) -> String {
             match (a.total, held) {
                 (0, _) => format!("{app} no pods"),
                 (_, 0) => format!("{app} {}/{} serving", a.serving, a.total),
+                _ if a.at_gate > 0 => format!(
+                    "{app} {}/{} serving ({held} held, serving=False; {} waiting at the gate's init container, app container not started)",
+                    a.serving, a.total, a.at_gate
+                ),
                 _ => format!(
                     "{app} {}/{} serving ({held} held, serving=False)",
                     a.serving, a.total

@@ -5,7 +5,6 @@ pub mod ems;
 pub mod fixtures;
 pub mod ha;
 pub mod realgroup;
-pub mod sample_data;
 pub mod workload;
 pub mod workload_group;
 

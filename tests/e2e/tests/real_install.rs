@@ -11,8 +11,9 @@
 //! set (the nodes' LAN addresses, the witness's address, the image names).
 //! So the guide cannot rot without this test failing.
 //!
-//! What the test does itself is what the guide leaves to the person and
-//! their infrastructure: start the clusters (two real nodes on one LAN that
+//! What the test does itself (through `counterweight_harness::install`,
+//! which `counterweight-demo --real-nodes` shares) is what the guide
+//! leaves to the person and their infrastructure: start the clusters (two real nodes on one LAN that
 //! route like cluster nodes: pods reach the other cluster's NodePorts),
 //! import the images into each node's containerd (no registry is
 //! reachable), make the local volumes' directories on the nodes, and give
@@ -47,36 +48,19 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use counterweight_e2e::realgroup::{PodLog, PodSeen, images_dir, ready_addresses};
-use counterweight_e2e::sample_data::Kubectl;
 use counterweight_e2e::{eventually_explained, init_tracing};
-use counterweight_harness::undo::sh_quote;
-use counterweight_harness::{Binaries, Cluster, Lan, Process, free_port};
+use counterweight_harness::Cluster;
+use counterweight_harness::install::{self, CHECK_STEP, IMAGES, Infra as Install, script};
+use counterweight_harness::sample_data::Kubectl;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{Api, ListParams};
 use nix::sys::signal::Signal;
 
-/// The guide's steps, in the order the guide gives them. The test fails if
-/// README.md has a step this list lacks, or lacks one of these.
-const STEPS: [&str; 7] = [
-    "certs", "ha", "overlays", "secrets", "volumes", "apply", "witness",
-];
-/// The guide's last step, run after the election: `cwctl status` and
-/// `cwctl check`.
-const CHECK_STEP: &str = "check";
-/// The images the overlays name, imported into every node (no registry).
-const IMAGES: [&str; 5] = [
-    "controller",
-    "webhook",
-    "gate",
-    "sync-postgres",
-    "sync-rsync",
-];
 /// The sample's service Deployment.
 const WEB: &str = "app.kubernetes.io/name=web";
 /// Rows the test writes through east's database Service before the failover.
@@ -90,151 +74,17 @@ const ALARMS_DIGEST: &str = "SELECT count(*), sum(id) FROM alarms";
 const FILE_BEFORE: &str = "east-before-failover.txt";
 /// A file written on west (active) after it.
 const FILE_AFTER: &str = "west-after-failover.txt";
-/// How long a guide step may take (kubectl waits for rollouts in `apply`).
-const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The shell block of README.md marked `<!-- install-step: <name> -->`.
+/// The shell block of README.md's step `name`; panics if README.md has no
+/// such step (the guide runner is `counterweight_harness::install`).
 fn guide_step(readme: &str, name: &str) -> String {
-    let marker = format!("<!-- install-step: {name} -->");
-    let mut lines = readme.lines().skip_while(|l| l.trim() != marker);
-    assert!(
-        lines.next().is_some(),
-        "README.md has no step {name:?} ({marker})"
-    );
-    assert_eq!(
-        lines.next().map(str::trim),
-        Some("```sh"),
-        "README.md's step {name:?} must be a ```sh block right after its marker"
-    );
-    let block: Vec<&str> = lines.take_while(|l| l.trim() != "```").collect();
-    assert!(!block.is_empty(), "README.md's step {name:?} is empty");
-    block.join("\n") + "\n"
-}
-
-/// Every step marker in README.md, in order.
-fn guide_steps(readme: &str) -> Vec<String> {
-    readme
-        .lines()
-        .filter_map(|l| {
-            l.trim()
-                .strip_prefix("<!-- install-step: ")?
-                .strip_suffix(" -->")
-                .map(str::to_owned)
-        })
-        .collect()
-}
-
-/// What a person types before the guide's commands: `cd` to the checkout
-/// (here a directory with `manifests` linked in, so that nothing is written
-/// into the source tree) and the variables, then the block itself.
-fn script(work: &Path, vars: &[(String, String)], block: &str) -> String {
-    let mut s = format!("cd {}\n", sh_quote(&work.display().to_string()));
-    for (k, v) in vars {
-        s.push_str(&format!("export {k}={}\n", sh_quote(v)));
-    }
-    s.push_str(block);
-    s
-}
-
-/// Runs one guide step with bash (`-euo pipefail`), bounded by
-/// [`STEP_TIMEOUT`]; panics with its output when it fails.
-async fn run_step(name: &str, script: &str) -> Duration {
-    let started = Instant::now();
-    let child = tokio::process::Command::new("bash")
-        .args(["-euo", "pipefail", "-c", script])
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(STEP_TIMEOUT, child)
-        .await
-        .unwrap_or_else(|_| panic!("guide step {name:?} did not finish within {STEP_TIMEOUT:?}"))
-        .unwrap_or_else(|e| panic!("guide step {name:?}: bash: {e}"));
-    assert!(
-        out.status.success(),
-        "guide step {name:?} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    started.elapsed()
+    install::guide_step(readme, name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A state record's role and epoch, if readable.
 async fn role(cms: &Api<ConfigMap>) -> Option<(String, u64)> {
     let d = cms.get_opt("counterweight-state").await.ok()??.data?;
     Some((d.get("state")?.clone(), d.get("epoch")?.parse().ok()?))
-}
-
-/// The two real-node clusters, the witness's KWOK cluster and process, and
-/// the directory the guide runs in. Fields drop in order: the witness
-/// process first, then the clusters (their teardown kills every pod), the
-/// LAN, the directory.
-struct Install {
-    witness_log: PathBuf,
-    east: Cluster,
-    west: Cluster,
-    witness_cluster: Cluster,
-    lan: Arc<Lan>,
-    work: tempfile::TempDir,
-    vars: Vec<(String, String)>,
-    kubectl: PathBuf,
-    kubeconfig: PathBuf,
-}
-
-impl Install {
-    /// A kubectl command line for `context`, as text for diagnostics.
-    fn kubectl_text(&self, context: &str, args: &str) -> String {
-        let out = std::process::Command::new(&self.kubectl)
-            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
-            .arg(format!("--context={context}"))
-            .args(args.split_whitespace())
-            .output();
-        match out {
-            Ok(o) => format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-            Err(e) => format!("kubectl: {e}"),
-        }
-    }
-
-    /// What the clusters look like, for a failed wait: the state records,
-    /// every pod, recent Events, the controllers' and the witness's logs.
-    fn explain(&self) -> String {
-        let mut s = String::new();
-        for c in ["east", "west"] {
-            s.push_str(&format!("\n===== {c}\n"));
-            s.push_str(&self.kubectl_text(
-                c,
-                "-n counterweight-system get configmap counterweight-state -o jsonpath={.data}",
-            ));
-            s.push('\n');
-            s.push_str(&self.kubectl_text(c, "get pods -A -o wide"));
-            s.push_str(&self.kubectl_text(c, "get events -A --sort-by=.lastTimestamp"));
-            s.push_str(&self.kubectl_text(
-                c,
-                "-n counterweight-system logs -l app.kubernetes.io/name=counterweight-controller --tail=30 --prefix",
-            ));
-            s.push_str(&self.kubectl_text(
-                c,
-                "-n ems logs -l app.kubernetes.io/name=ems-db --all-containers --tail=15 --prefix",
-            ));
-            s.push_str(&self.kubectl_text(
-                c,
-                "-n ems logs -l app.kubernetes.io/name=ems-files --all-containers --tail=10 --prefix",
-            ));
-        }
-        s.push_str(&format!(
-            "\n===== witness log\n{}",
-            counterweight_harness::tail(&self.witness_log)
-        ));
-        s
-    }
-
-    fn cms(&self, cluster: &Cluster) -> Api<ConfigMap> {
-        Api::namespaced(cluster.client(), "counterweight-system")
-    }
 }
 
 /// Waits until `cluster`'s `web` Service has its two pods as ready
@@ -508,26 +358,6 @@ fn in_order(events: &[String], want: &[&str]) -> bool {
     want.iter().all(|w| it.any(|e| e == w))
 }
 
-/// What the active's record says it last heard of `peer` (the `ha` key,
-/// as `cwctl status` shows it): eligible as a handover target, and recently.
-async fn hears_eligible(active: &Api<ConfigMap>, peer: &str) -> Result<Option<()>, String> {
-    let cm = active
-        .get_opt("counterweight-state")
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("no state record")?;
-    let ha = cm.data.unwrap_or_default().remove("ha").unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&ha).map_err(|e| format!("{e}: {ha}"))?;
-    let p = &v["peers"][peer];
-    let status = p["status"].as_str().unwrap_or_default();
-    let fresh = p["lastHeardMsAgo"].as_u64().is_some_and(|ms| ms < 3000);
-    if fresh && status.contains("role: Standby") && status.contains("eligible: true") {
-        Ok(Some(()))
-    } else {
-        Err(ha)
-    }
-}
-
 /// The reasons of `cluster`'s Events in `counterweight-system`, oldest first.
 async fn event_reasons(cluster: &Cluster) -> Result<Vec<String>, String> {
     let mut events: Vec<k8s_openapi::api::events::v1::Event> =
@@ -560,144 +390,25 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         return;
     }
     counterweight_harness::install_crypto_provider();
-    let readme_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
-    let readme = std::fs::read_to_string(&readme_path).expect("README.md");
-    let mut all: Vec<&str> = STEPS.to_vec();
-    all.push(CHECK_STEP);
-    assert_eq!(
-        guide_steps(&readme),
-        all,
-        "README.md's install steps and the ones this test runs differ"
-    );
+    let readme = install::read_readme().expect("README.md");
+    install::check_steps(&readme).expect("README.md's install steps are the ones this test runs");
     let images = images_dir();
-    for i in IMAGES {
-        assert!(
-            images.join(format!("{i}.tar")).is_file(),
-            "{i}.tar missing in {} (tools/images.sh)",
-            images.display()
-        );
-    }
-    let bins = Binaries::locate().expect("control-plane binaries");
     let tools = counterweight_e2e::ha::workspace_bin("cw-certs", "COUNTERWEIGHT_CW_CERTS_BIN");
     let tools_dir = tools.parent().expect("target dir").to_owned();
-    for b in ["cwctl", "counterweight-controller"] {
-        assert!(
-            tools_dir.join(b).is_file(),
-            "{b} not built in {}: cargo build -p counterweight-certs -p counterweight-cli -p counterweight-controller",
-            tools_dir.display()
-        );
-    }
 
-    // ---- what the person's infrastructure provides ----
-    let begun = Instant::now();
-    let real = counterweight_harness::start_real_named(&["east", "west"]);
-    let (real, witness_cluster) = tokio::join!(real, Cluster::start(bins.clone(), "witness"));
-    let (lan, mut clusters) = real.expect("two real-node clusters start");
-    let witness_cluster = witness_cluster.expect("the witness's cluster starts");
-    let west = clusters.pop().expect("west");
-    let east = clusters.pop().expect("east");
-    let clusters_up = begun.elapsed();
-    for c in [&east, &west] {
-        c.real_node()
-            .expect("a real node")
-            .route_like_a_node()
-            .expect("route like a cluster node");
-    }
-    let t = Instant::now();
-    for c in [&east, &west] {
-        for i in IMAGES {
-            c.real_node()
-                .expect("a real node")
-                .import_image(&images.join(format!("{i}.tar")))
-                .unwrap_or_else(|e| panic!("import {i} into {}: {e}", c.name()));
-        }
-    }
-    let imported = t.elapsed();
-    let work = tempfile::Builder::new()
-        .prefix("counterweight-install-")
-        .tempdir()
-        .expect("work dir");
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    std::os::unix::fs::symlink(
-        repo.join("manifests").canonicalize().expect("manifests"),
-        work.path().join("manifests"),
-    )
-    .expect("link manifests");
-    let pv_dir = work.path().join("volumes");
-    for c in ["east", "west"] {
-        for v in ["ems-db", "ems-files"] {
-            std::fs::create_dir_all(pv_dir.join(c).join(v)).expect("volume dir");
-        }
-    }
-    let kubeconfig = work.path().join("kubeconfig");
-    counterweight_harness::write_kubeconfig_of(&[&east, &west], &kubeconfig).expect("kubeconfig");
-    let kubectl = bins.kubectl();
-    let path = format!(
-        "{}:{}:{}",
-        tools_dir.display(),
-        kubectl.parent().expect("bin dir").display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let addr = |c: &Cluster| c.real_node().expect("a real node").addr().to_string();
-    let vars: Vec<(String, String)> = [
-        ("PATH", path),
-        ("KUBECONFIG", kubeconfig.display().to_string()),
-        ("EAST_ADDR", addr(&east)),
-        ("WEST_ADDR", addr(&west)),
-        ("WITNESS_ADDR", lan.host_addr().to_string()),
-        ("WITNESS_PORT", free_port().expect("port").to_string()),
-        (
-            "WITNESS_METRICS",
-            format!("127.0.0.1:{}", free_port().expect("port")),
-        ),
-        ("REGISTRY", "counterweight".into()),
-        ("TAG", "dev".into()),
-        (
-            "BUSYBOX_IMAGE",
-            counterweight_harness::BUSYBOX_IMAGE.to_owned(),
-        ),
-        ("PV_DIR", pv_dir.display().to_string()),
-        (
-            "WITNESS_KUBECONFIG",
-            witness_cluster.kubeconfig().display().to_string(),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let g = Install {
-        witness_log: work.path().join("witness.log"),
-        east,
-        west,
-        witness_cluster,
-        lan,
-        work,
-        vars,
-        kubectl,
-        kubeconfig,
-    };
+    // ---- what the person's infrastructure provides (counterweight_harness::install) ----
+    let (g, infra_took) = Install::start(&images, &tools_dir, &mut |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("the clusters, images, volumes and variables: {e}"));
+    let (clusters_up, imported) = (infra_took.clusters_up, infra_took.imported);
 
     // ---- the guide ----
     let install_began = Instant::now();
-    let mut took = Vec::new();
-    let mut witness = None;
-    for name in STEPS {
-        let s = script(g.work.path(), &g.vars, &guide_step(&readme, name));
-        if name == "witness" {
-            let mut p = Process::spawn(
-                "witness",
-                Path::new("bash"),
-                &["-euo".into(), "pipefail".into(), "-c".into(), s],
-                &g.witness_log,
-            )
-            .expect("start the witness");
-            p.tail_on_panic();
-            witness = Some(p);
-            continue;
-        }
-        took.push((name, run_step(name, &s).await));
-    }
-    let witness = std::sync::Mutex::new(witness.expect("the guide starts the witness"));
+    let (took, witness) = g
+        .run_guide(&readme, &mut |_, _| {})
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let witness = std::sync::Mutex::new(witness);
 
     // ---- first election: east (priority 2) active, west standby ----
     let (east_cms, west_cms) = (g.cms(&g.east), g.cms(&g.west));
@@ -845,7 +556,7 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         "east to hear west as an eligible standby (west's database and files current)",
         Duration::from_secs(240),
         Duration::from_millis(500),
-        || async { hears_eligible(&east_cms, "west").await },
+        || async { install::hears_eligible(&east_cms, "west").await.map(Some) },
         || async { g.explain() },
     )
     .await;
@@ -1137,7 +848,7 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         "west to hear east as an eligible standby before the cut",
         Duration::from_secs(240),
         Duration::from_millis(500),
-        || async { hears_eligible(&west_cms, "east").await },
+        || async { install::hears_eligible(&west_cms, "east").await.map(Some) },
         || async { g.explain() },
     )
     .await;

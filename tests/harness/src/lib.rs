@@ -21,12 +21,14 @@
 
 mod binaries;
 pub mod bulk;
+pub mod install;
 pub mod lan;
 pub mod netns;
 mod postgres;
 mod process;
 mod proxy;
 pub mod realnode;
+pub mod sample_data;
 pub mod undo;
 mod webhook;
 
@@ -427,6 +429,17 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(5);
         while let Some(mut p) = self.procs.pop() {
             p.reap(deadline);
+        }
+    }
+
+    /// Stops every process and, for a real node, runs its teardown (every
+    /// container, namespace, cgroup, link and mount goes); what dropping
+    /// the cluster does, less removing the directory, so that several
+    /// clusters can be torn down in parallel. Idempotent.
+    pub fn teardown(&mut self) {
+        self.stop();
+        if let Some(node) = self.real.as_mut() {
+            node.teardown();
         }
     }
 
