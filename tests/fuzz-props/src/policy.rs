@@ -19,6 +19,8 @@ use std::time::Duration;
 use counterweight_core::names::check_label_key;
 use counterweight_core::policy::{MIN_INTERVAL, Policy, WEIGHT_SUM_TOLERANCE};
 
+use crate::support::yaml_cannot_carry;
+
 /// Checks the target's properties on one input; panics on a violation.
 pub fn check(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -62,10 +64,10 @@ pub fn check(data: &[u8]) {
     }
 
     let written = serde_json::to_string(&policy).expect("a policy serializes");
-    // JSON leaves U+0085, U+2028 and U+2029 unescaped, and the YAML 1.1
-    // reader takes them for line breaks even inside a quoted string (found
-    // by this target in a selector's label key; see README.md).
-    if written.contains(['\u{85}', '\u{2028}', '\u{2029}']) {
+    // Unless it holds text JSON carries raw and the YAML 1.1 reader does
+    // not read back (see `yaml_cannot_carry`; found by this target in a
+    // selector's label key, which is now refused; see README.md).
+    if yaml_cannot_carry(&written) {
         return;
     }
     match Policy::from_yaml(&written) {
