@@ -25,7 +25,9 @@
 //!
 //! Requests older than [`MAX_REQUEST_AGE`] are rejected rather than
 //! executed: a `pause` filed while the controller was down for an hour is
-//! more likely to surprise than to help. The RBAC an operator needs is
+//! more likely to surprise than to help; so are requests dated more than
+//! [`MAX_REQUEST_SKEW`] ahead of the controller's clock (the rule is
+//! `counterweight_core::request::check_request_age`). The RBAC an operator needs is
 //! `create`, `get` and `update` on this one ConfigMap (see
 //! `manifests/base/cwctl-rbac.yaml`); the controller needs `get`, `list`,
 //! `watch` and `patch` on it.
@@ -34,6 +36,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use counterweight_core::ha::Command;
+use counterweight_core::names::check_cluster_name;
+use counterweight_core::request::check_request_age;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::Timestamp;
@@ -44,10 +48,8 @@ use tracing::{info, warn};
 
 pub use counterweight_core::request::{
     ACCEPTED, COMMAND_CONFIGMAP, COMMAND_KEY, HANDLED_AT_KEY, HANDLED_ID_KEY, ID_KEY,
-    REJECTED_PREFIX, REQUESTED_AT_KEY, RESULT_KEY, TARGET_KEY,
+    MAX_REQUEST_AGE, MAX_REQUEST_SKEW, REJECTED_PREFIX, REQUESTED_AT_KEY, RESULT_KEY, TARGET_KEY,
 };
-/// Requests older than this are rejected instead of executed.
-pub const MAX_REQUEST_AGE: Duration = Duration::from_secs(300);
 /// Longest accepted `id`.
 pub const MAX_ID_LEN: usize = 128;
 
@@ -108,13 +110,9 @@ pub fn decide(data: &BTreeMap<String, String>, now: Timestamp) -> Decision {
                 ));
             }
             Ok(at) => {
-                let age = now.duration_since(at);
-                let max = i64::try_from(MAX_REQUEST_AGE.as_secs()).unwrap_or(i64::MAX);
-                if age.as_secs() > max {
-                    return reject(format!(
-                        "the request was filed at {at}, more than {}s ago; send it again",
-                        MAX_REQUEST_AGE.as_secs()
-                    ));
+                let age = now.duration_since(at).as_secs();
+                if let Err(reason) = check_request_age(age, &at.to_string()) {
+                    return reject(reason);
                 }
             }
         },
@@ -132,9 +130,10 @@ pub fn decide(data: &BTreeMap<String, String>, now: Timestamp) -> Decision {
                     "a switchover needs `{TARGET_KEY}`: the cluster to become active"
                 ));
             }
-            Some(t) if !is_cluster_name(t) => {
+            Some(t) if check_cluster_name(t).is_err() => {
                 return reject(format!(
-                    "`{TARGET_KEY}` {t:?} is not a cluster name (lowercase letters, digits, '-', '.')"
+                    "`{TARGET_KEY}` {t:?} is not a cluster name (a DNS label: lowercase letters, \
+                     digits and '-', at most 63)"
                 ));
             }
             Some(t) => Command::Switchover {
@@ -149,21 +148,6 @@ pub fn decide(data: &BTreeMap<String, String>, now: Timestamp) -> Decision {
         }
     };
     Decision::Forward { id, command }
-}
-
-/// Cluster names are DNS-1123 subdomains, like the kubeconfig contexts
-/// `cwctl` maps them to.
-fn is_cluster_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && s.as_bytes()
-            .first()
-            .is_some_and(|b| b.is_ascii_alphanumeric())
-        && s.as_bytes()
-            .last()
-            .is_some_and(|b| b.is_ascii_alphanumeric())
 }
 
 /// Watches the request ConfigMap of `namespace` until `shutdown` resolves,
@@ -370,5 +354,35 @@ mod tests {
             now(),
         ));
         assert!(r.contains("send it again"), "{r}");
+    }
+
+    /// Issue 17: a request dated in the future was forwarded, however far
+    /// ahead; now only within the clock skew allowed.
+    #[test]
+    fn requests_from_the_future_are_rejected_beyond_the_skew() {
+        let at = |t: &str| req(&[("command", "pause"), ("id", "x"), ("requestedAt", t)]);
+        assert!(matches!(
+            decide(&at("2026-11-24T12:01:00Z"), now()),
+            Decision::Forward { .. }
+        ));
+        let r = rejected(decide(&at("2026-11-24T12:01:01Z"), now()));
+        assert!(r.contains("61s in the future"), "{r}");
+        let r = rejected(decide(&at("2099-01-01T00:00:00Z"), now()));
+        assert!(r.contains("`requestedAt`") && r.contains("clock"), "{r}");
+    }
+
+    /// A switchover target is a cluster name by the HA configuration's rule
+    /// (a DNS label), not any DNS name.
+    #[test]
+    fn switchover_targets_are_dns_labels() {
+        let to = |t: &str| req(&[("command", "switchover"), ("target", t), ("id", "x")]);
+        assert!(matches!(
+            decide(&to("west-2"), now()),
+            Decision::Forward { .. }
+        ));
+        for bad in ["west.example", "-west", &"w".repeat(64)] {
+            let r = rejected(decide(&to(bad), now()));
+            assert!(r.contains("not a cluster name"), "{bad}: {r}");
+        }
     }
 }

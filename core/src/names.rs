@@ -25,3 +25,117 @@ pub const STATE_CONFIGMAP: &str = "counterweight-state";
 pub const POLICY_CONFIGMAP: &str = "counterweight-policy";
 /// Key under which the policy YAML is stored in [`POLICY_CONFIGMAP`].
 pub const POLICY_KEY: &str = "policy.yaml";
+
+/// Checks that `s` is a DNS-1123 label (lowercase letters, digits and '-',
+/// starting and ending with a letter or digit, at most 63 characters), as
+/// Kubernetes requires of namespace names; the reason otherwise.
+pub fn check_dns_label(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} is not a DNS label (lowercase letters, digits and '-', at most 63)"
+        ))
+    }
+}
+
+/// Checks a cluster's (or the witness's) name: a DNS-1123 label, the one
+/// rule for every place a cluster is named. The HA configuration
+/// (`HaConfig::validate`) refuses other names, so that every member is one
+/// `cwctl switchover --to` can name, a kubeconfig context and a certificate
+/// SAN can carry, and the serving lease file (one line, split at spaces)
+/// can hold; the command request and the serving lease refuse them too.
+pub fn check_cluster_name(s: &str) -> Result<(), String> {
+    check_dns_label(s).map_err(|e| format!("cluster name {e}"))
+}
+
+/// Checks a Kubernetes label key: an optional prefix (a DNS-1123
+/// subdomain of at most 253 characters) and `/`, then a name of 1 to 63
+/// characters, letters, digits, '-', '_' and '.', starting and ending with
+/// a letter or digit. The API server refuses any other key on an object,
+/// so a selector naming one would never match a pod.
+pub fn check_label_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && alnum(name.as_bytes().first())
+        && alnum(name.as_bytes().last());
+    let prefix_ok = prefix
+        .is_none_or(|p| p.len() <= 253 && p.split('.').all(|label| check_dns_label(label).is_ok()));
+    if name_ok && prefix_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key:?} is not a label key: an optional DNS subdomain prefix and '/', then 1 to 63 \
+             letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_names_are_dns_labels() {
+        for ok in ["east", "west-2", "c0", &"a".repeat(63)] {
+            assert_eq!(check_cluster_name(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "East",
+            "west.example",
+            "-a",
+            "a-",
+            "a b",
+            "a_b",
+            &"a".repeat(64),
+        ] {
+            let e = check_cluster_name(bad).unwrap_err();
+            assert!(e.contains("not a DNS label"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn label_keys_follow_kubernetes() {
+        for ok in [
+            "app",
+            "App_1.x",
+            "app.kubernetes.io/name",
+            "counterweight.dev/role",
+            "example.com/a",
+            &"k".repeat(63),
+        ] {
+            assert_eq!(check_label_key(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "/app",
+            "app/",
+            "-app",
+            "app-",
+            "a b",
+            "ap'#b",
+            "Example.com/app",
+            "a/b/c",
+            &"k".repeat(64),
+            &format!("{}/app", "p".repeat(254)),
+        ] {
+            let e = check_label_key(bad).unwrap_err();
+            assert!(e.contains("is not a label key"), "{bad}: {e}");
+        }
+    }
+}

@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::bounded::{self, BoundedError, Limits};
+use crate::names::{check_dns_label, check_label_key};
 
 /// Tolerance of Equation 2 (Σ w = 1): YAML decimals such as 0.1 + 0.2 are
 /// not exact in binary floating point.
@@ -681,7 +682,15 @@ impl RawComponent {
                 s
             }
             Some(s) => {
+                for key in s.match_labels.keys() {
+                    if let Err(e) = check_label_key(key) {
+                        p.push(field("selector.matchLabels"), e);
+                    }
+                }
                 for (j, r) in s.match_expressions.iter().enumerate() {
+                    if let Err(e) = check_label_key(&r.key) {
+                        p.push(field(&format!("selector.matchExpressions[{j}].key")), e);
+                    }
                     let needs_values = matches!(r.operator, Operator::In | Operator::NotIn);
                     if needs_values == r.values.is_empty() {
                         p.push(
@@ -798,22 +807,6 @@ impl RawComponent {
     }
 }
 
-fn check_dns_label(s: &str) -> Result<(), String> {
-    let ok = !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{s:?} is not a DNS label (lowercase letters, digits and '-', at most 63)"
-        ))
-    }
-}
-
 /// Parses `250ms`, `5s`, `2m` or `1h`. A bare number is seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
@@ -888,6 +881,37 @@ components:
       - tcp: {port: 873}
       - http: {port: 8080, path: /healthz}
 "#;
+
+    /// Issue 17: a selector's label key that no pod can carry (found by
+    /// fuzzing: `ap''''#'b''p`) was accepted, and the component then never
+    /// matched. Both forms of selector are checked, each problem named.
+    #[test]
+    fn selectors_with_invalid_label_keys_are_refused_with_the_field() {
+        let bad = GOOD
+            .replace(
+                "{matchLabels: {app: web}}",
+                "{matchLabels: {\"ap'#b\": web}}",
+            )
+            .replace("{key: app, operator: In", "{key: \"-app\", operator: In");
+        let e = Policy::from_yaml(&bad).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("components[0] (web).selector.matchLabels")
+                && text.contains("\"ap'#b\" is not a label key"),
+            "{text}"
+        );
+        assert!(
+            text.contains("components[1] (db).selector.matchExpressions[0].key")
+                && text.contains("\"-app\" is not a label key"),
+            "{text}"
+        );
+        // Prefixed keys, as Kubernetes writes them, stay valid.
+        let good = GOOD.replace(
+            "{matchLabels: {app: web}}",
+            "{matchLabels: {app.kubernetes.io/name: web, example.com/tier_1.x: a}}",
+        );
+        assert!(Policy::from_yaml(&good).is_ok());
+    }
 
     #[test]
     fn http_paths_may_carry_a_query_but_no_fragment_or_spaces() {

@@ -92,6 +92,15 @@ pub enum LeaseError {
         /// What it held.
         value: String,
     },
+    /// The cluster is not a cluster name (empty, say): the lease file
+    /// could not carry it, and no member is named so.
+    #[error("serving lease key `cluster` holds {value:?}: {reason}")]
+    BadCluster {
+        /// What it held.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl ServingLease {
@@ -113,12 +122,16 @@ impl ServingLease {
                 value: text.clone(),
             })
         };
+        let cluster = data
+            .get(CLUSTER_KEY)
+            .ok_or(LeaseError::MissingKey(CLUSTER_KEY))?
+            .trim();
+        crate::names::check_cluster_name(cluster).map_err(|reason| LeaseError::BadCluster {
+            value: cluster.to_owned(),
+            reason,
+        })?;
         Ok(Self {
-            cluster: data
-                .get(CLUSTER_KEY)
-                .ok_or(LeaseError::MissingKey(CLUSTER_KEY))?
-                .trim()
-                .to_owned(),
+            cluster: cluster.to_owned(),
             epoch: number(EPOCH_KEY)?,
             until_unix_ms: number(UNTIL_KEY)?,
         })
@@ -339,6 +352,19 @@ mod tests {
             ServingLease::from_data(&d),
             Err(LeaseError::MissingKey(EPOCH_KEY))
         );
+    }
+
+    /// Issue 17: an empty cluster was read as a lease (the lease file
+    /// cannot carry it, and no member is named so).
+    #[test]
+    fn a_lease_without_a_cluster_name_is_refused() {
+        for bad in ["", "  ", "east west", "East"] {
+            let mut d = lease(1, 5).to_data();
+            d.insert(CLUSTER_KEY.into(), bad.into());
+            let e = ServingLease::from_data(&d).unwrap_err();
+            assert!(matches!(e, LeaseError::BadCluster { .. }), "{bad:?}: {e:?}");
+            assert!(e.to_string().contains("`cluster`"), "{e}");
+        }
     }
 
     #[test]

@@ -9,77 +9,13 @@
 //! `MAX_ID_LEN` bytes, a `requestedAt` that parses and is at most
 //! `MAX_REQUEST_AGE` old, and, for a switchover, a target that is a
 //! cluster name; a rejection names its `id` and gives a reason.
+//!
+//! The check itself is `counterweight_fuzz_props::command_request::check`, which the
+//! normal suite also runs on every file of `fuzz/corpus/command_request/`.
 
 #![no_main]
 
-use std::sync::LazyLock;
-
-use counterweight_controller::commands::{
-    COMMAND_KEY, Decision, HANDLED_ID_KEY, ID_KEY, MAX_ID_LEN, MAX_REQUEST_AGE, REQUESTED_AT_KEY,
-    TARGET_KEY, decide,
-};
-use counterweight_core::ha::Command;
-use counterweight_fuzz::{config_map, timed};
-use k8s_openapi::jiff::Timestamp;
+use counterweight_fuzz::timed;
 use libfuzzer_sys::fuzz_target;
 
-static NOW: LazyLock<Timestamp> =
-    LazyLock::new(|| "2026-12-05T00:00:00Z".parse().expect("a valid instant"));
-
-fuzz_target!(|data: &[u8]| timed("command_request", data, check));
-
-fn check(data: &[u8]) {
-    let map = config_map(data);
-    let id = map.get(ID_KEY).map(|s| s.trim()).filter(|s| !s.is_empty());
-    let handled = map.get(HANDLED_ID_KEY).map(|s| s.trim());
-    match decide(&map, *NOW) {
-        Decision::Ignore => {
-            assert!(id.is_none() || id == handled, "ignored {map:?}");
-        }
-        Decision::Reject {
-            id: rejected,
-            reason,
-        } => {
-            assert_eq!(Some(rejected.as_str()), id);
-            assert_ne!(id, handled);
-            assert!(!reason.is_empty());
-        }
-        Decision::Forward {
-            id: forwarded,
-            command,
-        } => {
-            assert_eq!(Some(forwarded.as_str()), id);
-            assert_ne!(id, handled);
-            assert!(forwarded.len() <= MAX_ID_LEN);
-            let at: Timestamp = map[REQUESTED_AT_KEY]
-                .trim()
-                .parse()
-                .expect("a forwarded request has a valid time");
-            let age = NOW.duration_since(at);
-            assert!(
-                age.as_secs() <= MAX_REQUEST_AGE.as_secs() as i64,
-                "forwarded a request filed {age:?} ago"
-            );
-            let written = map[COMMAND_KEY].trim();
-            match command {
-                Command::Pause => assert_eq!(written, "pause"),
-                Command::Resume => assert_eq!(written, "resume"),
-                Command::Switchover { target } => {
-                    assert_eq!(written, "switchover");
-                    assert_eq!(map[TARGET_KEY].trim(), target);
-                    assert!(cluster_name(&target), "{target:?}");
-                }
-            }
-        }
-    }
-}
-
-/// A DNS-1123 subdomain, as `decide` documents for targets.
-fn cluster_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
-}
+fuzz_target!(|data: &[u8]| timed("command_request", data, counterweight_fuzz_props::command_request::check));

@@ -12,64 +12,13 @@
 //! through its timers, as the controller would. A configuration that passes
 //! validation must never make the state machine panic or overflow its
 //! arithmetic (the targets are built with debug assertions).
+//!
+//! The check itself is `counterweight_fuzz_props::ha_config::check`, which the
+//! normal suite also runs on every file of `fuzz/corpus/ha_config/`.
 
 #![no_main]
 
-use std::collections::BTreeSet;
-
-use counterweight_core::ha::{HaConfig, Node, Persisted, Vote};
-use counterweight_core::state::Role;
-use counterweight_fuzz::{check_actions, drive, timed};
+use counterweight_fuzz::timed;
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| timed("ha_config", data, check));
-
-fn check(data: &[u8]) {
-    let Ok(config) = HaConfig::from_yaml(data) else {
-        return;
-    };
-    // Written as JSON, read back by the YAML reader, as a file would be.
-    // Except names holding a YAML 1.1 line break (U+0085, U+2028, U+2029):
-    // JSON leaves them unescaped and the YAML 1.1 reader folds them into a
-    // space even inside a quoted string (found by this target; see the
-    // README for why names are not validated).
-    let breaks = |s: &str| s.contains(['\u{85}', '\u{2028}', '\u{2029}']);
-    if !config.member_names().any(breaks) {
-        let written = serde_json::to_vec(&config).expect("a config serializes");
-        let again = HaConfig::from_yaml(&written).expect("a written config reads back");
-        assert_eq!(again, config, "{}", String::from_utf8_lossy(&written));
-    }
-    if config.validate().is_err() {
-        return;
-    }
-    assert!(config.clusters.len() >= 2);
-    let members: Vec<&str> = config.member_names().collect();
-    assert_eq!(
-        members.iter().collect::<BTreeSet<_>>().len(),
-        members.len(),
-        "unique members"
-    );
-    assert!(config.quorum() >= 1 && config.quorum() <= members.len());
-    assert!(config.lease_ms > config.probe_interval_ms.saturating_add(config.margin_ms));
-
-    // Three members are enough to reach every role (a group may list
-    // hundreds, and each would be run in full).
-    for me in members.iter().take(3) {
-        let active = config.is_cluster(me).then(|| Persisted {
-            role: Role::Active,
-            epoch: 3,
-            vote: Some(Vote {
-                epoch: 3,
-                to: (*me).to_owned(),
-            }),
-            paused: false,
-        });
-        for stored in [None, active] {
-            let mut now = 1_000;
-            let (mut node, actions) = Node::start(config.clone(), me, stored, now)
-                .expect("a validated config starts every member");
-            check_actions(&actions);
-            drive(&mut node, &mut now, 12);
-        }
-    }
-}
+fuzz_target!(|data: &[u8]| timed("ha_config", data, counterweight_fuzz_props::ha_config::check));

@@ -16,80 +16,13 @@
 //! `manifests/base/controller/ha-config.yaml`), started fresh and as a
 //! restarted active, which is then driven through its timers, checking that
 //! everything it sends encodes.
+//!
+//! The check itself is `counterweight_fuzz_props::peer_message::check`, which the
+//! normal suite also runs on every file of `fuzz/corpus/peer_message/`.
 
 #![no_main]
 
-use std::sync::LazyLock;
-
-use counterweight_core::ha::{ClusterSpec, Envelope, Event, HaConfig, Node, Persisted, Vote};
-use counterweight_core::state::Role;
-use counterweight_fuzz::{check_actions, drive, timed};
+use counterweight_fuzz::timed;
 use libfuzzer_sys::fuzz_target;
 
-static CONFIG: LazyLock<HaConfig> = LazyLock::new(|| {
-    let cluster = |name: &str, priority| ClusterSpec {
-        name: name.into(),
-        priority,
-    };
-    let mut c = HaConfig::new(
-        vec![cluster("east", 2), cluster("west", 1)],
-        Some("witness".into()),
-    );
-    c.probe_interval_ms = 1000;
-    c.lease_ms = 6000;
-    c.margin_ms = 2000;
-    c.candidate_fresh_ms = 3000;
-    c
-});
-
-/// Messages read from one input.
-const MAX_MESSAGES: usize = 8;
-
-fuzz_target!(|data: &[u8]| timed("peer_message", data, check));
-
-fn check(data: &[u8]) {
-    // One message per line: several let a claim collect votes from more
-    // than one peer, or a handover run through its steps.
-    let mut messages = Vec::new();
-    for line in data.split(|b| *b == b'\n').take(MAX_MESSAGES) {
-        let Ok(env) = Envelope::from_json(line) else {
-            continue;
-        };
-        let bytes = env.to_json().expect("a decoded envelope encodes");
-        assert_eq!(
-            Envelope::from_json(&bytes).expect("an encoded envelope decodes"),
-            env
-        );
-        if CONFIG.is_member(&env.from) && CONFIG.is_member(&env.to) && env.from != env.to {
-            messages.push(env);
-        }
-    }
-    // Delivered to the addressee of the first; the node drops the others
-    // that are not for it, as it would from the network.
-    let Some(me) = messages.first().map(|env| env.to.clone()) else {
-        return;
-    };
-    let active = CONFIG.is_cluster(&me).then(|| Persisted {
-        role: Role::Active,
-        epoch: 3,
-        vote: Some(Vote {
-            epoch: 3,
-            to: me.clone(),
-        }),
-        paused: false,
-    });
-    for stored in [None, active] {
-        let mut now = 1_000;
-        let (mut node, actions) =
-            Node::start(CONFIG.clone(), &me, stored, now).expect("the config is valid");
-        check_actions(&actions);
-        // Let a restarted active ask for its lease first, then deliver,
-        // a step of its timers after each message, then run on.
-        drive(&mut node, &mut now, 2);
-        for env in &messages {
-            check_actions(&node.handle(now, Event::Message(env.clone())));
-            drive(&mut node, &mut now, 1);
-        }
-        drive(&mut node, &mut now, 10);
-    }
-}
+fuzz_target!(|data: &[u8]| timed("peer_message", data, counterweight_fuzz_props::peer_message::check));

@@ -11,69 +11,13 @@
 //! says what the validator accepted. Not through `serde_yaml_ng`'s writer:
 //! it writes the checks as YAML tags (`!postgres`), which the policy format
 //! does not use, and nothing in Counterweight writes a policy as YAML.
+//!
+//! The check itself is `counterweight_fuzz_props::policy::check`, which the
+//! normal suite also runs on every file of `fuzz/corpus/policy/`.
 
 #![no_main]
 
-use std::collections::BTreeSet;
-use std::time::Duration;
-
-use counterweight_core::policy::{MIN_INTERVAL, Policy, WEIGHT_SUM_TOLERANCE};
 use counterweight_fuzz::timed;
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| timed("policy", data, check));
-
-fn check(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    let policy = match Policy::from_yaml(text) {
-        Ok(p) => p,
-        Err(e) => {
-            assert!(!e.problems().is_empty(), "a refusal names a problem");
-            assert!(!e.to_string().is_empty());
-            return;
-        }
-    };
-    assert!((0.0..=1.0).contains(&policy.threshold), "{policy:?}");
-    assert!(policy.interval >= MIN_INTERVAL, "{policy:?}");
-    assert!(!policy.components.is_empty());
-    assert!(
-        (policy.weight_sum() - 1.0).abs() <= WEIGHT_SUM_TOLERANCE,
-        "{policy:?}"
-    );
-    let mut names = BTreeSet::new();
-    for c in &policy.components {
-        assert!(names.insert(c.name.as_str()), "duplicate {}", c.name);
-        assert!(dns_label(&c.name), "{:?}", c.name);
-        assert!(c.weight > 0.0 && c.weight <= 1.0, "{c:?}");
-        assert!(!c.namespaces.is_empty() && c.namespaces.iter().all(|n| dns_label(n)));
-        assert!(c.min_ready >= 1);
-        assert!(c.check_timeout > Duration::ZERO && c.check_timeout < policy.interval);
-        assert!(policy.component(&c.name).is_some());
-        for check in &c.checks {
-            assert!(!check.describe().is_empty());
-        }
-    }
-
-    let written = serde_json::to_string(&policy).expect("a policy serializes");
-    // JSON leaves U+0085, U+2028 and U+2029 unescaped, and the YAML 1.1
-    // reader takes them for line breaks even inside a quoted string (found
-    // by this target in a selector's label key; see README.md).
-    if written.contains(['\u{85}', '\u{2028}', '\u{2029}']) {
-        return;
-    }
-    match Policy::from_yaml(&written) {
-        Ok(again) => assert_eq!(again, policy, "round trip through:\n{written}"),
-        Err(e) => panic!("a written policy does not read back: {e}\n{written}"),
-    }
-}
-
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
+fuzz_target!(|data: &[u8]| timed("policy", data, counterweight_fuzz_props::policy::check));

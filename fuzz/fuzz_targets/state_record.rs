@@ -13,66 +13,13 @@
 //! A record that decodes is the one a restarting controller resumes from,
 //! so a node of a three-member group is started from it and driven through
 //! its timers: no record may make the state machine panic or overflow.
+//!
+//! The check itself is `counterweight_fuzz_props::state_record::check`, which the
+//! normal suite also runs on every file of `fuzz/corpus/state_record/`.
 
 #![no_main]
 
-use std::sync::LazyLock;
-
-use counterweight_core::ha::{ClusterSpec, HaConfig, Node, Persisted};
-use counterweight_core::serving::ServingLease;
-use counterweight_core::state::RoleEpoch;
-use counterweight_fuzz::{check_actions, config_map, drive, timed};
+use counterweight_fuzz::timed;
 use libfuzzer_sys::fuzz_target;
 
-static CONFIG: LazyLock<HaConfig> = LazyLock::new(|| {
-    let cluster = |name: &str, priority| ClusterSpec {
-        name: name.into(),
-        priority,
-    };
-    HaConfig::new(
-        vec![cluster("east", 2), cluster("west", 1)],
-        Some("witness".into()),
-    )
-});
-
-fuzz_target!(|data: &[u8]| timed("state_record", data, check));
-
-fn check(data: &[u8]) {
-    if data.is_empty() {
-        assert!(RoleEpoch::from_data(None).is_err());
-        assert!(Persisted::from_data(None).is_err());
-    }
-    let map = config_map(data);
-
-    if let Ok(re) = RoleEpoch::from_data(Some(&map)) {
-        let mut written = map.clone();
-        re.write_to(&mut written);
-        assert_eq!(RoleEpoch::from_data(Some(&written)), Ok(re));
-    }
-
-    if let Ok(lease) = ServingLease::from_data(&map) {
-        assert_eq!(ServingLease::from_data(&lease.to_data()), Ok(lease.clone()));
-        if !lease.cluster.is_empty() && !lease.cluster.contains(char::is_whitespace) {
-            assert_eq!(ServingLease::from_file(&lease.to_file()), Some(lease));
-        }
-    }
-
-    let Ok(record) = Persisted::from_data(Some(&map)) else {
-        return;
-    };
-    let mut written = map.clone();
-    record.write_to(&mut written);
-    assert_eq!(Persisted::from_data(Some(&written)), Ok(record.clone()));
-    assert_eq!(
-        RoleEpoch::from_data(Some(&written)),
-        Ok(record.role_epoch())
-    );
-
-    for me in ["east", "witness"] {
-        let mut now = 1_000;
-        let (mut node, actions) = Node::start(CONFIG.clone(), me, Some(record.clone()), now)
-            .expect("the config is valid");
-        check_actions(&actions);
-        drive(&mut node, &mut now, 12);
-    }
-}
+fuzz_target!(|data: &[u8]| timed("state_record", data, counterweight_fuzz_props::state_record::check));

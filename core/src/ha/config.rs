@@ -76,6 +76,17 @@ pub enum HaConfigError {
     /// Two members share a name.
     #[error("name {0:?} appears more than once in `clusters`/`witness`")]
     DuplicateName(String),
+    /// A name is not a cluster name (a DNS-1123 label), which `cwctl`,
+    /// certificates and the serving lease need.
+    #[error(
+        "`clusters`/`witness`: {reason}; members are named by DNS labels, as `cwctl switchover --to` and the serving lease name them"
+    )]
+    BadName {
+        /// The name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The node's own name is not a member.
     #[error("this node's name {0:?} is neither in `clusters` nor the `witness`")]
     UnknownSelf(String),
@@ -142,6 +153,10 @@ impl HaConfig {
             if name.is_empty() {
                 return Err(HaConfigError::EmptyName);
             }
+            crate::names::check_cluster_name(name).map_err(|reason| HaConfigError::BadName {
+                name: name.to_owned(),
+                reason,
+            })?;
             if !seen.insert(name) {
                 return Err(HaConfigError::DuplicateName(name.to_owned()));
             }

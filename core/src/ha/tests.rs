@@ -236,6 +236,20 @@ fn config_validation_names_the_problem() {
     let mut c = two();
     c.clusters[1].name.clear();
     assert_eq!(c.validate(), Err(HaConfigError::EmptyName));
+    // Issue 17: names cwctl cannot target (not DNS labels) were accepted.
+    for bad in ["West", "west.example", "a b", "-b"] {
+        let mut c = two();
+        c.clusters[1].name = bad.to_owned();
+        let e = c.validate().unwrap_err();
+        assert!(
+            matches!(&e, HaConfigError::BadName { name, .. } if name == bad),
+            "{bad}: {e:?}"
+        );
+        assert!(e.to_string().contains("not a DNS label"), "{e}");
+    }
+    let mut c = two();
+    c.witness = Some("Witness".to_owned());
+    assert!(matches!(c.validate(), Err(HaConfigError::BadName { .. })));
     let mut c = two();
     c.lease_ms = c.probe_interval_ms + c.margin_ms;
     assert!(matches!(
