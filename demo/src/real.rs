@@ -23,7 +23,6 @@ use anyhow::{Context, Result, bail};
 use counterweight_core::state::Role;
 use counterweight_harness::Process;
 use counterweight_harness::install::{self, Infra};
-use counterweight_harness::sample_data::Kubectl;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, ListParams};
 
@@ -355,11 +354,8 @@ fn row(i: u32, token: u128) -> String {
 /// Runs `sql` on the server in `context`'s `ems-db-0` (over its socket,
 /// from inside the pod); psql's output lines.
 async fn exec_sql(infra: &Infra, context: &str, sql: &str) -> Result<Vec<String>> {
-    let kubectl = Kubectl {
-        bin: infra.kubectl.clone(),
-        kubeconfig: infra.kubeconfig.clone(),
-    };
-    let out = kubectl
+    let out = infra
+        .tool()
         .sql_local(context, sql)
         .await
         .map_err(anyhow::Error::msg)?;

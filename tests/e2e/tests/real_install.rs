@@ -587,10 +587,7 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     // once west streams as the synchronous standby, a commit returns only
     // when west has the row, so every acknowledged row must be on west
     // after the failover.
-    let k = Kubectl {
-        bin: g.kubectl.clone(),
-        kubeconfig: g.kubeconfig.clone(),
-    };
+    let k = g.tool();
     let east_db = eventually_explained(
         "east's database a primary with west as its synchronous standby",
         Duration::from_secs(120),

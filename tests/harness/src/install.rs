@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 
+use crate::sample_data::Kubectl;
 use crate::undo::sh_quote;
 use crate::{Binaries, Cluster, HarnessError, Lan, Process, free_port};
 
@@ -45,8 +46,6 @@ pub const IMAGES: [&str; 5] = [
 pub const TOOLS: [&str; 3] = ["cw-certs", "cwctl", "counterweight-controller"];
 /// How long a guide step may take (kubectl waits for rollouts in `apply`).
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(300);
-/// How long one kubectl command of [`Infra::kubectl`] may take.
-const KUBECTL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What can go wrong reading or running the guide.
 #[derive(Debug, thiserror::Error)]
@@ -428,33 +427,18 @@ impl Infra {
         Ok((took, witness))
     }
 
+    /// kubectl with this install's kubeconfig, a context per cluster.
+    pub fn tool(&self) -> Kubectl {
+        Kubectl {
+            bin: self.kubectl.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+        }
+    }
+
     /// Runs kubectl with `args` against `context` (bounded by 30 s); its
     /// standard output, or why not.
     pub async fn kubectl(&self, context: &str, args: &[&str]) -> Result<String, InstallError> {
-        let what = format!("kubectl --context={context} {}", args.join(" "));
-        let child = tokio::process::Command::new(&self.kubectl)
-            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
-            .arg(format!("--context={context}"))
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(KUBECTL_TIMEOUT, child)
-            .await
-            .map_err(|_| InstallError::Timeout {
-                what: what.clone(),
-                after: KUBECTL_TIMEOUT,
-            })?
-            .map_err(io(what.clone()))?;
-        if !out.status.success() {
-            return Err(InstallError::Failed {
-                what,
-                status: out.status.to_string(),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        self.tool().run_checked(context, args).await
     }
 
     /// A kubectl command line for `context` (split at whitespace), its

@@ -11,6 +11,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::install::InstallError;
+
 /// The database pod of the sample (`StatefulSet` `ems-db`, one replica).
 pub const DB_POD: &str = "ems-db-0";
 /// The file-replication pod of the sample (`StatefulSet` `ems-files`).
@@ -48,28 +50,43 @@ pub struct DbRole {
 }
 
 impl Kubectl {
-    /// Runs kubectl against `context` with `args`; its stdout, or why not.
-    pub async fn run(&self, context: &str, args: &[&str]) -> Result<String, String> {
-        let mut cmd = tokio::process::Command::new(&self.bin);
-        cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+    /// Runs kubectl against `context` with `args`, bounded by 30 s; its
+    /// stdout, or why not.
+    pub async fn run_checked(&self, context: &str, args: &[&str]) -> Result<String, InstallError> {
+        let what = format!("kubectl --context={context} {}", args.join(" "));
+        let child = tokio::process::Command::new(&self.bin)
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             .arg(format!("--context={context}"))
             .args(args)
             .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
-        let out = tokio::time::timeout(CALL_TIMEOUT, cmd.output())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(CALL_TIMEOUT, child)
             .await
-            .map_err(|_| format!("kubectl {args:?} on {context}: no answer in {CALL_TIMEOUT:?}"))?
-            .map_err(|e| format!("kubectl {args:?} on {context}: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "kubectl {args:?} on {context}: {}: {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ))
+            .map_err(|_| InstallError::Timeout {
+                what: what.clone(),
+                after: CALL_TIMEOUT,
+            })?
+            .map_err(|source| InstallError::Io {
+                what: what.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(InstallError::Failed {
+                what,
+                status: out.status.to_string(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
         }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// [`Kubectl::run_checked`] with the error as text, for bounded polls.
+    pub async fn run(&self, context: &str, args: &[&str]) -> Result<String, String> {
+        self.run_checked(context, args)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Runs `script` with bash in `container` of the `ems` pod `pod`, with
