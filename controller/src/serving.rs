@@ -563,52 +563,54 @@ fn controller_uid(pod: &Pod) -> Option<&str> {
         .map(|o| o.uid.as_str())
 }
 
-/// Keeps from `restart` the [`escaped`] pods that [`EscapeMemo::admit`]
-/// lets restart, with a Warning Event for each pod restarted or left
-/// serving; gated pods pass unchanged.
-fn admit_restarts(shared: &Shared, pods: &[Pod], restart: Vec<PodRef>) -> Vec<PodRef> {
-    let now = Instant::now();
-    let Ok(mut memo) = shared.escapes.lock() else {
-        return restart;
+/// Whether `pod`, which [`decide`] would restart, is restarted: a gated
+/// pod always; an [`escaped`] one if [`EscapeMemo::admit`] lets it, with a
+/// Warning Event for a pod restarted or left serving. `escapes` is `None`
+/// only if its lock was poisoned, and then every restart goes ahead.
+fn admit_restart(
+    shared: &Shared,
+    escapes: Option<&mut EscapeMemo>,
+    pod: &Pod,
+    r: &PodRef,
+    now: Instant,
+) -> bool {
+    let Some(memo) = escapes else {
+        return true;
     };
-    restart
-        .into_iter()
-        .filter(|r| {
-            let Some(pod) = pods.iter().find(|p| p.metadata.uid.as_deref() == Some(&r.uid)) else {
-                return true;
-            };
-            if has_serving_gate(pod) {
-                return true;
-            }
-            let name = format!("{}/{}", r.namespace, r.name);
-            let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            match memo.admit(&r.uid, controller_uid(pod), created, now) {
-                EscapeVerdict::Restart => {
-                    warn!(pod = %name, "a pod without its init-gate runs on a standby; restarting it so that its replacement is gated");
-                    record(
-                        shared,
-                        EventType::Warning,
-                        "UngatedPodRestarted",
-                        "Restart",
-                        &format!("{name} ran without its init-gate on a standby (made before the webhook or before its namespace opted in); restarting it so that its replacement is gated"),
-                    );
-                    true
-                }
-                EscapeVerdict::Leave(why) => {
-                    warn!(pod = %name, why, "a pod without its init-gate serves on a standby; not restarting it");
-                    record(
-                        shared,
-                        EventType::Warning,
-                        "UngatedPodServes",
-                        "Restart",
-                        &format!("{name} runs without its init-gate on a standby and is not restarted: {why}"),
-                    );
-                    false
-                }
-                EscapeVerdict::LeaveQuietly => false,
-            }
-        })
-        .collect()
+    if has_serving_gate(pod) {
+        return true;
+    }
+    let name = format!("{}/{}", r.namespace, r.name);
+    let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    match memo.admit(&r.uid, controller_uid(pod), created, now) {
+        EscapeVerdict::Restart => {
+            warn!(pod = %name, "a pod without its init-gate runs on a standby; restarting it so that its replacement is gated");
+            record(
+                shared,
+                EventType::Warning,
+                "UngatedPodRestarted",
+                "Restart",
+                &format!(
+                    "{name} ran without its init-gate on a standby (made before the webhook or before its namespace opted in); restarting it so that its replacement is gated"
+                ),
+            );
+            true
+        }
+        EscapeVerdict::Leave(why) => {
+            warn!(pod = %name, why, "a pod without its init-gate serves on a standby; not restarting it");
+            record(
+                shared,
+                EventType::Warning,
+                "UngatedPodServes",
+                "Restart",
+                &format!(
+                    "{name} runs without its init-gate on a standby and is not restarted: {why}"
+                ),
+            );
+            false
+        }
+        EscapeVerdict::LeaveQuietly => false,
+    }
 }
 
 /// How long a successful serve patch stands for its pod in the reconcile
@@ -983,16 +985,23 @@ async fn fence(
     for round in 0..FENCE_ROUNDS {
         let pods = list_service_pods(&shared.client).await?;
         let mut work = Vec::new();
-        let mut found = Vec::new();
-        for pod in &pods {
-            let Some(r) = PodRef::of(pod) else { continue };
-            match decide(pod, false, 0) {
-                PodAction::Stop(reason) => work.push((r, reason)),
-                PodAction::Restart => found.push(r),
-                PodAction::Keep | PodAction::Serve => {}
+        {
+            let now = Instant::now();
+            // Held for this loop only: the guard is not `Send`.
+            let mut escapes = shared.escapes.lock().ok();
+            for pod in &pods {
+                let Some(r) = PodRef::of(pod) else { continue };
+                match decide(pod, false, 0) {
+                    PodAction::Stop(reason) => work.push((r, reason)),
+                    PodAction::Restart
+                        if admit_restart(shared, escapes.as_deref_mut(), pod, &r, now) =>
+                    {
+                        restart.push(r);
+                    }
+                    PodAction::Restart | PodAction::Keep | PodAction::Serve => {}
+                }
             }
         }
-        restart.extend(admit_restarts(shared, &pods, found));
         if work.is_empty() {
             restart.sort_by(|a, b| a.uid.cmp(&b.uid));
             restart.dedup();
@@ -1051,6 +1060,7 @@ fn plan_pass(shared: &Shared, pods: &[Pod], desired: bool) -> (Vec<ConditionPatc
     if let Some(m) = memo.as_mut() {
         m.prune(now);
     }
+    let mut escapes = shared.escapes.lock().ok();
     let epoch = shared.epoch.load(std::sync::atomic::Ordering::SeqCst);
     for pod in pods {
         let Some(r) = PodRef::of(pod) else { continue };
@@ -1059,12 +1069,13 @@ fn plan_pass(shared: &Shared, pods: &[Pod], desired: bool) -> (Vec<ConditionPatc
             PodAction::Serve if memo.as_ref().is_some_and(|m| m.fresh(&r.uid, now)) => {}
             PodAction::Serve => patches.push((r, true, ACTIVE_REASON)),
             PodAction::Stop(reason) => patches.push((r, false, reason)),
-            PodAction::Restart => restart.push(r),
-            PodAction::Keep => {}
+            PodAction::Restart if admit_restart(shared, escapes.as_deref_mut(), pod, &r, now) => {
+                restart.push(r);
+            }
+            PodAction::Restart | PodAction::Keep => {}
         }
     }
-    drop(memo);
-    (patches, admit_restarts(shared, pods, restart))
+    (patches, restart)
 }
 
 /// One reconciliation pass over `pods` for the current desired state: sends
