@@ -195,19 +195,37 @@ pub fn script(work: &Path, vars: &[(String, String)], block: &str) -> String {
 /// [`STEP_TIMEOUT`]; how long it took, or its output when it failed.
 pub async fn run_step(name: &str, script: &str) -> Result<Duration, InstallError> {
     let started = Instant::now();
-    let what = format!("guide step {name:?}");
-    let child = tokio::process::Command::new("bash")
-        .args(["-euo", "pipefail", "-c", script])
+    let mut bash = tokio::process::Command::new("bash");
+    bash.args(["-euo", "pipefail", "-c", script]);
+    run_bounded(bash, format!("guide step {name:?}"), STEP_TIMEOUT).await?;
+    Ok(started.elapsed())
+}
+
+/// Runs `command` (no input; killed if dropped) for at most `timeout`; its
+/// standard output, or why not: timed out, could not start (the program
+/// is named), or exited
+/// non-zero with both its outputs. `what` names it in the error.
+pub(crate) async fn run_bounded(
+    mut command: tokio::process::Command,
+    what: String,
+    timeout: Duration,
+) -> Result<String, InstallError> {
+    let program = command
+        .as_std()
+        .get_program()
+        .to_string_lossy()
+        .into_owned();
+    let child = command
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();
-    let out = tokio::time::timeout(STEP_TIMEOUT, child)
+    let out = tokio::time::timeout(timeout, child)
         .await
         .map_err(|_| InstallError::Timeout {
             what: what.clone(),
-            after: STEP_TIMEOUT,
+            after: timeout,
         })?
-        .map_err(io(format!("{what}: bash")))?;
+        .map_err(io(format!("{what}: {program}")))?;
     if !out.status.success() {
         return Err(InstallError::Failed {
             what,
@@ -216,7 +234,7 @@ pub async fn run_step(name: &str, script: &str) -> Result<Duration, InstallError
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         });
     }
-    Ok(started.elapsed())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// How long the infrastructure took to come up.

@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::install::InstallError;
+use crate::install::{InstallError, run_bounded};
 
 /// The database pod of the sample (`StatefulSet` `ems-db`, one replica).
 pub const DB_POD: &str = "ems-db-0";
@@ -53,33 +53,13 @@ impl Kubectl {
     /// Runs kubectl against `context` with `args`, bounded by 30 s; its
     /// stdout, or why not.
     pub async fn run_checked(&self, context: &str, args: &[&str]) -> Result<String, InstallError> {
-        let what = format!("kubectl --context={context} {}", args.join(" "));
-        let child = tokio::process::Command::new(&self.bin)
+        let mut kubectl = tokio::process::Command::new(&self.bin);
+        kubectl
             .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             .arg(format!("--context={context}"))
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(CALL_TIMEOUT, child)
-            .await
-            .map_err(|_| InstallError::Timeout {
-                what: what.clone(),
-                after: CALL_TIMEOUT,
-            })?
-            .map_err(|source| InstallError::Io {
-                what: what.clone(),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(InstallError::Failed {
-                what,
-                status: out.status.to_string(),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            .args(args);
+        let what = format!("kubectl --context={context} {}", args.join(" "));
+        run_bounded(kubectl, what, CALL_TIMEOUT).await
     }
 
     /// [`Kubectl::run_checked`] with the error as text, for bounded polls.
