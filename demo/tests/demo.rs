@@ -7,153 +7,17 @@
 //! build them first (`cargo build --workspace --bins`, as `tools/test.sh`
 //! does).
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use common::{Demo, check_binaries};
+use nix::sys::signal::Signal;
 
 /// Generous for a busy two-core machine: a run takes about a minute.
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// The demo runs the binaries next to it; like the other e2e tests, this
-/// test expects them built (`tools/test.sh` runs `cargo build --workspace
-/// --bins` first) rather than building a different feature set itself.
-fn check_binaries() {
-    let dir = Path::new(env!("CARGO_BIN_EXE_counterweight-demo"))
-        .parent()
-        .expect("target dir")
-        .to_owned();
-    for name in [
-        "counterweight-controller",
-        "counterweight-webhook",
-        "counterweight-gate",
-    ] {
-        assert!(
-            dir.join(name).exists(),
-            "{} missing; run `cargo build --workspace --bins` (or tools/demo.sh) first",
-            dir.join(name).display()
-        );
-    }
-}
-
-/// The demo process with its stdout arriving line by line.
-struct Demo {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Demo {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_counterweight-demo"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start counterweight-demo");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                println!("demo| {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Collects output until a line contains `needle` (true) or the
-    /// output ends or `deadline` passes (false).
-    fn until(&mut self, needle: &str, deadline: Instant) -> bool {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let hit = line.contains(needle);
-                    self.seen.push(line);
-                    if hit {
-                        return true;
-                    }
-                }
-                Err(_) => return false,
-            }
-        }
-    }
-
-    /// Waits for exit until `deadline`; SIGTERMs (the demo cleans up on it),
-    /// then SIGKILLs a demo that overstays.
-    fn wait(&mut self, deadline: Instant) -> std::process::ExitStatus {
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                self.drain();
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.signal(Signal::SIGTERM);
-        let grace = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < grace {
-            if self.child.try_wait().expect("try_wait").is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        panic!(
-            "the demo did not finish in time; output:\n{}",
-            self.seen.join("\n")
-        );
-    }
-
-    fn signal(&self, s: Signal) {
-        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
-        kill(pid, s).expect("signal the demo");
-    }
-
-    fn drain(&mut self) {
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            self.seen.push(line);
-        }
-    }
-
-    fn output(&self) -> String {
-        self.seen.join("\n")
-    }
-
-    /// The cluster directories the demo reported (`logs in <dir>/logs`).
-    fn cluster_dirs(&self) -> Vec<PathBuf> {
-        self.seen
-            .iter()
-            .filter_map(|l| l.split("(logs in ").nth(1))
-            .filter_map(|rest| rest.strip_suffix("/logs)"))
-            .map(PathBuf::from)
-            .collect()
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        // A failed assertion must not leave a demo (and its clusters) running.
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.signal(Signal::SIGTERM);
-            let until = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < until && matches!(self.child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.child.kill();
-        }
-    }
-}
+/// How long a stopped demo may take to clean up its KWOK clusters.
+const STOP_GRACE: Duration = Duration::from_secs(30);
 
 fn assert_has(out: &str, needle: &str) {
     assert!(
@@ -166,10 +30,14 @@ fn assert_has(out: &str, needle: &str) {
 /// two-core machine.
 #[test]
 fn demo_hands_over_and_cleans_up_after_once_and_after_ctrl_c() {
-    check_binaries();
+    check_binaries(&[
+        "counterweight-controller",
+        "counterweight-webhook",
+        "counterweight-gate",
+    ]);
 
     // --once: the whole story, exit 0.
-    let mut demo = Demo::start(&["--once"]);
+    let mut demo = Demo::start(&["--once"], STOP_GRACE);
     let status = demo.wait(Instant::now() + RUN_TIMEOUT);
     let out = demo.output();
     assert!(status.success(), "the demo failed ({status}):\n{out}");
@@ -196,7 +64,7 @@ fn demo_hands_over_and_cleans_up_after_once_and_after_ctrl_c() {
     }
 
     // Ctrl-C while the clusters run: a clean exit, nothing left behind.
-    let mut demo = Demo::start(&[]);
+    let mut demo = Demo::start(&[], STOP_GRACE);
     assert!(
         demo.until(
             "waiting for the first election",

@@ -10,14 +10,17 @@
 //! --bins`): the guide runs `cw-certs`, `cwctl` and
 //! `counterweight-controller` from there.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use common::{Demo, check_binaries};
 
 /// Generous for a busy two-core machine: a run takes about 2 minutes.
 const RUN_TIMEOUT: Duration = Duration::from_secs(900);
+/// How long a stopped demo may take to tear its real nodes down.
+const STOP_GRACE: Duration = Duration::from_secs(60);
 
 fn assert_has(out: &str, needle: &str) {
     assert!(
@@ -31,58 +34,11 @@ fn real_node_demo_reads_the_rows_back_on_the_new_active_and_cleans_up() {
     if !counterweight_harness::realnode::can_run_or_say_skipped() {
         return;
     }
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_counterweight-demo"));
-    let dir = exe.parent().expect("target dir").to_owned();
-    for name in ["cw-certs", "cwctl", "counterweight-controller"] {
-        assert!(
-            dir.join(name).exists(),
-            "{} missing; run `cargo build --workspace --bins` (or tools/demo.sh) first",
-            dir.join(name).display()
-        );
-    }
+    check_binaries(&["cw-certs", "cwctl", "counterweight-controller"]);
     let started = Instant::now();
-    let mut child = Command::new(&exe)
-        .args(["--real-nodes", "--once"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start counterweight-demo");
-    let out = child.stdout.take().expect("stdout");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            println!("demo| {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    // Until stdout closes (the demo exited) or the deadline passes.
-    let deadline = started + RUN_TIMEOUT;
-    let mut seen = Vec::new();
-    let finished = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) => seen.push(line),
-            Err(mpsc::RecvTimeoutError::Disconnected) => break true,
-            Err(mpsc::RecvTimeoutError::Timeout) => break false,
-        }
-    };
-    if !finished {
-        // SIGTERM: the demo tears down on it.
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let grace = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < grace && matches!(child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let _ = child.kill();
-        panic!(
-            "the demo did not finish within {RUN_TIMEOUT:?}; output:\n{}",
-            seen.join("\n")
-        );
-    }
-    let status = child.wait().expect("wait for the demo");
+    let mut demo = Demo::start(&["--real-nodes", "--once"], STOP_GRACE);
+    let status = demo.wait(started + RUN_TIMEOUT);
+    let seen = demo.seen().to_vec();
     let out = seen.join("\n");
     println!(
         "demo --real-nodes --once took {:.1}s",
@@ -127,11 +83,9 @@ fn real_node_demo_reads_the_rows_back_on_the_new_active_and_cleans_up() {
     assert_eq!(read, written, "west read back what east wrote:\n{out}");
 
     // Teardown: the directories it printed are gone.
-    let dirs: Vec<PathBuf> = seen
-        .iter()
-        .filter_map(|l| l.split("(logs in ").nth(1))
-        .filter_map(|rest| rest.strip_suffix("/logs)"))
-        .map(PathBuf::from)
+    let dirs: Vec<PathBuf> = demo
+        .cluster_dirs()
+        .into_iter()
         .chain(
             seen.iter()
                 .filter_map(|l| l.split("steps as written, in ").nth(1))
