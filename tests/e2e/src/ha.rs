@@ -89,6 +89,28 @@ pub async fn event_reasons(cluster: &Cluster) -> Vec<String> {
     events.into_iter().filter_map(|e| e.reason).collect()
 }
 
+/// `cluster`'s Events as `reason: note`, oldest first: what a failed
+/// test prints to say where the protocol stopped.
+pub async fn event_log(cluster: &Cluster) -> Vec<String> {
+    let api: Api<Event> = Api::namespaced(cluster.client(), SYSTEM);
+    let mut events = api
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    events.sort_by(|a, b| a.event_time.cmp(&b.event_time));
+    events
+        .into_iter()
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
 /// The notes of `cluster`'s Events with `reason`, oldest first.
 pub async fn event_notes(cluster: &Cluster, reason: &str) -> Vec<String> {
     let api: Api<Event> = Api::namespaced(cluster.client(), SYSTEM);

@@ -18,7 +18,7 @@ use counterweight_core::serving::release_message;
 use counterweight_e2e::ems::APP;
 use counterweight_e2e::ems::{all_serving, pods_of, restarted_blocked, set_web_ready};
 use counterweight_e2e::fixtures::condition_true;
-use counterweight_e2e::ha::{Sample, event_notes, event_reasons, sample, wait_active};
+use counterweight_e2e::ha::{Sample, event_log, event_notes, event_reasons, sample, wait_active};
 use counterweight_e2e::workload::{LeaseSidecar, WorkloadMonitor};
 use counterweight_e2e::workload_group::{Group, NAMES};
 use counterweight_e2e::{eventually, eventually_explained};
@@ -228,7 +228,7 @@ async fn killed_during_promotion(replicas: bool) {
     .await;
     let bound = WorkloadMonitor::start(g.watched().to_vec());
     set_web_ready(&g.clusters[0], false).await;
-    first_serving_web_pod(&g.clusters[1]).await;
+    first_serving_web_pod(&g).await;
     let mut follower = if replicas {
         Some(g.kill_leader().await)
     } else {
@@ -267,38 +267,62 @@ async fn killed_during_promotion(replicas: bool) {
     bound.finish().await;
 }
 
-/// Returns as soon as a `web` pod of `cluster` has its serving condition
-/// True: a watch sees it within milliseconds, where a LIST of a hundred
-/// pods per poll often saw the patches already done.
-async fn first_serving_web_pod(cluster: &Cluster) {
-    let pods: Api<Pod> = Api::namespaced(cluster.client(), APP);
+/// Returns as soon as a `web` pod of west has its serving condition True:
+/// a watch sees it within milliseconds, where a LIST of a hundred pods per
+/// poll often saw the patches already done. A watch the API server ends
+/// early is taken up again from a fresh LIST, within the one deadline; on
+/// failure the panic names both members' records and Events, which say
+/// where the handover stopped.
+async fn first_serving_web_pod(g: &Group) {
+    const WAIT: Duration = Duration::from_secs(30);
+    let pods: Api<Pod> = Api::namespaced(g.clusters[1].client(), APP);
     let serves = |p: &Pod| condition_true(p, names::SERVING_CONDITION);
-    let list = pods
-        .list(&ListParams::default().labels("app=web"))
-        .await
-        .expect("list west's web pods");
-    if list.items.iter().any(serves) {
-        return;
-    }
-    let from = list.metadata.resource_version.unwrap_or_default();
-    let params = WatchParams::default().labels("app=web").timeout(30);
-    let mut events = pods
-        .watch(&params, &from)
-        .await
-        .expect("watch west's web pods")
-        .boxed();
-    let seen = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(WatchEvent::Added(p) | WatchEvent::Modified(p)) if serves(&p) => return true,
-                Ok(_) => {}
-                Err(e) => panic!("watching west's web pods: {e}"),
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let seen = tokio::time::timeout_at(deadline, async {
+        // Bounded by the deadline around it; each round is one LIST and
+        // one watch of at most the time left.
+        loop {
+            let list = pods
+                .list(&ListParams::default().labels("app=web"))
+                .await
+                .expect("list west's web pods");
+            if list.items.iter().any(serves) {
+                return;
+            }
+            let from = list.metadata.resource_version.unwrap_or_default();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let params = WatchParams::default()
+                .labels("app=web")
+                .timeout(u32::try_from(left.as_secs().max(1)).unwrap_or(30));
+            let mut events = pods
+                .watch(&params, &from)
+                .await
+                .expect("watch west's web pods")
+                .boxed();
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(WatchEvent::Added(p) | WatchEvent::Modified(p)) if serves(&p) => return,
+                    // "Expired" and the like: start again from a LIST.
+                    Ok(WatchEvent::Error(_)) => break,
+                    Ok(_) => {}
+                    Err(e) => panic!("watching west's web pods: {e}"),
+                }
             }
         }
-        false
     })
     .await;
-    assert_eq!(seen, Ok(true), "a web pod of west to serve within 30 s");
+    if seen.is_err() {
+        let mut state = String::new();
+        for i in [0, 1] {
+            state += &format!(
+                "\n{}: record {:?}\n  events: {:?}",
+                NAMES[i],
+                sample(&g.cms[i]).await,
+                event_log(&g.clusters[i]).await
+            );
+        }
+        panic!("no web pod of west served within {WAIT:?}; the members then:{state}");
+    }
 }
 
 /// West's `web` replicas in the promotion kill tests.
