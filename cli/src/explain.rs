@@ -137,8 +137,7 @@ pub fn latest_transition(status: &Status) -> Option<&ClusterStatus> {
         .max_by_key(|c| {
             c.last_transition
                 .as_ref()
-                .and_then(|t| t.at.as_deref())
-                .and_then(|at| at.parse::<Timestamp>().ok())
+                .and_then(|t| t.at.parse::<Timestamp>().ok())
         })
 }
 
@@ -154,12 +153,7 @@ pub fn render(x: &Explanation) -> String {
             if let Some(t) = &c.last_transition {
                 out.push_str(&format!(
                     "Last transition: {} {} (now {} in epoch {}) at {}\n  {}\n",
-                    c.cluster,
-                    t.reason,
-                    t.role.map_or("?".to_owned(), |r| r.to_string()),
-                    t.epoch.map_or("?".to_owned(), |e| e.to_string()),
-                    t.at.as_deref().unwrap_or("?"),
-                    t.message
+                    c.cluster, t.reason, t.role, t.epoch, t.at, t.message
                 ));
             }
         }
@@ -172,14 +166,9 @@ pub fn render(x: &Explanation) -> String {
             Some(c.cluster.as_str()) != latest_transition(&x.status).map(|l| l.cluster.as_str())
         })
         .filter_map(|c| {
-            c.last_transition.as_ref().map(|t| {
-                format!(
-                    "{}: {} at {}",
-                    c.cluster,
-                    t.reason,
-                    t.at.as_deref().unwrap_or("?")
-                )
-            })
+            c.last_transition
+                .as_ref()
+                .map(|t| format!("{}: {} at {}", c.cluster, t.reason, t.at))
         })
         .collect();
     if !others.is_empty() {
@@ -255,7 +244,7 @@ pub fn render(x: &Explanation) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::Transition;
+    use counterweight_core::state::Transition;
 
     fn ev(cluster: &str, time: &str, reason: &str) -> EventLine {
         EventLine {
@@ -290,9 +279,9 @@ mod tests {
                     last_transition: Some(Transition {
                         reason: "HandedOver".into(),
                         message: "handed over to west".into(),
-                        role: Some(counterweight_core::state::Role::Standby),
-                        epoch: Some(3),
-                        at: Some("2026-11-24T10:00:01Z".into()),
+                        role: counterweight_core::state::Role::Standby,
+                        epoch: 3,
+                        at: "2026-11-24T10:00:01Z".into(),
                     }),
                     ..Default::default()
                 },
@@ -301,9 +290,9 @@ mod tests {
                     last_transition: Some(Transition {
                         reason: "Promoted".into(),
                         message: "active in epoch 4".into(),
-                        role: Some(counterweight_core::state::Role::Active),
-                        epoch: Some(4),
-                        at: Some("2026-11-24T10:00:02Z".into()),
+                        role: counterweight_core::state::Role::Active,
+                        epoch: 4,
+                        at: "2026-11-24T10:00:02Z".into(),
                     }),
                     ..Default::default()
                 },

@@ -4,33 +4,23 @@
 //! into a [`Status`]; [`from_data`] is the pure part of that (ConfigMap data
 //! to [`ClusterStatus`]), and [`render`] turns a `Status` into the table.
 //! JSON and YAML output serialize the same `Status`, so scripts and people
-//! see the same data. Keys that a controller has not written yet (no policy,
-//! no HA configuration) are simply absent, never guessed.
+//! see the same data. The record is decoded by core's one codec
+//! (`counterweight_core::state::StateRecord`): keys that a controller has not
+//! written yet (no policy, no HA configuration) are absent, and a key that
+//! is there but unreadable is named in `unreadable`, never shown as absent.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use counterweight_core::ha::Persisted;
 use counterweight_core::health::{HealthReport, below_threshold};
 use counterweight_core::names;
-use counterweight_core::state::Role;
+use counterweight_core::state::{HaView, Role, StateRecord, Transition};
 use futures::future::join_all;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 use serde::{Deserialize, Serialize};
 
 use crate::clusters::Target;
-
-/// State ConfigMap key of the HA view (written by the controller's HA loop).
-pub const HA_KEY: &str = "ha";
-/// State ConfigMap key of the last transition.
-pub const TRANSITION_KEY: &str = "lastTransition";
-/// State ConfigMap key of the health report.
-pub const HEALTH_KEY: &str = "health";
-/// State ConfigMap key of the policy status line.
-pub const POLICY_KEY: &str = "policy";
-/// State ConfigMap key of the serving effect.
-pub const SERVING_KEY: &str = "serving";
 
 /// All clusters, in kubeconfig order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,50 +93,10 @@ pub struct ClusterStatus {
     /// The last transition and its reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition: Option<Transition>,
-}
-
-/// The HA view the controller publishes under key `ha`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct HaView {
-    /// The node serves.
-    pub serving: bool,
-    /// Lease time left when the view was written, for an active.
-    pub lease_expires_in_ms: Option<u64>,
-    /// Handover in progress to this cluster.
-    pub handover_target: Option<String>,
-    /// Paused by an operator.
-    pub paused: bool,
-    /// What this node last heard of each peer.
-    pub peers: BTreeMap<String, PeerView>,
-}
-
-/// One peer in the HA view.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct PeerView {
-    /// The peer's reported status.
-    pub status: String,
-    /// The peer's reported epoch.
-    pub epoch: u64,
-    /// How long ago it was heard from, when the view was written.
-    pub last_heard_ms_ago: u64,
-}
-
-/// The last transition, as written under key `lastTransition`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct Transition {
-    /// Machine-readable reason (`Promoted`, `HandedOver`, ...).
-    pub reason: String,
-    /// Human-readable message.
-    pub message: String,
-    /// Role after the transition.
-    pub role: Option<Role>,
-    /// Epoch after the transition.
-    pub epoch: Option<u64>,
-    /// RFC 3339 time.
-    pub at: Option<String>,
+    /// Keys of the record that are there but could not be read, and keys
+    /// this version does not know, each with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<String>,
 }
 
 /// What a cluster that did not answer within `deadline` is shown with.
@@ -192,15 +142,18 @@ async fn read_one(target: &Target, namespace: &str) -> ClusterStatus {
     }
 }
 
-/// The status of `cluster` from its state ConfigMap data. Structured keys
-/// that do not parse are left out; a malformed role or epoch is a
-/// `record_error` (readers treat such a cluster as not active).
+/// The status of `cluster` from its state ConfigMap data, decoded by
+/// core's codec. A malformed role or epoch is a `record_error` (readers
+/// treat such a cluster as not active); an unreadable informational key is
+/// named in `unreadable`.
 pub fn from_data(cluster: &str, data: Option<&BTreeMap<String, String>>) -> ClusterStatus {
+    let record = StateRecord::from_data(data);
     let mut s = ClusterStatus {
         cluster: cluster.to_owned(),
+        unreadable: record.unreadable.iter().map(ToString::to_string).collect(),
         ..Default::default()
     };
-    match Persisted::from_data(data) {
+    match record.persisted {
         Ok(p) => {
             s.role = Some(p.role);
             s.epoch = Some(p.epoch);
@@ -208,21 +161,13 @@ pub fn from_data(cluster: &str, data: Option<&BTreeMap<String, String>>) -> Clus
         }
         Err(e) => s.record_error = Some(e.to_string()),
     }
-    let Some(data) = data else {
-        return s;
-    };
-    let json = |key: &str| data.get(key).map(String::as_str).filter(|v| !v.is_empty());
-    s.ha = json(HA_KEY).and_then(|v| serde_json::from_str(v).ok());
-    s.health = json(HEALTH_KEY).and_then(|v| serde_json::from_str(v).ok());
-    s.last_transition = json(TRANSITION_KEY).and_then(|v| serde_json::from_str(v).ok());
-    s.policy = data.get(POLICY_KEY).cloned();
     // The serving key is the effect actually applied; the HA view's flag
     // is the node's intent. Prefer the effect.
-    s.serving = match data.get(SERVING_KEY).map(|v| v.trim()) {
-        Some("true") => Some(true),
-        Some("false") => Some(false),
-        _ => s.ha.as_ref().map(|h| h.serving),
-    };
+    s.serving = record.serving.or(record.ha.as_ref().map(|h| h.serving));
+    s.ha = record.ha;
+    s.health = record.health;
+    s.policy = record.policy;
+    s.last_transition = record.last_transition;
     s
 }
 
@@ -246,6 +191,9 @@ pub fn render(status: &Status) -> String {
             notes.push(format!("{}: unreachable: {why}", c.cluster));
         }
         if let Some(why) = &c.record_error {
+            notes.push(format!("{}: state record: {why}", c.cluster));
+        }
+        for why in &c.unreadable {
             notes.push(format!("{}: state record: {why}", c.cluster));
         }
         let lease = match (&c.ha, c.role) {
@@ -314,7 +262,7 @@ pub fn render(status: &Status) -> String {
                 .map(|(name, p)| {
                     format!(
                         "{name} {} in epoch {}, {:.1}s ago",
-                        p.status.to_lowercase(),
+                        p.describe(),
                         p.epoch,
                         p.last_heard_ms_ago as f64 / 1000.0
                     )
@@ -339,11 +287,7 @@ pub fn render(status: &Status) -> String {
         .map(|(c, t)| {
             format!(
                 "{}: {} (epoch {}) at {}: {}",
-                c.cluster,
-                t.reason,
-                t.epoch.map_or("?".to_owned(), |e| e.to_string()),
-                t.at.as_deref().unwrap_or("?"),
-                t.message
+                c.cluster, t.reason, t.epoch, t.at, t.message
             )
         })
         .collect();
@@ -477,7 +421,7 @@ mod tests {
             ("serving", "true"),
             (
                 "ha",
-                r#"{"serving":true,"leaseExpiresInMs":1200,"handoverTarget":null,"paused":false,"peers":{"west":{"status":"Standby","epoch":3,"lastHeardMsAgo":150}}}"#,
+                r#"{"serving":true,"leaseExpiresInMs":1200,"handoverTarget":null,"paused":false,"peers":{"west":{"role":"standby","serving":false,"eligible":true,"epoch":3,"lastHeardMsAgo":150}}}"#,
             ),
             (
                 "health",
@@ -535,6 +479,32 @@ mod tests {
     }
 
     #[test]
+    fn an_unreadable_key_is_shown_as_such_not_as_absent() {
+        // The HA view as versions before core's codec wrote it.
+        let s = from_data(
+            "x",
+            Some(&data(&[
+                ("state", "active"),
+                ("epoch", "1"),
+                (
+                    "ha",
+                    r#"{"serving":true,"peers":{"west":{"status":"Standby"}}}"#,
+                ),
+            ])),
+        );
+        assert_eq!(s.role, Some(Role::Active));
+        assert_eq!(s.ha, None);
+        let text = render(&Status {
+            namespace: "ns".into(),
+            clusters: vec![s],
+        });
+        assert!(
+            text.contains("x: state record: key `ha` does not decode"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn malformed_record_is_an_error_not_a_role() {
         let s = from_data("x", Some(&data(&[("state", "leader"), ("epoch", "1")])));
         assert_eq!(s.role, None);
@@ -583,7 +553,7 @@ mod tests {
         );
         assert!(text.contains("east: Promoted (epoch 3) at 2026-11-24T10:00:00Z"));
         assert!(
-            text.contains("east hears: west standby in epoch 3, 0.1s ago"),
+            text.contains("east hears: west standby, eligible in epoch 3, 0.1s ago"),
             "{text}"
         );
     }

@@ -233,7 +233,7 @@ async fn cluster_benchmark() {
             .ok()
             .flatten()
             .and_then(|cm| cm.data)
-            .and_then(|d| d.get("health").cloned())
+            .and_then(|d| d.get(counterweight_core::state::HEALTH_KEY).cloned())
             .and_then(|h| serde_json::from_str::<serde_json::Value>(&h).ok())
             .map(|h| {
                 h["components"]

@@ -30,8 +30,8 @@ use counterweight_core::ha::{
     Persisted, Reason,
 };
 use counterweight_core::health::{HealthReport, Verdict, below_threshold};
+use counterweight_core::state::{self, HaView, Part, PeerView, ServingFlag, Transition};
 use kube::runtime::events::EventType;
-use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
@@ -39,11 +39,6 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::events::EventSink;
 use crate::serving_lease::LeasePublisher;
 use crate::state_store::{StateStore, StoreError, Written};
-
-/// State ConfigMap key with the HA view: serving, lease, peers, handover.
-pub const HA_KEY: &str = "ha";
-/// State ConfigMap key with the last transition and its reason.
-pub const TRANSITION_KEY: &str = "lastTransition";
 
 /// Where HA messages go. Implementations must not block: loss is fine,
 /// the state machine retries.
@@ -104,9 +99,7 @@ impl ConfigMapServing {
 impl Serving for ConfigMapServing {
     async fn set_serving(&self, serving: bool, _epoch: u64) -> Result<(), String> {
         self.store
-            .update(|data| {
-                data.insert("serving".to_owned(), serving.to_string());
-            })
+            .update(|data| ServingFlag(serving).write_to(data))
             .await
             .map(drop)
             .map_err(|e| e.to_string())
@@ -127,25 +120,6 @@ pub enum HaError {
         "the API server did not answer within {0:?} while reading the state ConfigMap; check that it is up and reachable"
     )]
     Timeout(Duration),
-}
-
-/// What the HA loop publishes for `cwctl` and operators, besides role/epoch.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct HaView {
-    serving: bool,
-    lease_expires_in_ms: Option<u64>,
-    handover_target: Option<String>,
-    paused: bool,
-    peers: BTreeMap<String, PeerSummary>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct PeerSummary {
-    status: String,
-    epoch: u64,
-    last_heard_ms_ago: u64,
 }
 
 /// Inputs of the HA loop.
@@ -358,19 +332,10 @@ impl<S: Serving> HaLoop<S> {
             let view = self.view(&node);
             let due = match &last_view {
                 None => true,
-                Some((v, at)) => {
-                    v.serving != view.serving
-                        || v.handover_target != view.handover_target
-                        || v.paused != view.paused
-                        || peers_changed(&v.peers, &view.peers)
-                        || at.elapsed() >= probe
-                }
+                Some((v, at)) => view.differs_in_substance(v) || at.elapsed() >= probe,
             };
-            if due
-                && last_view.as_ref().map(|(v, _)| v) != Some(&view)
-                && let Ok(json) = serde_json::to_string(&view)
-            {
-                self.keys.write(HA_KEY, json);
+            if due && last_view.as_ref().map(|(v, _)| v) != Some(&view) {
+                self.keys.write(&view);
                 last_view = Some((view, Instant::now()));
             }
         }
@@ -480,7 +445,7 @@ impl<S: Serving> HaLoop<S> {
                         EventKind::Normal => EventType::Normal,
                         EventKind::Warning => EventType::Warning,
                     };
-                    let reason = format!("{:?}", r.reason);
+                    let reason = r.reason.as_str();
                     let mut message = r.message;
                     if matches!(r.reason, Reason::Promoted | Reason::HandedOver) {
                         let data = health
@@ -493,17 +458,16 @@ impl<S: Serving> HaLoop<S> {
                     }
                     info!(reason = %reason, message = %message, "HA transition");
                     if is_transition(r.reason) {
-                        let t = serde_json::json!({
-                            "reason": reason,
-                            "message": message,
-                            "role": node.role(),
-                            "epoch": node.epoch(),
-                            "at": now_rfc3339(),
+                        self.keys.write(&Transition {
+                            reason: reason.to_owned(),
+                            message: message.clone(),
+                            role: node.role(),
+                            epoch: node.epoch(),
+                            at: now_rfc3339(),
                         });
-                        self.keys.write(TRANSITION_KEY, t.to_string());
                     }
                     self.events
-                        .record_transition(type_, &reason, "HandOver", &message);
+                        .record_transition(type_, reason, "HandOver", &message);
                 }
             }
         }
@@ -531,8 +495,10 @@ impl<S: Serving> HaLoop<S> {
                 .map(|(name, p)| {
                     (
                         name.clone(),
-                        PeerSummary {
-                            status: format!("{:?}", p.status),
+                        PeerView {
+                            role: p.status.role,
+                            serving: p.status.serving,
+                            eligible: p.status.eligible,
                             epoch: p.epoch,
                             last_heard_ms_ago: now.saturating_sub(p.heard_ms),
                         },
@@ -598,13 +564,6 @@ pub fn verdict(report: Option<&HealthReport>, abnormal: &mut bool) -> HealthVerd
     }
 }
 
-fn peers_changed(a: &BTreeMap<String, PeerSummary>, b: &BTreeMap<String, PeerSummary>) -> bool {
-    a.len() != b.len()
-        || a.iter()
-            .zip(b.iter())
-            .any(|((na, pa), (nb, pb))| na != nb || pa.status != pb.status || pa.epoch != pb.epoch)
-}
-
 fn is_transition(reason: Reason) -> bool {
     matches!(
         reason,
@@ -646,10 +605,10 @@ pub const BESIDE_RETRY: Duration = Duration::from_millis(100);
 /// The keys of the state record the HA node owns, for a correction's Event.
 fn owned_keys(data: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     [
-        counterweight_core::state::STATE_KEY,
-        counterweight_core::state::EPOCH_KEY,
-        counterweight_core::ha::VOTE_KEY,
-        counterweight_core::ha::PAUSED_KEY,
+        state::STATE_KEY,
+        state::EPOCH_KEY,
+        state::VOTE_KEY,
+        state::PAUSED_KEY,
     ]
     .into_iter()
     .map(|k| {
@@ -732,9 +691,11 @@ impl KeyWriter {
         Self { tx }
     }
 
-    fn write(&self, key: &'static str, value: String) {
+    /// Wants `part` stored (replacing any value of its key not yet written).
+    fn write<P: Part>(&self, part: &P) {
+        let value = part.encode();
         self.tx.send_modify(|m| {
-            m.insert(key, value);
+            m.insert(P::KEY, value);
         });
     }
 }

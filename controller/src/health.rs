@@ -22,6 +22,7 @@ use counterweight_core::health::{
 };
 use counterweight_core::names;
 use counterweight_core::policy::{Check, Policy, format_duration};
+use counterweight_core::state::{Part, PolicyStatus};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::ResourceExt;
@@ -38,11 +39,6 @@ use crate::checks::{self, PgCredentials};
 use crate::events::EventSink;
 use crate::state_store::{StateStore, Written};
 use crate::telemetry::{ComponentLabel, Metrics, Probes};
-
-/// ConfigMap key with the JSON health explanation.
-pub const HEALTH_KEY: &str = "health";
-/// ConfigMap key with the status of the policy in force.
-pub const POLICY_STATUS_KEY: &str = "policy";
 
 /// How long pod events are gathered before S is re-evaluated between ticks:
 /// a rollout touching many pods then costs one write, not one per pod.
@@ -508,7 +504,7 @@ impl HealthLoop {
             // The HA loop hears the verdict first: a handover must not wait
             // for the Event and the explanation to be written.
             self.reports.send_replace(Some(report.clone()));
-            let serialized = serde_json::to_string(&report);
+            let serialized = report.encode();
             self.metrics
                 .evaluation_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -538,18 +534,10 @@ impl HealthLoop {
                 _ => {}
             }
 
-            match serialized {
-                Ok(json) if ev.published_health.as_deref() != Some(json.as_str()) => {
-                    let value = json.clone();
-                    if self
-                        .write_key(HEALTH_KEY, value)
-                        .await
-                    {
-                        ev.published_health = Some(json);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "could not serialize the health report"),
+            if ev.published_health.as_deref() != Some(serialized.as_str())
+                && self.write_key(HealthReport::KEY, serialized.clone()).await
+            {
+                ev.published_health = Some(serialized);
             }
         }
         .instrument(span)
@@ -560,7 +548,7 @@ impl HealthLoop {
         if ev.published_policy.as_deref() == Some(status.as_str()) {
             return;
         }
-        if self.write_key(POLICY_STATUS_KEY, status.clone()).await {
+        if self.write_key(PolicyStatus::KEY, status.clone()).await {
             ev.published_policy = Some(status);
         }
     }

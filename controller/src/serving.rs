@@ -49,6 +49,7 @@ use std::time::Duration;
 
 use counterweight_core::inject::{GATE_CONTAINER, SERVICE_ROLE, SYNC_ROLES};
 use counterweight_core::names;
+use counterweight_core::state::{Part, ServingFlag};
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -847,9 +848,7 @@ impl Serving for PodServing {
 
 async fn write_flag(store: &StateStore, serving: bool) -> Result<(), StoreError> {
     store
-        .update(|data| {
-            data.insert("serving".to_owned(), serving.to_string());
-        })
+        .update(|data| ServingFlag(serving).write_to(data))
         .await
         .map(drop)
 }

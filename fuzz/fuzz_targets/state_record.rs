@@ -2,8 +2,9 @@
 //!
 //! The input is ConfigMap data, one `key=value` per line (see
 //! `counterweight_fuzz::config_map`). It is read as every reader reads it:
-//! `RoleEpoch::from_data` (the init-gate, `cwctl`, the sync agents),
-//! `Persisted::from_data` (the controller's restart record) and
+//! `RoleEpoch::from_data` (the init-gate, the sync agents),
+//! `Persisted::from_data` (the controller's restart record),
+//! `StateRecord::from_data` (`cwctl`: every key, informational ones too) and
 //! `ServingLease::from_data` (the lease sidecar). Each must decode or
 //! refuse; what decodes must write back to data that decodes to the same
 //! record (the controller compares what it reads with what it wrote), and

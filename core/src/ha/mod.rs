@@ -77,7 +77,7 @@ pub use protocol::{
     Status, Transfer,
 };
 
-use crate::state::{Role, RoleEpoch, StateError};
+use crate::state::{PAUSED_KEY, Role, RoleEpoch, StateError, VOTE_KEY};
 
 /// A health verdict from the Table 1 loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -198,11 +198,6 @@ impl Persisted {
     }
 }
 
-/// State ConfigMap key of the latest vote, JSON.
-pub const VOTE_KEY: &str = "vote";
-/// State ConfigMap key of the paused flag.
-pub const PAUSED_KEY: &str = "paused";
-
 /// An operator command.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "command")]
@@ -283,6 +278,41 @@ pub enum Reason {
     ConfigApplied,
     /// A new configuration was rejected.
     ConfigRejected,
+}
+
+impl Reason {
+    /// The reason's stable name, as Events and the state record's
+    /// `lastTransition` carry it: the variant's name, spelled out here so
+    /// that renaming a variant cannot change stored data.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Started => "Started",
+            Reason::UnsafeConfiguration => "UnsafeConfiguration",
+            Reason::Promoted => "Promoted",
+            Reason::Fenced => "Fenced",
+            Reason::SteppedDown => "SteppedDown",
+            Reason::Recovered => "Recovered",
+            Reason::ElectionStarted => "ElectionStarted",
+            Reason::ElectionFailed => "ElectionFailed",
+            Reason::HandoverStarted => "HandoverStarted",
+            Reason::HandoverReady => "HandoverReady",
+            Reason::HandoverAborted => "HandoverAborted",
+            Reason::HandedOver => "HandedOver",
+            Reason::HandoverComplete => "HandoverComplete",
+            Reason::NoCandidate => "NoCandidate",
+            Reason::CommandRefused => "CommandRefused",
+            Reason::Paused => "Paused",
+            Reason::Resumed => "Resumed",
+            Reason::ConfigApplied => "ConfigApplied",
+            Reason::ConfigRejected => "ConfigRejected",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Something for the operator to see: a Kubernetes Event.

@@ -166,7 +166,7 @@ pub async fn healthy(cluster: &Cluster, cms: &Api<ConfigMap>, what: &str) {
     let report = || async {
         record(cms)
             .await
-            .get("health")
+            .get(counterweight_core::state::HEALTH_KEY)
             .map(|h| serde_json::from_str::<HealthReport>(h).map_err(|e| e.to_string()))
     };
     eventually_explained(

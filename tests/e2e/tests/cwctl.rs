@@ -273,12 +273,12 @@ async fn cwctl_status_switchover_explain_and_check() {
             let ready = e.get("state").map(String::as_str) == Some("active")
                 && w.get("state").map(String::as_str) == Some("standby")
                 && [&e, &w].iter().all(|d| {
-                    d.get("health")
+                    d.get(counterweight_core::state::HEALTH_KEY)
                         .is_some_and(|h| h.contains("\"verdict\":\"healthy\""))
                         && d.contains_key("ha")
                 })
                 // The HA view trails the role by up to a probe interval.
-                && e.get("ha").is_some_and(|h| {
+                && e.get(counterweight_core::state::HA_KEY).is_some_and(|h| {
                     h.contains("\"serving\":true") && h.contains("\"west\"")
                 });
             if ready {
@@ -310,7 +310,10 @@ async fn cwctl_status_switchover_explain_and_check() {
                     && c.paused == direct.paused
                     && c.health == direct.health
                     && c.last_transition == direct.last_transition
-                    && c.policy == data.get("policy").cloned()
+                    && c.policy
+                        == data
+                            .get(counterweight_core::state::POLICY_STATUS_KEY)
+                            .cloned()
                     && c.serving == direct.serving
                     && c.unreachable.is_none();
                 if !same {
@@ -363,7 +366,10 @@ async fn cwctl_status_switchover_explain_and_check() {
     assert_eq!(r, Ok(Outcome::Ok), "{out}");
     for c in &cms {
         assert_eq!(
-            state(c).await.get("paused").map(String::as_str),
+            state(c)
+                .await
+                .get(counterweight_core::state::PAUSED_KEY)
+                .map(String::as_str),
             Some("true")
         );
     }
@@ -371,7 +377,10 @@ async fn cwctl_status_switchover_explain_and_check() {
     assert_eq!(r, Ok(Outcome::Ok), "{out}");
     for c in &cms {
         assert_eq!(
-            state(c).await.get("paused").map(String::as_str),
+            state(c)
+                .await
+                .get(counterweight_core::state::PAUSED_KEY)
+                .map(String::as_str),
             Some("false")
         );
     }

@@ -109,7 +109,7 @@ async fn health_drop_hands_over_with_the_fig9_sequence_and_switchover_hands_back
         || async {
             let t = record(&cms[1])
                 .await
-                .remove("lastTransition")
+                .remove(counterweight_core::state::TRANSITION_KEY)
                 .unwrap_or_default();
             if t.contains("Promoted") {
                 Ok(Some(t))

@@ -51,7 +51,11 @@ async fn health(cms: &Api<ConfigMap>) -> Result<Option<Value>, String> {
     else {
         return Ok(None);
     };
-    let Some(text) = cm.data.as_ref().and_then(|d| d.get("health")) else {
+    let Some(text) = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(counterweight_core::state::HEALTH_KEY))
+    else {
         return Ok(None);
     };
     serde_json::from_str(text)
@@ -65,7 +69,7 @@ async fn policy_status(cms: &Api<ConfigMap>) -> Result<Option<String>, String> {
         .await
         .map_err(|e| e.to_string())?
         .and_then(|cm| cm.data)
-        .and_then(|d| d.get("policy").cloned()))
+        .and_then(|d| d.get(counterweight_core::state::POLICY_STATUS_KEY).cloned()))
 }
 
 fn component<'a>(h: &'a Value, name: &str) -> &'a Value {

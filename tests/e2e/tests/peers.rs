@@ -175,7 +175,12 @@ async fn both_starting_active_is_resolved_para_0088_and_the_ha_config_reloads() 
                 && e.active != w.active
             {
                 let winner = &cms[if e.active { 0 } else { 1 }];
-                if record(winner).await.get("serving").map(String::as_str) == Some("true") {
+                if record(winner)
+                    .await
+                    .get(counterweight_core::state::SERVING_KEY)
+                    .map(String::as_str)
+                    == Some("true")
+                {
                     return Ok(Some((e, w)));
                 }
             }

@@ -184,7 +184,7 @@ async fn state_flag(client: &kube::Client) -> Option<String> {
         .ok()
         .flatten()
         .and_then(|cm| cm.data)
-        .and_then(|d| d.get("serving").cloned())
+        .and_then(|d| d.get(counterweight_core::state::SERVING_KEY).cloned())
 }
 
 /// Checks for `window` that no pod of `app` ever has the condition True.

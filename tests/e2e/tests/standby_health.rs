@@ -68,7 +68,7 @@ async fn web(cms: &Api<ConfigMap>) -> Result<Option<(u64, f64)>, String> {
         .await
         .map_err(|e| e.to_string())?
         .and_then(|cm| cm.data)
-        .and_then(|d| d.get("health").cloned())
+        .and_then(|d| d.get(counterweight_core::state::HEALTH_KEY).cloned())
     else {
         return Ok(None);
     };

@@ -2,8 +2,9 @@
 //!
 //! The input is ConfigMap data, one `key=value` per line (see
 //! `crate::support::config_map`). It is read as every reader reads it:
-//! `RoleEpoch::from_data` (the init-gate, `cwctl`, the sync agents),
-//! `Persisted::from_data` (the controller's restart record) and
+//! `RoleEpoch::from_data` (the init-gate, the sync agents),
+//! `Persisted::from_data` (the controller's restart record),
+//! `StateRecord::from_data` (`cwctl`: every key, informational ones too) and
 //! `ServingLease::from_data` (the lease sidecar). Each must decode or
 //! refuse; what decodes must write back to data that decodes to the same
 //! record (the controller compares what it reads with what it wrote), and
@@ -19,7 +20,7 @@ use std::sync::LazyLock;
 use crate::support::{check_actions, config_map, drive};
 use counterweight_core::ha::{ClusterSpec, HaConfig, Node, Persisted};
 use counterweight_core::serving::ServingLease;
-use counterweight_core::state::RoleEpoch;
+use counterweight_core::state::{HaView, Part, RoleEpoch, StateRecord, Transition};
 
 static CONFIG: LazyLock<HaConfig> = LazyLock::new(|| {
     let cluster = |name: &str, priority| ClusterSpec {
@@ -51,6 +52,17 @@ pub fn check(data: &[u8]) {
         if !lease.cluster.is_empty() && !lease.cluster.contains(char::is_whitespace) {
             assert_eq!(ServingLease::from_file(&lease.to_file()), Some(lease));
         }
+    }
+
+    // cwctl's reader: the protocol's part as the controller reads it, and
+    // each informational part it read writes back to itself.
+    let whole = StateRecord::from_data(Some(&map));
+    assert_eq!(whole.persisted, Persisted::from_data(Some(&map)));
+    if let Some(view) = &whole.ha {
+        assert_eq!(HaView::decode(&view.encode()).as_ref(), Ok(view));
+    }
+    if let Some(t) = &whole.last_transition {
+        assert_eq!(Transition::decode(&t.encode()).as_ref(), Ok(t));
     }
 
     let Ok(record) = Persisted::from_data(Some(&map)) else {
