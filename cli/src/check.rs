@@ -247,7 +247,7 @@ async fn operator_rbac(c: Option<&str>, client: &kube::Client, namespace: &str) 
             "",
             "configmaps",
             "update",
-            Some(crate::request::COMMAND_CONFIGMAP),
+            Some(counterweight_core::request::COMMAND_CONFIGMAP),
             "replace a command request",
         ),
         ("events.k8s.io", "events", "list", None, "read Events"),

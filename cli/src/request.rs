@@ -11,7 +11,9 @@
 //!   requestedAt: 2026-11-24T21:00:00Z
 //! ```
 //!
-//! The controller (`counterweight_controller::commands`) validates it,
+//! The request's keys, its encoding and the answer's are
+//! `counterweight_core::request`'s (one codec for both sides). The
+//! controller (`counterweight_controller::commands`) validates it,
 //! forwards it to its HA state machine, and answers in the same ConfigMap
 //! with `handledId: <id>` and `result: accepted` or `rejected: <why>`.
 //! `cwctl` waits, with a deadline, for that answer and then for the effect:
@@ -41,64 +43,20 @@ use crate::Error;
 use crate::clusters::Target;
 use crate::status::{self, Status};
 
-pub use counterweight_core::request::{
-    ACCEPTED, COMMAND_CONFIGMAP, COMMAND_KEY, HANDLED_ID_KEY, ID_KEY, REQUESTED_AT_KEY, RESULT_KEY,
-    TARGET_KEY,
-};
+use counterweight_core::ha::Command;
+use counterweight_core::request::{COMMAND_CONFIGMAP, CommandRequest, ID_KEY, Outcome};
 
 /// How often to look at the request and the state while waiting.
 const POLL: Duration = Duration::from_millis(200);
 /// Conflicting writers tolerated while filing one request.
 const MAX_CONFLICTS: usize = 3;
 
-/// What an operator asks a controller to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ask {
-    /// Hand over to this cluster.
-    Switchover(String),
-    /// Pause automatic failover.
-    Pause,
-    /// Resume automatic failover.
-    Resume,
-}
-
-/// One request, as filed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    /// What is asked.
-    pub ask: Ask,
-    /// Fresh identifier.
-    pub id: String,
-    /// When it was asked.
-    pub requested_at: Timestamp,
-}
-
-impl Request {
-    /// A new request with a fresh id, filed now.
-    pub fn new(ask: Ask) -> Self {
-        Self {
-            ask,
-            id: new_id(),
-            requested_at: Timestamp::now(),
-        }
-    }
-
-    /// The ConfigMap data of this request (any earlier answer is dropped).
-    pub fn to_data(&self) -> BTreeMap<String, String> {
-        let (command, target) = match &self.ask {
-            Ask::Switchover(t) => ("switchover", Some(t.clone())),
-            Ask::Pause => ("pause", None),
-            Ask::Resume => ("resume", None),
-        };
-        let mut d = BTreeMap::from([
-            (COMMAND_KEY.to_owned(), command.to_owned()),
-            (ID_KEY.to_owned(), self.id.clone()),
-            (REQUESTED_AT_KEY.to_owned(), self.requested_at.to_string()),
-        ]);
-        if let Some(t) = target {
-            d.insert(TARGET_KEY.to_owned(), t);
-        }
-        d
+/// A new request for `command` with a fresh id, filed now.
+pub fn new_request(command: Command) -> CommandRequest {
+    CommandRequest {
+        command,
+        id: new_id(),
+        requested_at: Timestamp::now(),
     }
 }
 
@@ -171,7 +129,11 @@ pub fn plan_switchover(status: &Status, to: &str) -> Result<String, Error> {
 
 /// Files `request` on the cluster of `api`: creates the request
 /// ConfigMap, or replaces its data (compare-and-swap on resourceVersion).
-pub async fn file(api: &Api<ConfigMap>, cluster: &str, request: &Request) -> Result<(), Error> {
+pub async fn file(
+    api: &Api<ConfigMap>,
+    cluster: &str,
+    request: &CommandRequest,
+) -> Result<(), Error> {
     let err = |what: &str, e: kube::Error| Error::Cluster {
         cluster: cluster.to_owned(),
         message: format!("{what} ConfigMap {COMMAND_CONFIGMAP}: {e}{}", rbac_hint(&e)),
@@ -233,9 +195,9 @@ fn rbac_hint(e: &kube::Error) -> &'static str {
 pub async fn wait_answer(
     api: &Api<ConfigMap>,
     cluster: &str,
-    request: &Request,
+    request: &CommandRequest,
     deadline: Instant,
-) -> Result<String, Error> {
+) -> Result<Outcome, Error> {
     let mut last = String::from("no answer yet");
     loop {
         match api.get_opt(COMMAND_CONFIGMAP).await {
@@ -248,8 +210,8 @@ pub async fn wait_answer(
                         d.get(ID_KEY).map_or("none", String::as_str)
                     )));
                 }
-                if d.get(HANDLED_ID_KEY) == Some(&request.id) {
-                    return Ok(d.get(RESULT_KEY).cloned().unwrap_or_default());
+                if let Some(outcome) = Outcome::of(&d, &request.id) {
+                    return Ok(outcome);
                 }
             }
             Ok(None) => last = "the request ConfigMap disappeared".to_owned(),
@@ -296,16 +258,19 @@ pub async fn switchover(
     let old_epoch = before.cluster(&active).and_then(|c| c.epoch).unwrap_or(0);
     let active_client = client(target(targets, &active)?)?;
     let cms: Api<ConfigMap> = Api::namespaced(active_client.clone(), namespace);
-    let request = Request::new(Ask::Switchover(to.to_owned()));
+    let request = new_request(Command::Switchover {
+        target: to.to_owned(),
+    });
     file(&cms, &active, &request).await?;
     writeln!(
         out,
         "→ asked {active} (active, epoch {old_epoch}) to hand over to {to} [request {}]",
         request.id
     )?;
-    let result = wait_answer(&cms, &active, &request, deadline).await?;
-    if result != ACCEPTED {
-        return Err(Error::Refused(format!("{active}'s controller: {result}")));
+    if let Outcome::Rejected(why) = wait_answer(&cms, &active, &request, deadline).await? {
+        return Err(Error::Refused(format!(
+            "{active}'s controller: rejected: {why}"
+        )));
     }
     writeln!(
         out,
@@ -433,7 +398,11 @@ pub async fn set_paused(
     let mut failures = Vec::new();
     let mut filed = Vec::new();
     for t in targets {
-        let request = Request::new(if pause { Ask::Pause } else { Ask::Resume });
+        let request = new_request(if pause {
+            Command::Pause
+        } else {
+            Command::Resume
+        });
         let api = match client(t) {
             Ok(c) => Api::<ConfigMap>::namespaced(c, namespace),
             Err(e) => {
@@ -455,9 +424,9 @@ pub async fn set_paused(
     }
     for (t, api, request) in filed {
         match wait_answer(&api, &t.name, &request, deadline).await {
-            Ok(r) if r == ACCEPTED => {}
-            Ok(r) => {
-                writeln!(out, "✗ {}: {r}", t.name)?;
+            Ok(Outcome::Accepted) => {}
+            Ok(Outcome::Rejected(why)) => {
+                writeln!(out, "✗ {}: rejected: {why}", t.name)?;
                 failures.push(t.name.clone());
                 continue;
             }
@@ -604,22 +573,22 @@ mod tests {
     }
 
     #[test]
-    fn request_data_has_every_key() {
-        let r = Request::new(Ask::Switchover("west".into()));
+    fn a_new_request_is_filed_now_and_the_controller_forwards_it() {
+        use counterweight_core::request::{Decision, HANDLED_ID_KEY, decide};
+        let r = new_request(Command::Switchover {
+            target: "west".into(),
+        });
         let d = r.to_data();
-        assert_eq!(d.get(COMMAND_KEY).map(String::as_str), Some("switchover"));
-        assert_eq!(d.get(TARGET_KEY).map(String::as_str), Some("west"));
-        assert_eq!(d.get(ID_KEY), Some(&r.id));
         assert!(
-            d.get(REQUESTED_AT_KEY)
-                .is_some_and(|t| t.parse::<Timestamp>().is_ok())
-        );
-        let p = Request::new(Ask::Pause).to_data();
-        assert_eq!(p.get(COMMAND_KEY).map(String::as_str), Some("pause"));
-        assert!(!p.contains_key(TARGET_KEY));
-        assert!(
-            !p.contains_key(HANDLED_ID_KEY),
+            !d.contains_key(HANDLED_ID_KEY),
             "a new request drops old answers"
+        );
+        assert_eq!(
+            decide(&d, Timestamp::now()),
+            Decision::Forward {
+                id: r.id.clone(),
+                command: r.command.clone()
+            }
         );
     }
 

@@ -2,7 +2,7 @@
 //!
 //! The input is the data of the `counterweight-command` ConfigMap, one
 //! `key=value` per line (see `counterweight_fuzz::config_map`), decided by
-//! `counterweight_controller::commands::decide` at a fixed instant (the
+//! `counterweight_core::request::decide` (the controller's reading) at a fixed instant (the
 //! seeds' requests are filed around it). Whatever the data, the decision
 //! must keep the rules its module documents: no `id` (or the one already
 //! handled) is ignored; a forwarded command has a trimmed `id` of at most

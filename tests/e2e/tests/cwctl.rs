@@ -225,19 +225,13 @@ async fn grant_operator(cluster: &Cluster, user: &str) {
 #[test]
 fn request_schema_is_shared_by_cwctl_and_the_controller() {
     use counterweight_cli::request as cli;
-    assert_eq!(cli::COMMAND_CONFIGMAP, commands::COMMAND_CONFIGMAP);
-    assert_eq!(cli::COMMAND_KEY, commands::COMMAND_KEY);
-    assert_eq!(cli::TARGET_KEY, commands::TARGET_KEY);
-    assert_eq!(cli::ID_KEY, commands::ID_KEY);
-    assert_eq!(cli::REQUESTED_AT_KEY, commands::REQUESTED_AT_KEY);
-    assert_eq!(cli::HANDLED_ID_KEY, commands::HANDLED_ID_KEY);
-    assert_eq!(cli::RESULT_KEY, commands::RESULT_KEY);
-    assert_eq!(cli::ACCEPTED, commands::ACCEPTED);
-    // What cwctl files, the controller forwards.
-    let r = cli::Request::new(cli::Ask::Switchover("west".into()));
+    // What cwctl files, the controller forwards: both use core's codec.
+    let r = cli::new_request(counterweight_core::ha::Command::Switchover {
+        target: "west".into(),
+    });
     assert!(matches!(
-        commands::decide(&r.to_data(), k8s_openapi::jiff::Timestamp::now()),
-        commands::Decision::Forward { .. }
+        counterweight_core::request::decide(&r.to_data(), k8s_openapi::jiff::Timestamp::now()),
+        counterweight_core::request::Decision::Forward { .. }
     ));
 }
 
@@ -388,7 +382,7 @@ async fn cwctl_status_switchover_explain_and_check() {
     // ── a bad request is answered with a reason, never executed ────────
     cms[0]
         .patch(
-            commands::COMMAND_CONFIGMAP,
+            counterweight_core::request::COMMAND_CONFIGMAP,
             &PatchParams::default(),
             &Patch::Merge(serde_json::json!({"data": {
                 "command": "reboot", "id": "bad-1",
@@ -403,7 +397,7 @@ async fn cwctl_status_switchover_explain_and_check() {
         Duration::from_millis(100),
         || async {
             let cm = cms[0]
-                .get(commands::COMMAND_CONFIGMAP)
+                .get(counterweight_core::request::COMMAND_CONFIGMAP)
                 .await
                 .map_err(|e| e.to_string())?;
             let d = cm.data.unwrap_or_default();
@@ -457,7 +451,7 @@ async fn cwctl_status_switchover_explain_and_check() {
     .await;
     // The request went to the old active and was answered there.
     let req = cms[0]
-        .get(commands::COMMAND_CONFIGMAP)
+        .get(counterweight_core::request::COMMAND_CONFIGMAP)
         .await
         .expect("request")
         .data

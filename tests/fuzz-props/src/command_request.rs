@@ -2,7 +2,7 @@
 //!
 //! The input is the data of the `counterweight-command` ConfigMap, one
 //! `key=value` per line (see `crate::support::config_map`), decided by
-//! `counterweight_controller::commands::decide` at a fixed instant (the
+//! `counterweight_core::request::decide` (the controller's reading) at a fixed instant (the
 //! seeds' requests are filed around it). Whatever the data, the decision
 //! must keep the rules its module documents: no `id` (or the one already
 //! handled) is ignored; a forwarded command has a trimmed `id` of at most
@@ -14,12 +14,12 @@
 use std::sync::LazyLock;
 
 use crate::support::config_map;
-use counterweight_controller::commands::{
+use counterweight_core::ha::Command;
+use counterweight_core::names::check_cluster_name;
+use counterweight_core::request::{
     COMMAND_KEY, Decision, HANDLED_ID_KEY, ID_KEY, MAX_ID_LEN, MAX_REQUEST_AGE, MAX_REQUEST_SKEW,
     REQUESTED_AT_KEY, TARGET_KEY, decide,
 };
-use counterweight_core::ha::Command;
-use counterweight_core::names::check_cluster_name;
 use k8s_openapi::jiff::Timestamp;
 
 static NOW: LazyLock<Timestamp> =
