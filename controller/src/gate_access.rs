@@ -23,13 +23,14 @@
 //! Keeping the grant per namespace (rather than one binding to all service
 //! accounts in the cluster) means a namespace that has not opted in cannot
 //! even see whether its cluster is active. The desired set is computed by
-//! pure functions ([`opted_in`], [`plan`]); [`reconcile_gate_access`] only
+//! pure functions (`counterweight_core::workload::opted_in`, [`plan`]); [`reconcile_gate_access`] only
 //! reads the cluster and applies the plan, idempotently, with server-side
 //! apply.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use counterweight_core::names;
+use counterweight_core::workload::{opted_in, opted_in_selector};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
@@ -140,23 +141,6 @@ pub fn binding_for(controller_ns: &str, ns: &str) -> RoleBinding {
     }
 }
 
-/// Names of the namespaces whose gates need access: labelled
-/// `counterweight.dev/inject=enabled` and not being deleted.
-pub fn opted_in(namespaces: &[Namespace]) -> BTreeSet<String> {
-    namespaces
-        .iter()
-        .filter(|ns| ns.metadata.deletion_timestamp.is_none())
-        .filter(|ns| {
-            ns.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(names::INJECT_LABEL))
-                .is_some_and(|v| v == names::INJECT_ENABLED)
-        })
-        .filter_map(|ns| ns.metadata.name.clone())
-        .collect()
-}
-
 /// Compares the desired namespaces with the managed bindings that exist.
 ///
 /// `existing` should be the bindings carrying the managed-by label; a binding
@@ -234,7 +218,7 @@ pub async fn reconcile_gate_access(
         )))?;
 
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let selector = format!("{}={}", names::INJECT_LABEL, names::INJECT_ENABLED);
+    let selector = opted_in_selector();
     let opted = namespaces
         .list(&ListParams::default().labels(&selector))
         .await
@@ -329,41 +313,12 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-
     use super::*;
 
     const CNS: &str = "counterweight-system";
 
-    fn ns(name: &str, label: Option<&str>) -> Namespace {
-        Namespace {
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                labels: label
-                    .map(|v| BTreeMap::from([(names::INJECT_LABEL.to_owned(), v.to_owned())])),
-                ..Default::default()
-            },
-            ..Default::default()
-        }
-    }
-
     fn set(names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|s| (*s).to_owned()).collect()
-    }
-
-    #[test]
-    fn only_enabled_live_namespaces_opt_in() {
-        let mut terminating = ns("going", Some("enabled"));
-        terminating.metadata.deletion_timestamp =
-            Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
-        let all = [
-            ns("a", Some("enabled")),
-            ns("b", Some("disabled")),
-            ns("c", None),
-            ns("d", Some("Enabled")),
-            terminating,
-        ];
-        assert_eq!(opted_in(&all), set(&["a"]));
     }
 
     #[test]

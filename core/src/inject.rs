@@ -38,9 +38,10 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde_json::Value;
 
 use crate::names::{
-    INJECT_ANNOTATION, INJECT_DISABLED, INJECT_ENABLED, INJECT_LABEL, ROLE_LABEL,
-    SERVING_CONDITION, STATE_CONFIGMAP, STATUS_ANNOTATION, SYSTEM_NAMESPACE,
+    INJECT_ANNOTATION, INJECT_DISABLED, ROLE_LABEL, SERVING_CONDITION, STATE_CONFIGMAP,
+    STATUS_ANNOTATION, SYSTEM_NAMESPACE,
 };
+use crate::workload::{SERVICE_ROLE, SYNC_ROLES};
 
 /// Value written to [`STATUS_ANNOTATION`] on injected pods. Versioned so a
 /// later injector can tell its own older patches apart.
@@ -80,10 +81,6 @@ pub const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccoun
 /// Namespaces that are never injected, whatever their labels say: gating
 /// cluster infrastructure could keep a cluster from ever starting.
 pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
-/// Pod role values that mark a synchronization pod (never gated, claims 6-7).
-pub const SYNC_ROLES: [&str; 3] = ["ha", "database", "file-replication"];
-/// Role value of an ordinary, gated service pod (also the default).
-pub const SERVICE_ROLE: &str = "service";
 /// Environment variable names the gate reads (they match its flags).
 pub mod env {
     /// Namespace of the state ConfigMap.
@@ -501,7 +498,7 @@ fn skip_reason(
     if namespace == config.state_namespace || namespace == SYSTEM_NAMESPACE {
         return Some(Skip::ControllerNamespace);
     }
-    if namespace_labels.get(INJECT_LABEL).map(String::as_str) != Some(INJECT_ENABLED) {
+    if !crate::workload::namespace_opted_in(Some(namespace_labels)) {
         return Some(Skip::NamespaceNotEnabled);
     }
     let meta = &pod.metadata;
@@ -1103,6 +1100,7 @@ fn token_volume(config: &InjectorConfig) -> Volume {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::names::{INJECT_ENABLED, INJECT_LABEL};
     use k8s_openapi::api::core::v1::PodSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use proptest::prelude::*;

@@ -21,3 +21,4 @@ pub mod policy;
 pub mod request;
 pub mod serving;
 pub mod state;
+pub mod workload;

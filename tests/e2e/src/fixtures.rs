@@ -99,10 +99,10 @@ pub fn app_waiting_reason(pod: &Pod) -> Option<String> {
 }
 
 /// Sets `pod`'s serving condition True with the controller's own patch
-/// (`counterweight_controller::serving::condition_patch`), as an active
+/// (`counterweight_core::workload::condition_patch`), as an active
 /// cluster's controller does.
 pub async fn serve(pods: &Api<Pod>, pod: &Pod) {
-    use counterweight_controller::serving::condition_patch;
+    use counterweight_core::workload::condition_patch;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use kube::api::{Patch, PatchParams};
     let name = pod.metadata.name.as_deref().expect("pod name");

@@ -30,10 +30,10 @@
 
 use std::time::{Duration, Instant};
 
-use counterweight_controller::serving::{ACTIVE_REASON, STOPPED_REASON, released_epoch};
 use counterweight_core::inject::{GATE_CONTAINER, LEASE_CONTAINER, RUN_VOLUME};
 use counterweight_core::names;
 use counterweight_core::state::Role;
+use counterweight_core::workload::{ACTIVE_REASON, STOPPED_REASON, released_epoch};
 use counterweight_e2e::ems::APP;
 use counterweight_e2e::fixtures::init_container_names;
 use counterweight_e2e::ha::{Monitor, event_reasons, sample};

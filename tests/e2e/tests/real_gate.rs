@@ -23,10 +23,10 @@
 
 use std::time::{Duration, Instant};
 
-use counterweight_controller::serving::released_epoch;
 use counterweight_core::clock::unix_ms;
 use counterweight_core::inject::{GATE_CONTAINER, LEASE_CONTAINER};
 use counterweight_core::names;
+use counterweight_core::workload::released_epoch;
 use counterweight_e2e::fixtures::{
     app_running, app_waiting_reason, condition_true, create_namespaces, deployment,
     gate_access_and_service, init_container_names, init_running, opt_in, serve,

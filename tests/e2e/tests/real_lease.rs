@@ -15,12 +15,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use counterweight_controller::serving::released_epoch;
 use counterweight_core::clock::unix_ms;
 use counterweight_core::inject::{
     Decision, GATE_CONTAINER, InjectorConfig, LEASE_CONTAINER, inject,
 };
 use counterweight_core::names;
+use counterweight_core::workload::released_epoch;
 use counterweight_e2e::fixtures::{
     condition_true, create_namespaces, gate_access_and_service, meta, serve, write_serving_lease,
 };

@@ -8,11 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use counterweight_controller::events::EventSink;
-use counterweight_controller::serving::{
-    PodServing, PodServingConfig, STANDBY_REASON, STOPPED_REASON,
-};
+use counterweight_controller::serving::{PodServing, PodServingConfig};
 use counterweight_controller::state_store::StateStore;
 use counterweight_core::names;
+use counterweight_core::workload::{STANDBY_REASON, STOPPED_REASON};
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::Cluster;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
