@@ -8,8 +8,9 @@
 
 use std::time::Duration;
 
-use counterweight_core::health::{CheckOutcome, ReplicationProbe, replication_ready};
+use counterweight_core::health::CheckOutcome;
 use counterweight_core::policy::{Check, HttpCheck, PostgresCheck};
+use counterweight_core::replication::{Lag, STANDBY_QUERY};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use tokio::net::TcpStream;
@@ -170,41 +171,30 @@ async fn postgres(
             .await
             .map(|_| None)
             .map_err(|e| format!("SELECT 1 failed: {}", pg_message(&e))),
-        Some(max) => replication_probe(&client)
+        Some(max) => standby_lag(&client)
             .await
-            .and_then(|probe| replication_ready(&probe, max).map(Some)),
+            .and_then(|lag| lag.kept_current(max).map(Some)),
     };
     drop(client);
     result
 }
 
-/// Reads what [`replication_ready`] decides on, in one round trip.
-pub async fn replication_probe(
-    client: &tokio_postgres::Client,
-) -> Result<ReplicationProbe, String> {
+/// Reads the server's replication state ([`STANDBY_QUERY`], one round
+/// trip), which [`Lag::kept_current`] judges.
+pub async fn standby_lag(client: &tokio_postgres::Client) -> Result<Lag, String> {
     let row = client
-        .query_one(
-            "SELECT pg_is_in_recovery(), \
-                    (SELECT status FROM pg_stat_wal_receiver LIMIT 1), \
-                    COALESCE(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0)::float8, \
-                    EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())::float8",
-            &[],
-        )
+        .query_one(STANDBY_QUERY, &[])
         .await
         .map_err(|e| format!("replication query failed: {}", pg_message(&e)))?;
-    let lag: f64 = row.get(2);
-    Ok(ReplicationProbe {
-        in_recovery: row.get(0),
-        receiver: row.get(1),
-        // The diff is a numeric of whole bytes; negative only in a race
-        // between the two reads.
-        replay_lag_bytes: if lag.is_finite() && lag > 0.0 {
-            lag as u64
-        } else {
-            0
-        },
-        replay_age_s: row.get(3),
-    })
+    Lag::from_columns(
+        row.get(0),
+        row.get(1),
+        row.get(2),
+        row.get(3),
+        row.get(4),
+        row.get(5),
+    )
+    .map_err(|e| format!("replication query: {e}"))
 }
 
 // tokio-postgres' Display is just "db error"; the server's message is in

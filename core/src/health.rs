@@ -263,44 +263,6 @@ impl Tally {
     }
 }
 
-/// What a PostgreSQL server said about its replication, for a check with
-/// `maxLagBytes`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ReplicationProbe {
-    /// `pg_is_in_recovery()`: a hot standby.
-    pub in_recovery: bool,
-    /// `pg_stat_wal_receiver.status`, if a receiver runs.
-    pub receiver: Option<String>,
-    /// WAL received but not yet replayed, in bytes.
-    pub replay_lag_bytes: u64,
-    /// Seconds since the last replayed transaction committed on the primary.
-    pub replay_age_s: Option<f64>,
-}
-
-/// Whether a database's replication state lets its cluster take over:
-/// a primary does; a standby must stream from its primary and be at most
-/// `max_lag_bytes` behind in replay. `Ok` carries a note for people (the
-/// data-loss estimate at failover), `Err` why not.
-pub fn replication_ready(probe: &ReplicationProbe, max_lag_bytes: u64) -> Result<String, String> {
-    if !probe.in_recovery {
-        return Ok("primary".to_owned());
-    }
-    let age = probe
-        .replay_age_s
-        .map(|s| format!(", last replayed commit {s:.1} s old"))
-        .unwrap_or_default();
-    let note = format!("standby, replay lag {} B{age}", probe.replay_lag_bytes);
-    match probe.receiver.as_deref() {
-        Some("streaming") => {}
-        Some(other) => return Err(format!("{note}; WAL receiver is {other}, not streaming")),
-        None => return Err(format!("{note}; no WAL receiver: not replicating")),
-    }
-    if probe.replay_lag_bytes > max_lag_bytes {
-        return Err(format!("{note} > maxLagBytes {max_lag_bytes}"));
-    }
-    Ok(note)
-}
-
 /// Outcome of one active check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckOutcome {
@@ -753,28 +715,6 @@ mod tests {
             let f = PodFacts::of(&pod(phase, conds, *gate, *deleting));
             assert_eq!((f.running_ready, f.at_gate), (*ready, *at_gate), "case {i}");
         }
-    }
-
-    #[test]
-    fn replication_readiness_table() {
-        let probe = |in_recovery, receiver: Option<&str>, lag| ReplicationProbe {
-            in_recovery,
-            receiver: receiver.map(str::to_owned),
-            replay_lag_bytes: lag,
-            replay_age_s: Some(0.5),
-        };
-        assert_eq!(
-            replication_ready(&probe(false, None, 0), 10),
-            Ok("primary".into())
-        );
-        let ok = replication_ready(&probe(true, Some("streaming"), 10), 10).unwrap();
-        assert!(ok.contains("replay lag 10 B"), "{ok}");
-        let e = replication_ready(&probe(true, Some("streaming"), 11), 10).unwrap_err();
-        assert!(e.contains("> maxLagBytes 10"), "{e}");
-        let e = replication_ready(&probe(true, Some("waiting"), 0), 10).unwrap_err();
-        assert!(e.contains("waiting, not streaming"), "{e}");
-        let e = replication_ready(&probe(true, None, 0), 10).unwrap_err();
-        assert!(e.contains("not replicating"), "{e}");
     }
 
     #[test]

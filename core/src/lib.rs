@@ -18,6 +18,7 @@ pub mod inject;
 pub mod leader;
 pub mod names;
 pub mod policy;
+pub mod replication;
 pub mod request;
 pub mod serving;
 pub mod state;

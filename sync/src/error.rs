@@ -130,3 +130,12 @@ impl SyncError {
         }
     }
 }
+
+impl From<counterweight_core::replication::LsnError> for SyncError {
+    fn from(e: counterweight_core::replication::LsnError) -> Self {
+        SyncError::Parse {
+            what: "a WAL position like 16/B374D848",
+            value: e.0,
+        }
+    }
+}

@@ -9,14 +9,14 @@
 //!   `pg_basebackup -R`. On promotion the local replica is promoted with
 //!   `pg_promote()`; a demoted primary is stopped (fenced), rewound with
 //!   `pg_rewind` and restarted as a standby of the new primary. Replication
-//!   lag is read from the server and [`db::ready_for_promotion`] turns it
+//!   lag is read from the server and [`db::Lag::ready_to_promote`] turns it
 //!   into a `ready`/`refuse` answer for the FIG. 9 prepare step.
 //! - [`files`]: one-way replication of a directory with `rsync`, driven by
 //!   inotify through the `notify` crate with debounced batches, and a
 //!   watermark (last fully synced change and its time).
 //!
 //! Every decision is a pure function ([`db::decide()`], [`files::Debouncer`],
-//! [`db::ready_for_promotion`]) unit-tested without I/O; the supervisors
+//! [`db::Lag::ready_to_promote`]) unit-tested without I/O; the supervisors
 //! around them only observe and act. The role and epoch come from the state
 //! ConfigMap's `state` and `epoch` keys ([`role`]).
 

@@ -399,7 +399,7 @@ async fn run_ready(args: ReadyArgs) -> Result<i32> {
     let primary: Option<Lsn> = args.primary_lsn.as_deref().map(str::parse).transpose()?;
     let client = db::pg::connect(&args.local.local()?, args.local.timeout()).await?;
     let lag = db::pg::standby_lag(&client).await?;
-    match db::assess(&lag, primary, args.max_lag_bytes) {
+    match lag.ready_to_promote(primary, args.max_lag_bytes) {
         Ok(()) => {
             println!("ready");
             Ok(0)

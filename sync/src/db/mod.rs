@@ -1,8 +1,9 @@
 //! PostgreSQL streaming replication that follows the active cluster.
 //!
 //! Pure parts: [`decide()`] (what to do with the local server given the role,
-//! epoch and what is observed), [`ready_for_promotion`] and [`Lsn`]
-//! arithmetic, [`ConnParams`] rendering. I/O parts: [`pg`] (queries over
+//! epoch and what is observed), [`ConnParams`] rendering; the promotion
+//! rule ([`Lag::ready_to_promote`]) and [`Lsn`] arithmetic are
+//! `counterweight_core::replication`'s. I/O parts: [`pg`] (queries over
 //! `tokio-postgres`), [`tools`] (`pg_basebackup`, `pg_rewind`, `pg_ctl`)
 //! and [`supervisor`] (observe, decide, act, one step at a time).
 //!
@@ -22,6 +23,6 @@ pub mod tools;
 
 pub use conninfo::ConnParams;
 pub use decide::{Action, Observation, PeerState, Upstream, decide};
-pub use lag::{Lag, Lsn, RefuseReason, ReplicaLag, assess, ready_for_promotion};
+pub use lag::{Lag, Lsn, RefuseReason, ReplicaLag, within_failover_lag};
 pub use supervisor::{DbConfig, DbSupervisor, Peer, ServerControl};
 pub use tools::Tools;

@@ -8,6 +8,8 @@ use tokio_postgres::Client;
 
 use super::conninfo::ConnParams;
 use super::decide::PeerState;
+use counterweight_core::replication::STANDBY_QUERY;
+
 use super::lag::{Lag, Lsn, ReplicaLag};
 use crate::SyncError;
 
@@ -45,47 +47,23 @@ pub async fn setting(client: &Client, name: &str) -> Result<String, SyncError> {
     Ok(row.get(0))
 }
 
-fn parse_lsn(text: Option<String>) -> Result<Option<Lsn>, SyncError> {
-    text.map(|t| t.parse()).transpose()
-}
-
-/// The local server's lag as a standby sees it (see [`Lag`]). On a primary
-/// it returns `in_recovery: false` and no positions.
+/// The local server's replication state as a standby sees it (core's
+/// [`STANDBY_QUERY`], decoded by [`Lag::from_columns`]). On a primary it
+/// returns `in_recovery: false` and no positions.
 pub async fn standby_lag(client: &Client) -> Result<Lag, SyncError> {
     let row = client
-        .query_one(
-            "SELECT pg_is_in_recovery(),
-                    pg_last_wal_receive_lsn()::text,
-                    pg_last_wal_replay_lsn()::text,
-                    EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'),
-                    CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END,
-                    extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8",
-            &[],
-        )
+        .query_one(STANDBY_QUERY, &[])
         .await
         .map_err(|e| SyncError::pg("reading standby lag", e))?;
-    let in_recovery: bool = row.get(0);
-    let received = parse_lsn(row.get(1))?;
-    let replayed = parse_lsn(row.get(2))?;
-    let bytes = match (received, replayed) {
-        (Some(r), Some(p)) => Some(r.bytes_since(p)),
-        _ => None,
-    };
-    // Time since the last replayed commit is lag only while WAL waits to be
-    // replayed; on an idle primary it would grow forever.
-    let seconds = match bytes {
-        Some(0) => Some(0.0),
-        _ => row.get::<_, Option<f64>>(5).map(|s| s.max(0.0)),
-    };
-    Ok(Lag {
-        in_recovery,
-        streaming: row.get(3),
-        received,
-        replayed,
-        bytes,
-        seconds,
-        replay_paused: row.get(4),
-    })
+    Lag::from_columns(
+        row.get(0),
+        row.get(1),
+        row.get(2),
+        row.get(3),
+        row.get(4),
+        row.get(5),
+    )
+    .map_err(SyncError::from)
 }
 
 /// Every standby connected to the local primary (`pg_stat_replication`).
@@ -121,7 +99,7 @@ pub async fn current_lsn(client: &Client) -> Result<Lsn, SyncError> {
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
         .map_err(|e| SyncError::pg("pg_current_wal_lsn()", e))?;
-    row.get::<_, String>(0).parse()
+    Ok(row.get::<_, String>(0).parse()?)
 }
 
 /// `pg_promote(true, wait_seconds)`: ends recovery after replaying all WAL

@@ -227,7 +227,7 @@ async fn rows_written_on_the_active_appear_on_the_standby() {
 
     // Both sides of the lag are readable.
     let lag = b.lag().await.expect("standby lag");
-    assert!(lag.in_recovery && lag.streaming, "{lag:?}");
+    assert!(lag.in_recovery && lag.streaming(), "{lag:?}");
     let replicas = eventually("a sees b streaming", DEADLINE, POLL, || async {
         let r = a.replicas().await.map_err(|e| e.to_string())?;
         Ok(r.iter()
@@ -288,7 +288,7 @@ async fn failover_promotes_the_standby_and_the_old_primary_rewinds_and_catches_u
     })
     .await;
     let lag = a.lag().await.expect("a lag");
-    assert!(lag.in_recovery && lag.streaming, "{lag:?}");
+    assert!(lag.in_recovery && lag.streaming(), "{lag:?}");
     // A stale state (epoch 1, active) must not make a primary of it again.
     let stale = a.step(active(1)).await.expect("stale step");
     assert!(matches!(stale, Action::Wait { .. }), "{stale:?}");
