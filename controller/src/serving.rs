@@ -112,9 +112,6 @@ impl Default for PodServingConfig {
 /// Errors of [`PodServing`].
 #[derive(Debug, thiserror::Error)]
 pub enum ServingError {
-    /// The state ConfigMap could not be updated.
-    #[error(transparent)]
-    Store(#[from] StoreError),
     /// Listing pods or namespaces failed.
     #[error("listing {what}: {source}")]
     List {
@@ -233,7 +230,6 @@ pub struct Demotion {
 
 struct Shared {
     client: kube::Client,
-    store: StateStore,
     events: Option<EventSink>,
     config: PodServingConfig,
     /// `None` until the HA loop first says; nothing is touched before.
@@ -250,6 +246,9 @@ struct Shared {
     served: Mutex<ServeMemo>,
     /// Restarts of pods that escaped their gate (see [`EscapeMemo`]).
     escapes: Mutex<EscapeMemo>,
+    /// The effect to record in the state record's `serving` flag, written
+    /// by [`flag_writer`] beside the effects.
+    flag: watch::Sender<Option<bool>>,
 }
 
 /// How long after restarting an [`escaped`] pod its owner's next escaped
@@ -472,9 +471,10 @@ impl PodServing {
         config: PodServingConfig,
     ) -> Self {
         let (desired, _) = watch::channel(None);
+        let (flag, flag_rx) = watch::channel(None);
+        let flags = flag_writer(store, flag_rx);
         let shared = Arc::new(Shared {
             client,
-            store,
             events,
             config,
             desired,
@@ -483,18 +483,20 @@ impl PodServing {
             restarting: Mutex::new(HashSet::new()),
             served: Mutex::new(ServeMemo::default()),
             escapes: Mutex::new(EscapeMemo::default()),
+            flag,
         });
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
         let weak = Arc::downgrade(&tasks);
         if let Ok(mut set) = tasks.lock() {
             set.spawn(reconcile_loop(shared.clone(), weak));
+            set.spawn(flags);
         }
         Self { shared, tasks }
     }
 
-    /// Makes service pods serve: records `serving=true`, then sets the
-    /// condition True on every Running service pod. The loop keeps doing so
-    /// for new pods while active.
+    /// Makes service pods serve: sets the condition True on every Running
+    /// service pod, then has `serving=true` recorded. The loop keeps doing
+    /// so for new pods while active.
     pub async fn activate(&self) -> Result<usize, ServingError> {
         self.shared.desired.send_replace(Some(true));
         activate_pods(&self.shared, &self.tasks).await
@@ -537,7 +539,9 @@ impl PodServing {
         let fence_took = started.elapsed();
         let (restarting, restarts) = spawn_restarts(&self.shared, &self.tasks, to_restart);
         drop(effects);
-        write_flag(&self.shared.store, false).await?;
+        // Informational (for cwctl): written beside, so that the fence, and
+        // with it the handover's `change`, never waits for it.
+        self.shared.flag.send_replace(Some(false));
         info!(
             stopped,
             standby,
@@ -576,8 +580,8 @@ impl Drop for PodServing {
     }
 }
 
-/// Records `serving=true`, then sets the condition True on every Running
-/// service pod (while the desired state stays active).
+/// Sets the condition True on every Running service pod (while the desired
+/// state stays active), then has `serving=true` recorded.
 async fn activate_pods(
     shared: &Arc<Shared>,
     tasks: &Arc<Mutex<JoinSet<()>>>,
@@ -587,9 +591,11 @@ async fn activate_pods(
         // A fence came first: nothing to do.
         return Ok(0);
     }
-    write_flag(&shared.store, true).await?;
     let pods = list_service_pods(&shared.client).await?;
     let served = pass(shared, &pods, tasks).await;
+    if *shared.desired.borrow() == Some(true) {
+        shared.flag.send_replace(Some(true));
+    }
     info!(
         served,
         took_ms = started.elapsed().as_millis(),
@@ -624,6 +630,31 @@ async fn write_flag(store: &StateStore, serving: bool) -> Result<(), StoreError>
         .update(|data| ServingFlag(serving).write_to(data))
         .await
         .map(drop)
+}
+
+/// Writes the `serving` flag of the state record whenever the effect
+/// applied changes, newest value first: it is informational (`cwctl`
+/// shows it), so neither a fence nor a promotion waits for the write, and
+/// a write that fails is retried with backoff until it lands or a newer
+/// value replaces it.
+async fn flag_writer(store: StateStore, mut rx: watch::Receiver<Option<bool>>) {
+    const RETRY_MIN: Duration = Duration::from_millis(100);
+    const RETRY_MAX: Duration = Duration::from_secs(5);
+    while rx.changed().await.is_ok() {
+        let Some(serving) = *rx.borrow_and_update() else {
+            continue;
+        };
+        let mut attempt: u32 = 0;
+        while let Err(e) = write_flag(&store, serving).await {
+            warn!(serving, error = %e, "could not record the serving flag; retrying");
+            tokio::time::sleep(backoff(attempt, RETRY_MIN, RETRY_MAX)).await;
+            attempt = attempt.saturating_add(1);
+            if rx.has_changed().unwrap_or(true) {
+                // A newer value (or the end): the outer loop takes it.
+                break;
+            }
+        }
+    }
 }
 
 fn record(shared: &Shared, type_: EventType, reason: &str, action: &str, note: &str) {

@@ -186,6 +186,21 @@ async fn state_flag(client: &kube::Client) -> Option<String> {
         .and_then(|d| d.get(counterweight_core::state::SERVING_KEY).cloned())
 }
 
+/// Waits until the state record's `serving` flag reads `value`: it is
+/// written beside the effects, after them.
+async fn flag_reads(client: &kube::Client, value: &str) {
+    eventually(
+        &format!("the serving flag to read {value}"),
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let flag = state_flag(client).await;
+            Ok((flag.as_deref() == Some(value)).then_some(()))
+        },
+    )
+    .await;
+}
+
 /// Checks for `window` that no pod of `app` ever has the condition True.
 async fn never_serves(client: &kube::Client, app: &str, window: Duration) {
     let end = Instant::now() + window;
@@ -287,7 +302,7 @@ async fn promotion_serves_and_demotion_restarts_only_serving_pods() {
         .await;
     }
     eprintln!("promotion: pods Ready {:?} after activate", t.elapsed());
-    assert_eq!(state_flag(&client).await.as_deref(), Some("true"));
+    flag_reads(&client, "true").await;
 
     // While active, new service pods are made to serve by the watch loop.
     deploys
@@ -421,7 +436,7 @@ async fn promotion_serves_and_demotion_restarts_only_serving_pods() {
         .map(uid)
         .collect();
     assert_eq!(other_now, other_before);
-    assert_eq!(state_flag(&client).await.as_deref(), Some("false"));
+    flag_reads(&client, "false").await;
 
     // The demotion is on record as Events on the state ConfigMap.
     let events: Api<Event> = Api::namespaced(client.clone(), SYSTEM);
