@@ -77,21 +77,9 @@ pub async fn nobody_active_for(cms: &[Api<ConfigMap>], d: Duration, why: &str) {
     }
 }
 
-/// Reasons of the Events in the controller's namespace, oldest first.
-pub async fn event_reasons(cluster: &Cluster) -> Vec<String> {
-    let api: Api<Event> = Api::namespaced(cluster.client(), SYSTEM);
-    let mut events = api
-        .list(&ListParams::default())
-        .await
-        .map(|l| l.items)
-        .unwrap_or_default();
-    events.sort_by(|a, b| a.event_time.cmp(&b.event_time));
-    events.into_iter().filter_map(|e| e.reason).collect()
-}
-
-/// `cluster`'s Events as `reason: note`, oldest first: what a failed
-/// test prints to say where the protocol stopped.
-pub async fn event_log(cluster: &Cluster) -> Vec<String> {
+/// The Events in the controller's namespace of `cluster`, oldest first
+/// (none when they cannot be listed).
+async fn events_in_order(cluster: &Cluster) -> Vec<Event> {
     let api: Api<Event> = Api::namespaced(cluster.client(), SYSTEM);
     let mut events = api
         .list(&ListParams::default())
@@ -100,6 +88,22 @@ pub async fn event_log(cluster: &Cluster) -> Vec<String> {
         .unwrap_or_default();
     events.sort_by(|a, b| a.event_time.cmp(&b.event_time));
     events
+}
+
+/// Reasons of the Events in the controller's namespace, oldest first.
+pub async fn event_reasons(cluster: &Cluster) -> Vec<String> {
+    events_in_order(cluster)
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
+/// `cluster`'s Events as `reason: note`, oldest first: what a failed
+/// test prints to say where the protocol stopped.
+pub async fn event_log(cluster: &Cluster) -> Vec<String> {
+    events_in_order(cluster)
+        .await
         .into_iter()
         .map(|e| {
             format!(
@@ -113,17 +117,12 @@ pub async fn event_log(cluster: &Cluster) -> Vec<String> {
 
 /// The notes of `cluster`'s Events with `reason`, oldest first.
 pub async fn event_notes(cluster: &Cluster, reason: &str) -> Vec<String> {
-    let api: Api<Event> = Api::namespaced(cluster.client(), SYSTEM);
-    let mut events: Vec<Event> = api
-        .list(&ListParams::default())
+    events_in_order(cluster)
         .await
-        .map(|l| l.items)
-        .unwrap_or_default()
         .into_iter()
         .filter(|e| e.reason.as_deref() == Some(reason))
-        .collect();
-    events.sort_by(|a, b| a.event_time.cmp(&b.event_time));
-    events.into_iter().filter_map(|e| e.note).collect()
+        .filter_map(|e| e.note)
+        .collect()
 }
 
 /// Samples every state ConfigMap every 10 ms. A violation is A active at t1
