@@ -30,13 +30,14 @@ use counterweight_core::ha::{
     Persisted, Reason,
 };
 use counterweight_core::health::{HealthReport, Verdict, below_threshold};
-use counterweight_core::state::{self, HaView, Part, PeerView, ServingFlag, Transition};
+use counterweight_core::state::{self, HaView, Part, PeerView, Transition};
 use kube::runtime::events::EventType;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::events::EventSink;
+use crate::serving::Serving;
 use crate::serving_lease::LeasePublisher;
 use crate::state_store::{StateStore, StoreError, Written};
 
@@ -45,65 +46,6 @@ use crate::state_store::{StateStore, StoreError, Written};
 pub trait Outbox: Send + Sync + 'static {
     /// Hands a message to the transport.
     fn send(&self, envelope: Envelope);
-}
-
-/// Whatever makes service pods serve or stop. `set_serving(false)` must
-/// return only once nothing serves any more (the fence).
-pub trait Serving: Send + Sync + 'static {
-    /// Makes this cluster's service pods serve, or stop serving.
-    /// `epoch` is the node's epoch: the one the cluster serves in when
-    /// `serving`, so that pods released in another are restarted.
-    fn set_serving(
-        &self,
-        serving: bool,
-        epoch: u64,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
-}
-
-/// A [`Serving`] that also keeps the health loop's [`ServingStance`]
-/// current, so health is judged by what the pods are meant to do.
-///
-/// [`ServingStance`]: crate::health::ServingStance
-pub struct StanceNoting<S> {
-    inner: Arc<S>,
-    stance: Arc<crate::health::ServingStance>,
-}
-
-impl<S: Serving> StanceNoting<S> {
-    /// Wraps `inner`, noting each switch in `stance` first.
-    pub fn new(inner: Arc<S>, stance: Arc<crate::health::ServingStance>) -> Self {
-        Self { inner, stance }
-    }
-}
-
-impl<S: Serving> Serving for StanceNoting<S> {
-    async fn set_serving(&self, serving: bool, epoch: u64) -> Result<(), String> {
-        self.stance.set(serving);
-        self.inner.set_serving(serving, epoch).await
-    }
-}
-
-/// Serving recorded in the state ConfigMap (key `serving`): the minimal
-/// effect, until pod-level effects take over.
-pub struct ConfigMapServing {
-    store: StateStore,
-}
-
-impl ConfigMapServing {
-    /// Serving flag stored through `store`.
-    pub fn new(store: StateStore) -> Self {
-        Self { store }
-    }
-}
-
-impl Serving for ConfigMapServing {
-    async fn set_serving(&self, serving: bool, _epoch: u64) -> Result<(), String> {
-        self.store
-            .update(|data| ServingFlag(serving).write_to(data))
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string())
-    }
 }
 
 /// Errors that stop the HA loop.

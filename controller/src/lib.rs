@@ -185,7 +185,7 @@ pub struct HaWiring {
 impl HaWiring {
     /// The HA loop of member `settings.cluster`, acting through `serving`,
     /// and its inputs (`health` is `None` for the witness).
-    fn into_loop<S: ha_loop::Serving>(
+    fn into_loop<S: serving::Serving>(
         self,
         settings: &health::HealthSettings,
         store: state_store::StateStore,
@@ -573,7 +573,7 @@ async fn run_inner(
         // state ConfigMap so a restart cannot forget a promise.
         Some(wiring) if witness => {
             let (store, events) = state_and_events(&client, &settings);
-            let serving = std::sync::Arc::new(ha_loop::ConfigMapServing::new(store.clone()));
+            let serving = std::sync::Arc::new(serving::ConfigMapServing::new(store.clone()));
             let (ha, inputs) = wiring.into_loop(&settings, store, events, serving, None);
             probes.set_ready(true);
             ha.run(inputs, shutdown).await.map_err(Error::from)
@@ -631,7 +631,7 @@ async fn run_member(
         ));
         let serving =
             std::sync::Arc::new(serving_lease::LeasedServing::new(serving, lease.clone()));
-        let serving = std::sync::Arc::new(ha_loop::StanceNoting::new(serving, health.stance()));
+        let serving = std::sync::Arc::new(serving::StanceNoting::new(serving, health.stance()));
         let (ha, inputs) =
             wiring.into_loop(&settings, store, events, serving, Some(health.subscribe()));
         tokio::spawn(ha.with_serving_lease(lease).run(inputs, shutdown.clone()))

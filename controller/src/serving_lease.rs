@@ -27,7 +27,8 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::ha_loop::{BESIDE_RETRY, Serving};
+use crate::ha_loop::BESIDE_RETRY;
+use crate::serving::{Serving, SetServingError};
 
 /// Timings of the publisher, from the HA configuration.
 #[derive(Debug, Clone, Copy)]
@@ -256,7 +257,7 @@ impl<S: Serving> LeasedServing<S> {
 }
 
 impl<S: Serving> Serving for LeasedServing<S> {
-    async fn set_serving(&self, serving: bool, epoch: u64) -> Result<(), String> {
+    async fn set_serving(&self, serving: bool, epoch: u64) -> Result<(), SetServingError> {
         if serving {
             return self.inner.set_serving(true, epoch).await;
         }

@@ -49,8 +49,9 @@
 //! ## Where things are
 //!
 //! The rules (which pods, what each needs) are `counterweight_core::workload`'s.
-//! Here: this file is the [`PodServing`] facade (promotion, demotion, the
-//! flag); `fence.rs` the fence; `restart.rs` the restarts (eviction,
+//! Here: `effect.rs` is the [`Serving`] contract with the HA loop and its
+//! typed error; this file the [`PodServing`] facade (promotion, demotion,
+//! the flag); `fence.rs` the fence; `restart.rs` the restarts (eviction,
 //! backoff, the delete fallback, escaped pods); `reconcile.rs` the loop that
 //! keeps pods in line with the desired state; `pods.rs` the pod LIST and
 //! the condition patches. The submodules share this file's imports.
@@ -78,14 +79,15 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::events::EventSink;
-use crate::ha_loop::Serving;
 use crate::state_store::{StateStore, StoreError};
 
+mod effect;
 mod fence;
 mod pods;
 mod reconcile;
 mod restart;
 
+pub use effect::{ConfigMapServing, Serving, SetServingError, StanceNoting};
 pub use pods::PodRef;
 pub use reconcile::{SERVE_MEMO, ServeMemo};
 pub use restart::{
@@ -358,13 +360,13 @@ impl PodServing {
 }
 
 impl Serving for PodServing {
-    async fn set_serving(&self, serving: bool, epoch: u64) -> Result<(), String> {
+    async fn set_serving(&self, serving: bool, epoch: u64) -> Result<(), SetServingError> {
         self.set_epoch(epoch);
         if serving {
             self.activate_in_background();
             Ok(())
         } else {
-            self.demote().await.map(drop).map_err(|e| e.to_string())
+            self.demote().await.map(drop).map_err(SetServingError::from)
         }
     }
 }
