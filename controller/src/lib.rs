@@ -168,6 +168,13 @@ pub enum Error {
     ReadFile(#[from] counterweight_reload::ReadError),
 }
 
+/// The peer transport's errors are large: boxed, so that `Error` stays small.
+impl From<peer::PeerError> for Error {
+    fn from(e: peer::PeerError) -> Self {
+        Error::Peer(Box::new(e))
+    }
+}
+
 /// The HA side of a controller: its configuration and its links to peers.
 pub struct HaWiring {
     /// Group configuration.
@@ -450,14 +457,15 @@ async fn peer_wiring(
         return Err(ha_config_error(path, message));
     }
     let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) else {
-        return Err(Error::Peer(Box::new(peer::PeerError::BadPeerArg {
+        return Err(peer::PeerError::BadPeerArg {
             arg: "--tls-cert/--tls-key/--tls-ca".into(),
             message:
                 "all three are required with --ha-config: peers are authenticated by mutual TLS"
                     .into(),
-        })));
+        }
+        .into());
     };
-    let endpoints = peer::parse_peers(&args.peers).map_err(|e| Error::Peer(Box::new(e)))?;
+    let endpoints = peer::parse_peers(&args.peers)?;
     let tls = peer::PeerTls::load(
         peer::TlsPaths {
             cert: cert.clone(),
@@ -465,10 +473,8 @@ async fn peer_wiring(
             ca: ca.clone(),
         },
         metrics.clone(),
-    )
-    .map_err(|e| Error::Peer(Box::new(e)))?;
-    let allowed = peer::PeerSet::new(config.member_names().filter(|n| *n != args.cluster))
-        .map_err(|e| Error::Peer(Box::new(e)))?;
+    )?;
+    let allowed = peer::PeerSet::new(config.member_names().filter(|n| *n != args.cluster))?;
     let listener = tokio::net::TcpListener::bind(args.peer_listen)
         .await
         .map_err(|source| Error::Listen {
@@ -499,8 +505,7 @@ async fn peer_wiring(
             metrics,
             ..Default::default()
         },
-    )
-    .map_err(|e| Error::Peer(Box::new(e)))?;
+    )?;
     // Operator commands (cwctl switchover, pause, resume) arrive as requests
     // the controller validates and answers.
     let (commands_tx, commands) = tokio::sync::mpsc::channel(8);
