@@ -246,6 +246,17 @@ impl HaView {
     }
 }
 
+impl HaView {
+    /// Whether this view heard `peer` as an eligible standby at most
+    /// `within_ms` before it was written: what an active needs of a
+    /// handover's target (`candidateFreshMs`), as a reader can tell it.
+    pub fn hears_eligible_standby(&self, peer: &str, within_ms: u64) -> bool {
+        self.peers.get(peer).is_some_and(|p| {
+            p.role == Role::Standby && p.eligible && p.last_heard_ms_ago <= within_ms
+        })
+    }
+}
+
 impl Part for HaView {
     const KEY: &'static str = HA_KEY;
     fn encode(&self) -> String {
@@ -595,6 +606,12 @@ mod tests {
     fn a_peer_is_described_in_words_not_as_debug_output() {
         let (_, _, view, ..) = full_record();
         assert_eq!(view.peers["west"].describe(), "standby, eligible");
+        assert!(view.hears_eligible_standby("west", 150));
+        assert!(
+            !view.hears_eligible_standby("west", 149),
+            "heard too long ago"
+        );
+        assert!(!view.hears_eligible_standby("north", 1000), "never heard");
     }
 
     #[test]

@@ -180,7 +180,7 @@ pub async fn run(args: &Args) -> Result<()> {
     loop {
         running.check_alive()?;
         view.look().await?;
-        match install::hears_eligible(&east_cms, "west").await {
+        match install::hears_eligible(&east_cms, "west", 3000).await {
             Ok(()) => break,
             Err(why) if Instant::now() > deadline => bail!(
                 "east did not hear west as an eligible standby within {ELIGIBLE_TIMEOUT:?}; last: {why}"

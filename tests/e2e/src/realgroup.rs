@@ -819,18 +819,9 @@ impl RealGroup {
             Duration::from_secs(60),
             Duration::from_millis(50),
             || async {
-                let ha = crate::ha::record(&self.cms[other])
+                counterweight_harness::install::hears_eligible(&self.cms[other], to, 500)
                     .await
-                    .remove("ha")
-                    .unwrap_or_default();
-                let v: serde_json::Value =
-                    serde_json::from_str(&ha).map_err(|e| format!("{e}: {ha}"))?;
-                let peer = &v["peers"][to];
-                let status = peer["status"].as_str().unwrap_or_default();
-                let fresh = peer["lastHeardMsAgo"].as_u64().is_some_and(|ms| ms < 500);
-                let ok =
-                    fresh && status.contains("role: Standby") && status.contains("eligible: true");
-                if ok { Ok(Some(())) } else { Err(ha) }
+                    .map(Some)
             },
         )
         .await;

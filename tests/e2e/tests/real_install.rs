@@ -587,7 +587,11 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         "east to hear west as an eligible standby (west's database and files current)",
         Duration::from_secs(240),
         Duration::from_millis(500),
-        || async { install::hears_eligible(&east_cms, "west").await.map(Some) },
+        || async {
+            install::hears_eligible(&east_cms, "west", 3000)
+                .await
+                .map(Some)
+        },
         || async { g.explain() },
     )
     .await;
@@ -876,7 +880,11 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         "west to hear east as an eligible standby before the cut",
         Duration::from_secs(240),
         Duration::from_millis(500),
-        || async { install::hears_eligible(&west_cms, "east").await.map(Some) },
+        || async {
+            install::hears_eligible(&west_cms, "east", 3000)
+                .await
+                .map(Some)
+        },
         || async { g.explain() },
     )
     .await;

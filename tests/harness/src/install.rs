@@ -619,24 +619,26 @@ fn real_node(c: &Cluster) -> Result<&crate::RealNode, InstallError> {
     })
 }
 
-/// Whether the active's record says it heard `peer` in the last 3 s as a
-/// standby eligible for a handover (its database and files current: the
-/// `ha` key `cwctl status` shows); the record's `ha` text otherwise.
-pub async fn hears_eligible(active: &Api<ConfigMap>, peer: &str) -> Result<(), String> {
+/// Whether the active's record says it heard `peer` in the last
+/// `within_ms` as a standby eligible for a handover (its database and files
+/// current: the HA view `cwctl status` shows, read through core's codec);
+/// the view otherwise.
+pub async fn hears_eligible(
+    active: &Api<ConfigMap>,
+    peer: &str,
+    within_ms: u64,
+) -> Result<(), String> {
+    use counterweight_core::state::StateRecord;
     let cm = active
         .get_opt(counterweight_core::names::STATE_CONFIGMAP)
         .await
         .map_err(|e| e.to_string())?
         .ok_or("no state record")?;
-    let ha = cm.data.unwrap_or_default().remove("ha").unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&ha).map_err(|e| format!("{e}: {ha}"))?;
-    let p = &v["peers"][peer];
-    let status = p["status"].as_str().unwrap_or_default();
-    let fresh = p["lastHeardMsAgo"].as_u64().is_some_and(|ms| ms < 3000);
-    if fresh && status.contains("role: Standby") && status.contains("eligible: true") {
-        Ok(())
-    } else {
-        Err(ha)
+    let record = StateRecord::from_data(cm.data.as_ref());
+    match &record.ha {
+        Some(view) if view.hears_eligible_standby(peer, within_ms) => Ok(()),
+        Some(view) => Err(format!("{view:?}")),
+        None => Err(format!("no readable HA view: {:?}", record.unreadable)),
     }
 }
 
