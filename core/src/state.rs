@@ -233,20 +233,23 @@ impl HaView {
     /// handover, pause, a peer's role, serving, eligibility or epoch), as
     /// opposed to the ages that change at every step.
     pub fn differs_in_substance(&self, before: &HaView) -> bool {
-        let peers = |v: &HaView| -> Vec<(String, Role, bool, bool, u64)> {
-            v.peers
-                .iter()
-                .map(|(n, p)| (n.clone(), p.role, p.serving, p.eligible, p.epoch))
-                .collect()
+        // Called at every step of the HA loop: compared in place.
+        let same_peer = |(na, a): (&String, &PeerView), (nb, b): (&String, &PeerView)| {
+            na == nb
+                && (a.role, a.serving, a.eligible, a.epoch)
+                    == (b.role, b.serving, b.eligible, b.epoch)
         };
         self.serving != before.serving
             || self.handover_target != before.handover_target
             || self.paused != before.paused
-            || peers(self) != peers(before)
+            || self.peers.len() != before.peers.len()
+            || !self
+                .peers
+                .iter()
+                .zip(&before.peers)
+                .all(|(a, b)| same_peer(a, b))
     }
-}
 
-impl HaView {
     /// Whether this view heard `peer` as an eligible standby at most
     /// `within_ms` before it was written: what an active needs of a
     /// handover's target (`candidateFreshMs`), as a reader can tell it.
@@ -600,6 +603,26 @@ mod tests {
             said.contains("leaseHolder") && said.contains("`ha`"),
             "{said}"
         );
+    }
+
+    #[test]
+    fn a_view_differs_in_substance_only_in_what_people_act_on() {
+        let (_, _, view, ..) = full_record();
+        let mut aged = view.clone();
+        aged.lease_expires_in_ms = Some(10);
+        if let Some(p) = aged.peers.get_mut("west") {
+            p.last_heard_ms_ago = 900;
+        }
+        assert!(!aged.differs_in_substance(&view), "ages alone");
+        let mut ineligible = view.clone();
+        if let Some(p) = ineligible.peers.get_mut("west") {
+            p.eligible = false;
+        }
+        assert!(ineligible.differs_in_substance(&view));
+        let mut more = view.clone();
+        more.peers
+            .insert("witness".into(), view.peers["west"].clone());
+        assert!(more.differs_in_substance(&view) && view.differs_in_substance(&more));
     }
 
     #[test]
