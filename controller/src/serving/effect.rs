@@ -70,10 +70,8 @@ impl ConfigMapServing {
 
 impl Serving for ConfigMapServing {
     async fn set_serving(&self, serving: bool, _epoch: u64) -> Result<(), SetServingError> {
-        self.store
-            .update(|data| ServingFlag(serving).write_to(data))
+        write_flag(&self.store, serving)
             .await
-            .map(drop)
             .map_err(SetServingError::from)
     }
 }
