@@ -22,12 +22,25 @@
 //! prints the segments between them: verdict → `prepare` sent → `ready`
 //! answered → fenced and `change` sent → the target's election started →
 //! promoted (its record written) → the bench's watch sees `active`.
+//!
+//! `SERVICE_PODS=n` (default 0) puts `n` KWOK service pods (opted-in
+//! namespace, role `service`, the serving readiness gate) in each cluster,
+//! so that the fence stops `n` pods and the promotion makes `n` serve.
+//!
+//! **API floor.** After each block the bench times `FLOOR_WRITES` (default
+//! 200) bare ConfigMap writes, one after another, on the same API server
+//! (each a merge PATCH of one key, as a state write is). A handover makes
+//! [`PATH_WRITES`] such writes one after another, so the sum of that many
+//! consecutive bare writes is the least any handover can take on this API
+//! server: the floor is printed beside the handover's own figures.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
+use counterweight_core::names;
+use counterweight_harness::bulk::{create_pods, kwok_pod, wait_running};
 use counterweight_harness::{Cluster, Process, free_port};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Pod, PodSpec};
@@ -36,24 +49,57 @@ use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 
 const SYSTEM: &str = "counterweight-system";
+/// The opted-in namespace of the service pods (`SERVICE_PODS`).
+const APP: &str = "ems";
+/// State writes a handover makes one after another, each waiting for the
+/// last: the old active's serving lease withdrawn (beside its pods' stops),
+/// its `standby` record, then the target's own vote and its `active`
+/// record. (The messages between them cost about 3 ms in all.)
+const PATH_WRITES: usize = 4;
 const INTERVAL_MS: u64 = 200;
 const RETRIES: u64 = 0;
 
-async fn prepare(cluster: &Cluster) {
+async fn prepare(cluster: &Cluster, service_pods: usize) {
     let client = cluster.client();
     let nss: Api<Namespace> = Api::all(client.clone());
-    nss.create(
-        &PostParams::default(),
-        &Namespace {
-            metadata: ObjectMeta {
-                name: Some(SYSTEM.into()),
+    for (ns, opted) in [(SYSTEM, false), (APP, true)] {
+        let labels = opted.then(|| {
+            [(
+                names::INJECT_LABEL.to_owned(),
+                names::INJECT_ENABLED.to_owned(),
+            )]
+            .into()
+        });
+        nss.create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(ns.into()),
+                    labels,
+                    ..Default::default()
+                },
                 ..Default::default()
             },
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("namespace");
+        )
+        .await
+        .expect("namespace");
+    }
+    if service_pods > 0 {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), APP);
+        let new = (0..service_pods)
+            .map(|i| {
+                kwok_pod(
+                    &format!("web-{i}"),
+                    &[("app", "web"), (names::ROLE_LABEL, "service")],
+                    &[names::SERVING_CONDITION],
+                )
+            })
+            .collect();
+        create_pods(&pods, new, 32).await.expect("service pods");
+        wait_running(&pods, "app=web", service_pods, Duration::from_secs(300))
+            .await
+            .expect("service pods Running");
+    }
     let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
         Api::namespaced(client.clone(), SYSTEM);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -236,6 +282,38 @@ fn breakdown(
     Some(out)
 }
 
+/// Times `n` bare ConfigMap writes, one after another, on `cms`'s API
+/// server: each a merge PATCH of one key of a ConfigMap of the bench's own
+/// (a new value each time, so that each is a real write to etcd), in ms.
+async fn write_floor(cms: &Api<ConfigMap>, n: usize) -> Vec<f64> {
+    let name = "bench-write-floor";
+    cms.create(
+        &PostParams::default(),
+        &ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("floor ConfigMap");
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let patch = serde_json::json!({"data": {"n": i.to_string()}});
+        let t = Instant::now();
+        cms.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("floor write");
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    cms.delete(name, &Default::default())
+        .await
+        .expect("delete floor ConfigMap");
+    out
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -252,6 +330,8 @@ async fn main() {
     };
     let rounds = env_usize("ROUNDS", 20);
     let block = env_usize("BLOCK", 10).max(1);
+    let service_pods = env_usize("SERVICE_PODS", 0);
+    let floor_writes = env_usize("FLOOR_WRITES", 200);
     let mut builds = vec![(
         "this build",
         PathBuf::from(env!("CARGO_BIN_EXE_counterweight-controller")),
@@ -261,14 +341,16 @@ async fn main() {
     }
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
     let mut parts: Vec<Vec<[f64; 6]>> = vec![Vec::new(); builds.len()];
+    let mut floor: Vec<f64> = Vec::new();
     let mut done = 0;
     while done < rounds {
         let n = block.min(rounds - done);
         for (i, (label, bin)) in builds.iter().enumerate() {
             println!("-- {label}: {n} handovers ({})", bin.display());
-            let (times, breakdowns) = handovers(bin, n).await;
+            let (times, breakdowns, writes) = handovers(bin, n, service_pods, floor_writes).await;
             samples[i].extend(times);
             parts[i].extend(breakdowns);
+            floor.extend(writes);
         }
         done += n;
     }
@@ -308,16 +390,44 @@ async fn main() {
             );
         }
     }
+    if !floor.is_empty() {
+        // Disjoint groups of PATH_WRITES consecutive writes, in the order
+        // they were made: what a handover's chain of writes meets.
+        let mut chains: Vec<f64> = floor
+            .chunks_exact(PATH_WRITES)
+            .map(|c| c.iter().sum())
+            .collect();
+        chains.sort_by(f64::total_cmp);
+        let mut one = floor;
+        one.sort_by(f64::total_cmp);
+        println!(
+            "API floor on the same API servers: one ConfigMap write p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} writes); {PATH_WRITES} in a row (a handover's chain) p50 {:.1} ms, p99 {:.1} ms ({} chains)",
+            percentile(&one, 0.5),
+            percentile(&one, 0.99),
+            one.last().copied().unwrap_or(f64::NAN),
+            one.len(),
+            percentile(&chains, 0.5),
+            percentile(&chains, 0.99),
+            chains.len()
+        );
+    }
     println!(
-        "configured detection time (K+1)*interval = {} ms (K = {RETRIES}, interval = {INTERVAL_MS} ms), probe interval 100 ms",
+        "configured detection time (K+1)*interval = {} ms (K = {RETRIES}, interval = {INTERVAL_MS} ms), probe interval 100 ms; {service_pods} service pods per cluster",
         (RETRIES + 1) * INTERVAL_MS
     );
 }
 
 /// `rounds` handovers back and forth between two fresh clusters whose
-/// controllers run `bin`: the time of each, in ms, and the breakdown of
-/// those whose steps were all logged.
-async fn handovers(bin: &Path, rounds: usize) -> (Vec<f64>, Vec<[f64; 6]>) {
+/// controllers run `bin`, with `service_pods` service pods in each: the
+/// time of each, in ms, the breakdown of those whose steps were all
+/// logged, and then `floor_writes` bare ConfigMap writes' times on the
+/// first cluster's API server, in ms.
+async fn handovers(
+    bin: &Path,
+    rounds: usize,
+    service_pods: usize,
+    floor_writes: usize,
+) -> (Vec<f64>, Vec<[f64; 6]>, Vec<f64>) {
     let dir = tempfile::tempdir().expect("dir");
     let ca = CertificateAuthority::new("bench-peers").expect("CA");
     ca.pem().write(dir.path(), "ca").expect("write");
@@ -336,7 +446,7 @@ async fn handovers(bin: &Path, rounds: usize) -> (Vec<f64>, Vec<[f64; 6]>) {
         .await
         .expect("clusters");
     for c in &clusters {
-        prepare(c).await;
+        prepare(c, service_pods).await;
     }
     let (pe, pw) = (free_port().expect("port"), free_port().expect("port"));
     let mut east = start(&clusters[0], "east", "west", pw, pe, dir.path(), bin);
@@ -414,5 +524,7 @@ async fn handovers(bin: &Path, rounds: usize) -> (Vec<f64>, Vec<[f64; 6]>) {
         breakdowns.extend(parts);
         active = standby;
     }
-    (samples, breakdowns)
+    // The controllers keep running, as they did during the handovers.
+    let writes = write_floor(&cms[0], floor_writes).await;
+    (samples, breakdowns, writes)
 }

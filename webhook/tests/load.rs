@@ -1,7 +1,9 @@
 //! Issue 17, item 2: the webhook under a flood of maximum-size bodies.
 //!
-//! The real `counterweight-webhook` binary runs as a child process on
-//! loopback port 0, over real TLS, with the limits it runs with in the
+//! The real `counterweight-webhook` binary, as the Deployment ships it (a
+//! release build: [`WEBHOOK_BIN`] names it; `tools/test.sh` passes the one
+//! it put in the image), runs as a child process on loopback port 0, over
+//! real TLS, with the limits it runs with in the
 //! Deployment (its defaults; `COUNTERWEIGHT_MAX_*` in the environment
 //! reach it, which is how the test is seen to fail without the bound, see
 //! README.md "Resource bounds"). Thirty-two clients send bodies of exactly
@@ -19,7 +21,9 @@
 //!   (coordinated omission). The prober runs on a thread and runtime of its
 //!   own, so the large senders' tasks in this process cannot queue it.
 //! - the webhook's peak RSS (`VmHWM` of the child in `/proc`) stays under
-//!   the memory limit of `manifests/base/webhook/deployment.yaml`.
+//!   the memory request of `manifests/base/webhook/deployment.yaml` (so the
+//!   scheduler reserves what the webhook can use at the worst load; the
+//!   limit is at least the request).
 //!
 //! The same schedule is first run without the large bodies: that baseline
 //! is printed next to the figures under load, so a slow machine shows as
@@ -59,15 +63,24 @@ const UNDER_LOAD: Duration = Duration::from_secs(15);
 /// Any one request, large or small, that takes longer has failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-// Not in the suite yet: the p99 bar of 10 ms does not hold on the shared
-// 2-core test machine (13.7 ms to 1.1 s under the flood, 330 ms with
-// CW_STRESS=2 even without it), and the peak RSS (85-105 MiB) is too near
-// the 128 Mi limit to be sure of on every run. Issue 17 stays open for it;
-// run it with `cargo test -p counterweight-webhook --test load -- --ignored`.
+/// The environment variable naming the webhook binary under test: a
+/// release build, as in the image. A debug build spends over 100 ms of CPU
+/// on each 7 MiB body, and that measures the compiler's debug code rather
+/// than what a cluster runs.
+const WEBHOOK_BIN: &str = "COUNTERWEIGHT_WEBHOOK_BIN";
+
+// `tools/test.sh` runs it as a step of its own, with the release binary
+// (`cargo test -p counterweight-webhook --test load -- --ignored`); ignored
+// in a bare `cargo test`, which has only the debug binary to give it.
 #[test]
-#[ignore = "p99 under 10 ms does not hold on a shared 2-core machine: issue 17, README \"Resource bounds\""]
+#[ignore = "needs the release binary in COUNTERWEIGHT_WEBHOOK_BIN: tools/test.sh runs it"]
 fn max_size_bodies_do_not_slow_reviews_or_outgrow_the_memory_limit() {
-    let limit = deployment_memory_limit();
+    let bin = webhook_bin();
+    let (request, limit) = deployment_memory();
+    assert!(
+        request <= limit,
+        "the Deployment's memory request is above its limit"
+    );
     // The binary's own flag parser gives the limits it runs with: its
     // defaults, or what COUNTERWEIGHT_MAX_* in the environment set.
     let args = Args::try_parse_from([
@@ -80,10 +93,11 @@ fn max_size_bodies_do_not_slow_reviews_or_outgrow_the_memory_limit() {
     let max_body = args.max_body_bytes;
     eprintln!(
         "load: limits --max-body-bytes {} --max-inflight-bytes {} --max-small-requests {}; \
-         memory limit {} MiB (request/limit from the Deployment)",
+         memory request {} MiB, limit {} MiB (from the Deployment)",
         max_body,
         args.max_inflight_bytes,
         args.max_small_requests,
+        request / MIB,
         limit / MIB
     );
 
@@ -97,7 +111,7 @@ fn max_size_bodies_do_not_slow_reviews_or_outgrow_the_memory_limit() {
         .enable_all()
         .build()
         .unwrap();
-    let webhook = rt.block_on(Webhook::start(dir.path()));
+    let webhook = rt.block_on(Webhook::start(&bin, dir.path()));
     let admission = webhook.admission;
     let pid = webhook.pid;
     let idle = status_kib(pid, "VmRSS:") * 1024;
@@ -181,13 +195,13 @@ fn max_size_bodies_do_not_slow_reviews_or_outgrow_the_memory_limit() {
     eprintln!("load: large requests in all: {}", outcomes.summary());
     eprintln!(
         "load: webhook RSS idle {:.1} MiB, after the baseline {:.1} MiB, peak sampled every \
-         10 ms {:.1} MiB, VmHWM {:.1} MiB, after the load {:.1} MiB; limit {} MiB",
+         10 ms {:.1} MiB, VmHWM {:.1} MiB, after the load {:.1} MiB; request {} MiB",
         mib(idle),
         mib(after_baseline),
         mib(sampled_peak),
         mib(hwm),
         mib(after_load),
-        limit / MIB
+        request / MIB
     );
 
     // Large bodies were really served at the limit and refused above it,
@@ -210,10 +224,10 @@ fn max_size_bodies_do_not_slow_reviews_or_outgrow_the_memory_limit() {
         );
     }
     assert!(
-        hwm < limit,
-        "the webhook's peak RSS {:.1} MiB is over the Deployment's memory limit of {} MiB",
+        hwm < request,
+        "the webhook's peak RSS {:.1} MiB is over the Deployment's memory request of {} MiB",
         mib(hwm),
-        limit / MIB
+        request / MIB
     );
     assert!(
         loaded.p(0.99) < P99_BAR,
@@ -224,13 +238,35 @@ fn max_size_bodies_do_not_slow_reviews_or_outgrow_the_memory_limit() {
 
 const MIB: u64 = 1024 * 1024;
 
+/// The binary [`WEBHOOK_BIN`] names; fails, saying how to make one, when
+/// it is unset or is not a file.
+fn webhook_bin() -> std::path::PathBuf {
+    let Some(path) = std::env::var_os(WEBHOOK_BIN) else {
+        panic!(
+            "{WEBHOOK_BIN} is not set: the load test measures the webhook as the Deployment \
+             runs it, a release build. Build one (`cargo build --release -p \
+             counterweight-webhook`) and set {WEBHOOK_BIN}=target/release/counterweight-webhook, \
+             or run tools/test.sh, which passes the image's binary"
+        )
+    };
+    let path = std::path::PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "{WEBHOOK_BIN}={} is not a file: build it with `cargo build --release -p \
+         counterweight-webhook`",
+        path.display()
+    );
+    eprintln!("load: webhook binary {}", path.display());
+    path
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / MIB as f64
 }
 
-/// `resources.limits.memory` of the webhook container in the base
-/// Deployment, in bytes.
-fn deployment_memory_limit() -> u64 {
+/// `resources.requests.memory` and `resources.limits.memory` of the
+/// webhook container in the base Deployment, in bytes.
+fn deployment_memory() -> (u64, u64) {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/base/webhook/deployment.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
@@ -242,22 +278,25 @@ fn deployment_memory_limit() -> u64 {
         .iter()
         .find(|c| c["name"] == "webhook")
         .expect("a container named webhook");
-    let quantity = webhook["resources"]["limits"]["memory"]
-        .as_str()
-        .expect("a memory limit");
-    let (number, unit) = quantity.split_at(
-        quantity
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(quantity.len()),
-    );
-    let scale = match unit {
-        "" => 1,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        other => panic!("unexpected unit {other:?} in {quantity}"),
+    let bytes = |kind: &str| {
+        let quantity = webhook["resources"][kind]["memory"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {kind}.memory in {}", path.display()));
+        let (number, unit) = quantity.split_at(
+            quantity
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(quantity.len()),
+        );
+        let scale = match unit {
+            "" => 1,
+            "Ki" => 1 << 10,
+            "Mi" => 1 << 20,
+            "Gi" => 1 << 30,
+            other => panic!("unexpected unit {other:?} in {quantity}"),
+        };
+        number.parse::<u64>().unwrap() * scale
     };
-    number.parse::<u64>().unwrap() * scale
+    (bytes("requests"), bytes("limits"))
 }
 
 /// A field of `/proc/<pid>/status`, in KiB (`VmRSS:`, `VmHWM:`).
@@ -320,10 +359,10 @@ struct Webhook {
 }
 
 impl Webhook {
-    async fn start(dir: &Path) -> Self {
+    async fn start(bin: &Path, dir: &Path) -> Self {
         let log = dir.join("webhook.log");
         let file = std::fs::File::create(&log).unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_counterweight-webhook"))
+        let child = tokio::process::Command::new(bin)
             .args([
                 "--listen=127.0.0.1:0",
                 "--metrics-listen=127.0.0.1:0",
