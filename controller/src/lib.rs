@@ -31,7 +31,6 @@ pub mod wiring;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use futures::FutureExt;
 
@@ -126,14 +125,11 @@ impl Controller {
         // Created here so the peer transport counts into the same registry
         // that `/metrics` serves, and the probes answer while waiting for
         // the Lease.
-        let metrics = Arc::new(telemetry::Metrics::new());
-        let probes = Arc::new(telemetry::Probes::default());
-        let server = tokio::spawn(telemetry::serve(
-            metrics_listener,
-            metrics.clone(),
-            probes.clone(),
-            shutdown.clone(),
-        ));
+        let telemetry::AdminServer {
+            metrics,
+            probes,
+            task: server,
+        } = telemetry::start(metrics_listener, shutdown.clone());
         let (stop, leadership) = match config.leader.clone() {
             Some(leader) => {
                 probes.set_follower(true);

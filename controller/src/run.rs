@@ -34,15 +34,12 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let shutdown = shutdown.shared();
-    let metrics = Arc::new(telemetry::Metrics::new());
+    let telemetry::AdminServer {
+        metrics,
+        probes,
+        task: server,
+    } = telemetry::start(metrics_listener, shutdown.clone());
     metrics.leader.set(1);
-    let probes = Arc::new(telemetry::Probes::default());
-    let server = tokio::spawn(telemetry::serve(
-        metrics_listener,
-        metrics.clone(),
-        probes.clone(),
-        shutdown.clone(),
-    ));
     let parts = Parts {
         client,
         settings,

@@ -211,6 +211,32 @@ impl counterweight_runtime::admin::Admin for ControllerAdmin {
     }
 }
 
+/// A controller's metrics registry and probes, and the task serving them.
+pub struct AdminServer {
+    /// The registry `/metrics` serves.
+    pub metrics: Arc<Metrics>,
+    /// What `/healthz` and `/readyz` answer.
+    pub probes: Arc<Probes>,
+    /// The server, which ends at shutdown.
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts serving a fresh registry and probes on `listener` until
+/// `shutdown` resolves.
+pub fn start(
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> AdminServer {
+    let metrics = Arc::new(Metrics::new());
+    let probes = Arc::new(Probes::default());
+    let task = tokio::spawn(serve(listener, metrics.clone(), probes.clone(), shutdown));
+    AdminServer {
+        metrics,
+        probes,
+        task,
+    }
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until
 /// `shutdown` resolves.
 pub async fn serve(
