@@ -9,7 +9,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use counterweight_runtime::kube_client::{self, Timeouts};
+use kube::config::Kubeconfig;
 
 use crate::Error;
 
@@ -51,7 +52,7 @@ pub async fn targets(
     contexts: &[String],
     deadline: Duration,
 ) -> Result<Vec<Target>, Error> {
-    let kc = read_kubeconfig(path)?;
+    let kc = kube_client::read_kubeconfig(path).map_err(|e| Error::Kubeconfig(e.to_string()))?;
     let available: Vec<String> = kc.contexts.iter().map(|c| c.name.clone()).collect();
     let selected: Vec<String> = if contexts.is_empty() {
         available.clone()
@@ -83,42 +84,19 @@ pub async fn targets(
     Ok(out)
 }
 
-fn read_kubeconfig(path: Option<&Path>) -> Result<Kubeconfig, Error> {
-    let Some(path) = path else {
-        return Kubeconfig::read().map_err(|e| Error::Kubeconfig(e.to_string()));
-    };
-    // KUBECONFIG may list several files, as kubectl allows; merge them in
-    // order (the first file wins on conflicts, as in kubectl).
-    let mut merged: Option<Kubeconfig> = None;
-    for p in std::env::split_paths(path.as_os_str()) {
-        if p.as_os_str().is_empty() {
-            continue;
-        }
-        let kc = Kubeconfig::read_from(&p)
-            .map_err(|e| Error::Kubeconfig(format!("{}: {e}", p.display())))?;
-        merged = Some(match merged {
-            None => kc,
-            Some(m) => m
-                .merge(kc)
-                .map_err(|e| Error::Kubeconfig(format!("{}: {e}", p.display())))?,
-        });
-    }
-    merged.ok_or_else(|| Error::Kubeconfig(format!("{} names no file", path.display())))
-}
-
+/// A client for `context` whose connection and reads are bounded by
+/// `deadline` (the connection also by [`CONNECT_TIMEOUT`]); the message
+/// says why there is none.
 async fn client_for(
     kc: &Kubeconfig,
     context: &str,
     deadline: Duration,
 ) -> Result<kube::Client, String> {
-    let options = KubeConfigOptions {
-        context: Some(context.to_owned()),
-        ..Default::default()
+    let timeouts = Timeouts {
+        connect: Some(CONNECT_TIMEOUT.min(deadline)),
+        read: Some(deadline),
     };
-    let mut config = kube::Config::from_custom_kubeconfig(kc.clone(), &options)
+    kube_client::for_context(kc, Some(context), timeouts)
         .await
-        .map_err(|e| format!("cannot configure a client: {e}"))?;
-    config.connect_timeout = Some(CONNECT_TIMEOUT.min(deadline));
-    config.read_timeout = Some(deadline);
-    kube::Client::try_from(config).map_err(|e| format!("cannot build a client: {e}"))
+        .map_err(|e| e.to_string())
 }

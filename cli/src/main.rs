@@ -13,15 +13,10 @@ async fn main() -> anyhow::Result<ExitCode> {
     let args = counterweight_cli::Args::parse();
     // cwctl reports unreachable clusters itself; kube's own connection
     // errors would only repeat them, out of order.
-    tracing_subscriber::fmt()
-        // Colour codes only for a terminal: in a pod they litter the logs.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kube_client=off")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    counterweight_runtime::logging::init(
+        "warn,kube_client=off",
+        counterweight_runtime::logging::Output::Stderr,
+    );
     let mut stdout = std::io::stdout();
     match counterweight_cli::run(&args, &mut stdout).await {
         // Failed checks were printed with their hints, unreachable clusters

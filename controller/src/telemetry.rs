@@ -8,11 +8,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -190,10 +185,56 @@ impl Probes {
     }
 }
 
-#[derive(Clone)]
-struct AppState {
+/// The controller's answers on the admin port.
+struct ControllerAdmin {
     metrics: Arc<Metrics>,
     probes: Arc<Probes>,
+}
+
+impl counterweight_runtime::admin::Admin for ControllerAdmin {
+    fn readiness(&self) -> Result<(), String> {
+        if let Some(why) = self.probes.failure() {
+            Err(why)
+        } else if self.probes.is_ready() {
+            Ok(())
+        } else if self.probes.follower.load(Ordering::Acquire) {
+            Err("following: another replica holds the leader Lease".into())
+        } else {
+            Err("pod cache not synced yet".into())
+        }
+    }
+
+    fn metrics(&self) -> Result<String, String> {
+        self.metrics
+            .encode()
+            .map_err(|_| "could not encode metrics".to_owned())
+    }
+}
+
+/// A controller's metrics registry and probes, and the task serving them.
+pub struct AdminServer {
+    /// The registry `/metrics` serves.
+    pub metrics: Arc<Metrics>,
+    /// What `/healthz` and `/readyz` answer.
+    pub probes: Arc<Probes>,
+    /// The server, which ends at shutdown.
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts serving a fresh registry and probes on `listener` until
+/// `shutdown` resolves.
+pub fn start(
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> AdminServer {
+    let metrics = Arc::new(Metrics::new());
+    let probes = Arc::new(Probes::default());
+    let task = tokio::spawn(serve(listener, metrics.clone(), probes.clone(), shutdown));
+    AdminServer {
+        metrics,
+        probes,
+        task,
+    }
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until
@@ -204,47 +245,6 @@ pub async fn serve(
     probes: Arc<Probes>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, probes });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
-    match s.metrics.encode() {
-        Ok(body) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        )
-            .into_response(),
-        Err(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "could not encode metrics",
-        )
-            .into_response(),
-    }
-}
-
-async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    if let Some(why) = s.probes.failure() {
-        (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
-    } else if s.probes.is_ready() {
-        (StatusCode::OK, "ok").into_response()
-    } else if s.probes.follower.load(Ordering::Acquire) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "following: another replica holds the leader Lease",
-        )
-            .into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "pod cache not synced yet").into_response()
-    }
+    let admin = Arc::new(ControllerAdmin { metrics, probes });
+    counterweight_runtime::admin::serve(listener, admin, shutdown).await
 }

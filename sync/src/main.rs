@@ -368,15 +368,11 @@ async fn run_files(args: FilesArgs) -> Result<()> {
 /// period. Installed once, up front, so a signal that arrives while the
 /// caller is busy is not lost.
 fn stop_on_signal() -> Result<watch::Receiver<bool>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let stop = counterweight_runtime::shutdown::on_signal()
+        .context("installing the SIGTERM and SIGINT handlers")?;
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = int.recv() => tracing::info!("SIGINT: stopping"),
-        }
+        stop.await;
         let _ = tx.send(true);
     });
     Ok(rx)
@@ -413,15 +409,7 @@ async fn run_ready(args: ReadyArgs) -> Result<i32> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        // Colour codes only for a terminal: in a pod they litter the logs.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    counterweight_runtime::logging::init("info", counterweight_runtime::logging::Output::Stderr);
     let cli = Cli::parse();
     match cli.command {
         Command::Db(a) => run_db(a).await,

@@ -423,7 +423,7 @@ async fn compare(
 }
 
 /// With `BENCH_LOG` set (e.g. `info`), installs the binary's log subscriber
-/// ([`counterweight_webhook::log_subscriber`] with that filter, no ANSI as
+/// ([`counterweight_runtime::logging::subscriber`] with that filter, no ANSI as
 /// in a pod) writing to `/dev/null`: the
 /// webhook then pays for its span per request and its log lines, formatting
 /// and one `write(2)` per line, as in production (where the lines go to
@@ -434,7 +434,7 @@ fn install_log_subscriber() -> Option<String> {
         .write(true)
         .open("/dev/null")
         .unwrap();
-    tracing::subscriber::set_global_default(counterweight_webhook::log_subscriber(
+    tracing::subscriber::set_global_default(counterweight_runtime::logging::subscriber(
         tracing_subscriber::EnvFilter::new(&filter),
         std::sync::Mutex::new(null),
         false,

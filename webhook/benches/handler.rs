@@ -112,7 +112,7 @@ fn main() {
         .write(true)
         .open("/dev/null")
         .unwrap();
-    let subscriber = counterweight_webhook::log_subscriber(
+    let subscriber = counterweight_runtime::logging::subscriber(
         tracing_subscriber::EnvFilter::new("info"),
         std::sync::Mutex::new(null),
         false,

@@ -227,27 +227,6 @@ pub enum Error {
     Serve(String),
 }
 
-/// The binary's log subscriber: one `fmt` line per event, filtered by
-/// `filter`, written through `writer`. ANSI colours only when `ansi` (the
-/// binary passes whether stdout is a terminal): in a pod, stdout is a pipe to
-/// the container runtime, and escape codes there only garble the log lines
-/// and cost formatting on every request. Public so the benchmarks log exactly
-/// as the binary does.
-pub fn log_subscriber<W>(
-    filter: tracing_subscriber::EnvFilter,
-    writer: W,
-    ansi: bool,
-) -> impl tracing::Subscriber + Send + Sync + 'static
-where
-    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
-{
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(ansi)
-        .finish()
-}
-
 /// Binds the configured addresses, loads the certificate and serves until
 /// `shutdown` resolves.
 pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {

@@ -25,15 +25,16 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
+use counterweight_runtime::tls_server::{self, AcceptOptions, TlsService};
 use http::{StatusCode, header};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use crate::Error;
 use crate::admission::{Handler, Reply};
@@ -223,43 +224,42 @@ fn reply(r: Reply) -> Response {
     (status, [(header::CONTENT_TYPE, content_type)], r.body).into_response()
 }
 
-#[derive(Clone)]
+/// The webhook's answers on the operations port.
 struct OpsState {
     metrics: Metrics,
     ready: Arc<AtomicBool>,
 }
 
-fn ops_router(state: OpsState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|State(s): State<OpsState>| async move {
-                if s.ready.load(Ordering::SeqCst) {
-                    (StatusCode::OK, "ok")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(|State(s): State<OpsState>| async move {
-                match s.metrics.encode() {
-                    Ok(text) => (
-                        StatusCode::OK,
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        text,
-                    )
-                        .into_response(),
-                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-                }
-            }),
-        )
-        .with_state(state)
+impl counterweight_runtime::admin::Admin for OpsState {
+    fn readiness(&self) -> Result<(), String> {
+        if self.ready.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err("not ready".into())
+        }
+    }
+
+    fn metrics(&self) -> Result<String, String> {
+        self.metrics.encode().map_err(|e| e.to_string())
+    }
+}
+
+/// The admission endpoint as the shared accept loop serves it: one
+/// acceptor (its [`CertStore`] resolves the certificate in force at each
+/// handshake) and the same routes for every connection.
+struct AdmissionService {
+    acceptor: TlsAcceptor,
+    router: Router,
+}
+
+impl TlsService for AdmissionService {
+    fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor.clone()
+    }
+
+    fn router(&self, _tls: &TlsStream<TcpStream>, _remote: std::net::SocketAddr) -> Router {
+        self.router.clone()
+    }
 }
 
 /// Serves until `shutdown` resolves, then drains and returns.
@@ -278,15 +278,14 @@ pub async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let ops = axum::serve(
+    let ops = tokio::spawn(counterweight_runtime::admin::serve(
         listeners.ops,
-        ops_router(OpsState {
+        Arc::new(OpsState {
             metrics: handler.metrics.clone(),
             ready: ready.clone(),
         }),
-    )
-    .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let ops = tokio::spawn(async move { ops.await });
+        stopped(stop_rx.clone()),
+    ));
     let reloader = tokio::spawn(
         certs
             .clone()
@@ -294,62 +293,28 @@ pub async fn serve(
     );
 
     let limits = BodyLimits::new(&options)?;
-    let service = TowerToHyperService::new(admission_router(handler, limits));
     let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
     let admission = listeners.admission;
-    tokio::pin!(shutdown);
     ready.store(true, Ordering::SeqCst);
     tracing::info!(
         admission = ?admission.local_addr().ok(),
         "webhook serving"
     );
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = admission.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly
-                    // instead of spinning, then keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let service = service.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let handshake_timeout = options.handshake_timeout;
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let conn = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-
-    tracing::info!("shutting down: not ready, draining connections");
-    ready.store(false, Ordering::SeqCst);
-    drop(admission);
-    if tokio::time::timeout(options.drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let service = Arc::new(AdmissionService {
+        acceptor,
+        router: admission_router(handler, limits),
+    });
+    let accept = AcceptOptions {
+        handshake_timeout: options.handshake_timeout,
+        drain_timeout: options.drain_timeout,
+        max_connections: None,
+    };
+    let stopping = async {
+        shutdown.await;
+        tracing::info!("shutting down: not ready, draining connections");
+        ready.store(false, Ordering::SeqCst);
+    };
+    if !tls_server::serve(admission, service, builder, accept, stopping).await {
         tracing::warn!(timeout = ?options.drain_timeout, "connections still open after the drain timeout");
     }
     let _ = stop_tx.send(true);

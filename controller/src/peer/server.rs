@@ -12,13 +12,14 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use counterweight_core::ha::{Envelope, ProtocolError};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use counterweight_runtime::tls_server::{self, AcceptOptions, Refused, TlsService};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use super::{DEFAULT_MAX_BODY_BYTES, MESSAGES_PATH, PEER_DOMAIN, PeerMetrics, PeerSet, PeerTls};
 
@@ -125,77 +126,61 @@ pub async fn serve_with(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(options.body_timeout);
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(options.max_connections));
     tracing::info!(
         addr = ?listener.local_addr().ok(),
         peers = %state.peers.list(),
         "peer server listening"
     );
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, remote) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly
-                    // instead of spinning, then keep serving.
-                    tracing::warn!(error = %e, "peer accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, max = options.max_connections, "too many peer connections; closing the new one");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = TlsAcceptor::from(tls.server_config());
-        let state = state.clone();
-        let router = router.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let handshake_timeout = options.handshake_timeout;
-        tokio::spawn(async move {
-            let _slot = slot;
-            let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    // Wrong CA, no client certificate, or not TLS at all.
-                    tracing::info!(%remote, error = %e, "peer TLS handshake refused");
-                    PeerMetrics::reason(&state.metrics.rejected, "tls_handshake");
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!(%remote, "peer TLS handshake timed out");
-                    PeerMetrics::reason(&state.metrics.rejected, "tls_timeout");
-                    return;
-                }
-            };
-            let names = state.peers.matching(
-                stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first()),
-            );
-            let client = Arc::new(ClientIdentity { remote, names });
-            tracing::debug!(%remote, peers = ?client.names, "peer connection");
-            let service = TowerToHyperService::new(router.layer(Extension(client)));
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%remote, error = %e, "peer connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(options.drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let service = Arc::new(PeerService { tls, state, router });
+    let accept = AcceptOptions {
+        handshake_timeout: options.handshake_timeout,
+        drain_timeout: options.drain_timeout,
+        max_connections: Some(options.max_connections),
+    };
+    if !tls_server::serve(listener, service, builder, accept, shutdown).await {
         tracing::debug!(timeout = ?options.drain_timeout, "peer connections still open after the drain timeout");
+    }
+}
+
+/// The peer protocol as the shared accept loop serves it: the TLS material
+/// in force at each handshake, and the routes with the client's identity
+/// (the peer names its certificate matches) attached.
+struct PeerService {
+    tls: Arc<PeerTls>,
+    state: Arc<ServerState>,
+    router: Router,
+}
+
+impl TlsService for PeerService {
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.tls.server_config())
+    }
+
+    fn router(&self, tls: &TlsStream<TcpStream>, remote: SocketAddr) -> Router {
+        let names = self
+            .state
+            .peers
+            .matching(tls.get_ref().1.peer_certificates().and_then(|c| c.first()));
+        let client = Arc::new(ClientIdentity { remote, names });
+        tracing::debug!(%remote, peers = ?client.names, "peer connection");
+        self.router.clone().layer(Extension(client))
+    }
+
+    fn refused(&self, remote: SocketAddr, why: Refused) {
+        match why {
+            // Wrong CA, no client certificate, or not TLS at all.
+            Refused::Handshake(e) => {
+                tracing::info!(%remote, error = %e, "peer TLS handshake refused");
+                PeerMetrics::reason(&self.state.metrics.rejected, "tls_handshake");
+            }
+            Refused::HandshakeTimeout => {
+                tracing::info!(%remote, "peer TLS handshake timed out");
+                PeerMetrics::reason(&self.state.metrics.rejected, "tls_timeout");
+            }
+            Refused::TooManyConnections => {
+                tracing::warn!(%remote, "too many peer connections; closing the new one");
+            }
+        }
     }
 }
 

@@ -1249,7 +1249,7 @@ async fn the_sidecar_reads_the_state_through_the_api_with_the_gate_rbac() {
             )
             .expect("kubeconfig");
         async move {
-            let client = counterweight_controller::client(Some(&kubeconfig))
+            let client = counterweight_runtime::kube_client::client(Some(&kubeconfig))
                 .await
                 .expect("client");
             StateSource::ConfigMap {

@@ -21,20 +21,28 @@
 //! that is not its own (an edit by hand, a restore from a backup) is put back
 //! at once to what the node believes, with a Warning Event showing both.
 
+mod keys;
+mod rules;
+mod timing;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use counterweight_core::ha::{
-    Action, Command, Envelope, Event, EventKind, HaConfig, HaConfigError, HealthVerdict, Node,
-    Persisted, Reason,
+    Action, Command, Envelope, Event, EventKind, HaConfig, HaConfigError, Node, Persisted, Reason,
 };
-use counterweight_core::health::{HealthReport, Verdict, below_threshold};
-use counterweight_core::state::{self, HaView, Part, PeerView, Transition};
+use counterweight_core::health::HealthReport;
+use counterweight_core::state::{HaView, PeerView, Transition};
 use kube::runtime::events::EventType;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
+
+use keys::KeyWriter;
+pub use rules::verdict;
+use rules::{is_transition, missing_record_event, now_rfc3339, owned_keys, show};
+pub use timing::{BESIDE_RETRY, api_timeout, beside_timeout};
 
 use crate::events::EventSink;
 use crate::serving::Serving;
@@ -448,252 +456,5 @@ impl<S: Serving> HaLoop<S> {
                 })
                 .collect(),
         }
-    }
-}
-
-/// What to record about a state record that was missing at start, once
-/// that can be told: when a peer is first heard (`highest` is the peer
-/// heard at the highest epoch; `None` until then). Peers may come up minutes
-/// apart on a first install, so there is no deadline: until then a log line
-/// says the record was missing.
-///
-/// Missing is normal on a first install, where every member starts at
-/// epoch 0, and worth a Warning when the group is past that: the member
-/// joined late, or its record was deleted and with it any vote it promised
-/// (the core grants no vote for `quiet_ms` after such a start).
-fn missing_record_event(
-    highest: Option<(&str, u64)>,
-    quiet_ms: u64,
-) -> Option<(EventType, &'static str, String)> {
-    match highest? {
-        (_, 0) => Some((
-            EventType::Normal,
-            "StateCreated",
-            "no state ConfigMap, and no member has been active yet (epoch 0): a first start; \
-             created it as standby"
-                .to_owned(),
-        )),
-        (peer, epoch) => Some((
-            EventType::Warning,
-            "StateRecreated",
-            format!(
-                "no state ConfigMap, while {peer} is at epoch {epoch}: this member joined late, \
-                 or its record was deleted; created it as standby, and it grants no vote for \
-                 {quiet_ms} ms after its start in case it promised one before"
-            ),
-        )),
-    }
-}
-
-/// Turns a health report into the HA machine's verdict. Table 1 reports
-/// "abnormal" on one tick only (its counter then restarts); for handover the
-/// cluster stays abnormal until an interval is healthy again.
-pub fn verdict(report: Option<&HealthReport>, abnormal: &mut bool) -> HealthVerdict {
-    let Some(r) = report else {
-        // No policy, no verdict: never a candidate, never abnormal.
-        *abnormal = false;
-        return HealthVerdict::default();
-    };
-    match r.verdict {
-        Verdict::Abnormal { .. } => *abnormal = true,
-        Verdict::Healthy => *abnormal = false,
-        Verdict::Degraded { .. } => {}
-    }
-    HealthVerdict {
-        abnormal: *abnormal,
-        meets_threshold: !below_threshold(r.score, r.threshold),
-        data_behind: !r.data_behind.is_empty(),
-    }
-}
-
-fn is_transition(reason: Reason) -> bool {
-    matches!(
-        reason,
-        Reason::Promoted
-            | Reason::Fenced
-            | Reason::SteppedDown
-            | Reason::HandedOver
-            | Reason::HandoverComplete
-            | Reason::Recovered
-    )
-}
-
-fn now_rfc3339() -> String {
-    k8s_openapi::jiff::Timestamp::now().to_string()
-}
-
-/// The longest the HA loop waits for one API call: `marginMs`, the slack
-/// the lease keeps for exactly such delays (at least 100 ms).
-pub fn api_timeout(config: &HaConfig) -> Duration {
-    Duration::from_millis(config.margin_ms.max(100))
-}
-
-/// The longest a writer beside the HA loop (the informational keys, the
-/// serving lease) waits for one write: half a lease, never less than
-/// [`api_timeout`]. Nothing waits on these writes, so the loop's margin is
-/// no reason to give up on them: on an API server that answers in 400 ms,
-/// a 300 ms bound abandoned every write (which the server may still carry
-/// out) and sent the next at once, so nothing ever got through and the
-/// load only grew. Half a lease still lets a newer value follow before the
-/// published one runs out.
-pub fn beside_timeout(config: &HaConfig) -> Duration {
-    Duration::from_millis(config.lease_ms / 2).max(api_timeout(config))
-}
-
-/// Pause after a failed or timed-out write beside the loop, before the
-/// next: a struggling API server is not sent the next request at once.
-pub const BESIDE_RETRY: Duration = Duration::from_millis(100);
-
-/// The keys of the state record the HA node owns, for a correction's Event.
-fn owned_keys(data: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    [
-        state::STATE_KEY,
-        state::EPOCH_KEY,
-        state::VOTE_KEY,
-        state::PAUSED_KEY,
-    ]
-    .into_iter()
-    .map(|k| {
-        (
-            k.to_owned(),
-            data.get(k)
-                .cloned()
-                .unwrap_or_else(|| "<absent>".to_owned()),
-        )
-    })
-    .collect()
-}
-
-fn show(keys: &BTreeMap<String, String>) -> String {
-    keys.iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Writes the informational keys of the state record (the HA view, the
-/// last transition) from a task beside the HA loop, newest value per key,
-/// so that a slow API server never holds up a step. Writes are at least
-/// `spacing` apart: each one changes the record's `resourceVersion`, and a
-/// `Persist` of the loop that read the record before it must read and write
-/// again, so writing the view at every step would slow the writes that
-/// matter.
-struct KeyWriter {
-    tx: watch::Sender<BTreeMap<&'static str, String>>,
-}
-
-impl KeyWriter {
-    fn start(store: StateStore, timeout: Duration, spacing: Duration) -> Self {
-        let (tx, mut rx) = watch::channel(BTreeMap::<&'static str, String>::new());
-        tokio::spawn(async move {
-            let mut written: BTreeMap<&'static str, String> = BTreeMap::new();
-            let mut last_write: Option<Instant> = None;
-            loop {
-                if let Some(at) = last_write {
-                    tokio::time::sleep_until(at + spacing).await;
-                }
-                let wanted = rx.borrow_and_update().clone();
-                let todo: Vec<(&'static str, String)> = wanted
-                    .into_iter()
-                    .filter(|(k, v)| written.get(k) != Some(v))
-                    .collect();
-                if !todo.is_empty() {
-                    last_write = Some(Instant::now());
-                    let write = tokio::time::timeout(
-                        timeout,
-                        store.update(|data| {
-                            for (k, v) in &todo {
-                                data.insert((*k).to_owned(), v.clone());
-                            }
-                        }),
-                    )
-                    .await;
-                    match write {
-                        Ok(Ok(_)) => written.extend(todo),
-                        Ok(Err(e)) => {
-                            warn!(error = %e, "could not write the HA view to the state ConfigMap");
-                            tokio::time::sleep(BESIDE_RETRY).await;
-                            continue;
-                        }
-                        Err(_) => {
-                            warn!(
-                                timeout_ms = timeout.as_millis(),
-                                "writing the HA view to the state ConfigMap timed out"
-                            );
-                            tokio::time::sleep(BESIDE_RETRY).await;
-                            continue;
-                        }
-                    }
-                }
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
-        Self { tx }
-    }
-
-    /// Wants `part` stored (replacing any value of its key not yet written).
-    fn write<P: Part>(&self, part: &P) {
-        let value = part.encode();
-        self.tx.send_modify(|m| {
-            m.insert(P::KEY, value);
-        });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use counterweight_core::health::HealthReport;
-
-    #[test]
-    fn a_missing_record_is_a_first_start_only_while_the_group_is_at_epoch_0() {
-        // Nobody heard yet: nothing can be told.
-        assert!(missing_record_event(None, 1_800).is_none());
-        let (kind, reason, _) = missing_record_event(Some(("west", 0)), 1_800).unwrap();
-        assert_eq!((kind, reason), (EventType::Normal, "StateCreated"));
-        let (kind, reason, message) = missing_record_event(Some(("west", 7)), 1_800).unwrap();
-        assert_eq!((kind, reason), (EventType::Warning, "StateRecreated"));
-        assert!(message.contains("west is at epoch 7"), "{message}");
-        assert!(message.contains("1800 ms"), "{message}");
-    }
-
-    fn report(score: f64, verdict: Verdict) -> HealthReport {
-        HealthReport {
-            score,
-            threshold: 0.6,
-            retries: 2,
-            retry_count: verdict.retry_count(),
-            verdict,
-            components: vec![],
-            data_behind: vec![],
-            data: vec![],
-        }
-    }
-
-    #[test]
-    fn abnormal_sticks_until_a_healthy_interval() {
-        let mut abnormal = false;
-        let v = verdict(
-            Some(&report(0.5, Verdict::Abnormal { retry_count: 3 })),
-            &mut abnormal,
-        );
-        assert!(v.abnormal && !v.meets_threshold);
-        // Table 1 restarts its counter: the next interval is "degraded 1".
-        let v = verdict(
-            Some(&report(0.5, Verdict::Degraded { retry_count: 1 })),
-            &mut abnormal,
-        );
-        assert!(v.abnormal, "still abnormal until healthy");
-        // S back above D between ticks: eligible score, still abnormal.
-        let v = verdict(
-            Some(&report(0.9, Verdict::Degraded { retry_count: 1 })),
-            &mut abnormal,
-        );
-        assert!(v.abnormal && v.meets_threshold);
-        let v = verdict(Some(&report(0.9, Verdict::Healthy)), &mut abnormal);
-        assert!(v.eligible());
-        assert_eq!(verdict(None, &mut abnormal), HealthVerdict::default());
     }
 }
