@@ -5,7 +5,7 @@
 //! through 3,000 aliases: 9 million strings, 16 s and 400 MB for a policy
 //! (issue 17). serde_yaml_ng limits alias *jumps*, not what they expand
 //! to. [`from_yaml`] wraps its deserializer in one that charges every
-//! value, and every string's bytes, to a [`Budget`] as serde visits them,
+//! value, and every string's bytes, to a budget as serde visits them,
 //! aliases included, and fails with a clear error the moment the budget is
 //! spent: the work and memory of a parse are bounded by the budget, whatever
 //! the document. It is generic over the target type, so a field added to a
