@@ -40,10 +40,10 @@ use std::time::{Duration, Instant};
 
 use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
 use counterweight_core::names;
-use counterweight_harness::bulk::{create_pods, kwok_pod, wait_running};
+use counterweight_harness::bulk::{create_namespace, create_pods, kwok_pod, wait_running};
 use counterweight_harness::{Cluster, Process, free_port};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodSpec};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
@@ -61,28 +61,10 @@ const RETRIES: u64 = 0;
 
 async fn prepare(cluster: &Cluster, service_pods: usize) {
     let client = cluster.client();
-    let nss: Api<Namespace> = Api::all(client.clone());
     for (ns, opted) in [(SYSTEM, false), (APP, true)] {
-        let labels = opted.then(|| {
-            [(
-                names::INJECT_LABEL.to_owned(),
-                names::INJECT_ENABLED.to_owned(),
-            )]
-            .into()
-        });
-        nss.create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some(ns.into()),
-                    labels,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("namespace");
+        create_namespace(&client, ns, opted)
+            .await
+            .expect("namespace");
     }
     if service_pods > 0 {
         let pods: Api<Pod> = Api::namespaced(client.clone(), APP);

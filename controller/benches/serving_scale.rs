@@ -32,10 +32,10 @@ use counterweight_controller::serving::{PodServing, PodServingConfig};
 use counterweight_controller::state_store::StateStore;
 use counterweight_core::names;
 use counterweight_harness::bulk::{
-    apiserver_metric, create_pods, kwok_pod, status_write_floor, wait_running,
+    apiserver_metric, create_namespace, create_pods, kwok_pod, status_write_floor, wait_running,
 };
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
 
 const APP: &str = "bulk";
 const SYSTEM: &str = "counterweight-system";
@@ -100,28 +100,10 @@ async fn main() {
         .await
         .expect("a local cluster starts");
     let client = clusters[0].client();
-    let nss: Api<Namespace> = Api::all(client.clone());
     for (ns, opted) in [(SYSTEM, false), (APP, true)] {
-        let labels = opted.then(|| {
-            [(
-                names::INJECT_LABEL.to_owned(),
-                names::INJECT_ENABLED.to_owned(),
-            )]
-            .into()
-        });
-        nss.create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some(ns.into()),
-                    labels,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("namespace");
+        create_namespace(&client, ns, opted)
+            .await
+            .expect("namespace");
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), APP);
     let mut names_so_far: Vec<String> = Vec::new();

@@ -6,13 +6,14 @@
 //! path), with an image nothing pulls, and optionally the readiness gates a
 //! Counterweight service pod carries. Also what the API server allows for
 //! them: one status write per pod ([`status_write_floor`]) and its own
-//! request counters ([`apiserver_metric`]).
+//! request counters ([`apiserver_metric`]). And the opted-in namespace
+//! they go in ([`create_namespace`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Container, Pod, PodReadinessGate, PodSpec};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodReadinessGate, PodSpec};
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 
 use crate::{HarnessError, NODE_NAME};
@@ -50,6 +51,39 @@ pub fn kwok_pod(name: &str, labels: &[(&str, &str)], gates: &[&str]) -> Pod {
         }),
         ..Default::default()
     }
+}
+
+/// Creates namespace `name`, opted in to injection (and so to the
+/// workload effects) when `opted_in`.
+pub async fn create_namespace(
+    client: &kube::Client,
+    name: &str,
+    opted_in: bool,
+) -> Result<(), HarnessError> {
+    let labels = opted_in.then(|| {
+        [(
+            counterweight_core::names::INJECT_LABEL.to_owned(),
+            counterweight_core::names::INJECT_ENABLED.to_owned(),
+        )]
+        .into()
+    });
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .map(drop)
+        .map_err(|e| HarnessError::Command {
+            what: format!("creating namespace {name}"),
+            status: "refused".into(),
+            stderr: e.to_string(),
+        })
 }
 
 /// Creates `pods` in `api`'s namespace, `concurrency` at a time; fails
