@@ -85,9 +85,51 @@ pub fn check_label_key(key: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a Kubernetes label value: empty, or 1 to 63 letters, digits,
+/// '-', '_' and '.', starting and ending with a letter or digit. No pod can
+/// carry another value, so a selector asking for one would never match.
+pub fn check_label_value(value: &str) -> Result<(), String> {
+    let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+    let ok = value.is_empty()
+        || (value.len() <= 63
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && alnum(value.as_bytes().first())
+            && alnum(value.as_bytes().last()));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{value:?} is not a label value: empty, or 1 to 63 letters, digits, '-', '_' or '.', \
+             starting and ending with a letter or digit"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_follow_kubernetes() {
+        for ok in ["", "web", "v1.2_3-x", "A", &"v".repeat(63)] {
+            assert_eq!(check_label_value(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "-web",
+            "web-",
+            ".x",
+            "a b",
+            "a/b",
+            "web!",
+            "é",
+            &"v".repeat(64),
+        ] {
+            let e = check_label_value(bad).unwrap_err();
+            assert!(e.contains("is not a label value"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn cluster_names_are_dns_labels() {

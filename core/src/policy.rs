@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::bounded::{self, BoundedError, Limits};
-use crate::names::{check_dns_label, check_label_key};
+use crate::names::{check_dns_label, check_label_key, check_label_value};
 
 /// Tolerance of Equation 2 (Σ w = 1): YAML decimals such as 0.1 + 0.2 are
 /// not exact in binary floating point.
@@ -682,14 +682,19 @@ impl RawComponent {
                 s
             }
             Some(s) => {
-                for key in s.match_labels.keys() {
-                    if let Err(e) = check_label_key(key) {
+                for (key, value) in &s.match_labels {
+                    if let Err(e) = check_label_key(key).and(check_label_value(value)) {
                         p.push(field("selector.matchLabels"), e);
                     }
                 }
                 for (j, r) in s.match_expressions.iter().enumerate() {
                     if let Err(e) = check_label_key(&r.key) {
                         p.push(field(&format!("selector.matchExpressions[{j}].key")), e);
+                    }
+                    for value in &r.values {
+                        if let Err(e) = check_label_value(value) {
+                            p.push(field(&format!("selector.matchExpressions[{j}].values")), e);
+                        }
                     }
                     let needs_values = matches!(r.operator, Operator::In | Operator::NotIn);
                     if needs_values == r.values.is_empty() {
@@ -911,6 +916,36 @@ components:
             "{matchLabels: {app.kubernetes.io/name: web, example.com/tier_1.x: a}}",
         );
         assert!(Policy::from_yaml(&good).is_ok());
+    }
+
+    /// Issue 17: a selector's label value that no pod can carry (a space, a
+    /// slash, over 63 characters) was accepted, and the component then
+    /// never matched: 0 of 0 ready, silently. Both forms are checked.
+    #[test]
+    fn selectors_with_invalid_label_values_are_refused_with_the_field() {
+        let bad = GOOD
+            .replace(
+                "{matchLabels: {app: web}}",
+                "{matchLabels: {app: \"web server\"}}",
+            )
+            .replace(
+                "operator: In, values: [db]",
+                "operator: In, values: [db, \"db/1\"]",
+            );
+        let text = Policy::from_yaml(&bad).unwrap_err().to_string();
+        assert!(
+            text.contains("components[0] (web).selector.matchLabels")
+                && text.contains("\"web server\" is not a label value"),
+            "{text}"
+        );
+        assert!(
+            text.contains("components[1] (db).selector.matchExpressions[0].values")
+                && text.contains("\"db/1\" is not a label value"),
+            "{text}"
+        );
+        // An empty value is a value Kubernetes allows (`app: ""`).
+        let empty = GOOD.replace("{matchLabels: {app: web}}", "{matchLabels: {app: \"\"}}");
+        assert!(Policy::from_yaml(&empty).is_ok());
     }
 
     #[test]
