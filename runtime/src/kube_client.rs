@@ -54,10 +54,11 @@ pub struct Timeouts {
     pub read: Option<Duration>,
 }
 
-/// Reads the kubeconfig `path` names (a list separated by ':', as
-/// `KUBECONFIG` allows, merged in order: the first file wins on a
-/// conflict, as in kubectl), or the default one (`KUBECONFIG`, then
-/// `~/.kube/config`) if `path` is `None`.
+/// Reads the kubeconfig `path` names: the file, if it is one (even when its
+/// name holds a ':'), else a list separated by ':', as `KUBECONFIG` allows,
+/// merged in order (the first file wins on a conflict, as in kubectl); or
+/// the default one (`KUBECONFIG`, then `~/.kube/config`) if `path` is
+/// `None`.
 ///
 /// # Errors
 ///
@@ -69,6 +70,14 @@ pub fn read_kubeconfig(path: Option<&Path>) -> Result<Kubeconfig, ClientError> {
             message: e.to_string(),
         });
     };
+    // A file is one kubeconfig, whatever its name holds: a path with a ':'
+    // (the e2e tests name them after service accounts) is not a list.
+    if path.is_file() {
+        return Kubeconfig::read_from(path).map_err(|e| ClientError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        });
+    }
     let mut merged: Option<Kubeconfig> = None;
     for p in std::env::split_paths(path.as_os_str()) {
         if p.as_os_str().is_empty() {
@@ -164,6 +173,12 @@ mod tests {
         let kc = read_kubeconfig(Some(Path::new(&list))).unwrap();
         let names: Vec<_> = kc.contexts.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
+
+        // A file whose name holds ':' is that file, not a list of two.
+        let colon = dir.path().join("system:serviceaccounts:ems");
+        std::fs::write(&colon, KUBECONFIG).unwrap();
+        let kc = read_kubeconfig(Some(&colon)).unwrap();
+        assert_eq!(kc.contexts.len(), 1);
 
         let err = read_kubeconfig(Some(Path::new(":"))).err();
         assert!(matches!(err, Some(ClientError::NoFile(_))), "{err:?}");
