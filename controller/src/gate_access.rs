@@ -29,16 +29,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use counterweight_core::names;
+use counterweight_core::names::{self, GATE_ROLE, gate_binding_name, gate_binding_namespace};
 use counterweight_core::workload::{opted_in, opted_in_selector};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
 
-/// Name of the Role that grants read access to the state ConfigMap.
-pub const GATE_ROLE: &str = "counterweight-gate";
-/// Prefix of the per-namespace RoleBindings; the namespace name follows.
-pub const BINDING_PREFIX: &str = "counterweight-gate-";
 /// Standard label naming the tool that manages an object.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`] on the objects this module manages.
@@ -111,18 +107,13 @@ pub fn gate_role(controller_ns: &str) -> Role {
     }
 }
 
-/// Name of the RoleBinding for namespace `ns`.
-pub fn binding_name(ns: &str) -> String {
-    format!("{BINDING_PREFIX}{ns}")
-}
-
 /// The RoleBinding that lets every service account of `ns` use the gate Role.
 pub fn binding_for(controller_ns: &str, ns: &str) -> RoleBinding {
     let mut labels = managed_labels();
     labels.insert(FOR_NAMESPACE_LABEL.to_owned(), ns.to_owned());
     RoleBinding {
         metadata: ObjectMeta {
-            name: Some(binding_name(ns)),
+            name: Some(gate_binding_name(ns)),
             namespace: Some(controller_ns.to_owned()),
             labels: Some(labels),
             ..Default::default()
@@ -153,9 +144,7 @@ pub fn plan(controller_ns: &str, desired: &BTreeSet<String>, existing: &[RoleBin
         let Some(name) = rb.metadata.name.as_deref() else {
             continue;
         };
-        let wanted_ns = name
-            .strip_prefix(BINDING_PREFIX)
-            .filter(|ns| desired.contains(*ns));
+        let wanted_ns = gate_binding_namespace(name).filter(|ns| desired.contains(*ns));
         match wanted_ns {
             Some(_) => {
                 current.insert(name, rb);
@@ -165,7 +154,7 @@ pub fn plan(controller_ns: &str, desired: &BTreeSet<String>, existing: &[RoleBin
     }
     for ns in desired {
         let want = binding_for(controller_ns, ns);
-        let name = binding_name(ns);
+        let name = gate_binding_name(ns);
         match current.get(name.as_str()) {
             Some(have) if have.role_ref != want.role_ref => {
                 // roleRef is immutable: delete, then create anew.
@@ -240,7 +229,7 @@ pub async fn reconcile_gate_access(
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(kube_err(format!("deleting RoleBinding {name}"))(e)),
         }
-        if let Some(ns) = name.strip_prefix(BINDING_PREFIX)
+        if let Some(ns) = gate_binding_namespace(name)
             && !desired.contains(ns)
         {
             tracing::info!(namespace = ns, "revoked gate access");
@@ -253,7 +242,7 @@ pub async fn reconcile_gate_access(
             .patch(&name, &apply, &Patch::Apply(&rb))
             .await
             .map_err(kube_err(format!("applying RoleBinding {name}")))?;
-        if let Some(ns) = name.strip_prefix(BINDING_PREFIX) {
+        if let Some(ns) = gate_binding_namespace(&name) {
             tracing::info!(namespace = ns, "granted gate access");
             summary.bound.push(ns.to_owned());
         }

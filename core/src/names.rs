@@ -26,6 +26,26 @@ pub const POLICY_CONFIGMAP: &str = "counterweight-policy";
 /// Key under which the policy YAML is stored in [`POLICY_CONFIGMAP`].
 pub const POLICY_KEY: &str = "policy.yaml";
 
+/// Name of the Role, in the controller's namespace, that lets the init-gate
+/// read the state ConfigMap. The controller keeps it (and one RoleBinding per
+/// opted-in namespace, [`gate_binding_name`]); the Kustomize base holds it
+/// too, so that a gate can start before the controller has run.
+pub const GATE_ROLE: &str = "counterweight-gate";
+
+/// The RoleBinding that grants the service accounts of namespace `ns` the
+/// [`GATE_ROLE`]: `counterweight-gate-<ns>`, in the controller's namespace.
+pub fn gate_binding_name(ns: &str) -> String {
+    format!("{GATE_ROLE}-{ns}")
+}
+
+/// The namespace a [`gate_binding_name`] grants, or `None` for any other
+/// name.
+pub fn gate_binding_namespace(name: &str) -> Option<&str> {
+    name.strip_prefix(GATE_ROLE)?
+        .strip_prefix('-')
+        .filter(|ns| !ns.is_empty())
+}
+
 /// Checks that `s` is a DNS-1123 label (lowercase letters, digits and '-',
 /// starting and ending with a letter or digit, at most 63 characters), as
 /// Kubernetes requires of namespace names; the reason otherwise.
@@ -110,6 +130,23 @@ pub fn check_label_value(value: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gate_binding_names_read_back() {
+        assert_eq!(gate_binding_name("ems"), "counterweight-gate-ems");
+        assert_eq!(
+            gate_binding_namespace("counterweight-gate-ems"),
+            Some("ems")
+        );
+        for other in [
+            "counterweight-gate",
+            "counterweight-gate-",
+            "counterweight-gates-x",
+            "x",
+        ] {
+            assert_eq!(gate_binding_namespace(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn label_values_follow_kubernetes() {

@@ -281,7 +281,7 @@ impl Stack {
     /// access to the state (its RoleBinding exists); until then a gate
     /// only logs 403s, which is correct but noise in a demo.
     async fn wait_gate_access(&mut self, i: usize) -> Result<()> {
-        let name = counterweight_controller::gate_access::binding_name(ems::NAMESPACE);
+        let name = counterweight_core::names::gate_binding_name(ems::NAMESPACE);
         let api: Api<RoleBinding> =
             Api::namespaced(self.clusters[i].client(), names::SYSTEM_NAMESPACE);
         let deadline = Instant::now() + STEP_TIMEOUT;

@@ -498,7 +498,7 @@ async fn apply_gate_manifests(client: &kube::Client) -> Role {
                 "Role" => {
                     let role: Role = serde_json::from_value(value).expect("Role");
                     let ns = role.metadata.namespace.clone().expect("namespaced");
-                    if role.metadata.name.as_deref() == Some(gate_access::GATE_ROLE) {
+                    if role.metadata.name.as_deref() == Some(counterweight_core::names::GATE_ROLE) {
                         gate_role = Some(role.clone());
                     }
                     Api::<Role>::namespaced(client.clone(), &ns)
@@ -730,7 +730,7 @@ async fn service_accounts_of_opted_in_namespaces_read_only_the_state() {
     let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), SYSTEM_NS);
     assert!(
         bindings
-            .get_opt(&gate_access::binding_name("shop"))
+            .get_opt(&counterweight_core::names::gate_binding_name("shop"))
             .await
             .expect("get")
             .is_none()

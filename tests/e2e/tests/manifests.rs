@@ -611,7 +611,9 @@ async fn apply_controller_rbac(cluster: &Cluster) {
                 || (o["kind"] == "ServiceAccount"
                     && o["metadata"]["name"] == "counterweight-controller")
         })
-        .filter(|o| !(o["kind"] == "Role" && o["metadata"]["name"] == gate_access::GATE_ROLE))
+        .filter(|o| {
+            !(o["kind"] == "Role" && o["metadata"]["name"] == counterweight_core::names::GATE_ROLE)
+        })
         .map(|o| serde_json::to_string(o).expect("json"))
         .collect();
     assert!(
