@@ -28,6 +28,7 @@
 //! The parts, one file each: `tls` (the material), `server` (accepting
 //! messages), `client` (sending them), `metrics` (counting both).
 
+mod backoff;
 mod client;
 mod metrics;
 mod server;
