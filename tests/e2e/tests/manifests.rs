@@ -698,15 +698,15 @@ async fn controller_rbac_allows_what_the_controller_does_and_no_more() {
 
     // (verb, resource, namespace): every request the controller makes.
     let allowed: &[(&str, &str, Option<&str>)] = &[
-        // health.rs: cluster-wide pod watch; serving.rs: list, watch, get.
+        // health/: cluster-wide pod watch; serving/: list, watch, get.
         ("get", "pods", None),
         ("list", "pods", None),
         ("watch", "pods", None),
-        // serving.rs: the serving condition, restarts, the delete fallback.
+        // serving/: the serving condition, restarts, the delete fallback.
         ("patch", "pods/status", Some("ems")),
         ("create", "pods/eviction", Some("ems")),
         ("delete", "pods", Some("ems")),
-        // gate_access.rs and serving.rs: opted-in namespaces.
+        // gate_access.rs and serving/: opted-in namespaces.
         ("list", "namespaces", None),
         ("watch", "namespaces", None),
         // state_store.rs: the state record (create when missing, CAS update).
@@ -716,7 +716,7 @@ async fn controller_rbac_allows_what_the_controller_does_and_no_more() {
         // gate_access.rs: must hold what the gate Role grants.
         ("list", "configmaps/counterweight-state", sys),
         ("watch", "configmaps/counterweight-state", sys),
-        // health.rs: the policy (watch by field selector = by name).
+        // health/: the policy (watch by field selector = by name).
         ("get", "configmaps/counterweight-policy", sys),
         ("list", "configmaps/counterweight-policy", sys),
         ("watch", "configmaps/counterweight-policy", sys),
@@ -725,7 +725,7 @@ async fn controller_rbac_allows_what_the_controller_does_and_no_more() {
         ("list", "configmaps/counterweight-command", sys),
         ("watch", "configmaps/counterweight-command", sys),
         ("patch", "configmaps/counterweight-command", sys),
-        // health.rs: the sample policy's PostgreSQL check credentials.
+        // health/: the sample policy's PostgreSQL check credentials.
         ("get", "secrets/ems-db-monitor", sys),
         // events.rs (kube-runtime Recorder, events.k8s.io/v1).
         ("create", "events.events.k8s.io", sys),
