@@ -1,6 +1,6 @@
 //! The edges every Counterweight binary shares, written once: how a
 //! binary builds its Kubernetes client from a kubeconfig
-//! ([`kube_client`]), sets up its logs ([`logging`]), learns that it must
+//! ([`kube_client`], with the `kube` feature), sets up its logs ([`logging`]), learns that it must
 //! stop ([`shutdown`]), serves `/healthz`, `/readyz` and `/metrics`
 //! ([`admin`]) and accepts TLS connections ([`tls_server`]).
 //!
@@ -10,9 +10,11 @@
 //! the controller and `cwctl` read a kubeconfig the same way.
 
 pub mod admin;
+#[cfg(feature = "kube")]
 pub mod kube_client;
 pub mod logging;
 pub mod shutdown;
 pub mod tls_server;
 
+#[cfg(feature = "kube")]
 pub use kube_client::ClientError;
