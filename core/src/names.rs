@@ -85,14 +85,7 @@ pub fn check_label_key(key: &str) -> Result<(), String> {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
     };
-    let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
-    let name_ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && alnum(name.as_bytes().first())
-        && alnum(name.as_bytes().last());
+    let name_ok = is_label_name(name);
     let prefix_ok = prefix
         .is_none_or(|p| p.len() <= 253 && p.split('.').all(|label| check_dns_label(label).is_ok()));
     if name_ok && prefix_ok {
@@ -105,19 +98,24 @@ pub fn check_label_key(key: &str) -> Result<(), String> {
     }
 }
 
+/// Kubernetes' rule for a label key's name part, which a non-empty label
+/// value follows too: 1 to 63 letters, digits, '-', '_' and '.', starting
+/// and ending with a letter or digit.
+fn is_label_name(s: &str) -> bool {
+    let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && alnum(s.as_bytes().first())
+        && alnum(s.as_bytes().last())
+}
+
 /// Checks a Kubernetes label value: empty, or 1 to 63 letters, digits,
 /// '-', '_' and '.', starting and ending with a letter or digit. No pod can
 /// carry another value, so a selector asking for one would never match.
 pub fn check_label_value(value: &str) -> Result<(), String> {
-    let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
-    let ok = value.is_empty()
-        || (value.len() <= 63
-            && value
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-            && alnum(value.as_bytes().first())
-            && alnum(value.as_bytes().last()));
-    if ok {
+    if value.is_empty() || is_label_name(value) {
         Ok(())
     } else {
         Err(format!(
