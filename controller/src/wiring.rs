@@ -29,7 +29,7 @@ pub struct HaWiring {
 impl HaWiring {
     /// Whether this wiring makes cluster `cluster` the group's witness.
     pub(crate) fn is_witness(&self, cluster: &str) -> bool {
-        self.config.witness.as_deref() == Some(cluster)
+        self.config.is_witness(cluster)
     }
 
     /// The HA loop of member `settings.cluster`, acting through `serving`,
@@ -91,7 +91,7 @@ impl ha_loop::Outbox for PeerOutbox {
 /// The witness flag and the file must agree: a typo must not turn a
 /// workload cluster into a voter, nor a witness into a workload cluster.
 fn check_witness(ha: &HaSettings, cluster: &str, config: &HaConfig) -> Result<(), Error> {
-    let named_witness = config.witness.as_deref() == Some(cluster);
+    let named_witness = config.is_witness(cluster);
     if ha.witness == named_witness {
         return Ok(());
     }

@@ -203,6 +203,11 @@ impl HaConfig {
         self.clusters.iter().any(|c| c.name == name)
     }
 
+    /// Whether `name` is the group's witness.
+    pub fn is_witness(&self, name: &str) -> bool {
+        self.witness.as_deref() == Some(name)
+    }
+
     /// Whether `name` is a member at all.
     pub fn is_member(&self, name: &str) -> bool {
         self.member_names().any(|n| n == name)
