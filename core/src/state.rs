@@ -254,9 +254,16 @@ impl HaView {
     /// `within_ms` before it was written: what an active needs of a
     /// handover's target (`candidateFreshMs`), as a reader can tell it.
     pub fn hears_eligible_standby(&self, peer: &str, within_ms: u64) -> bool {
-        self.peers.get(peer).is_some_and(|p| {
-            p.role == Role::Standby && p.eligible && p.last_heard_ms_ago <= within_ms
-        })
+        self.hears_standby(peer, within_ms) == Some(true)
+    }
+
+    /// Whether this view heard `peer` as a standby at most `within_ms`
+    /// before it was written, and if so whether as an eligible one.
+    pub fn hears_standby(&self, peer: &str, within_ms: u64) -> Option<bool> {
+        self.peers
+            .get(peer)
+            .filter(|p| p.role == Role::Standby && p.last_heard_ms_ago <= within_ms)
+            .map(|p| p.eligible)
     }
 }
 
@@ -635,6 +642,14 @@ mod tests {
             "heard too long ago"
         );
         assert!(!view.hears_eligible_standby("north", 1000), "never heard");
+        assert_eq!(view.hears_standby("west", 150), Some(true));
+        assert_eq!(view.hears_standby("west", 149), None);
+        let mut behind = view.clone();
+        if let Some(p) = behind.peers.get_mut("west") {
+            p.eligible = false;
+        }
+        assert_eq!(behind.hears_standby("west", 150), Some(false));
+        assert!(!behind.hears_eligible_standby("west", 150));
     }
 
     #[test]

@@ -6,6 +6,15 @@
 //! safe to retry (`pg_promote` on a primary is refused by the observation,
 //! `pg_rewind` of an already rewound directory is a no-op, starting a
 //! running server is skipped).
+//!
+//! A fenced former primary never waits stopped for a peer primary: no peer
+//! may ever become one (every other member can be behind, and then the
+//! newest data is here). It runs read-only instead, in recovery with no
+//! upstream, so the health check sees a live database and this cluster can
+//! be chosen again; its data directory is marked
+//! ([`Observation::former_primary`]) so that, should a peer primary appear
+//! after all, it is rewound from it before it follows (it may hold WAL that
+//! the new timeline does not). Patroni does the same with a demoted leader.
 
 use counterweight_core::state::{Role, RoleEpoch};
 use serde::{Deserialize, Serialize};
@@ -55,6 +64,11 @@ pub struct Observation {
     pub upstream: Option<(String, u16)>,
     /// Current `synchronous_standby_names`, when a primary.
     pub synchronous_standby_names: Option<String>,
+    /// The data directory is a former primary's that has not been rewound
+    /// from a peer primary since it was fenced: it may hold WAL that no
+    /// peer has, so it must be rewound before it follows anyone. Observed
+    /// as the supervisor's marker file in the data directory.
+    pub former_primary: bool,
 }
 
 /// One step towards the desired state.
@@ -70,6 +84,17 @@ pub enum Action {
     },
     /// Start the stopped server.
     Start,
+    /// Start the stopped, fenced former primary read-only: mark it
+    /// ([`Observation::former_primary`]), put it in recovery with no
+    /// upstream, and start it. Nothing can write to it; it can be checked,
+    /// and promoted again if its cluster is chosen.
+    StartReadOnly,
+    /// Stop the read-only former primary so that it can be rewound from the
+    /// named peer, which has become the primary.
+    StopToRewind {
+        /// The new primary.
+        from: String,
+    },
     /// Make a fresh standby from the named peer (`pg_basebackup -R`).
     BaseBackup {
         /// Peer to copy.
@@ -85,7 +110,7 @@ pub enum Action {
     /// `pg_rewind` finds a cleanly shut down target.
     Fence,
     /// `pg_rewind` the stopped former primary from the named peer and
-    /// configure it as its standby.
+    /// configure it as its standby (this clears the former-primary mark).
     Rewind {
         /// Peer to rewind from and then stream from.
         from: String,
@@ -190,32 +215,35 @@ pub fn decide(
                 Ok(p) => p,
                 Err(reason) => return wait(reason),
             };
-            if !local.running {
-                return match (local.has_data, local.in_recovery, primary) {
-                    (true, true, _) => Action::Start,
-                    (false, _, Some(p)) => Action::BaseBackup {
+            if local.running {
+                return match primary {
+                    Some(p) if local.former_primary => Action::StopToRewind {
                         from: p.name.clone(),
                     },
-                    (true, false, Some(p)) => Action::Rewind {
-                        from: p.name.clone(),
-                    },
-                    (false, _, None) => {
-                        wait("no data yet and no peer primary to copy it from".into())
+                    Some(p) if local.upstream.as_ref() != Some(&(p.host.clone(), p.port)) => {
+                        Action::Follow {
+                            from: p.name.clone(),
+                        }
                     }
-                    (true, false, None) => {
-                        wait("fenced former primary; no peer primary to rewind from yet".into())
-                    }
+                    // Streaming from the primary, or no primary to switch
+                    // to: the WAL receiver keeps retrying its current
+                    // upstream.
+                    _ => Action::Nothing,
                 };
             }
-            match primary {
-                Some(p) if local.upstream.as_ref() != Some(&(p.host.clone(), p.port)) => {
-                    Action::Follow {
-                        from: p.name.clone(),
-                    }
-                }
-                // Streaming from the primary, or no primary to switch to:
-                // the WAL receiver keeps retrying its current upstream.
-                _ => Action::Nothing,
+            // Stopped. A primary's data (not in recovery, or marked as a
+            // former primary's) is rewound before it follows anyone.
+            let primary_data = !local.in_recovery || local.former_primary;
+            match (local.has_data, primary) {
+                (false, Some(p)) => Action::BaseBackup {
+                    from: p.name.clone(),
+                },
+                (false, None) => wait("no data yet and no peer primary to copy it from".into()),
+                (true, Some(p)) if primary_data => Action::Rewind {
+                    from: p.name.clone(),
+                },
+                (true, _) if local.in_recovery => Action::Start,
+                (true, _) => Action::StartReadOnly,
             }
         }
     }
@@ -246,6 +274,7 @@ mod tests {
             in_recovery: false,
             upstream: None,
             synchronous_standby_names: Some(String::new()),
+            former_primary: false,
         }
     }
 
@@ -303,22 +332,81 @@ mod tests {
             decide(st, 2, &stopped(false), &b, ""),
             Action::Rewind { from: "b".into() }
         );
-        assert!(matches!(
-            decide(
-                st,
-                2,
-                &stopped(false),
-                &[peer("b", 2, PeerState::Unreachable)],
-                ""
-            ),
-            Action::Wait { .. }
-        ));
         assert_eq!(decide(st, 2, &stopped(true), &b, ""), Action::Start);
         assert_eq!(
             decide(st, 2, &standby_of(1), &b, ""),
             Action::Follow { from: "b".into() }
         );
         assert_eq!(decide(st, 2, &standby_of(2), &b, ""), Action::Nothing);
+    }
+
+    fn read_only_former_primary() -> Observation {
+        Observation {
+            upstream: None,
+            former_primary: true,
+            ..standby_of(1)
+        }
+    }
+
+    #[test]
+    fn a_fenced_former_primary_with_no_peer_primary_runs_read_only() {
+        let st = re(Role::Standby, 1);
+        for nobody in [
+            vec![],
+            vec![peer("b", 2, PeerState::Unreachable)],
+            vec![peer("b", 2, PeerState::Standby)],
+        ] {
+            // It does not wait stopped for a primary that only a member
+            // that is behind could become.
+            assert_eq!(
+                decide(st, 1, &stopped(false), &nobody, ""),
+                Action::StartReadOnly,
+                "{nobody:?}"
+            );
+            let marked_and_stopped = Observation {
+                former_primary: true,
+                ..stopped(true)
+            };
+            assert_eq!(
+                decide(st, 1, &marked_and_stopped, &nobody, ""),
+                Action::Start
+            );
+            assert_eq!(
+                decide(st, 1, &read_only_former_primary(), &nobody, ""),
+                Action::Nothing
+            );
+        }
+        // Chosen again: it is promoted, as any standby is.
+        assert_eq!(
+            decide(
+                re(Role::Active, 2),
+                1,
+                &read_only_former_primary(),
+                &[peer("b", 2, PeerState::Standby)],
+                ""
+            ),
+            Action::Promote { epoch: 2 }
+        );
+    }
+
+    #[test]
+    fn a_read_only_former_primary_is_rewound_before_it_follows_a_new_primary() {
+        let st = re(Role::Standby, 2);
+        let b = [peer("b", 2, PeerState::Primary)];
+        assert_eq!(
+            decide(st, 2, &read_only_former_primary(), &b, ""),
+            Action::StopToRewind { from: "b".into() }
+        );
+        let marked_and_stopped = Observation {
+            former_primary: true,
+            ..stopped(true)
+        };
+        assert_eq!(
+            decide(st, 2, &marked_and_stopped, &b, ""),
+            Action::Rewind { from: "b".into() }
+        );
+        // A plain standby (never a primary) just follows.
+        assert_eq!(decide(st, 2, &stopped(true), &b, ""), Action::Start);
     }
 
     #[test]

@@ -15,6 +15,13 @@ use super::pg::{self, ManagedSetting};
 use super::tools::Tools;
 use crate::SyncError;
 
+/// The file in the data directory that marks a fenced former primary's
+/// data while it runs read-only ([`Observation::former_primary`]). Written
+/// before `standby.signal`, removed only by a rewind from a peer primary or
+/// by this server's own promotion. A copy that `pg_basebackup` carries to a
+/// new standby costs that standby one no-op rewind, nothing else.
+pub const FORMER_PRIMARY_MARKER: &str = "counterweight.former-primary";
+
 /// Starts and stops the local server. The binary uses [`PgCtl`]; tests use
 /// their harness.
 pub trait ServerControl {
@@ -141,6 +148,7 @@ impl<S: ServerControl> DbSupervisor<S> {
         let mut obs = Observation {
             running: self.server.running().await,
             has_data: data.join("PG_VERSION").exists(),
+            former_primary: data.join(FORMER_PRIMARY_MARKER).exists(),
             ..Observation::default()
         };
         if obs.running {
@@ -233,7 +241,11 @@ impl<S: ServerControl> DbSupervisor<S> {
         match action {
             Action::Nothing | Action::Wait { .. } => Ok(()),
             Action::Start => self.server.start().await,
-            Action::Fence => self.server.stop().await,
+            Action::StartReadOnly => {
+                start_read_only_config(&self.cfg.data_dir, self.cfg.tools.run_as.as_deref())?;
+                self.server.start().await
+            }
+            Action::Fence | Action::StopToRewind { .. } => self.server.stop().await,
             Action::BaseBackup { from } => {
                 let from = self.peer_or_err(from)?;
                 self.cfg.tools.base_backup(&from, &self.cfg.data_dir).await
@@ -252,7 +264,8 @@ impl<S: ServerControl> DbSupervisor<S> {
                 self.cfg.tools.rewind(&from, &self.cfg.data_dir).await?;
                 // pg_rewind -R writes standby.signal and primary_conninfo;
                 // make sure of both even where it found nothing to rewind.
-                ensure_standby_config(&self.cfg.data_dir, &from, self.cfg.tools.run_as.as_deref())
+                ensure_standby_config(&self.cfg.data_dir, &from, self.cfg.tools.run_as.as_deref())?;
+                forget_former_primary(&self.cfg.data_dir)
             }
             Action::Follow { from } => {
                 let from = self.peer_or_err(from)?;
@@ -269,7 +282,7 @@ impl<S: ServerControl> DbSupervisor<S> {
                 let done = pg::promote(&client, self.cfg.promote_wait_seconds).await?;
                 tracing::info!(epoch, done, "pg_promote");
                 if done {
-                    Ok(())
+                    forget_former_primary(&self.cfg.data_dir)
                 } else {
                     Err(SyncError::Timeout {
                         what: format!("promotion for epoch {epoch}"),
@@ -296,6 +309,34 @@ impl<S: ServerControl> DbSupervisor<S> {
     }
 }
 
+/// Makes the fenced former primary in `data_dir` start read-only: the
+/// [`FORMER_PRIMARY_MARKER`] first (so that a crash half-way still knows
+/// what the directory holds), then `standby.signal` and an empty
+/// `primary_conninfo` (the last value in `postgresql.auto.conf` wins; a
+/// conninfo left from an earlier life as a standby must not be followed
+/// without a rewind). Files are handed to `owner` when running as root.
+pub fn start_read_only_config(data_dir: &Path, owner: Option<&str>) -> Result<(), SyncError> {
+    let marker = data_dir.join(FORMER_PRIMARY_MARKER);
+    std::fs::write(
+        &marker,
+        b"fenced former primary; rewound before it follows a peer\n",
+    )
+    .map_err(|e| SyncError::io("writing", &marker, e))?;
+    write_standby_config(data_dir, "", owner)?;
+    give_to(owner, data_dir, &[FORMER_PRIMARY_MARKER])
+}
+
+/// Removes the [`FORMER_PRIMARY_MARKER`], once its data is a primary's
+/// again or was rewound from one.
+fn forget_former_primary(data_dir: &Path) -> Result<(), SyncError> {
+    let marker = data_dir.join(FORMER_PRIMARY_MARKER);
+    match std::fs::remove_file(&marker) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(SyncError::io("removing", &marker, e)),
+    }
+}
+
 /// Makes `data_dir` start as a standby of `from`: `standby.signal` present
 /// and `primary_conninfo` (with `from`'s password and application name)
 /// appended to `postgresql.auto.conf`, where the last value of a setting
@@ -305,36 +346,50 @@ pub fn ensure_standby_config(
     from: &ConnParams,
     owner: Option<&str>,
 ) -> Result<(), SyncError> {
+    write_standby_config(data_dir, &from.conninfo_with_password(), owner)
+}
+
+/// `standby.signal` present and `primary_conninfo = conninfo` appended to
+/// `postgresql.auto.conf`, both handed to `owner`.
+fn write_standby_config(
+    data_dir: &Path,
+    conninfo: &str,
+    owner: Option<&str>,
+) -> Result<(), SyncError> {
     use std::io::Write;
     let signal = data_dir.join("standby.signal");
     if !signal.exists() {
         std::fs::write(&signal, b"").map_err(|e| SyncError::io("writing", &signal, e))?;
     }
     let auto = data_dir.join("postgresql.auto.conf");
-    let line = format!(
-        "primary_conninfo = {}\n",
-        pg::literal(&from.conninfo_with_password())
-    );
+    let line = format!("primary_conninfo = {}\n", pg::literal(conninfo));
     std::fs::OpenOptions::new()
         .append(true)
         .create(true)
         .open(&auto)
         .and_then(|mut f| f.write_all(line.as_bytes()))
         .map_err(|e| SyncError::io("appending primary_conninfo", &auto, e))?;
-    if let Some(user) = owner {
-        let status = std::process::Command::new("chown")
-            .arg(format!("{user}:"))
-            .arg(&signal)
-            .arg(&auto)
-            .status()
-            .map_err(|e| SyncError::io("chown", &signal, e))?;
-        if !status.success() {
-            return Err(SyncError::Tool {
-                tool: "chown".into(),
-                status: status.to_string(),
-                stderr: String::new(),
-            });
-        }
+    give_to(owner, data_dir, &["standby.signal", "postgresql.auto.conf"])
+}
+
+/// Hands the files in `data_dir` to `owner` (`chown`), when running as
+/// root for it.
+fn give_to(owner: Option<&str>, data_dir: &Path, files: &[&str]) -> Result<(), SyncError> {
+    let Some(user) = owner else {
+        return Ok(());
+    };
+    let status = std::process::Command::new("chown")
+        .arg(format!("{user}:"))
+        .args(files.iter().map(|f| data_dir.join(f)))
+        .status()
+        .map_err(|e| SyncError::io("chown", data_dir, e))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(SyncError::Tool {
+            tool: "chown".into(),
+            status: status.to_string(),
+            stderr: String::new(),
+        })
     }
-    Ok(())
 }

@@ -321,6 +321,103 @@ async fn promotion_waits_while_the_old_primary_still_answers() {
     wait_for_ids(&a, "a follows b", |s| *s == range(1, 10)).await;
 }
 
+fn marked_former_primary(sup: &Sup) -> bool {
+    sup.config()
+        .data_dir
+        .join(db::supervisor::FORMER_PRIMARY_MARKER)
+        .exists()
+}
+
+/// Rows 1..100 on both sides, then 101..150 on `a` alone (`b` is down),
+/// then `a` is demoted in epoch 2 with no peer primary anywhere: its
+/// database runs read-only, not stopped for good.
+async fn fence_a_with_rows_only_it_has() -> (Sup, Sup) {
+    let (mut a, mut b) = pair("", "").await;
+    insert_range(&a, 1, 100).await;
+    wait_for_ids(&b, "rows 1..100 on b", |s| *s == range(1, 100)).await;
+    pg(&mut b).stop_fast().expect("stop b");
+    insert_range(&a, 101, 150).await;
+
+    let actions = settle(&mut a, standby(2)).await;
+    assert_eq!(
+        actions,
+        vec![Action::Fence, Action::StartReadOnly],
+        "a fenced former primary with no peer primary runs read-only"
+    );
+    assert!(marked_former_primary(&a));
+    assert_eq!(ids(&a).await.expect("a answers"), range(1, 150));
+    let err = client(&a)
+        .await
+        .execute("INSERT INTO t VALUES (0, 'no')", &[])
+        .await
+        .expect_err("a fenced database takes no writes");
+    let message = err.as_db_error().map(|e| e.message().to_owned());
+    assert!(
+        message.as_deref().is_some_and(|m| m.contains("read-only")),
+        "{err:?}"
+    );
+    (a, b)
+}
+
+#[tokio::test]
+async fn a_fenced_former_primary_that_nobody_follows_runs_read_only_and_can_be_chosen_again() {
+    init_tracing();
+    let _turn = SERIAL.lock().await;
+    let (mut a, mut b) = fence_a_with_rows_only_it_has().await;
+
+    // b is behind (it never saw 101..150), so a is chosen again: promoted
+    // with every row it had.
+    pg(&mut b).resume().await.expect("restart b");
+    let actions = settle(&mut a, active(3)).await;
+    assert_eq!(actions, vec![Action::Promote { epoch: 3 }]);
+    assert!(
+        !marked_former_primary(&a),
+        "a primary again is no former one"
+    );
+    insert_range(&a, 151, 160).await;
+    assert_eq!(ids(&a).await.expect("a ids"), range(1, 160));
+
+    // b, the standby that was down, follows a onto its new timeline.
+    settle(&mut b, standby(3)).await;
+    wait_for_ids(&b, "b has every row of a", |s| *s == range(1, 160)).await;
+}
+
+#[tokio::test]
+async fn a_read_only_former_primary_is_rewound_when_a_peer_is_promoted_after_all() {
+    init_tracing();
+    let _turn = SERIAL.lock().await;
+    let (mut a, mut b) = fence_a_with_rows_only_it_has().await;
+
+    // b is promoted in epoch 2 all the same (say an operator forced it),
+    // while a's server is down, so b never streams 101..150 from it (a
+    // read-only former primary serves WAL to a standby that follows it).
+    pg(&mut a).stop_fast().expect("stop a");
+    pg(&mut b).resume().await.expect("restart b");
+    let actions = settle(&mut b, active(2)).await;
+    assert_eq!(actions, vec![Action::Promote { epoch: 2 }]);
+    insert_range(&b, 1001, 1100).await;
+    pg(&mut a).resume().await.expect("restart a, read-only");
+    assert!(marked_former_primary(&a));
+
+    // a holds 101..150, which b's timeline does not: it stops, is rewound
+    // from b, and follows it.
+    let actions = settle(&mut a, standby(2)).await;
+    assert_eq!(
+        actions,
+        vec![
+            Action::StopToRewind { from: "b".into() },
+            Action::Rewind { from: "b".into() },
+            Action::Start
+        ]
+    );
+    assert!(!marked_former_primary(&a));
+    insert_range(&b, 1101, 1200).await;
+    wait_for_ids(&a, "a follows b after its rewind", |s| {
+        s.contains(&1200) && !s.contains(&101) && s.len() == 300
+    })
+    .await;
+}
+
 /// Inserts one row per transaction until told to stop or a commit fails;
 /// returns the ids whose commit was acknowledged.
 async fn writer(params: ConnParams, first: i64, stop: Arc<AtomicBool>) -> Vec<i64> {
