@@ -43,6 +43,13 @@
 //! leading controller pod is force-deleted, then the new leader's container
 //! is SIGKILLed on the node: each time a live replica must hold the Lease
 //! again with exactly one cluster active.
+//!
+//! Last, the liveness case a stressed run found: the active (west) is cut
+//! off while east's database is down, so that nobody may take over. West
+//! fences; its database, a fenced former primary with no peer primary,
+//! must run read-only rather than stay stopped, so that west is elected
+//! again after the heal with every row, and east's database follows it
+//! when it is back.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -1135,6 +1142,135 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         took_over.as_secs_f64(),
         recovered.as_secs_f64(),
     );
+
+    // ---- the active cut off while its standby's database is down ----
+    // East's database is taken down (its StatefulSet scaled to 0, as for
+    // maintenance) while west, the active, hears east: east's data is then
+    // behind, confirmed by a live active, so east may not take over. West's
+    // link is cut: west fences when its lease runs out, and nobody may
+    // promote, for the newest data is west's. West's database, a fenced
+    // former primary with no peer primary, runs read-only rather than
+    // stopped, so its `db` check passes: after the heal west is elected
+    // again, in a new epoch, with every row. (A stopped one kept west below
+    // D with nobody else eligible: no active, for good.)
+    let rows_at_cut = k
+        .sql_via_service("west", ALARMS_DIGEST)
+        .await
+        .expect("west's rows before the cut");
+    let scaled = g.kubectl_text("east", "-n ems scale statefulset ems-db --replicas=0");
+    assert!(
+        scaled.contains("scaled"),
+        "scaling east's ems-db to 0: {scaled}"
+    );
+    eventually_explained(
+        "west, active, to hear east as a standby that may not take over (its database down)",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || async {
+            install::hears_ineligible(&west_cms, "east", 3000)
+                .await
+                .map(Some)
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let west_epoch_at_cut = role(&west_cms).await.map_or(0, |(_, e)| e);
+    west_link.cut().expect("cut west's link again");
+    let cut_again = Instant::now();
+    // Long past west's lease (the guide's 6 s, margin 2 s) and an election
+    // timeout: east, behind, stays standby.
+    let hold = Duration::from_secs(20);
+    while cut_again.elapsed() < hold {
+        let e = role(&east_cms).await;
+        assert!(
+            !matches!(&e, Some((r, _)) if r == "active"),
+            "east, whose data is behind, must not take over: east {e:?}\n{}",
+            g.explain()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    west_link.heal().expect("heal west's link again");
+    let healed_again = Instant::now();
+    let fourth = eventually_explained(
+        "west, the fenced former active with the newest data, active again in a new epoch",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || async {
+            let (e, w) = (role(&east_cms).await, role(&west_cms).await);
+            match (&e, &w) {
+                (Some((es, _)), Some((ws, we)))
+                    if ws == "active" && es == "standby" && *we > west_epoch_at_cut =>
+                {
+                    Ok(Some(*we))
+                }
+                _ => Err(format!("east {e:?}, west {w:?}")),
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    let reelected = healed_again.elapsed();
+    let read_only = k
+        .db_log_lines("west", "StartReadOnly")
+        .await
+        .expect("west's database log");
+    assert!(
+        !read_only.is_empty(),
+        "west's fenced database ran read-only: no StartReadOnly step in its log"
+    );
+    // East's database back: it follows west's database, promoted again,
+    // and a row committed on west (synchronous commit waits for east) is on
+    // both, after every row west had at the cut.
+    let scaled = g.kubectl_text("east", "-n ems scale statefulset ems-db --replicas=1");
+    assert!(
+        scaled.contains("scaled"),
+        "scaling east's ems-db to 1: {scaled}"
+    );
+    eventually_explained(
+        "west's database a primary again, east's streaming from it",
+        Duration::from_secs(180),
+        Duration::from_millis(500),
+        || async {
+            let (w, e) = (k.db_role("west").await?, k.db_role("east").await?);
+            if !w.in_recovery && e.in_recovery && e.receiver == "streaming" {
+                Ok(Some(()))
+            } else {
+                Err(format!("west {w:?}; east {e:?}"))
+            }
+        },
+        || async { g.explain() },
+    )
+    .await;
+    assert_eq!(
+        k.sql_via_service("west", ALARMS_DIGEST)
+            .await
+            .expect("west's rows after the heal"),
+        rows_at_cut,
+        "west kept every row through its fence and re-election"
+    );
+    let last = ROWS_TOTAL + 1;
+    k.sql_via_service(
+        "west",
+        &format!("INSERT INTO alarms VALUES ({last}, 'west')"),
+    )
+    .await
+    .expect("a row written through west's ems-db Service after its re-election");
+    let on_east = k
+        .sql_local(
+            "east",
+            &format!("SELECT site FROM alarms WHERE id = {last}"),
+        )
+        .await
+        .expect("east's copy");
+    assert_eq!(
+        on_east, "west",
+        "west's new row on east, its synchronous standby"
+    );
+    println!(
+        "west cut off with east's database down: nobody active for {:.0} s; healed → west active again (epoch {fourth}) after {:.1} s",
+        hold.as_secs_f64(),
+        reelected.as_secs_f64()
+    );
     monitor.finish();
 
     println!("| step | seconds |\n|---|---|");
@@ -1193,6 +1329,10 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     println!(
         "| west's link healed → west standby again, its web pods held at their gates | {:.1} |",
         rejoined.as_secs_f64()
+    );
+    println!(
+        "| east's database down, west cut off and healed → west active again (epoch {fourth}) | {:.1} |",
+        reelected.as_secs_f64()
     );
 
     // ---- teardown leaves nothing ----

@@ -628,6 +628,26 @@ pub async fn hears_eligible(
     peer: &str,
     within_ms: u64,
 ) -> Result<(), String> {
+    hears_standby(active, peer, within_ms, true).await
+}
+
+/// Whether the active's record says it heard `peer` in the last
+/// `within_ms` as a standby that may **not** take over (its health, or its
+/// data as the live active confirmed, says no); the view otherwise.
+pub async fn hears_ineligible(
+    active: &Api<ConfigMap>,
+    peer: &str,
+    within_ms: u64,
+) -> Result<(), String> {
+    hears_standby(active, peer, within_ms, false).await
+}
+
+async fn hears_standby(
+    active: &Api<ConfigMap>,
+    peer: &str,
+    within_ms: u64,
+    eligible: bool,
+) -> Result<(), String> {
     use counterweight_core::state::StateRecord;
     let cm = active
         .get_opt(counterweight_core::names::STATE_CONFIGMAP)
@@ -635,10 +655,13 @@ pub async fn hears_eligible(
         .map_err(|e| e.to_string())?
         .ok_or("no state record")?;
     let record = StateRecord::from_data(cm.data.as_ref());
-    match &record.ha {
-        Some(view) if view.hears_eligible_standby(peer, within_ms) => Ok(()),
-        Some(view) => Err(format!("{view:?}")),
-        None => Err(format!("no readable HA view: {:?}", record.unreadable)),
+    let view = record
+        .ha
+        .ok_or_else(|| format!("no readable HA view: {:?}", record.unreadable))?;
+    if view.hears_standby(peer, within_ms) == Some(eligible) {
+        Ok(())
+    } else {
+        Err(format!("{view:?}"))
     }
 }
 
