@@ -353,6 +353,21 @@ async fn served_only_through(
     );
 }
 
+/// Waits until `context`'s `ems-db` Service takes a connection and
+/// answers `SELECT 1`: its pod Ready, its endpoint published and kube-proxy's
+/// rules for it in place, each of which lags behind the database itself on
+/// a busy node. The write or read that follows is made once.
+async fn db_service_answers(g: &Install, k: &Kubectl, context: &str) {
+    eventually_explained(
+        &format!("{context}'s ems-db Service to answer"),
+        Duration::from_secs(90),
+        Duration::from_millis(500),
+        || async { k.sql_via_service(context, "SELECT 1").await.map(Some) },
+        || async { g.explain() },
+    )
+    .await;
+}
+
 /// Ready endpoint addresses behind the `web` Service.
 async fn web_ready_endpoints(cluster: &Cluster) -> Result<Vec<String>, String> {
     ready_addresses(
@@ -628,6 +643,7 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         || async { g.explain() },
     )
     .await;
+    db_service_answers(&g, &k, "east").await;
     let t = Instant::now();
     k.sql_via_service(
         "east",
@@ -637,7 +653,12 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         ),
     )
     .await
-    .expect("rows written through east's ems-db Service");
+    .unwrap_or_else(|e| {
+        panic!(
+            "rows written through east's ems-db Service: {e}\n{}",
+            g.explain()
+        )
+    });
     let rows_written = t.elapsed();
     let rows_before = k
         .sql_via_service("east", ALARMS_DIGEST)
@@ -815,6 +836,7 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     )
     .await;
     let db_rejoined = broken.elapsed();
+    db_service_answers(&g, &k, "west").await;
     assert_eq!(
         k.sql_via_service("west", ALARMS_DIGEST)
             .await
@@ -1153,6 +1175,7 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     // stopped, so its `db` check passes: after the heal west is elected
     // again, in a new epoch, with every row. (A stopped one kept west below
     // D with nobody else eligible: no active, for good.)
+    db_service_answers(&g, &k, "west").await;
     let rows_at_cut = k
         .sql_via_service("west", ALARMS_DIGEST)
         .await
@@ -1241,6 +1264,7 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         || async { g.explain() },
     )
     .await;
+    db_service_answers(&g, &k, "west").await;
     assert_eq!(
         k.sql_via_service("west", ALARMS_DIGEST)
             .await

@@ -218,6 +218,7 @@ pub async fn start_real_named<S: AsRef<str>>(
 ) -> Result<(Arc<Lan>, Vec<Cluster>), HarnessError> {
     let bins = Binaries::locate()?;
     let node_bins = NodeBinaries::locate()?;
+    realnode::group_the_harness_cpu()?;
     let lan = Arc::new(Lan::new()?);
     let starts = names.iter().map(|name| {
         Cluster::start_real(bins.clone(), node_bins.clone(), name.as_ref(), lan.clone())

@@ -528,6 +528,63 @@ fn hierarchies() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Moves this process, and with it everything it starts from then on (the control planes,
+/// the kubelets, containerd, `kubectl`), into one cpu cgroup of its own,
+/// `counterweight-harness-<pid>`, once per process; removed after the process exits (by the
+/// undo watchdog, which moves anything left back to the root first).
+///
+/// Why: the nodes' pods run under the kubelets' cgroup roots, each one group of the default
+/// weight, while the harness's processes sit in the root cgroup, where under cgroup v1 every
+/// runnable thread weighs as much as a whole node. Measured with `CW_STRESS=2` during the
+/// install test: 20 to 60 runnable threads in the root (API servers, etcd, kubelets,
+/// containerd, `kubectl` and the test itself besides the two burners), and both nodes' pods
+/// together got 0 to 5 ms of CPU per half second for 6 s on end, so no controller could
+/// answer a peer and every lease ran out. On a real node the pods share the node with its
+/// system daemons as groups (kubepods beside system.slice), and the API servers run
+/// elsewhere. With the harness grouped, each node weighs as much as the whole harness, and a
+/// burner still as much as a node: the load `CW_STRESS` adds is unchanged.
+///
+/// Only the cgroup v1 `cpu` hierarchy is touched; elsewhere this does nothing.
+pub fn group_the_harness_cpu() -> Result<(), HarnessError> {
+    static GROUP: OnceLock<Result<Option<Undo>, String>> = OnceLock::new();
+    GROUP
+        .get_or_init(|| harness_cpu_group().map_err(|e| e.to_string()))
+        .as_ref()
+        .map(drop)
+        .map_err(|e| {
+            HarnessError::io(
+                "grouping the harness's CPU",
+                std::io::Error::other(e.clone()),
+            )
+        })
+}
+
+fn harness_cpu_group() -> Result<Option<Undo>, HarnessError> {
+    let Some(cpu) = hierarchies().into_iter().find(|h| {
+        h.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.split(',').any(|c| c == "cpu"))
+    }) else {
+        return Ok(None);
+    };
+    let pid = std::process::id();
+    let name = format!("counterweight-harness-{pid}");
+    let dir = cpu.join(&name);
+    let mut undo = Undo::new(&name)?;
+    let (qd, qroot) = (
+        sh_quote(&dir.display().to_string()),
+        sh_quote(&cpu.join("cgroup.procs").display().to_string()),
+    );
+    undo.push(format!(
+        "for i in $(seq 50); do            for p in $(cat {qd}/cgroup.procs 2>/dev/null); do echo $p > {qroot} 2>/dev/null; done;            rmdir {qd} 2>/dev/null; [ -d {qd} ] || break; sleep 0.1; done"
+    ))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| HarnessError::io(format!("creating cgroup {}", dir.display()), e))?;
+    std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+        .map_err(|e| HarnessError::io(format!("moving the harness into {}", dir.display()), e))?;
+    Ok(Some(undo))
+}
+
 /// Makes `root` in every cgroup hierarchy (the kubelet requires its cgroup root to exist)
 /// and registers its removal: kill what runs in network namespace `netns` (kubelet, containerd
 /// and its shims: else the kubelet restarts the containers being killed) and under the cgroups
