@@ -238,15 +238,20 @@ async fn rows_written_on_the_active_appear_on_the_standby() {
     assert_eq!(replicas[0].sync_state, "async");
 
     // The standby rejects writes: it is a hot standby, not a second primary.
-    let err = client(&b)
+    assert_read_only(&b, "a hot standby takes no writes").await;
+}
+
+/// Asserts that `sup`'s server refuses an INSERT as read-only.
+async fn assert_read_only(sup: &Sup, why: &str) {
+    let err = client(sup)
         .await
         .execute("INSERT INTO t VALUES (0, 'no')", &[])
         .await
-        .expect_err("read-only");
+        .expect_err(why);
     let message = err.as_db_error().map(|e| e.message().to_owned());
     assert!(
         message.as_deref().is_some_and(|m| m.contains("read-only")),
-        "{err:?}"
+        "{why}: {err:?}"
     );
 }
 
@@ -346,16 +351,7 @@ async fn fence_a_with_rows_only_it_has() -> (Sup, Sup) {
     );
     assert!(marked_former_primary(&a));
     assert_eq!(ids(&a).await.expect("a answers"), range(1, 150));
-    let err = client(&a)
-        .await
-        .execute("INSERT INTO t VALUES (0, 'no')", &[])
-        .await
-        .expect_err("a fenced database takes no writes");
-    let message = err.as_db_error().map(|e| e.message().to_owned());
-    assert!(
-        message.as_deref().is_some_and(|m| m.contains("read-only")),
-        "{err:?}"
-    );
+    assert_read_only(&a, "a fenced database takes no writes").await;
     (a, b)
 }
 
