@@ -315,7 +315,7 @@ impl<S: ServerControl> DbSupervisor<S> {
 /// `primary_conninfo` (the last value in `postgresql.auto.conf` wins; a
 /// conninfo left from an earlier life as a standby must not be followed
 /// without a rewind). Files are handed to `owner` when running as root.
-pub fn start_read_only_config(data_dir: &Path, owner: Option<&str>) -> Result<(), SyncError> {
+fn start_read_only_config(data_dir: &Path, owner: Option<&str>) -> Result<(), SyncError> {
     let marker = data_dir.join(FORMER_PRIMARY_MARKER);
     std::fs::write(
         &marker,

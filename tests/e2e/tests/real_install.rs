@@ -94,6 +94,34 @@ async fn role(cms: &Api<ConfigMap>) -> Option<(String, u64)> {
     Some((d.get("state")?.clone(), d.get("epoch")?.parse().ok()?))
 }
 
+/// Waits until west is active in an epoch above `after` and east is
+/// standby, as `what` says; returns west's epoch.
+async fn west_active_after(
+    g: &Install,
+    (east_cms, west_cms): (&Api<ConfigMap>, &Api<ConfigMap>),
+    after: u64,
+    what: &str,
+) -> u64 {
+    eventually_explained(
+        what,
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+        || async {
+            let (e, w) = (role(east_cms).await, role(west_cms).await);
+            match (&e, &w) {
+                (Some((es, _)), Some((ws, we)))
+                    if ws == "active" && es == "standby" && *we > after =>
+                {
+                    Ok(Some(*we))
+                }
+                _ => Err(format!("east {e:?}, west {w:?}")),
+            }
+        },
+        || async { g.explain() },
+    )
+    .await
+}
+
 /// Waits until `cluster`'s `web` Service has its two pods as ready
 /// endpoints; `what` names the wait.
 async fn two_ready_web(g: &Install, cluster: &Cluster, what: &str) {
@@ -705,22 +733,11 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
             "breaking east's web pod {pod}: {out}"
         );
     }
-    let second = eventually_explained(
+    let second = west_active_after(
+        &g,
+        (&east_cms, &west_cms),
+        first,
         "west active in a new epoch and east standby after east's web fell",
-        Duration::from_secs(120),
-        Duration::from_millis(100),
-        || async {
-            let (e, w) = (role(&east_cms).await, role(&west_cms).await);
-            match (&e, &w) {
-                (Some((es, _)), Some((ws, we)))
-                    if ws == "active" && es == "standby" && *we > first =>
-                {
-                    Ok(Some(*we))
-                }
-                _ => Err(format!("east {e:?}, west {w:?}")),
-            }
-        },
-        || async { g.explain() },
     )
     .await;
     let handed_over = broken.elapsed();
@@ -1214,22 +1231,11 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     }
     west_link.heal().expect("heal west's link again");
     let healed_again = Instant::now();
-    let fourth = eventually_explained(
+    let fourth = west_active_after(
+        &g,
+        (&east_cms, &west_cms),
+        west_epoch_at_cut,
         "west, the fenced former active with the newest data, active again in a new epoch",
-        Duration::from_secs(120),
-        Duration::from_millis(200),
-        || async {
-            let (e, w) = (role(&east_cms).await, role(&west_cms).await);
-            match (&e, &w) {
-                (Some((es, _)), Some((ws, we)))
-                    if ws == "active" && es == "standby" && *we > west_epoch_at_cut =>
-                {
-                    Ok(Some(*we))
-                }
-                _ => Err(format!("east {e:?}, west {w:?}")),
-            }
-        },
-        || async { g.explain() },
     )
     .await;
     let reelected = healed_again.elapsed();

@@ -576,7 +576,9 @@ fn harness_cpu_group() -> Result<Option<Undo>, HarnessError> {
         sh_quote(&cpu.join("cgroup.procs").display().to_string()),
     );
     undo.push(format!(
-        "for i in $(seq 50); do            for p in $(cat {qd}/cgroup.procs 2>/dev/null); do echo $p > {qroot} 2>/dev/null; done;            rmdir {qd} 2>/dev/null; [ -d {qd} ] || break; sleep 0.1; done"
+        "for i in $(seq 50); do \
+           for p in $(cat {qd}/cgroup.procs 2>/dev/null); do echo $p > {qroot} 2>/dev/null; done; \
+           rmdir {qd} 2>/dev/null; [ -d {qd} ] || break; sleep 0.1; done"
     ))?;
     std::fs::create_dir_all(&dir)
         .map_err(|e| HarnessError::io(format!("creating cgroup {}", dir.display()), e))?;
