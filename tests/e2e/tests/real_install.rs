@@ -39,17 +39,22 @@
 //! primary is rewound (`pg_rewind`, in its pod's log) and streams from
 //! west as its synchronous standby, and rows written on west are then on
 //! east. A file written in east's replicated volume is in west's before the
-//! failover, and one written on west after it is in east's. Last, east's
+//! failover, and one written on west after it is in east's. Then east's
 //! leading controller pod is force-deleted, then the new leader's container
 //! is SIGKILLed on the node: each time a live replica must hold the Lease
-//! again with exactly one cluster active.
+//! again with exactly one cluster active. That is east, or west when the
+//! replacements came too late for east's lease (a loaded machine): east
+//! then fences and west takes over, as it should, and the phases after
+//! start from whichever cluster is active. Its leader is frozen (SIGSTOP):
+//! its web pods must leave their Service before any of the other's turns
+//! Ready, and the other takes over.
 //!
-//! Last, the liveness case a stressed run found: the active (west) is cut
-//! off while east's database is down, so that nobody may take over. West
-//! fences; its database, a fenced former primary with no peer primary,
-//! must run read-only rather than stay stopped, so that west is elected
-//! again after the heal with every row, and east's database follows it
-//! when it is back.
+//! Last, the liveness case a stressed run found: the active is cut off
+//! while the standby's database is down, so that nobody may take over.
+//! The active fences; its database, a fenced former primary with no peer
+//! primary, must run read-only rather than stay stopped, so that it is
+//! elected again after the heal with every row, and the standby's
+//! database follows it when it is back.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -94,11 +99,29 @@ async fn role(cms: &Api<ConfigMap>) -> Option<(String, u64)> {
     Some((d.get("state")?.clone(), d.get("epoch")?.parse().ok()?))
 }
 
-/// Waits until west is active in an epoch above `after` and east is
-/// standby, as `what` says; returns west's epoch.
-async fn west_active_after(
+/// One of the two clusters in the role a phase gives it: its name (the
+/// kubectl context), its cluster and its state record.
+struct Site<'a> {
+    name: &'static str,
+    cluster: &'a Cluster,
+    cms: Api<ConfigMap>,
+}
+
+/// East's and west's sites.
+fn sites(g: &Install) -> (Site<'_>, Site<'_>) {
+    let site = |name, cluster| Site {
+        name,
+        cluster,
+        cms: g.cms(cluster),
+    };
+    (site("east", &g.east), site("west", &g.west))
+}
+
+/// Waits until `active` is active in an epoch above `after` and `standby`
+/// is standby, as `what` says; returns the active's epoch.
+async fn active_after(
     g: &Install,
-    (east_cms, west_cms): (&Api<ConfigMap>, &Api<ConfigMap>),
+    (active, standby): (&Site<'_>, &Site<'_>),
     after: u64,
     what: &str,
 ) -> u64 {
@@ -107,14 +130,14 @@ async fn west_active_after(
         Duration::from_secs(120),
         Duration::from_millis(100),
         || async {
-            let (e, w) = (role(east_cms).await, role(west_cms).await);
-            match (&e, &w) {
-                (Some((es, _)), Some((ws, we)))
-                    if ws == "active" && es == "standby" && *we > after =>
+            let (a, s) = (role(&active.cms).await, role(&standby.cms).await);
+            match (&a, &s) {
+                (Some((ar, ae)), Some((sr, _)))
+                    if ar == "active" && sr == "standby" && *ae > after =>
                 {
-                    Ok(Some(*we))
+                    Ok(Some(*ae))
                 }
-                _ => Err(format!("east {e:?}, west {w:?}")),
+                _ => Err(format!("{} {a:?}, {} {s:?}", active.name, standby.name)),
             }
         },
         || async { g.explain() },
@@ -142,9 +165,10 @@ async fn two_ready_web(g: &Install, cluster: &Cluster, what: &str) {
     .await;
 }
 
-/// West's side of a serving blip: its controllers' and web pods' lease
-/// sidecars' recent logs, its serving lease and Events.
-async fn west_diagnostics(g: &Install) -> String {
+/// One side of a serving blip (`context`: "east" or "west"): its
+/// controllers' and web pods' lease sidecars' recent logs, its serving
+/// lease and Events, and the witness's log.
+async fn serving_diagnostics(g: &Install, context: &str) -> String {
     let mut s = String::new();
     for args in [
         "-n counterweight-system logs -l app.kubernetes.io/name=counterweight-controller --since=90s --prefix --tail=400",
@@ -152,8 +176,8 @@ async fn west_diagnostics(g: &Install) -> String {
         "-n counterweight-system get configmap counterweight-serving -o yaml",
         "get events -A --sort-by=.lastTimestamp",
     ] {
-        s.push_str(&format!("\n===== west: kubectl {args}\n"));
-        s.push_str(&g.kubectl_text("west", args));
+        s.push_str(&format!("\n===== {context}: kubectl {args}\n"));
+        s.push_str(&g.kubectl_text(context, args));
     }
     s.push_str(&format!(
         "\n===== witness log\n{}",
@@ -173,31 +197,32 @@ async fn leader_of(leases: &Api<Lease>) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
-/// Which cluster is the one active, with its epoch ("west active in epoch
-/// 4"), when exactly one is and the other is standby in that epoch.
-async fn one_active(east: &Api<ConfigMap>, west: &Api<ConfigMap>) -> Result<String, String> {
-    let (e, w) = (role(east).await, role(west).await);
+/// The one active cluster's name and epoch, when exactly one is active and
+/// the other is standby in that epoch or an older one.
+async fn one_active(east: &Site<'_>, west: &Site<'_>) -> Result<(&'static str, u64), String> {
+    let (e, w) = (role(&east.cms).await, role(&west.cms).await);
     match (&e, &w) {
         (Some((es, ee)), Some((ws, we))) if es == "active" && ws == "standby" && we <= ee => {
-            Ok(format!("east active in epoch {ee}"))
+            Ok((east.name, *ee))
         }
         (Some((es, ee)), Some((ws, we))) if ws == "active" && es == "standby" && ee <= we => {
-            Ok(format!("west active in epoch {we}"))
+            Ok((west.name, *we))
         }
         _ => Err(format!("east {e:?}, west {w:?}")),
     }
 }
 
 /// Waits until a controller pod other than `gone` holds east's Lease and
-/// exactly one cluster is active: the new leader and which cluster is.
+/// exactly one cluster is active: the new leader, and the active's name
+/// and epoch.
 async fn one_active_under_a_new_leader(
     g: &Install,
     k: &Kubectl,
     leases: &Api<Lease>,
     gone: &str,
     when: &str,
-) -> (String, String) {
-    let (east_cms, west_cms) = (g.cms(&g.east), g.cms(&g.west));
+) -> (String, (&'static str, u64)) {
+    let (east, west) = sites(g);
     eventually_explained(
         &format!("another replica leading east's controller {when}, and one active"),
         Duration::from_secs(120),
@@ -227,7 +252,7 @@ async fn one_active_under_a_new_leader(
                     "the holder {holder} is not among the pods {pods:?}"
                 ));
             }
-            let active = one_active(&east_cms, &west_cms).await?;
+            let active = one_active(&east, &west).await?;
             Ok(Some((holder, active)))
         },
         || async { g.explain() },
@@ -481,7 +506,7 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     let witness = std::sync::Mutex::new(witness);
 
     // ---- first election: east (priority 2) active, west standby ----
-    let (east_cms, west_cms) = (g.cms(&g.east), g.cms(&g.west));
+    let (east, west) = sites(&g);
     let first = eventually_explained(
         "east active and west standby in the same epoch",
         Duration::from_secs(240),
@@ -492,7 +517,7 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
                 .expect("witness")
                 .check_alive()
                 .map_err(|e| format!("the witness exited: {e}"))?;
-            let (e, w) = (role(&east_cms).await, role(&west_cms).await);
+            let (e, w) = (role(&east.cms).await, role(&west.cms).await);
             match (&e, &w) {
                 (Some((es, ee)), Some((ws, we)))
                     if es == "active" && ws == "standby" && ee == we =>
@@ -631,14 +656,14 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     // current by east's markers, its web pods wait at their gates.
     let monitor = counterweight_e2e::ha::Monitor::on(
         &["east", "west"],
-        &[east_cms.clone(), west_cms.clone()],
+        &[east.cms.clone(), west.cms.clone()],
     );
     eventually_explained(
         "east to hear west as an eligible standby (west's database and files current)",
         Duration::from_secs(240),
         Duration::from_millis(500),
         || async {
-            install::hears_eligible(&east_cms, "west", 3000)
+            install::hears_eligible(&east.cms, "west", 3000)
                 .await
                 .map(Some)
         },
@@ -733,9 +758,9 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
             "breaking east's web pod {pod}: {out}"
         );
     }
-    let second = west_active_after(
+    let second = active_after(
         &g,
-        (&east_cms, &west_cms),
+        (&west, &east),
         first,
         "west active in a new epoch and east standby after east's web fell",
     )
@@ -927,7 +952,7 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         Duration::from_secs(240),
         Duration::from_millis(500),
         || async {
-            install::hears_eligible(&west_cms, "east", 3000)
+            install::hears_eligible(&west.cms, "east", 3000)
                 .await
                 .map(Some)
         },
@@ -942,7 +967,7 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         Duration::from_secs(120),
         Duration::from_millis(100),
         || async {
-            match role(&east_cms).await {
+            match role(&east.cms).await {
                 Some((s, e)) if s == "active" && e > second => Ok(Some(e)),
                 other => Err(format!("east {other:?}")),
             }
@@ -958,7 +983,7 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         Duration::from_secs(180),
         Duration::from_millis(200),
         || async {
-            let w = role(&west_cms).await;
+            let w = role(&west.cms).await;
             if !matches!(&w, Some((s, e)) if s == "standby" && *e >= third) {
                 return Err(format!("west {w:?}"));
             }
@@ -1028,64 +1053,77 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
                 return Err(format!("{second_leader} restarted {restarts} times"));
             }
             let holder = leader_of(&leases).await.ok_or("no Lease holder")?;
-            let active = one_active(&east_cms, &west_cms).await?;
+            let active = one_active(&east, &west).await?;
             Ok(Some((holder, active)))
         },
         || async { g.explain() },
     )
     .await;
     let recovered = killed.elapsed();
+    // Either cluster may be active now. East keeps the role when a replica
+    // renews its lease in time after each kill; on a loaded machine the
+    // replacement may come too late, and then east fences and west takes
+    // over, as it should. The phases below start from whichever is active.
+    let (active, standby) = if after_sigkill.0 == east.name {
+        (&east, &west)
+    } else {
+        (&west, &east)
+    };
 
     // ---- the active's leader frozen: it can neither renew nor fence ----
     // SIGSTOP, as a hung process or a node that stops scheduling it: no
-    // hand-back, no fence from the controller. East's web pods must leave
-    // their Service by themselves (the serving lease runs out, their lease
-    // sidecars fail readiness) before any of west's pods turns Ready, and
-    // the other replica must take the Lease once the frozen one's lapsed.
-    // Woken up, the frozen leader must not act again.
-    let east_pods = PodLog::start(Api::namespaced(g.east.client(), "ems"), WEB);
-    let west_pods = PodLog::start(Api::namespaced(g.west.client(), "ems"), WEB);
-    let frozen_leader = leader_of(&leases)
+    // hand-back, no fence from the controller. The active's web pods must
+    // leave their Service by themselves (the serving lease runs out, their
+    // lease sidecars fail readiness) before any of the standby's pods turns
+    // Ready, and the other replica must take the Lease once the frozen
+    // one's lapsed. Woken up, the frozen leader must not act again.
+    let (a, b) = (active.name, standby.name);
+    let active_leases = Api::<Lease>::namespaced(active.cluster.client(), "counterweight-system");
+    let active_pods = PodLog::start(Api::namespaced(active.cluster.client(), "ems"), WEB);
+    let standby_pods = PodLog::start(Api::namespaced(standby.cluster.client(), "ems"), WEB);
+    let frozen_leader = leader_of(&active_leases)
         .await
-        .expect("east's controller Lease holder");
+        .unwrap_or_else(|| panic!("{a}'s controller Lease holder"));
     two_ready_web(
         &g,
-        &g.east,
-        "east's two web pods Ready behind its Service before the freeze",
+        active.cluster,
+        &format!("{a}'s two web pods Ready behind its Service before the freeze"),
     )
     .await;
-    let epoch_before_freeze = role(&east_cms).await.map_or(0, |(_, e)| e);
-    let container = controller_container_id(&g.east, &frozen_leader).await;
-    // East's record stays "active in epoch N" while its writer is frozen,
-    // and while the replica that takes over tries to renew that lease (it
-    // restarts as "active, not serving until a majority renews", for a
-    // lease and a margin) before it steps down: a record in an older epoch
-    // than west's, not a second serving active. Whether east's pods served
-    // is judged from the pods themselves, below.
-    monitor.mark_dead("east");
+    let epoch_before_freeze = role(&active.cms).await.map_or(0, |(_, e)| e);
+    let container = controller_container_id(active.cluster, &frozen_leader).await;
+    // The active's record stays "active in epoch N" while its writer is
+    // frozen, and while the replica that takes over tries to renew that
+    // lease (it restarts as "active, not serving until a majority renews",
+    // for a lease and a margin) before it steps down: a record in an older
+    // epoch than the new active's, not a second serving active. Whether
+    // its pods served is judged from the pods themselves, below.
+    monitor.mark_dead(a);
     let frozen_at = Instant::now();
     let frozen = signal_container(&container, Signal::SIGSTOP);
     assert!(
         !frozen.is_empty(),
         "no process of container {container} found to freeze"
     );
-    let (new_leader, west_epoch) = eventually_explained(
-        "west active in a new epoch, east standby under another replica's lead, while east's leader is frozen",
+    let (new_leader, new_epoch) = eventually_explained(
+        &format!(
+            "{b} active in a new epoch, {a} standby under another replica's lead, while {a}'s leader is frozen"
+        ),
         Duration::from_secs(120),
         Duration::from_millis(200),
         || async {
-            let holder = leader_of(&leases).await.ok_or("no Lease holder")?;
-            let (e, w) = (role(&east_cms).await, role(&west_cms).await);
-            match (&e, &w) {
-                (Some((es, _)), Some((ws, we)))
+            let holder = leader_of(&active_leases).await.ok_or("no Lease holder")?;
+            let (was, now) = (role(&active.cms).await, role(&standby.cms).await);
+            match (&was, &now) {
+                (Some((wr, _)), Some((nr, ne)))
                     if holder != frozen_leader
-                        && ws == "active"
-                        && es == "standby"
-                        && *we > epoch_before_freeze =>
+                        && nr == "active"
+                        && wr == "standby"
+                        && *ne > epoch_before_freeze =>
                 {
-                    Ok(Some((holder, *we)))
+                    Ok(Some((holder, *ne)))
                 }
-                _ => Err(format!("Lease holder {holder}; east {e:?}, west {w:?}")),
+                _ => Err(format!("Lease holder {holder}; {a} {was:?}, {b} {now:?}")),
             }
         },
         || async { g.explain() },
@@ -1094,28 +1132,28 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
     let frozen_to_standby = frozen_at.elapsed();
     two_ready_web(
         &g,
-        &g.west,
-        "west's web pods Ready behind its Service after the freeze",
+        standby.cluster,
+        &format!("{b}'s web pods Ready behind its Service after the freeze"),
     )
     .await;
-    let west_serving_after_freeze = frozen_at.elapsed();
+    let standby_serving_after_freeze = frozen_at.elapsed();
     // Woken up: its Lease and its HA lease are long gone.
     signal_container(&container, Signal::SIGCONT);
     let woke = Instant::now();
     while woke.elapsed() < Duration::from_secs(10) {
         assert_eq!(
-            leader_of(&leases).await.as_deref(),
+            leader_of(&active_leases).await.as_deref(),
             Some(new_leader.as_str()),
-            "the woken leader took east's Lease back"
+            "the woken leader took {a}'s Lease back"
         );
-        one_active(&east_cms, &west_cms)
+        one_active(&east, &west)
             .await
             .expect("one active after the frozen leader woke");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (east_seen, west_seen) = (east_pods.all(), west_pods.all());
-    drop((east_pods, west_pods));
-    let (east_serving, west_serving) = (serving_spans(&east_seen), serving_spans(&west_seen));
+    let (was_seen, now_seen) = (active_pods.all(), standby_pods.all());
+    drop((active_pods, standby_pods));
+    let (was_serving, now_serving) = (serving_spans(&was_seen), serving_spans(&now_seen));
     // Never both: no moment at which a pod of each cluster was Ready. A
     // blip of either side's own pods (a readiness probe that timed out on
     // a starved machine) is an availability matter and is only counted.
@@ -1127,177 +1165,191 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
             e.map_or("end".into(), |e| format!("{:.2}", at(e)))
         )
     };
-    for e in &east_serving {
-        for w in &west_serving {
-            let (e_end, w_end) = (
-                e.1.unwrap_or_else(Instant::now),
+    for w in &was_serving {
+        for n in &now_serving {
+            let (w_end, n_end) = (
                 w.1.unwrap_or_else(Instant::now),
+                n.1.unwrap_or_else(Instant::now),
             );
-            if e.0 < w_end && w.0 < e_end {
+            if w.0 < n_end && n.0 < w_end {
                 panic!(
-                    "both sites served: east's web pods {} and west's {} (s after the freeze)\n{}",
-                    span(e),
+                    "both sites served: {a}'s web pods {} and {b}'s {} (s after the freeze)\n{}",
                     span(w),
-                    west_diagnostics(&g).await
+                    span(n),
+                    serving_diagnostics(&g, b).await
                 );
             }
         }
     }
-    // East served when frozen, and stopped; west started after.
-    let east_stopped = east_serving
+    // The frozen side served when frozen, and stopped; the other started
+    // after.
+    let was_stopped = was_serving
         .first()
         .filter(|(s, _)| *s <= frozen_at)
         .and_then(|(_, e)| *e);
-    let west_started = west_serving.first().map(|(start, _)| *start);
-    if east_stopped.is_none() || west_started.is_none() {
+    let now_started = now_serving.first().map(|(start, _)| *start);
+    if was_stopped.is_none() || now_started.is_none() {
         panic!(
-            "east's web pods did not serve at the freeze and stop, or west's never started: east {:?}, west {:?}",
-            east_serving.iter().map(span).collect::<Vec<_>>(),
-            west_serving.iter().map(span).collect::<Vec<_>>()
+            "{a}'s web pods did not serve at the freeze and stop, or {b}'s never started: {a} {:?}, {b} {:?}",
+            was_serving.iter().map(span).collect::<Vec<_>>(),
+            now_serving.iter().map(span).collect::<Vec<_>>()
         );
     }
-    if west_serving.len() > 1 {
+    if now_serving.len() > 1 {
         println!(
-            "west's web pods left their Service {} time(s) after they started: {:?}",
-            west_serving.len() - 1,
-            west_serving.iter().map(span).collect::<Vec<_>>()
+            "{b}'s web pods left their Service {} time(s) after they started: {:?}",
+            now_serving.len() - 1,
+            now_serving.iter().map(span).collect::<Vec<_>>()
         );
     }
-    let gap = west_started
-        .zip(east_stopped)
-        .map(|(w, e)| w.duration_since(e));
+    let gap = now_started
+        .zip(was_stopped)
+        .map(|(n, w)| n.duration_since(w));
     println!(
-        "frozen leader {frozen_leader}: east's web out of service {:.1} s after the freeze, west's in {:.1} s (gap {gap:?}); \
-         {new_leader} leads east as standby, west active in epoch {west_epoch} after {:.1} s, \
-         west's two pods behind its Service after {:.1} s",
-        east_stopped.map_or(f64::NAN, |t| t.duration_since(frozen_at).as_secs_f64()),
-        west_started.map_or(f64::NAN, |t| t.duration_since(frozen_at).as_secs_f64()),
+        "frozen leader {frozen_leader} of {a}: {a}'s web out of service {:.1} s after the freeze, {b}'s in {:.1} s (gap {gap:?}); \
+         {new_leader} leads {a} as standby, {b} active in epoch {new_epoch} after {:.1} s, \
+         {b}'s two pods behind its Service after {:.1} s",
+        was_stopped.map_or(f64::NAN, |t| t.duration_since(frozen_at).as_secs_f64()),
+        now_started.map_or(f64::NAN, |t| t.duration_since(frozen_at).as_secs_f64()),
         frozen_to_standby.as_secs_f64(),
-        west_serving_after_freeze.as_secs_f64(),
+        standby_serving_after_freeze.as_secs_f64(),
     );
     println!(
-        "controller kills: {first_leader} force-deleted → {second_leader} leads after {:.1} s, {after_delete}; \
-         {second_leader}'s container SIGKILLed (pids {pids:?}) → {third_leader} leads after {:.1} s, {after_sigkill}",
+        "controller kills: {first_leader} force-deleted → {second_leader} leads after {:.1} s, {} active in epoch {}; \
+         {second_leader}'s container SIGKILLed (pids {pids:?}) → {third_leader} leads after {:.1} s, {} active in epoch {}",
         took_over.as_secs_f64(),
+        after_delete.0,
+        after_delete.1,
         recovered.as_secs_f64(),
+        after_sigkill.0,
+        after_sigkill.1,
     );
 
     // ---- the active cut off while its standby's database is down ----
-    // East's database is taken down (its StatefulSet scaled to 0, as for
-    // maintenance) while west, the active, hears east: east's data is then
-    // behind, confirmed by a live active, so east may not take over. West's
-    // link is cut: west fences when its lease runs out, and nobody may
-    // promote, for the newest data is west's. West's database, a fenced
-    // former primary with no peer primary, runs read-only rather than
-    // stopped, so its `db` check passes: after the heal west is elected
-    // again, in a new epoch, with every row. (A stopped one kept west below
-    // D with nobody else eligible: no active, for good.)
-    db_service_answers(&g, &k, "west").await;
+    // The roles swapped at the freeze: the active is now `standby` of the
+    // phase above. The standby's database is taken down (its StatefulSet
+    // scaled to 0, as for maintenance) while the active hears it: its data
+    // is then behind, confirmed by a live active, so it may not take over.
+    // The active's link is cut: it fences when its lease runs out, and
+    // nobody may promote, for the newest data is the cut one's. Its
+    // database, a fenced former primary with no peer primary, runs
+    // read-only rather than stopped, so its `db` check passes: after the
+    // heal it is elected again, in a new epoch, with every row. (A stopped
+    // one kept it below D with nobody else eligible: no active, for good.)
+    let (active, standby) = (standby, active);
+    let (a, b) = (active.name, standby.name);
+    db_service_answers(&g, &k, a).await;
     let rows_at_cut = k
-        .sql_via_service("west", ALARMS_DIGEST)
+        .sql_via_service(a, ALARMS_DIGEST)
         .await
-        .expect("west's rows before the cut");
-    let scaled = g.kubectl_text("east", "-n ems scale statefulset ems-db --replicas=0");
+        .unwrap_or_else(|e| panic!("{a}'s rows before the cut: {e}"));
+    let scaled = g.kubectl_text(b, "-n ems scale statefulset ems-db --replicas=0");
     assert!(
         scaled.contains("scaled"),
-        "scaling east's ems-db to 0: {scaled}"
+        "scaling {b}'s ems-db to 0: {scaled}"
     );
     eventually_explained(
-        "west, active, to hear east as a standby that may not take over (its database down)",
+        &format!(
+            "{a}, active, to hear {b} as a standby that may not take over (its database down)"
+        ),
         Duration::from_secs(120),
         Duration::from_millis(500),
         || async {
-            install::hears_ineligible(&west_cms, "east", 3000)
+            install::hears_ineligible(&active.cms, b, 3000)
                 .await
                 .map(Some)
         },
         || async { g.explain() },
     )
     .await;
-    let west_epoch_at_cut = role(&west_cms).await.map_or(0, |(_, e)| e);
-    west_link.cut().expect("cut west's link again");
+    let epoch_at_cut = role(&active.cms).await.map_or(0, |(_, e)| e);
+    let active_link = active
+        .cluster
+        .real_node()
+        .expect("a real node")
+        .link()
+        .clone();
+    active_link
+        .cut()
+        .unwrap_or_else(|e| panic!("cut {a}'s link: {e}"));
     let cut_again = Instant::now();
-    // Long past west's lease (the guide's 6 s, margin 2 s) and an election
-    // timeout: east, behind, stays standby.
+    // Long past the active's lease (the guide's 6 s, margin 2 s) and an
+    // election timeout: the standby, behind, stays standby.
     let hold = Duration::from_secs(20);
     while cut_again.elapsed() < hold {
-        let e = role(&east_cms).await;
+        let s = role(&standby.cms).await;
         assert!(
-            !matches!(&e, Some((r, _)) if r == "active"),
-            "east, whose data is behind, must not take over: east {e:?}\n{}",
+            !matches!(&s, Some((r, _)) if r == "active"),
+            "{b}, whose data is behind, must not take over: {b} {s:?}\n{}",
             g.explain()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    west_link.heal().expect("heal west's link again");
+    active_link
+        .heal()
+        .unwrap_or_else(|e| panic!("heal {a}'s link: {e}"));
     let healed_again = Instant::now();
-    let fourth = west_active_after(
+    let fourth = active_after(
         &g,
-        (&east_cms, &west_cms),
-        west_epoch_at_cut,
-        "west, the fenced former active with the newest data, active again in a new epoch",
+        (active, standby),
+        epoch_at_cut,
+        &format!("{a}, the fenced former active with the newest data, active again in a new epoch"),
     )
     .await;
     let reelected = healed_again.elapsed();
     let read_only = k
-        .db_log_lines("west", "StartReadOnly")
+        .db_log_lines(a, "StartReadOnly")
         .await
-        .expect("west's database log");
+        .unwrap_or_else(|e| panic!("{a}'s database log: {e}"));
     assert!(
         !read_only.is_empty(),
-        "west's fenced database ran read-only: no StartReadOnly step in its log"
+        "{a}'s fenced database ran read-only: no StartReadOnly step in its log"
     );
-    // East's database back: it follows west's database, promoted again,
-    // and a row committed on west (synchronous commit waits for east) is on
-    // both, after every row west had at the cut.
-    let scaled = g.kubectl_text("east", "-n ems scale statefulset ems-db --replicas=1");
+    // The standby's database back: it follows the active's, promoted
+    // again, and a row committed on the active (synchronous commit waits
+    // for the standby) is on both, after every row the active had at the
+    // cut.
+    let scaled = g.kubectl_text(b, "-n ems scale statefulset ems-db --replicas=1");
     assert!(
         scaled.contains("scaled"),
-        "scaling east's ems-db to 1: {scaled}"
+        "scaling {b}'s ems-db to 1: {scaled}"
     );
     eventually_explained(
-        "west's database a primary again, east's streaming from it",
+        &format!("{a}'s database a primary again, {b}'s streaming from it"),
         Duration::from_secs(180),
         Duration::from_millis(500),
         || async {
-            let (w, e) = (k.db_role("west").await?, k.db_role("east").await?);
-            if !w.in_recovery && e.in_recovery && e.receiver == "streaming" {
+            let (p, s) = (k.db_role(a).await?, k.db_role(b).await?);
+            if !p.in_recovery && s.in_recovery && s.receiver == "streaming" {
                 Ok(Some(()))
             } else {
-                Err(format!("west {w:?}; east {e:?}"))
+                Err(format!("{a} {p:?}; {b} {s:?}"))
             }
         },
         || async { g.explain() },
     )
     .await;
-    db_service_answers(&g, &k, "west").await;
+    db_service_answers(&g, &k, a).await;
     assert_eq!(
-        k.sql_via_service("west", ALARMS_DIGEST)
+        k.sql_via_service(a, ALARMS_DIGEST)
             .await
-            .expect("west's rows after the heal"),
+            .unwrap_or_else(|e| panic!("{a}'s rows after the heal: {e}")),
         rows_at_cut,
-        "west kept every row through its fence and re-election"
+        "{a} kept every row through its fence and re-election"
     );
     let last = ROWS_TOTAL + 1;
-    k.sql_via_service(
-        "west",
-        &format!("INSERT INTO alarms VALUES ({last}, 'west')"),
-    )
-    .await
-    .expect("a row written through west's ems-db Service after its re-election");
-    let on_east = k
-        .sql_local(
-            "east",
-            &format!("SELECT site FROM alarms WHERE id = {last}"),
-        )
+    k.sql_via_service(a, &format!("INSERT INTO alarms VALUES ({last}, '{a}')"))
         .await
-        .expect("east's copy");
-    assert_eq!(
-        on_east, "west",
-        "west's new row on east, its synchronous standby"
-    );
+        .unwrap_or_else(|e| {
+            panic!("a row written through {a}'s ems-db Service after its re-election: {e}")
+        });
+    let copied = k
+        .sql_local(b, &format!("SELECT site FROM alarms WHERE id = {last}"))
+        .await
+        .unwrap_or_else(|e| panic!("{b}'s copy: {e}"));
+    assert_eq!(copied, a, "{a}'s new row on {b}, its synchronous standby");
     println!(
-        "west cut off with east's database down: nobody active for {:.0} s; healed → west active again (epoch {fourth}) after {:.1} s",
+        "{a} cut off with {b}'s database down: nobody active for {:.0} s; healed → {a} active again (epoch {fourth}) after {:.1} s",
         hold.as_secs_f64(),
         reelected.as_secs_f64()
     );
@@ -1361,7 +1413,7 @@ async fn the_install_guide_installs_two_real_clusters_and_a_witness_and_east_is_
         rejoined.as_secs_f64()
     );
     println!(
-        "| east's database down, west cut off and healed → west active again (epoch {fourth}) | {:.1} |",
+        "| {b}'s database down, {a} cut off and healed → {a} active again (epoch {fourth}) | {:.1} |",
         reelected.as_secs_f64()
     );
 
