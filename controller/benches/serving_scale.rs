@@ -24,7 +24,10 @@
 //!
 //! Run: `cargo bench -p counterweight-controller --bench serving_scale`
 //! (`SIZES=100,1000` to choose; the default is 100,1000,10000; about 10
-//! minutes on 2 cores).
+//! minutes on 2 cores). `NAMESPACES=100` spreads the pods over that many
+//! opted-in namespaces (`bulk-0` .. `bulk-99`, pod `i` in `bulk-{i % 100}`)
+//! instead of one: the controller's pod watch and its patches span them,
+//! and so do the floor's.
 
 use std::time::{Duration, Instant};
 
@@ -96,44 +99,62 @@ async fn main() {
         .split(',')
         .map(|s| s.trim().parse().expect("SIZES: comma-separated numbers"))
         .collect();
+    let spread: usize = std::env::var("NAMESPACES")
+        .map(|s| s.trim().parse().expect("NAMESPACES: a number"))
+        .unwrap_or(1)
+        .max(1);
+    let namespaces: Vec<String> = if spread == 1 {
+        vec![APP.to_owned()]
+    } else {
+        (0..spread).map(|k| format!("{APP}-{k}")).collect()
+    };
     let clusters = counterweight_harness::start_clusters(1)
         .await
         .expect("a local cluster starts");
     let client = clusters[0].client();
-    for (ns, opted) in [(SYSTEM, false), (APP, true)] {
-        create_namespace(&client, ns, opted)
+    create_namespace(&client, SYSTEM, false)
+        .await
+        .expect("namespace");
+    for ns in &namespaces {
+        create_namespace(&client, ns, true)
             .await
             .expect("namespace");
     }
-    let pods: Api<Pod> = Api::namespaced(client.clone(), APP);
-    let mut names_so_far: Vec<String> = Vec::new();
+    let pods: Api<Pod> = Api::all(client.clone());
+    let mut so_far: Vec<(String, String)> = Vec::new();
     let mut rows = Vec::new();
     for (round, &n) in sizes.iter().enumerate() {
         let round = u32::try_from(round).unwrap_or(u32::MAX);
-        let new: Vec<Pod> = (names_so_far.len()..n)
-            .map(|i| {
-                kwok_pod(
-                    &format!("bulk-{i}"),
-                    &[("app", APP), (names::ROLE_LABEL, "service")],
-                    &[names::SERVING_CONDITION],
-                )
-            })
-            .collect();
         let t = Instant::now();
-        let added = new.len();
-        create_pods(&pods, new, 32).await.expect("create pods");
-        names_so_far = (0..n).map(|i| format!("bulk-{i}")).collect();
+        let added = n.saturating_sub(so_far.len());
+        for (k, ns) in namespaces.iter().enumerate() {
+            let new: Vec<Pod> = (so_far.len()..n)
+                .filter(|i| i % spread == k)
+                .map(|i| {
+                    kwok_pod(
+                        &format!("bulk-{i}"),
+                        &[("app", APP), (names::ROLE_LABEL, "service")],
+                        &[names::SERVING_CONDITION],
+                    )
+                })
+                .collect();
+            let in_ns: Api<Pod> = Api::namespaced(client.clone(), ns);
+            create_pods(&in_ns, new, 32).await.expect("create pods");
+        }
+        so_far = (0..n)
+            .map(|i| (namespaces[i % spread].clone(), format!("bulk-{i}")))
+            .collect();
         wait_running(&pods, LABELS, n, Duration::from_secs(600))
             .await
             .expect("pods Running");
         println!(
-            "\n{n} service pods ({added} created and Running in {:.1}s)",
+            "\n{n} service pods in {spread} namespace(s) ({added} created and Running in {:.1}s)",
             t.elapsed().as_secs_f64()
         );
 
         for c in [8, 32, 128] {
             let before = api_counts(&client).await;
-            let took = status_write_floor(&pods, &names_so_far, c, &format!("Round{round}c{c}"))
+            let took = status_write_floor(&client, &so_far, c, &format!("Round{round}c{c}"))
                 .await
                 .expect("every probe PATCH must succeed");
             let after = api_counts(&client).await;

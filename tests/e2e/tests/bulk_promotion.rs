@@ -159,10 +159,12 @@ async fn a_promotion_of_two_thousand_service_pods_keeps_its_lease_and_serves_the
 
     // What the API server needs for the writes alone, 32 at a time as the
     // controller sends them.
-    let bulk_names: Vec<String> = (0..BULK_PODS).map(|i| format!("bulk-{i}")).collect();
+    let bulk_pods: Vec<(String, String)> = (0..BULK_PODS)
+        .map(|i| (BULK.to_owned(), format!("bulk-{i}")))
+        .collect();
     let floor = counterweight_harness::bulk::status_write_floor(
-        &Api::namespaced(g.clusters[1].client(), BULK),
-        &bulk_names,
+        &g.clusters[1].client(),
+        &bulk_pods,
         32,
         "Floor",
     )

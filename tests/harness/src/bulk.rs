@@ -152,29 +152,30 @@ pub async fn wait_running(
 /// reads it.
 pub const PROBE_CONDITION: &str = "probe.counterweight.dev/write";
 
-/// Sends one bare status PATCH per pod of `names` in `api`'s namespace (the
+/// Sends one bare status PATCH per pod of `pods` (namespace, name) (the
 /// condition [`PROBE_CONDITION`] with `reason`, the strategic-merge shape
 /// of the controller's serving condition), `concurrency` at a time, and
 /// returns how long they took: the least time in which any controller can
 /// make that many pods serve on this API server. A `reason` different from
 /// the last round's makes every patch a real write.
 pub async fn status_write_floor(
-    api: &Api<Pod>,
-    names: &[String],
+    client: &kube::Client,
+    pods: &[(String, String)],
     concurrency: usize,
     reason: &str,
 ) -> Result<Duration, HarnessError> {
     let started = Instant::now();
     let body = serde_json::json!({"status": {"conditions": [{
         "type": PROBE_CONDITION, "status": "True", "reason": reason}]}});
-    let failed: Vec<String> = futures::stream::iter(names)
-        .map(|name| {
-            let (api, body) = (api.clone(), body.clone());
+    let failed: Vec<String> = futures::stream::iter(pods)
+        .map(|(namespace, name)| {
+            let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+            let body = body.clone();
             async move {
                 api.patch_status(name, &PatchParams::default(), &Patch::Strategic(body))
                     .await
                     .err()
-                    .map(|e| format!("pod {name}: {e}"))
+                    .map(|e| format!("pod {namespace}/{name}: {e}"))
             }
         })
         .buffer_unordered(concurrency.max(1))
@@ -185,7 +186,7 @@ pub async fn status_write_floor(
         None => Ok(started.elapsed()),
         Some(first) => Err(HarnessError::Command {
             what: "probe status PATCHes".into(),
-            status: format!("{} of {} failed", failed.len(), names.len()),
+            status: format!("{} of {} failed", failed.len(), pods.len()),
             stderr: first.clone(),
         }),
     }
