@@ -29,7 +29,13 @@
 //!
 //! `SERVICE_PODS=n` (default 0) puts `n` KWOK service pods (opted-in
 //! namespace, role `service`, the serving readiness gate) in each cluster,
-//! so that the fence stops `n` pods and the promotion makes `n` serve.
+//! owned by a ReplicaSet, so that the fence stops `n` pods and the
+//! promotion makes `n` serve. A round starts only once all `n` of the
+//! active's pods serve (the replacements of those the last fence on it
+//! restarted), and the standby's have settled (all `n` Running, none
+//! being deleted): a round whose fence had nothing to stop would measure
+//! nothing, and one beside the last one's restarts measures both. (Bare pods, as the bench had before, were gone after their
+//! first fence, and later rounds then ran at the speed of no pods.)
 //!
 //! **API floor.** After each block the bench times `FLOOR_WRITES` (default
 //! 200) bare ConfigMap writes, one after another, on the same API server
@@ -44,11 +50,13 @@ use std::time::{Duration, Instant};
 
 use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
 use counterweight_core::names;
-use counterweight_harness::bulk::{create_namespace, create_pods, kwok_pod, wait_running};
+use counterweight_harness::bulk::{create_namespace, kwok_pod, wait_running};
 use counterweight_harness::{Cluster, Process, free_port};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodSpec};
+use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodSpec, PodTemplateSpec};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 
@@ -71,17 +79,40 @@ async fn prepare(cluster: &Cluster, service_pods: usize) {
             .expect("namespace");
     }
     if service_pods > 0 {
+        // A ReplicaSet, as a Deployment would make: the fence restarts the
+        // pods that served (evicts them), and their replacements wait as
+        // standby pods until the cluster is active again.
+        let labels = [("app", "web"), (names::ROLE_LABEL, "service")];
+        let template = kwok_pod("web", &labels, &[names::SERVING_CONDITION]);
+        let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), APP);
+        sets.create(
+            &PostParams::default(),
+            &ReplicaSet {
+                metadata: ObjectMeta {
+                    name: Some("web".into()),
+                    ..Default::default()
+                },
+                spec: Some(ReplicaSetSpec {
+                    replicas: Some(i32::try_from(service_pods).expect("SERVICE_PODS fits an i32")),
+                    selector: LabelSelector {
+                        match_labels: template.metadata.labels.clone(),
+                        ..Default::default()
+                    },
+                    template: Some(PodTemplateSpec {
+                        metadata: Some(ObjectMeta {
+                            labels: template.metadata.labels,
+                            ..Default::default()
+                        }),
+                        spec: template.spec,
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("service pods' ReplicaSet");
         let pods: Api<Pod> = Api::namespaced(client.clone(), APP);
-        let new = (0..service_pods)
-            .map(|i| {
-                kwok_pod(
-                    &format!("web-{i}"),
-                    &[("app", "web"), (names::ROLE_LABEL, "service")],
-                    &[names::SERVING_CONDITION],
-                )
-            })
-            .collect();
-        create_pods(&pods, new, 32).await.expect("service pods");
         wait_running(&pods, "app=web", service_pods, Duration::from_secs(300))
             .await
             .expect("service pods Running");
@@ -159,6 +190,76 @@ async fn state(cms: &Api<ConfigMap>) -> Option<(bool, u64)> {
         d.get("state").map(String::as_str) == Some("active"),
         d.get("epoch")?.parse().ok()?,
     ))
+}
+
+/// How many of `cluster`'s service pods (not being deleted) have the
+/// serving condition True.
+async fn serving_pods(cluster: &Cluster) -> usize {
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), APP);
+    let list = pods
+        .list(&ListParams::default())
+        .await
+        .expect("list service pods");
+    list.items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == names::SERVING_CONDITION && c.status == "True")
+                })
+        })
+        .count()
+}
+
+/// Waits until all `n` of `cluster`'s service pods serve: a round starts
+/// only then, so that its fence has every pod to stop.
+async fn wait_serving(cluster: &Cluster, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let serving = serving_pods(cluster).await;
+        if serving == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {serving} of {n} service pods serve after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `cluster` has exactly `n` service pods, all Running and
+/// none being deleted.
+async fn wait_settled(cluster: &Cluster, n: usize, what: &str) {
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), APP);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = pods
+            .list(&ListParams::default())
+            .await
+            .expect("list service pods");
+        let running = list
+            .items
+            .iter()
+            .filter(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            })
+            .count();
+        if running == n && list.items.len() == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {running} of {n} service pods Running ({} in all) after 60 s",
+            list.items.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn set_ready(cluster: &Cluster, ready: bool) {
@@ -497,6 +598,21 @@ async fn handovers(
         west.check_alive().expect("west runs");
         let standby = 1 - active;
         let (_, epoch) = state(&cms[active]).await.expect("state");
+        // The active's pods must all serve, so that the fence stops them.
+        wait_serving(
+            &clusters[active],
+            service_pods,
+            &format!("round {round}: {}, active", ["east", "west"][active]),
+        )
+        .await;
+        // And the standby's pods settled: the last fence's restarts done,
+        // so that a round measures a handover, not the last one's wake.
+        wait_settled(
+            &clusters[standby],
+            service_pods,
+            &format!("round {round}: {}, standby", ["east", "west"][standby]),
+        )
+        .await;
         // The standby must be a fresh, healthy candidate before the drop.
         set_ready(&clusters[standby], true).await;
         tokio::time::sleep(Duration::from_millis(4 * INTERVAL_MS)).await;
