@@ -49,7 +49,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
-use counterweight_core::names;
+use counterweight_core::{names, workload};
 use counterweight_harness::bulk::{create_namespace, kwok_pod, wait_running};
 use counterweight_harness::{Cluster, Process, free_port};
 use futures::StreamExt;
@@ -203,15 +203,7 @@ async fn serving_pods(cluster: &Cluster) -> usize {
     list.items
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c.type_ == names::SERVING_CONDITION && c.status == "True")
-                })
-        })
+        .filter(|p| workload::serving_state(p) == workload::ServingState::True)
         .count()
 }
 

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use counterweight_controller::serving::{PodServing, PodServingConfig};
 use counterweight_controller::state_store::StateStore;
-use counterweight_core::names;
+use counterweight_core::{names, workload};
 use counterweight_harness::bulk::{
     apiserver_metric, create_namespace, create_pods, kwok_pod, status_write_floor, wait_running,
 };
@@ -79,15 +79,7 @@ async fn serving_count(pods: &Api<Pod>) -> usize {
         .expect("list pods");
     list.items
         .iter()
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c.type_ == names::SERVING_CONDITION && c.status == "True")
-                })
-        })
+        .filter(|p| workload::serving_state(p) == workload::ServingState::True)
         .count()
 }
 
