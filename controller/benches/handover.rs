@@ -37,6 +37,10 @@
 //! nothing, and one beside the last one's restarts measures both. (Bare pods, as the bench had before, were gone after their
 //! first fence, and later rounds then ran at the speed of no pods.)
 //!
+//! `LOGS=dir` keeps both controllers' logs of every block there
+//! (`{build}-{block}-{cluster}.log`), to read a slow round afterwards; the
+//! clusters' own directories are removed with them.
+//!
 //! **API floor.** After each block the bench times `FLOOR_WRITES` (default
 //! 200) bare ConfigMap writes, one after another, on the same API server
 //! (each a merge PATCH of one key, as a state write is). A handover makes
@@ -192,63 +196,51 @@ async fn state(cms: &Api<ConfigMap>) -> Option<(bool, u64)> {
     ))
 }
 
-/// How many of `cluster`'s service pods (not being deleted) have the
-/// serving condition True.
-async fn serving_pods(cluster: &Cluster) -> usize {
-    let pods: Api<Pod> = Api::namespaced(cluster.client(), APP);
-    let list = pods
-        .list(&ListParams::default())
-        .await
-        .expect("list service pods");
-    list.items
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| workload::serving_state(p) == workload::ServingState::True)
-        .count()
+/// What a round waits for in one cluster's service pods.
+#[derive(Clone, Copy)]
+enum Settled {
+    /// All `n` serve (condition True, not being deleted): the active's,
+    /// so that the fence has every pod to stop.
+    Serving,
+    /// Exactly `n`, all Running, none being deleted: the standby's, the
+    /// last fence's restarts done.
+    Running,
 }
 
-/// Waits until all `n` of `cluster`'s service pods serve: a round starts
-/// only then, so that its fence has every pod to stop.
-async fn wait_serving(cluster: &Cluster, n: usize, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let serving = serving_pods(cluster).await;
-        if serving == n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {serving} of {n} service pods serve after 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits until `cluster` has exactly `n` service pods, all Running and
-/// none being deleted.
-async fn wait_settled(cluster: &Cluster, n: usize, what: &str) {
+/// Waits until `cluster`'s service pods are [`Settled`] as `want`, for at
+/// most 30 s (serving) or 60 s (running, which includes restarts).
+async fn wait_pods(cluster: &Cluster, n: usize, want: Settled, what: &str) {
     let pods: Api<Pod> = Api::namespaced(cluster.client(), APP);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let (limit, word) = match want {
+        Settled::Serving => (Duration::from_secs(30), "serve"),
+        Settled::Running => (Duration::from_secs(60), "Running"),
+    };
+    let deadline = Instant::now() + limit;
     loop {
         let list = pods
             .list(&ListParams::default())
             .await
             .expect("list service pods");
-        let running = list
+        let live = list
             .items
             .iter()
-            .filter(|p| {
-                p.metadata.deletion_timestamp.is_none()
-                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-            })
-            .count();
-        if running == n && list.items.len() == n {
+            .filter(|p| p.metadata.deletion_timestamp.is_none());
+        let good = match want {
+            Settled::Serving => live
+                .filter(|p| workload::serving_state(p) == workload::ServingState::True)
+                .count(),
+            Settled::Running => live
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count(),
+        };
+        let all = list.items.len();
+        if good == n && (matches!(want, Settled::Serving) || all == n) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{what}: {running} of {n} service pods Running ({} in all) after 60 s",
-            list.items.len()
+            "{what}: {good} of {n} service pods {word} ({all} in all) after {} s",
+            limit.as_secs()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -411,6 +403,7 @@ async fn main() {
     let block = env_usize("BLOCK", 10).max(1);
     let service_pods = env_usize("SERVICE_PODS", 0);
     let floor_writes = env_usize("FLOOR_WRITES", 200);
+    let keep_logs = std::env::var_os("LOGS").map(PathBuf::from);
     let mut builds = vec![(
         "this build",
         PathBuf::from(env!("CARGO_BIN_EXE_counterweight-controller")),
@@ -425,7 +418,11 @@ async fn main() {
         let n = block.min(rounds - done);
         for (i, (label, bin)) in builds.iter().enumerate() {
             println!("-- {label}: {n} handovers ({})", bin.display());
-            let (block, writes) = handovers(bin, n, service_pods, floor_writes).await;
+            let keep = keep_logs.as_ref().map(|dir| {
+                let name = format!("{}-{}", label.replace(' ', "-"), done / block);
+                (dir.clone(), name)
+            });
+            let (block, writes) = handovers(bin, n, service_pods, floor_writes, keep).await;
             results[i].extend(block);
             floor.extend(writes);
         }
@@ -541,6 +538,7 @@ async fn handovers(
     rounds: usize,
     service_pods: usize,
     floor_writes: usize,
+    keep_logs: Option<(PathBuf, String)>,
 ) -> (Rounds, Vec<f64>) {
     let dir = tempfile::tempdir().expect("dir");
     let ca = CertificateAuthority::new("bench-peers").expect("CA");
@@ -591,17 +589,19 @@ async fn handovers(
         let standby = 1 - active;
         let (_, epoch) = state(&cms[active]).await.expect("state");
         // The active's pods must all serve, so that the fence stops them.
-        wait_serving(
+        wait_pods(
             &clusters[active],
             service_pods,
+            Settled::Serving,
             &format!("round {round}: {}, active", ["east", "west"][active]),
         )
         .await;
         // And the standby's pods settled: the last fence's restarts done,
         // so that a round measures a handover, not the last one's wake.
-        wait_settled(
+        wait_pods(
             &clusters[standby],
             service_pods,
+            Settled::Running,
             &format!("round {round}: {}, standby", ["east", "west"][standby]),
         )
         .await;
@@ -668,5 +668,12 @@ async fn handovers(
     }
     // The controllers keep running, as they did during the handovers.
     let writes = write_floor(&cms[0], floor_writes).await;
+    if let Some((dir, name)) = keep_logs {
+        std::fs::create_dir_all(&dir).expect("LOGS: a directory that can be made");
+        for (i, cluster) in ["east", "west"].iter().enumerate() {
+            let to = dir.join(format!("{name}-{cluster}.log"));
+            std::fs::copy(log(i), &to).expect("copy a controller log into LOGS");
+        }
+    }
     (out, writes)
 }

@@ -15,9 +15,13 @@
 //!   process, its pod watch running) at a patch concurrency of 32 (the
 //!   default) and 128: `activate()` returns once every pod's serving
 //!   condition is True (checked by a LIST after it).
-//! - **fence**: `demote()` until no service pod serves (`fence_took`).
-//!   Restarts are held back (`restart_delay` of an hour), so the pods stay
-//!   for the next round.
+//! - **fence**: `demote()` until no service pod serves (`fence_took`), and
+//!   how long its quorum LIST took (`read_took`; it runs beside the stops
+//!   of the pods the controller's pod cache shows serving, `from_cache`), with
+//!   how many pod LISTs the API server answered from its watch cache
+//!   (`apiserver_watch_cache_consistent_read_total`, without a fallback to
+//!   etcd). Restarts are held back (`restart_delay` of an hour), so the
+//!   pods stay for the next round.
 //!
 //! Each phase also reports the API server's status PATCHes and pod LISTs
 //! (its `apiserver_request_total`), and the bench process's peak RSS.
@@ -58,6 +62,22 @@ async fn api_counts(client: &kube::Client) -> (u64, u64) {
         apiserver_metric(client, metric, &patches).await,
         apiserver_metric(client, metric, &lists).await,
     )
+}
+
+/// Pod LISTs the API server answered from its watch cache as consistent
+/// reads (`ConsistentListFromCache`), without falling back to etcd.
+async fn pod_lists_from_cache(client: &kube::Client) -> u64 {
+    let labels = [
+        ("resource", "pods"),
+        ("success", "true"),
+        ("fallback", "false"),
+    ];
+    apiserver_metric(
+        client,
+        "apiserver_watch_cache_consistent_read_total",
+        &labels,
+    )
+    .await
 }
 
 fn vm_hwm_mib() -> f64 {
@@ -178,8 +198,10 @@ async fn main() {
                 n,
                 "every pod serves after activate"
             );
+            let cached = pod_lists_from_cache(&client).await;
             let demotion = serving.demote().await.expect("demote");
             let after = api_counts(&client).await;
+            let cached = pod_lists_from_cache(&client).await - cached;
             assert_eq!(
                 serving_count(&pods).await,
                 0,
@@ -187,7 +209,7 @@ async fn main() {
             );
             drop(serving);
             println!(
-                "  controller, {c:>3} at a time: all serving {:>7.3}s ({served} by activate; {} PATCHes, {} LISTs) | fence {:>7.3}s ({} stopped; {} PATCHes, {} LISTs) | bench RSS peak {:.0} MiB",
+                "  controller, {c:>3} at a time: all serving {:>7.3}s ({served} by activate; {} PATCHes, {} LISTs) | fence {:>7.3}s ({} stopped; {} PATCHes, {} LISTs, {cached} from the watch cache, read {:.0} ms beside {} stops from the pod cache) | bench RSS peak {:.0} MiB",
                 activate.as_secs_f64(),
                 mid.0 - before.0,
                 mid.1 - before.1,
@@ -195,6 +217,8 @@ async fn main() {
                 demotion.stopped,
                 after.0 - mid.0,
                 after.1 - mid.1,
+                demotion.read_took.as_secs_f64() * 1000.0,
+                demotion.from_cache,
                 vm_hwm_mib(),
             );
             rows.push((n, format!("activate c={c}"), activate));

@@ -60,11 +60,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use counterweight_core::names;
 use counterweight_core::state::{Part, ServingFlag};
 use counterweight_core::workload::{
     ACTIVE_REASON, PodAction, STOPPED_REASON, ServingState, condition_patch, decide,
-    has_serving_gate, is_service_pod, opted_in, service_pod_selector, serving_state,
+    has_serving_gate, is_service_pod, opted_in, opted_in_selector, service_pod_selector,
+    serving_state,
 };
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -89,7 +89,7 @@ mod restart;
 
 pub use effect::{ConfigMapServing, Serving, SetServingError, StanceNoting};
 pub use pods::PodRef;
-pub use reconcile::{SERVE_MEMO, ServeMemo};
+pub use reconcile::{CONDITION_MEMO, ConditionMemo};
 pub use restart::{
     ESCAPE_RETRY, EscapeMemo, EscapeVerdict, EvictStep, RestartReport, backoff, evict_step,
 };
@@ -166,6 +166,12 @@ pub struct Demotion {
     pub standby: usize,
     /// Time from the call until no service pod served.
     pub fence_took: Duration,
+    /// Service pods stopped from the pod watch's cache, beside the quorum
+    /// LIST (see the `fence` module).
+    pub from_cache: usize,
+    /// How long the fence's quorum LIST of namespaces and pods took; it
+    /// runs beside the stops of the pods the cache shows serving.
+    pub read_took: Duration,
     /// Pods handed to the background restart (stopped now or by an earlier,
     /// unfinished demotion).
     pub restarting: usize,
@@ -188,13 +194,20 @@ struct Shared {
     effects: tokio::sync::Mutex<()>,
     /// Uids being restarted by a running batch.
     restarting: Mutex<HashSet<String>>,
-    /// Pods this controller made serve moments ago (see [`ServeMemo`]).
-    served: Mutex<ServeMemo>,
+    /// Pods whose condition this controller set moments ago (see
+    /// [`ConditionMemo`]).
+    memo: Mutex<ConditionMemo>,
     /// Restarts of pods that escaped their gate (see [`EscapeMemo`]).
     escapes: Mutex<EscapeMemo>,
     /// The effect to record in the state record's `serving` flag, written
     /// by [`flag_writer`] beside the effects.
     flag: watch::Sender<Option<bool>>,
+    /// The pod watch's cache (service pods by label; filled by the
+    /// reconcile loop's watcher). It lags the API server: the fence starts
+    /// from it, but never ends on it.
+    pods: reflector::Store<Pod>,
+    /// The opted-in namespaces' watch cache, beside `pods`.
+    nss: reflector::Store<Namespace>,
 }
 
 /// The pod-level [`Serving`]: see the module documentation.
@@ -219,6 +232,8 @@ impl PodServing {
         let (desired, _) = watch::channel(None);
         let (flag, flag_rx) = watch::channel(None);
         let flags = flag_writer(store, flag_rx);
+        let (pods, pods_writer) = reflector::store::<Pod>();
+        let (nss, nss_writer) = reflector::store::<Namespace>();
         let shared = Arc::new(Shared {
             client,
             events,
@@ -227,14 +242,21 @@ impl PodServing {
             epoch: std::sync::atomic::AtomicU64::new(0),
             effects: tokio::sync::Mutex::new(()),
             restarting: Mutex::new(HashSet::new()),
-            served: Mutex::new(ServeMemo::default()),
+            memo: Mutex::new(ConditionMemo::default()),
             escapes: Mutex::new(EscapeMemo::default()),
             flag,
+            pods,
+            nss,
         });
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
         let weak = Arc::downgrade(&tasks);
         if let Ok(mut set) = tasks.lock() {
-            set.spawn(reconcile_loop(shared.clone(), weak));
+            set.spawn(reconcile_loop(
+                shared.clone(),
+                weak,
+                pods_writer,
+                nss_writer,
+            ));
             set.spawn(flags);
         }
         Self { shared, tasks }
@@ -269,7 +291,14 @@ impl PodServing {
     pub async fn demote(&self) -> Result<Demotion, ServingError> {
         let started = Instant::now();
         self.shared.desired.send_replace(Some(false));
-        let (effects, stopped, standby, to_restart) = match fence(&self.shared).await {
+        let Fenced {
+            effects,
+            stopped,
+            standby,
+            restart: to_restart,
+            from_cache,
+            read_took,
+        } = match fence(&self.shared).await {
             Ok(done) => done,
             Err(e) => {
                 record(
@@ -292,6 +321,8 @@ impl PodServing {
             stopped,
             standby,
             fence_ms = fence_took.as_millis(),
+            from_cache,
+            read_ms = read_took.as_millis(),
             "fence in place: no service pod serves"
         );
         if stopped > 0 {
@@ -310,6 +341,8 @@ impl PodServing {
             stopped,
             standby,
             fence_took,
+            from_cache,
+            read_took,
             restarting,
             restarts,
         })
@@ -337,8 +370,12 @@ async fn activate_pods(
         // A fence came first: nothing to do.
         return Ok(0);
     }
-    let pods = list_service_pods(&shared.client).await?;
-    let served = pass(shared, &pods, tasks).await;
+    let pods: Vec<Arc<Pod>> = list_service_pods(&shared.client)
+        .await?
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let served = pass(shared, || pods, tasks).await;
     if *shared.desired.borrow() == Some(true) {
         shared.flag.send_replace(Some(true));
     }

@@ -25,30 +25,25 @@ impl PodRef {
     }
 }
 
-/// Service pods, read fresh from the API server (a quorum read, so the
-/// fence cannot miss a pod a stale cache does not know yet).
+/// Service pods, read fresh from the API server: a quorum read, so the
+/// fence cannot miss a pod a stale cache does not know yet (see the
+/// `fence` module for why the controller's own cache will not do). The
+/// namespaces and the pods are listed side by side.
 pub(super) async fn list_service_pods(client: &kube::Client) -> Result<Vec<Pod>, ServingError> {
     let nss: Api<Namespace> = Api::all(client.clone());
-    let ns_list = nss
-        .list(&ListParams::default().labels(&format!(
-            "{}={}",
-            names::INJECT_LABEL,
-            names::INJECT_ENABLED
-        )))
-        .await
-        .map_err(|e| ServingError::List {
-            what: "namespaces",
-            source: Box::new(e),
-        })?;
-    let opted = opted_in(&ns_list.items);
     let pods: Api<Pod> = Api::all(client.clone());
-    let list = pods
-        .list(&ListParams::default().labels(&service_pod_selector()))
-        .await
-        .map_err(|e| ServingError::List {
-            what: "pods",
-            source: Box::new(e),
-        })?;
+    let opted_params = ListParams::default().labels(&opted_in_selector());
+    let pod_params = ListParams::default().labels(&service_pod_selector());
+    let (ns_list, list) = futures::join!(nss.list(&opted_params), pods.list(&pod_params));
+    let ns_list = ns_list.map_err(|e| ServingError::List {
+        what: "namespaces",
+        source: Box::new(e),
+    })?;
+    let list = list.map_err(|e| ServingError::List {
+        what: "pods",
+        source: Box::new(e),
+    })?;
+    let opted = opted_in(&ns_list.items);
     Ok(list
         .items
         .into_iter()
@@ -112,13 +107,11 @@ pub(super) async fn send_conditions(
         .buffer_unordered(shared.config.concurrency.max(1))
         .collect()
         .await;
-    if let Ok(mut memo) = shared.served.lock() {
+    if let Ok(mut memo) = shared.memo.lock() {
         let now = Instant::now();
         for ((r, serve, _), res) in &results {
-            match (serve, res) {
-                (true, Ok(true)) => memo.record(&r.uid, now),
-                (false, Ok(true)) => memo.forget(&r.uid),
-                _ => {}
+            if matches!(res, Ok(true)) {
+                memo.record(&r.uid, *serve, now);
             }
         }
     }

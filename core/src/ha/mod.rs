@@ -46,9 +46,27 @@
 //!   more. It always comes before the `Persist` and the `Send` that depend on
 //!   it, so a fence is effective before anyone else can act on it.
 //! - [`Action::SetServing`]`(true)` always comes after the `Persist` of the
-//!   active role it rests on.
+//!   active role it rests on. It completes when it is *handed over*: the
+//!   pods are made to serve by a task beside the loop, which a later
+//!   `SetServing(false)` supersedes (a pod is never made to serve after the
+//!   fence that follows has begun).
 //! - [`Action::Send`] is fire-and-forget: loss, delay, duplication and
 //!   reordering are tolerated; retries come from the state machine.
+//! - [`Action::Record`] completes when it is queued; the Event is written
+//!   beside the loop.
+//!
+//! **Only the fence may hold up a step.** The lease lives on renewals and
+//! answers to peers, which need the loop to take its next step on time; a
+//! step that waits for the workload to catch up lets the lease run out on a
+//! cluster that is merely busy. So of the workload's effects only
+//! `SetServing(false)` is awaited, because the `Persist` and `Send` after it
+//! are safe only once nothing serves. Making pods serve, restarting the
+//! fenced ones, Events, and the informational keys of the record (the HA
+//! view, the last transition, the `serving` flag) all run beside the loop;
+//! a `Persist` is awaited, but bounded by `marginMs` and failed if it runs
+//! out. (`tests/e2e/tests/bulk_promotion.rs` holds the controller to this:
+//! a promotion of 2,000 service pods, with the lease's renewals watched
+//! throughout.)
 //!
 //! The controller must also call [`Node::handle`] with [`Event::Tick`] at
 //! least every `probeIntervalMs` and at [`Node::next_tick_ms`], promptly:
