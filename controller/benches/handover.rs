@@ -189,7 +189,7 @@ fn start(
 }
 
 async fn state(cms: &Api<ConfigMap>) -> Option<(bool, u64)> {
-    let d = cms.get_opt("counterweight-state").await.ok()??.data?;
+    let d = cms.get_opt(names::STATE_CONFIGMAP).await.ok()??.data?;
     Some((
         d.get("state").map(String::as_str) == Some("active"),
         d.get("epoch")?.parse().ok()?,
@@ -610,7 +610,7 @@ async fn handovers(
         tokio::time::sleep(Duration::from_millis(4 * INTERVAL_MS)).await;
         let mut watch = watcher(
             cms[standby].clone(),
-            watcher::Config::default().fields("metadata.name=counterweight-state"),
+            watcher::Config::default().fields(&format!("metadata.name={}", names::STATE_CONFIGMAP)),
         )
         .boxed();
         let before = k8s_openapi::jiff::Timestamp::now();

@@ -228,7 +228,7 @@ async fn cluster_benchmark() {
     loop {
         controller.check_alive().expect("controller keeps running");
         let ready = cms
-            .get_opt("counterweight-state")
+            .get_opt(counterweight_core::names::STATE_CONFIGMAP)
             .await
             .ok()
             .flatten()

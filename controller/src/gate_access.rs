@@ -322,7 +322,7 @@ mod tests {
             r.resource_names.as_deref(),
             Some(
                 &[
-                    "counterweight-state".to_owned(),
+                    counterweight_core::names::STATE_CONFIGMAP.to_owned(),
                     "counterweight-serving".to_owned()
                 ][..]
             )

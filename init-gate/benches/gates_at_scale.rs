@@ -38,7 +38,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 
 const NS: &str = "counterweight-system";
-const NAME: &str = "counterweight-state";
+const NAME: &str = counterweight_core::names::STATE_CONFIGMAP;
 
 async fn set(cms: &Api<ConfigMap>, role: &str, epoch: u64) {
     let cm = ConfigMap {

@@ -23,7 +23,7 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const NS: &str = "counterweight-system";
-const NAME: &str = "counterweight-state";
+const NAME: &str = counterweight_core::names::STATE_CONFIGMAP;
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 

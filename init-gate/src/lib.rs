@@ -351,7 +351,7 @@ mod tests {
     fn defaults_follow_the_design_names() {
         let a = Args::try_parse_from(["counterweight-gate"]).unwrap();
         assert_eq!(a.state_namespace, "counterweight-system");
-        assert_eq!(a.state_name, "counterweight-state");
+        assert_eq!(a.state_name, counterweight_core::names::STATE_CONFIGMAP);
         assert_eq!(a.poll_interval, Duration::from_secs(1));
         assert_eq!(a.timeout, None);
     }

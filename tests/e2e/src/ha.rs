@@ -31,7 +31,11 @@ pub struct Sample {
 
 /// Reads the state record; `None` while it is missing or unreadable.
 pub async fn sample(cms: &Api<ConfigMap>) -> Option<Sample> {
-    let d = cms.get_opt("counterweight-state").await.ok()??.data?;
+    let d = cms
+        .get_opt(counterweight_core::names::STATE_CONFIGMAP)
+        .await
+        .ok()??
+        .data?;
     Some(Sample {
         active: d.get("state").map(String::as_str) == Some("active"),
         epoch: d.get("epoch")?.parse().ok()?,
@@ -40,7 +44,7 @@ pub async fn sample(cms: &Api<ConfigMap>) -> Option<Sample> {
 
 /// The whole state record (empty while it is missing).
 pub async fn record(cms: &Api<ConfigMap>) -> BTreeMap<String, String> {
-    cms.get_opt("counterweight-state")
+    cms.get_opt(counterweight_core::names::STATE_CONFIGMAP)
         .await
         .ok()
         .flatten()

@@ -117,7 +117,7 @@ async fn start_controller(
 }
 
 async fn state(cms: &Api<ConfigMap>) -> BTreeMap<String, String> {
-    cms.get("counterweight-state")
+    cms.get(counterweight_core::names::STATE_CONFIGMAP)
         .await
         .ok()
         .and_then(|cm| cm.data)

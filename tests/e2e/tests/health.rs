@@ -45,7 +45,7 @@ components:
 
 async fn health(cms: &Api<ConfigMap>) -> Result<Option<Value>, String> {
     let Some(cm) = cms
-        .get_opt("counterweight-state")
+        .get_opt(counterweight_core::names::STATE_CONFIGMAP)
         .await
         .map_err(|e| e.to_string())?
     else {
@@ -65,7 +65,7 @@ async fn health(cms: &Api<ConfigMap>) -> Result<Option<Value>, String> {
 
 async fn policy_status(cms: &Api<ConfigMap>) -> Result<Option<String>, String> {
     Ok(cms
-        .get_opt("counterweight-state")
+        .get_opt(counterweight_core::names::STATE_CONFIGMAP)
         .await
         .map_err(|e| e.to_string())?
         .and_then(|cm| cm.data)

@@ -836,7 +836,11 @@ async fn controller_rbac_allows_what_the_controller_does_and_no_more() {
         .unwrap_or_else(|e| panic!("reconcile gate access as the controller: {e}"));
     assert_eq!(summary.bound, ["ems"]);
     // The state record: created when missing, then compare-and-swap.
-    let store = StateStore::new(me.clone(), SYSTEM_NS, "counterweight-state");
+    let store = StateStore::new(
+        me.clone(),
+        SYSTEM_NS,
+        counterweight_core::names::STATE_CONFIGMAP,
+    );
     store
         .update(|_| {})
         .await
@@ -859,7 +863,7 @@ async fn controller_rbac_allows_what_the_controller_does_and_no_more() {
         api_version: Some("v1".into()),
         kind: Some("ConfigMap".into()),
         namespace: Some(SYSTEM_NS.into()),
-        name: Some("counterweight-state".into()),
+        name: Some(counterweight_core::names::STATE_CONFIGMAP.into()),
         ..Default::default()
     };
     let event = Event {

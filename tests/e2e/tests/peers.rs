@@ -57,7 +57,7 @@ async fn prepare(cluster: &Cluster, state: Option<(&str, u64)>) {
         cms.create(
             &PostParams::default(),
             &ConfigMap {
-                metadata: meta("counterweight-state"),
+                metadata: meta(counterweight_core::names::STATE_CONFIGMAP),
                 data: Some(BTreeMap::from([
                     ("state".to_owned(), role.to_owned()),
                     ("epoch".to_owned(), epoch.to_string()),

@@ -95,7 +95,11 @@ fn guide_step(readme: &str, name: &str) -> String {
 
 /// A state record's role and epoch, if readable.
 async fn role(cms: &Api<ConfigMap>) -> Option<(String, u64)> {
-    let d = cms.get_opt("counterweight-state").await.ok()??.data?;
+    let d = cms
+        .get_opt(counterweight_core::names::STATE_CONFIGMAP)
+        .await
+        .ok()??
+        .data?;
     Some((d.get("state")?.clone(), d.get("epoch")?.parse().ok()?))
 }
 

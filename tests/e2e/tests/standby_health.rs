@@ -64,7 +64,7 @@ fn running(ready: bool) -> Value {
 /// `(ready, score)` of the `web` component in the controller's explanation.
 async fn web(cms: &Api<ConfigMap>) -> Result<Option<(u64, f64)>, String> {
     let Some(text) = cms
-        .get_opt("counterweight-state")
+        .get_opt(counterweight_core::names::STATE_CONFIGMAP)
         .await
         .map_err(|e| e.to_string())?
         .and_then(|cm| cm.data)

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
 const NS: &str = "store";
-const NAME: &str = "counterweight-state";
+const NAME: &str = counterweight_core::names::STATE_CONFIGMAP;
 
 /// GETs of ConfigMaps the API server has answered so far.
 async fn configmap_gets(client: &kube::Client) -> u64 {

@@ -1348,7 +1348,7 @@ async fn the_sidecar_reads_the_state_through_the_api_with_the_gate_rbac() {
             StateSource::ConfigMap {
                 api: Box::new(Api::namespaced(client, SYSTEM)),
                 namespace: SYSTEM.into(),
-                name: "counterweight-state".into(),
+                name: counterweight_core::names::STATE_CONFIGMAP.into(),
             }
         }
     };
@@ -1357,7 +1357,7 @@ async fn the_sidecar_reads_the_state_through_the_api_with_the_gate_rbac() {
     assert!(e.to_string().contains("not found"), "{e}");
 
     let mut state = ConfigMap::default();
-    state.metadata.name = Some("counterweight-state".into());
+    state.metadata.name = Some(counterweight_core::names::STATE_CONFIGMAP.into());
     state.data = Some(
         [("state", "active"), ("epoch", "3")]
             .into_iter()

@@ -640,7 +640,7 @@ async fn hand_edit(
     put_back: impl Fn(&Sample) -> bool,
 ) {
     cms.patch(
-        "counterweight-state",
+        counterweight_core::names::STATE_CONFIGMAP,
         &PatchParams::default(),
         &Patch::Merge(json!({"data": {"state": state}})),
     )
