@@ -33,8 +33,11 @@
 //! promotion makes `n` serve. A round starts only once all `n` of the
 //! active's pods serve (the replacements of those the last fence on it
 //! restarted), and the standby's have settled (all `n` Running, none
-//! being deleted): a round whose fence had nothing to stop would measure
-//! nothing, and one beside the last one's restarts measures both. (Bare pods, as the bench had before, were gone after their
+//! being deleted, none still marked for restart): a round whose fence had
+//! nothing to stop would measure nothing, and one beside the last one's
+//! restarts measures both. (Without the restart mark the check passed
+//! between two eviction batches, and every west → east round ran beside
+//! east's restarts: its fence took 1.5–2 times east's.) (Bare pods, as the bench had before, were gone after their
 //! first fence, and later rounds then ran at the speed of no pods.)
 //!
 //! `LOGS=dir` keeps both controllers' logs of every block there
@@ -202,8 +205,8 @@ enum Settled {
     /// All `n` serve (condition True, not being deleted): the active's,
     /// so that the fence has every pod to stop.
     Serving,
-    /// Exactly `n`, all Running, none being deleted: the standby's, the
-    /// last fence's restarts done.
+    /// Exactly `n`, all Running, none being deleted and none still marked
+    /// for restart: the standby's, the last fence's restarts done.
     Running,
 }
 
@@ -229,8 +232,17 @@ async fn wait_pods(cluster: &Cluster, n: usize, want: Settled, what: &str) {
             Settled::Serving => live
                 .filter(|p| workload::serving_state(p) == workload::ServingState::True)
                 .count(),
+            // A pod still marked for restart counts as not settled: the
+            // restarts go in batches, and between two of them the count
+            // and the phases look settled while the next batch waits.
             Settled::Running => live
                 .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .filter(|p| {
+                    workload::serving_state(p)
+                        != (workload::ServingState::False {
+                            restart_pending: true,
+                        })
+                })
                 .count(),
         };
         let all = list.items.len();
