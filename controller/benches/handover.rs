@@ -40,6 +40,12 @@
 //! east's restarts: its fence took 1.5–2 times east's.) (Bare pods, as the bench had before, were gone after their
 //! first fence, and later rounds then ran at the speed of no pods.)
 //!
+//! Each round also counts the requests both API servers answered from the
+//! drop of health to the watch seeing `active` (`apiserver_request_total`,
+//! every client: the controllers, KWOK, the ReplicaSet controller and the
+//! bench), printed a second; each block reads both controllers' peak RSS
+//! (`VmHWM`) at its end.
+//!
 //! `LOGS=dir` keeps both controllers' logs of every block there
 //! (`{build}-{block}-{cluster}.log`), to read a slow round afterwards; the
 //! clusters' own directories are removed with them.
@@ -57,7 +63,7 @@ use std::time::{Duration, Instant};
 
 use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
 use counterweight_core::{names, workload};
-use counterweight_harness::bulk::{create_namespace, kwok_pod, wait_running};
+use counterweight_harness::bulk::{apiserver_metric, create_namespace, kwok_pod, wait_running};
 use counterweight_harness::{Cluster, Process, free_port};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetSpec};
@@ -211,12 +217,16 @@ enum Settled {
 }
 
 /// Waits until `cluster`'s service pods are [`Settled`] as `want`, for at
-/// most 30 s (serving) or 60 s (running, which includes restarts).
+/// most 30 s (serving) or 60 s (running, which includes restarts), plus
+/// 20 ms a pod.
 async fn wait_pods(cluster: &Cluster, n: usize, want: Settled, what: &str) {
     let pods: Api<Pod> = Api::namespaced(cluster.client(), APP);
+    // Thousands of pods take the API server's write rate to serve or to
+    // restart: 20 ms a pod on top (this one takes 250-480 writes a second).
+    let per_pod = Duration::from_millis(20) * u32::try_from(n).unwrap_or(u32::MAX);
     let (limit, word) = match want {
-        Settled::Serving => (Duration::from_secs(30), "serve"),
-        Settled::Running => (Duration::from_secs(60), "Running"),
+        Settled::Serving => (Duration::from_secs(30) + per_pod, "serve"),
+        Settled::Running => (Duration::from_secs(60) + per_pod, "Running"),
     };
     let deadline = Instant::now() + limit;
     loop {
@@ -490,6 +500,14 @@ async fn main() {
                 percentile(&totals, 0.99)
             );
         }
+        let mut rates = r.rates;
+        rates.sort_by(f64::total_cmp);
+        let rss = r.rss_mib.iter().copied().fold(f64::NAN, f64::max);
+        println!(
+            "{label}: API requests a second during a handover (both API servers, all clients): p50 {:.0}, max {:.0}; controllers' peak RSS (VmHWM) {rss:.1} MiB",
+            percentile(&rates, 0.5),
+            rates.last().copied().unwrap_or(f64::NAN),
+        );
     }
     if !floor.is_empty() {
         // Disjoint groups of PATH_WRITES consecutive writes, in the order
@@ -530,6 +548,12 @@ struct Rounds {
     from_event: usize,
     /// The breakdown of the rounds whose steps were all logged.
     breakdowns: Vec<[f64; 6]>,
+    /// Each round's API requests a second, both API servers together, all
+    /// clients (the controllers, KWOK, the ReplicaSet controller, the
+    /// bench), from the drop of health to the watch seeing `active`.
+    rates: Vec<f64>,
+    /// Each block's controllers' peak RSS (`VmHWM`), MiB.
+    rss_mib: Vec<f64>,
 }
 
 impl Rounds {
@@ -538,7 +562,32 @@ impl Rounds {
         self.stamped.extend(other.stamped);
         self.from_event += other.from_event;
         self.breakdowns.extend(other.breakdowns);
+        self.rates.extend(other.rates);
+        self.rss_mib.extend(other.rss_mib);
     }
+}
+
+/// Requests both API servers have answered so far
+/// (`apiserver_request_total`, every series).
+async fn api_requests(clusters: &[Cluster]) -> u64 {
+    let mut total = 0;
+    for c in clusters {
+        total += apiserver_metric(&c.client(), "apiserver_request_total", &[]).await;
+    }
+    total
+}
+
+/// A process's peak resident set (`VmHWM`), MiB.
+fn peak_rss_mib(process: &Process) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", process.pid()?)).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }
 
 /// `rounds` handovers back and forth between two fresh clusters whose
@@ -625,9 +674,14 @@ async fn handovers(
             watcher::Config::default().fields(&format!("metadata.name={}", names::STATE_CONFIGMAP)),
         )
         .boxed();
+        let requests_before = api_requests(&clusters).await;
+        let started = Instant::now();
         let before = k8s_openapi::jiff::Timestamp::now();
         set_ready(&clusters[active], false).await;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // The fence stops every pod first: 10 ms a pod on top.
+        let deadline = Instant::now()
+            + Duration::from_secs(30)
+            + Duration::from_millis(10) * u32::try_from(service_pods).unwrap_or(u32::MAX);
         let promoted = loop {
             let ev = tokio::time::timeout_at(deadline.into(), watch.next())
                 .await
@@ -643,6 +697,8 @@ async fn handovers(
                 }
             }
         };
+        let rate = (api_requests(&clusters).await - requests_before) as f64
+            / started.elapsed().as_secs_f64();
         let stamped = loop {
             if let Some(t) = abnormal_at(&clusters[active], before).await {
                 break t;
@@ -661,7 +717,7 @@ async fn handovers(
         let ms = since(logged.unwrap_or(stamped));
         let parts = breakdown(&log(active), &log(standby), before, promoted);
         println!(
-            "round {round}: {} -> {}: {ms:.1} ms{} (Event-stamped {:.1} ms); logged steps {}",
+            "round {round}: {} -> {}: {ms:.1} ms{} (Event-stamped {:.1} ms); {rate:.0} API requests a second; logged steps {}",
             ["east", "west"][active],
             ["east", "west"][standby],
             if logged.is_none() {
@@ -676,8 +732,11 @@ async fn handovers(
         out.stamped.push(since(stamped));
         out.from_event += usize::from(logged.is_none());
         out.breakdowns.extend(parts);
+        out.rates.push(rate);
         active = standby;
     }
+    out.rss_mib.extend(peak_rss_mib(&east));
+    out.rss_mib.extend(peak_rss_mib(&west));
     // The controllers keep running, as they did during the handovers.
     let writes = write_floor(&cms[0], floor_writes).await;
     if let Some((dir, name)) = keep_logs {
