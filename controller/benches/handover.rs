@@ -697,8 +697,6 @@ async fn handovers(
                 }
             }
         };
-        let rate = (api_requests(&clusters).await - requests_before) as f64
-            / started.elapsed().as_secs_f64();
         let stamped = loop {
             if let Some(t) = abnormal_at(&clusters[active], before).await {
                 break t;
@@ -706,6 +704,10 @@ async fn handovers(
             assert!(Instant::now() < deadline, "no ClusterAbnormal Event");
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        // After the Event's lookup, which must come first: the Event's
+        // series moves on while the old active stays abnormal.
+        let rate = (api_requests(&clusters).await - requests_before) as f64
+            / started.elapsed().as_secs_f64();
         let logged = std::fs::read_to_string(log(active))
             .ok()
             .and_then(|l| logged_at(&l, "verdict", before));
