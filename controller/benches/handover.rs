@@ -229,11 +229,22 @@ async fn wait_pods(cluster: &Cluster, n: usize, want: Settled, what: &str) {
         Settled::Running => (Duration::from_secs(60) + per_pod, "Running"),
     };
     let deadline = Instant::now() + limit;
+    // A LIST of 10,000 pods is itself a load: poll at most every 0.1 ms a
+    // pod, and take a failed LIST (a busy API server) as "not yet".
+    let poll = Duration::from_millis(50)
+        .max(Duration::from_micros(100) * u32::try_from(n).unwrap_or(u32::MAX));
     loop {
-        let list = pods
-            .list(&ListParams::default())
-            .await
-            .expect("list service pods");
+        let list = match pods.list(&ListParams::default()).await {
+            Ok(list) => list,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: listing the service pods failed until the deadline: {e}"
+                );
+                tokio::time::sleep(poll).await;
+                continue;
+            }
+        };
         let live = list
             .items
             .iter()
@@ -264,7 +275,7 @@ async fn wait_pods(cluster: &Cluster, n: usize, want: Settled, what: &str) {
             "{what}: {good} of {n} service pods {word} ({all} in all) after {} s",
             limit.as_secs()
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(poll).await;
     }
 }
 
@@ -615,9 +626,14 @@ async fn handovers(
         "clusters:\n  - {name: east, priority: 2}\n  - {name: west, priority: 1}\nprobeIntervalMs: 100\nleaseMs: 1500\nmarginMs: 300\ncandidateFreshMs: 1000\n",
     )
     .expect("ha config");
-    let clusters = counterweight_harness::start_named(&["east", "west"])
-        .await
-        .expect("clusters");
+    // From 1,000 pods on, kube-controller-manager's default 20 requests a
+    // second would take minutes to fill and refill the ReplicaSets.
+    let clusters = if service_pods >= 1000 {
+        counterweight_harness::start_named_with_controller_qps(&["east", "west"], 500).await
+    } else {
+        counterweight_harness::start_named(&["east", "west"]).await
+    }
+    .expect("clusters");
     for c in &clusters {
         prepare(c, service_pods).await;
     }

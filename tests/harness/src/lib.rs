@@ -176,6 +176,9 @@ pub struct Cluster {
     client: kube::Client,
     // In start order; stopped in reverse.
     procs: Vec<Process>,
+    // kube-controller-manager's client rate (`--kube-api-qps`; burst twice
+    // that), `None` for its default of 20 a second.
+    controller_qps: Option<u32>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -211,6 +214,21 @@ pub async fn start_named<S: AsRef<str>>(names: &[S]) -> Result<Vec<Cluster>, Har
     futures::future::try_join_all(starts).await
 }
 
+/// Like [`start_named`], with kube-controller-manager allowed `qps`
+/// requests a second (its default is 20: a ReplicaSet of 10,000 pods then
+/// takes over 8 minutes to fill, which only a scale benchmark needs to
+/// avoid).
+pub async fn start_named_with_controller_qps<S: AsRef<str>>(
+    names: &[S],
+    qps: u32,
+) -> Result<Vec<Cluster>, HarnessError> {
+    let bins = Binaries::locate()?;
+    let starts = names
+        .iter()
+        .map(|name| Cluster::start_node(bins.clone(), name.as_ref(), None, Some(qps)));
+    futures::future::try_join_all(starts).await
+}
+
 /// Starts one real-node cluster per name, in parallel, all on one new [`Lan`] (returned: it
 /// goes when the last of them does).
 pub async fn start_real_named<S: AsRef<str>>(
@@ -230,7 +248,7 @@ pub async fn start_real_named<S: AsRef<str>>(
 impl Cluster {
     /// Creates a fresh cluster named `name` and waits until it schedules pods.
     pub async fn start(bins: Binaries, name: &str) -> Result<Self, HarnessError> {
-        Self::start_node(bins, name, None).await
+        Self::start_node(bins, name, None, None).await
     }
 
     /// Creates a fresh cluster named `name` with a real node linked to `lan`, and waits until
@@ -241,13 +259,14 @@ impl Cluster {
         name: &str,
         lan: Arc<Lan>,
     ) -> Result<Self, HarnessError> {
-        Self::start_node(bins, name, Some((node_bins, lan))).await
+        Self::start_node(bins, name, Some((node_bins, lan)), None).await
     }
 
     async fn start_node(
         bins: Binaries,
         name: &str,
         real: Option<(NodeBinaries, Arc<Lan>)>,
+        controller_qps: Option<u32>,
     ) -> Result<Self, HarnessError> {
         install_crypto_provider();
         let dir = tempfile::Builder::new()
@@ -288,6 +307,7 @@ impl Cluster {
             kubeconfig,
             client,
             procs: Vec::new(),
+            controller_qps,
         };
         cluster.boot().await?;
         Ok(cluster)
@@ -633,7 +653,13 @@ impl Cluster {
     }
 
     fn controller_manager_args(&self) -> Vec<String> {
-        vec![
+        let rate = self.controller_qps.map(|qps| {
+            [
+                format!("--kube-api-qps={qps}"),
+                format!("--kube-api-burst={}", qps.saturating_mul(2)),
+            ]
+        });
+        let mut args = vec![
             format!("--kubeconfig={}", self.kubeconfig.display()),
             "--bind-address=127.0.0.1".into(),
             format!("--secure-port={}", self.ports.controller_manager),
@@ -645,7 +671,9 @@ impl Cluster {
             format!("--root-ca-file={}", self.path("pki/ca.crt")),
             "--use-service-account-credentials=false".into(),
             "--v=1".into(),
-        ]
+        ];
+        args.extend(rate.into_iter().flatten());
+        args
     }
 
     fn scheduler_args(&self) -> Vec<String> {
