@@ -63,7 +63,9 @@ use std::time::{Duration, Instant};
 
 use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
 use counterweight_core::{names, workload};
-use counterweight_harness::bulk::{apiserver_metric, create_namespace, kwok_pod, wait_running};
+use counterweight_harness::bulk::{
+    apiserver_metric, create_namespace, kwok_pod, peak_rss_mib, wait_running,
+};
 use counterweight_harness::{Cluster, Process, free_port};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetSpec};
@@ -589,16 +591,8 @@ async fn api_requests(clusters: &[Cluster]) -> u64 {
 }
 
 /// A process's peak resident set (`VmHWM`), MiB.
-fn peak_rss_mib(process: &Process) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", process.pid()?)).ok()?;
-    let kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
+fn process_peak_rss_mib(process: &Process) -> Option<f64> {
+    peak_rss_mib(&process.pid()?.to_string())
 }
 
 /// `rounds` handovers back and forth between two fresh clusters whose
@@ -753,8 +747,8 @@ async fn handovers(
         out.rates.push(rate);
         active = standby;
     }
-    out.rss_mib.extend(peak_rss_mib(&east));
-    out.rss_mib.extend(peak_rss_mib(&west));
+    out.rss_mib.extend(process_peak_rss_mib(&east));
+    out.rss_mib.extend(process_peak_rss_mib(&west));
     // The controllers keep running, as they did during the handovers.
     let writes = write_floor(&cms[0], floor_writes).await;
     if let Some((dir, name)) = keep_logs {

@@ -39,7 +39,8 @@ use counterweight_controller::serving::{PodServing, PodServingConfig};
 use counterweight_controller::state_store::StateStore;
 use counterweight_core::{names, workload};
 use counterweight_harness::bulk::{
-    apiserver_metric, create_namespace, create_pods, kwok_pod, status_write_floor, wait_running,
+    apiserver_metric, create_namespace, create_pods, kwok_pod, peak_rss_mib, status_write_floor,
+    wait_running,
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
@@ -78,18 +79,6 @@ async fn pod_lists_from_cache(client: &kube::Client) -> u64 {
         &labels,
     )
     .await
-}
-
-fn vm_hwm_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
 async fn serving_count(pods: &Api<Pod>) -> usize {
@@ -219,7 +208,7 @@ async fn main() {
                 after.1 - mid.1,
                 demotion.read_took.as_secs_f64() * 1000.0,
                 demotion.from_cache,
-                vm_hwm_mib(),
+                peak_rss_mib("self").unwrap_or(f64::NAN),
             );
             rows.push((n, format!("activate c={c}"), activate));
             rows.push((n, format!("fence c={c}"), demotion.fence_took));

@@ -22,8 +22,8 @@ pub const CONDITION_MEMO: Duration = Duration::from_secs(5);
 /// time: 2,000 pods took 4,201 status PATCHes to make serve instead of
 /// about 2,300 (`benches/serving_scale.rs`), each a real write with a new
 /// `lastTransitionTime`, which doubled the time to all-serving; and after
-/// a fence of 10,000 pods the pass stopped again every pod the cache still
-/// showed serving. The fence itself never skips a pod for the memo: it
+/// a fence the pass would stop again every pod the cache still showed
+/// serving. The fence itself never skips a pod for the memo: it
 /// reads the API server (see the `fence` module), and forgets everything
 /// first, so a later promotion starts afresh.
 #[derive(Debug, Default)]

@@ -210,3 +210,18 @@ pub async fn apiserver_metric(client: &kube::Client, metric: &str, labels: &[(&s
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
+
+/// Peak resident set (`VmHWM` of `/proc/<pid>/status`) of process `pid`
+/// (`"self"` for this one), in MiB; `None` if the process is gone or the
+/// field unreadable.
+pub fn peak_rss_mib(pid: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}

@@ -207,10 +207,19 @@ pub async fn start_clusters(n: usize) -> Result<Vec<Cluster>, HarnessError> {
 
 /// Starts one cluster per name, in parallel.
 pub async fn start_named<S: AsRef<str>>(names: &[S]) -> Result<Vec<Cluster>, HarnessError> {
+    start_each(names, None).await
+}
+
+/// One cluster per name, in parallel, kube-controller-manager at
+/// `controller_qps` requests a second (`None`: its default).
+async fn start_each<S: AsRef<str>>(
+    names: &[S],
+    controller_qps: Option<u32>,
+) -> Result<Vec<Cluster>, HarnessError> {
     let bins = Binaries::locate()?;
     let starts = names
         .iter()
-        .map(|name| Cluster::start(bins.clone(), name.as_ref()));
+        .map(|name| Cluster::start_node(bins.clone(), name.as_ref(), None, controller_qps));
     futures::future::try_join_all(starts).await
 }
 
@@ -222,11 +231,7 @@ pub async fn start_named_with_controller_qps<S: AsRef<str>>(
     names: &[S],
     qps: u32,
 ) -> Result<Vec<Cluster>, HarnessError> {
-    let bins = Binaries::locate()?;
-    let starts = names
-        .iter()
-        .map(|name| Cluster::start_node(bins.clone(), name.as_ref(), None, Some(qps)));
-    futures::future::try_join_all(starts).await
+    start_each(names, Some(qps)).await
 }
 
 /// Starts one real-node cluster per name, in parallel, all on one new [`Lan`] (returned: it
