@@ -47,8 +47,14 @@
 //! (`VmHWM`) at its end.
 //!
 //! `LOGS=dir` keeps both controllers' logs of every block there
-//! (`{build}-{block}-{cluster}.log`), to read a slow round afterwards; the
-//! clusters' own directories are removed with them.
+//! (`{build}-{block}-{cluster}.log`), to read a slow round afterwards (or
+//! a start that elected nobody); the clusters' own directories are removed
+//! with them.
+//!
+//! `HA_TIMINGS=manifest` runs the controllers on the shipped manifest's
+//! `ha.yaml` (`manifests/base/controller/ha-config.yaml`: 6 s lease, 2 s
+//! margin, 1 s probes) instead of the bench's short timings (1.5 s,
+//! 300 ms, 100 ms).
 //!
 //! **API floor.** After each block the bench times `FLOOR_WRITES` (default
 //! 200) bare ConfigMap writes, one after another, on the same API server
@@ -223,12 +229,15 @@ enum Settled {
 /// 20 ms a pod.
 async fn wait_pods(cluster: &Cluster, n: usize, want: Settled, what: &str) {
     let pods: Api<Pod> = Api::namespaced(cluster.client(), APP);
-    // Thousands of pods take the API server's write rate to serve or to
-    // restart: 20 ms a pod on top (this one takes 250-480 writes a second).
-    let per_pod = Duration::from_millis(20) * u32::try_from(n).unwrap_or(u32::MAX);
+    // Thousands of pods take the API server's write rate to serve (one
+    // write a pod: 20 ms a pod on top, as this one takes 250-480 writes a
+    // second) or to restart (an eviction, a new pod, its binding and its
+    // status: 40 ms a pod; 10,000 restarts beside the other cluster's
+    // activation took 247 s).
+    let pods_of = |ms: u64| Duration::from_millis(ms) * u32::try_from(n).unwrap_or(u32::MAX);
     let (limit, word) = match want {
-        Settled::Serving => (Duration::from_secs(30) + per_pod, "serve"),
-        Settled::Running => (Duration::from_secs(60) + per_pod, "Running"),
+        Settled::Serving => (Duration::from_secs(30) + pods_of(20), "serve"),
+        Settled::Running => (Duration::from_secs(60) + pods_of(40), "Running"),
     };
     let deadline = Instant::now() + limit;
     // A LIST of 10,000 pods is itself a load: poll at most every 0.1 ms a
@@ -425,6 +434,29 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// `HA_TIMINGS=manifest`: the controllers run the shipped manifest's
+/// `ha.yaml` instead of the bench's short timings (1.5 s lease, 300 ms
+/// margin, 100 ms probes), which a loaded API server may not answer within.
+fn manifest_timings() -> bool {
+    std::env::var("HA_TIMINGS").is_ok_and(|t| t == "manifest")
+}
+
+/// The `ha.yaml` of `manifests/base/controller/ha-config.yaml`: the group
+/// the bench runs (east over west) with the timings an installation gets.
+fn shipped_ha_config() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests/base/controller/ha-config.yaml");
+    let text = std::fs::read_to_string(&path).expect("read the shipped HA ConfigMap");
+    let cm: ConfigMap = counterweight_core::bounded::from_yaml(
+        &text,
+        counterweight_core::bounded::Limits::CONFIG,
+    )
+    .expect("the shipped HA ConfigMap parses");
+    cm.data
+        .and_then(|mut d| d.remove("ha.yaml"))
+        .expect("the shipped HA ConfigMap has ha.yaml")
+}
+
 #[tokio::main]
 async fn main() {
     counterweight_harness::install_crypto_provider();
@@ -544,8 +576,13 @@ async fn main() {
         );
     }
     println!(
-        "configured detection time (K+1)*interval = {} ms (K = {RETRIES}, interval = {INTERVAL_MS} ms), probe interval 100 ms; {service_pods} service pods per cluster",
-        (RETRIES + 1) * INTERVAL_MS
+        "configured detection time (K+1)*interval = {} ms (K = {RETRIES}, interval = {INTERVAL_MS} ms); HA timings {}; {service_pods} service pods per cluster",
+        (RETRIES + 1) * INTERVAL_MS,
+        if manifest_timings() {
+            "the shipped manifest's (HA_TIMINGS=manifest)"
+        } else {
+            "probe 100 ms, lease 1500 ms, margin 300 ms"
+        }
     );
 }
 
@@ -615,15 +652,17 @@ async fn handovers(
             .write(dir.path(), &format!("peer-{n}"))
             .expect("write");
     }
-    std::fs::write(
-        dir.path().join("ha.yaml"),
-        "clusters:\n  - {name: east, priority: 2}\n  - {name: west, priority: 1}\nprobeIntervalMs: 100\nleaseMs: 1500\nmarginMs: 300\ncandidateFreshMs: 1000\n",
-    )
-    .expect("ha config");
-    // From 1,000 pods on, kube-controller-manager's default 20 requests a
-    // second would take minutes to fill and refill the ReplicaSets.
+    let ha = if manifest_timings() {
+        shipped_ha_config()
+    } else {
+        "clusters:\n  - {name: east, priority: 2}\n  - {name: west, priority: 1}\nprobeIntervalMs: 100\nleaseMs: 1500\nmarginMs: 300\ncandidateFreshMs: 1000\n".to_owned()
+    };
+    std::fs::write(dir.path().join("ha.yaml"), ha).expect("ha config");
+    // From 1,000 pods on, kube-controller-manager's and kube-scheduler's
+    // default rates (20 and 50 requests a second) would take minutes to
+    // fill, schedule and refill the ReplicaSets.
     let clusters = if service_pods >= 1000 {
-        counterweight_harness::start_named_with_controller_qps(&["east", "west"], 500).await
+        counterweight_harness::start_named_with_client_qps(&["east", "west"], 500).await
     } else {
         counterweight_harness::start_named(&["east", "west"]).await
     }
@@ -639,8 +678,19 @@ async fn handovers(
         .map(|c| Api::namespaced(c.client(), SYSTEM))
         .collect();
 
-    // Wait for the first election.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let log = |i: usize| clusters[i].dir().join("logs/controller.log");
+    let _keep = keep_logs.map(|(dir, name)| KeptLogs {
+        from: vec![log(0), log(1)],
+        dir,
+        name,
+    });
+
+    // Wait for the first election. Both controllers start as standbys and
+    // first fence every pod: 10 ms a pod on top.
+    let started = Instant::now();
+    let deadline = started
+        + Duration::from_secs(60)
+        + Duration::from_millis(10) * u32::try_from(service_pods).unwrap_or(u32::MAX);
     let mut active = loop {
         if let Some(i) = futures::future::join_all(cms.iter().map(state))
             .await
@@ -649,11 +699,24 @@ async fn handovers(
         {
             break i;
         }
-        assert!(Instant::now() < deadline, "no active elected");
+        // A controller that exited (a refused configuration) elects
+        // nobody: say so, not "no active".
+        if let Err(e) = east.check_alive().and(west.check_alive()) {
+            panic!("a controller exited before the first election: {e}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no active elected within {:?}",
+            deadline - started
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    println!(
+        "first election: {} active {} ms after the controllers started",
+        ["east", "west"][active],
+        started.elapsed().as_millis()
+    );
     let mut out = Rounds::default();
-    let log = |i: usize| clusters[i].dir().join("logs/controller.log");
     for round in 0..rounds {
         east.check_alive().expect("east runs");
         west.check_alive().expect("west runs");
@@ -751,12 +814,33 @@ async fn handovers(
     out.rss_mib.extend(process_peak_rss_mib(&west));
     // The controllers keep running, as they did during the handovers.
     let writes = write_floor(&cms[0], floor_writes).await;
-    if let Some((dir, name)) = keep_logs {
-        std::fs::create_dir_all(&dir).expect("LOGS: a directory that can be made");
-        for (i, cluster) in ["east", "west"].iter().enumerate() {
-            let to = dir.join(format!("{name}-{cluster}.log"));
-            std::fs::copy(log(i), &to).expect("copy a controller log into LOGS");
+    (out, writes)
+}
+
+/// `LOGS`: copies both controllers' logs out of the clusters' directories
+/// when dropped, before those are removed: at a block's end, and when the
+/// bench panics mid-block, whose logs are the ones worth reading.
+struct KeptLogs {
+    /// East's and west's log files.
+    from: Vec<PathBuf>,
+    /// Where to copy them.
+    dir: PathBuf,
+    /// The block's name, the copies' prefix.
+    name: String,
+}
+
+impl Drop for KeptLogs {
+    fn drop(&mut self) {
+        // No panic here: this may run while the bench unwinds.
+        if let Err(e) = std::fs::create_dir_all(&self.dir) {
+            eprintln!("LOGS: cannot make {}: {e}", self.dir.display());
+            return;
+        }
+        for (from, cluster) in self.from.iter().zip(["east", "west"]) {
+            let to = self.dir.join(format!("{}-{cluster}.log", self.name));
+            if let Err(e) = std::fs::copy(from, &to) {
+                eprintln!("LOGS: cannot copy {} to {}: {e}", from.display(), to.display());
+            }
         }
     }
-    (out, writes)
 }

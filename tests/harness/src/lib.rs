@@ -176,9 +176,10 @@ pub struct Cluster {
     client: kube::Client,
     // In start order; stopped in reverse.
     procs: Vec<Process>,
-    // kube-controller-manager's client rate (`--kube-api-qps`; burst twice
-    // that), `None` for its default of 20 a second.
-    controller_qps: Option<u32>,
+    // kube-controller-manager's and kube-scheduler's client rate
+    // (`--kube-api-qps`; burst twice that), `None` for their defaults (20
+    // and 50 a second).
+    client_qps: Option<u32>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -210,24 +211,25 @@ pub async fn start_named<S: AsRef<str>>(names: &[S]) -> Result<Vec<Cluster>, Har
     start_each(names, None).await
 }
 
-/// One cluster per name, in parallel, kube-controller-manager at
-/// `controller_qps` requests a second (`None`: its default).
+/// One cluster per name, in parallel, kube-controller-manager and
+/// kube-scheduler at `client_qps` requests a second (`None`: their
+/// defaults).
 async fn start_each<S: AsRef<str>>(
     names: &[S],
-    controller_qps: Option<u32>,
+    client_qps: Option<u32>,
 ) -> Result<Vec<Cluster>, HarnessError> {
     let bins = Binaries::locate()?;
     let starts = names
         .iter()
-        .map(|name| Cluster::start_node(bins.clone(), name.as_ref(), None, controller_qps));
+        .map(|name| Cluster::start_node(bins.clone(), name.as_ref(), None, client_qps));
     futures::future::try_join_all(starts).await
 }
 
-/// Like [`start_named`], with kube-controller-manager allowed `qps`
-/// requests a second (its default is 20: a ReplicaSet of 10,000 pods then
-/// takes over 8 minutes to fill, which only a scale benchmark needs to
-/// avoid).
-pub async fn start_named_with_controller_qps<S: AsRef<str>>(
+/// Like [`start_named`], with kube-controller-manager and kube-scheduler
+/// allowed `qps` requests a second each. Their defaults (20 and 50) make a
+/// ReplicaSet of 10,000 pods take over 8 minutes to fill and over 3 to
+/// schedule, which only a scale benchmark needs to avoid.
+pub async fn start_named_with_client_qps<S: AsRef<str>>(
     names: &[S],
     qps: u32,
 ) -> Result<Vec<Cluster>, HarnessError> {
@@ -271,7 +273,7 @@ impl Cluster {
         bins: Binaries,
         name: &str,
         real: Option<(NodeBinaries, Arc<Lan>)>,
-        controller_qps: Option<u32>,
+        client_qps: Option<u32>,
     ) -> Result<Self, HarnessError> {
         install_crypto_provider();
         let dir = tempfile::Builder::new()
@@ -312,7 +314,7 @@ impl Cluster {
             kubeconfig,
             client,
             procs: Vec::new(),
-            controller_qps,
+            client_qps,
         };
         cluster.boot().await?;
         Ok(cluster)
@@ -657,13 +659,20 @@ impl Cluster {
         args
     }
 
+    /// `--kube-api-qps` and `--kube-api-burst` for the control plane's
+    /// clients, if the cluster was started with a rate.
+    fn client_rate_args(&self) -> Vec<String> {
+        self.client_qps
+            .map(|qps| {
+                vec![
+                    format!("--kube-api-qps={qps}"),
+                    format!("--kube-api-burst={}", qps.saturating_mul(2)),
+                ]
+            })
+            .unwrap_or_default()
+    }
+
     fn controller_manager_args(&self) -> Vec<String> {
-        let rate = self.controller_qps.map(|qps| {
-            [
-                format!("--kube-api-qps={qps}"),
-                format!("--kube-api-burst={}", qps.saturating_mul(2)),
-            ]
-        });
         let mut args = vec![
             format!("--kubeconfig={}", self.kubeconfig.display()),
             "--bind-address=127.0.0.1".into(),
@@ -677,18 +686,20 @@ impl Cluster {
             "--use-service-account-credentials=false".into(),
             "--v=1".into(),
         ];
-        args.extend(rate.into_iter().flatten());
+        args.extend(self.client_rate_args());
         args
     }
 
     fn scheduler_args(&self) -> Vec<String> {
-        vec![
+        let mut args = vec![
             format!("--kubeconfig={}", self.kubeconfig.display()),
             "--bind-address=127.0.0.1".into(),
             format!("--secure-port={}", self.ports.scheduler),
             "--leader-elect=false".into(),
             "--v=1".into(),
-        ]
+        ];
+        args.extend(self.client_rate_args());
+        args
     }
 
     fn kwok_args(&self) -> Vec<String> {
