@@ -231,13 +231,14 @@ async fn wait_pods(cluster: &Cluster, n: usize, want: Settled, what: &str) {
     let pods: Api<Pod> = Api::namespaced(cluster.client(), APP);
     // Thousands of pods take the API server's write rate to serve (one
     // write a pod: 20 ms a pod on top, as this one takes 250-480 writes a
-    // second) or to restart (an eviction, a new pod, its binding and its
-    // status: 40 ms a pod; 10,000 restarts beside the other cluster's
-    // activation took 247 s).
+    // second) or to restart (an eviction, KWOK's delete, a new pod, its
+    // binding and its status: 100 ms a pod, as 10,000 restarts beside the
+    // other cluster's activation took 290 s to evict and 460 s were not
+    // enough for KWOK to finish).
     let pods_of = |ms: u64| Duration::from_millis(ms) * u32::try_from(n).unwrap_or(u32::MAX);
     let (limit, word) = match want {
         Settled::Serving => (Duration::from_secs(30) + pods_of(20), "serve"),
-        Settled::Running => (Duration::from_secs(60) + pods_of(40), "Running"),
+        Settled::Running => (Duration::from_secs(60) + pods_of(100), "Running"),
     };
     let deadline = Instant::now() + limit;
     // A LIST of 10,000 pods is itself a load: poll at most every 0.1 ms a
@@ -444,14 +445,12 @@ fn manifest_timings() -> bool {
 /// The `ha.yaml` of `manifests/base/controller/ha-config.yaml`: the group
 /// the bench runs (east over west) with the timings an installation gets.
 fn shipped_ha_config() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../manifests/base/controller/ha-config.yaml");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/base/controller/ha-config.yaml");
     let text = std::fs::read_to_string(&path).expect("read the shipped HA ConfigMap");
-    let cm: ConfigMap = counterweight_core::bounded::from_yaml(
-        &text,
-        counterweight_core::bounded::Limits::CONFIG,
-    )
-    .expect("the shipped HA ConfigMap parses");
+    let cm: ConfigMap =
+        counterweight_core::bounded::from_yaml(&text, counterweight_core::bounded::Limits::CONFIG)
+            .expect("the shipped HA ConfigMap parses");
     cm.data
         .and_then(|mut d| d.remove("ha.yaml"))
         .expect("the shipped HA ConfigMap has ha.yaml")
@@ -839,7 +838,11 @@ impl Drop for KeptLogs {
         for (from, cluster) in self.from.iter().zip(["east", "west"]) {
             let to = self.dir.join(format!("{}-{cluster}.log", self.name));
             if let Err(e) = std::fs::copy(from, &to) {
-                eprintln!("LOGS: cannot copy {} to {}: {e}", from.display(), to.display());
+                eprintln!(
+                    "LOGS: cannot copy {} to {}: {e}",
+                    from.display(),
+                    to.display()
+                );
             }
         }
     }

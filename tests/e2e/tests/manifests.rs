@@ -35,6 +35,7 @@ use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::{Binaries, Cluster, start_clusters};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
+use k8s_openapi::api::flowcontrol::v1::{FlowSchema, PriorityLevelConfiguration};
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use serde::Deserialize;
@@ -671,11 +672,17 @@ async fn can_i(cluster: &Cluster, verb: &str, resource: &str, ns: Option<&str>) 
 /// A client that is the controller's ServiceAccount, by impersonation (the
 /// harness admin is in system:masters), with the groups its token carries.
 async fn controller_client(cluster: &Cluster) -> kube::Client {
+    service_account_client(cluster, CONTROLLER_SA).await
+}
+
+/// A client that is `user`, a ServiceAccount of the controller's namespace,
+/// by impersonation, with the groups its token would carry.
+async fn service_account_client(cluster: &Cluster, user: &str) -> kube::Client {
     let kc = kube::config::Kubeconfig::read_from(cluster.kubeconfig()).expect("kubeconfig");
     let mut config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
         .expect("config");
-    config.auth_info.impersonate = Some(CONTROLLER_SA.to_owned());
+    config.auth_info.impersonate = Some(user.to_owned());
     config.auth_info.impersonate_groups = Some(vec![
         "system:serviceaccounts".to_owned(),
         format!("system:serviceaccounts:{SYSTEM_NS}"),
@@ -911,5 +918,146 @@ async fn controller_rbac_allows_what_the_controller_does_and_no_more() {
     assert!(
         leases.list(&ListParams::default()).await.is_err(),
         "listing Leases must be refused"
+    );
+}
+
+/// The name of the FlowSchema the API server filed `path` under when the
+/// controller's ServiceAccount asked for it (its UID comes back in
+/// `X-Kubernetes-PF-FlowSchema-UID` on every answer, errors included).
+async fn flow_schema_of(
+    cluster: &Cluster,
+    as_controller: &kube::Client,
+    path: &str,
+) -> Result<String, String> {
+    let req = http::Request::get(path)
+        .body(kube::client::Body::empty())
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    let resp = as_controller
+        .send(req)
+        .await
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    let uid = resp
+        .headers()
+        .get("X-Kubernetes-PF-FlowSchema-UID")
+        .ok_or_else(|| format!("GET {path}: no X-Kubernetes-PF-FlowSchema-UID in the answer"))?
+        .to_str()
+        .map_err(|e| format!("GET {path}: the FlowSchema UID is not text: {e}"))?
+        .to_owned();
+    let schemas: Api<FlowSchema> = Api::all(cluster.client());
+    let list = schemas
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| format!("list FlowSchemas: {e}"))?;
+    list.items
+        .into_iter()
+        .find(|f| f.metadata.uid.as_deref() == Some(uid.as_str()))
+        .and_then(|f| f.metadata.name)
+        .ok_or_else(|| format!("GET {path}: no FlowSchema has UID {uid}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_state_writes_are_ahead_of_pod_churn() {
+    init_tracing();
+    let cluster = start_clusters(1).await.expect("cluster").remove(0);
+    let objs = docs(&render(&cluster.kubectl(), "overlays/east").await);
+    create_namespaces(&cluster, &objs).await;
+    let as_controller = controller_client(&cluster).await;
+    let state = format!(
+        "/api/v1/namespaces/{SYSTEM_NS}/configmaps/{}",
+        counterweight_core::names::STATE_CONFIGMAP
+    );
+    let lease = format!(
+        "/apis/coordination.k8s.io/v1/namespaces/{SYSTEM_NS}/leases/counterweight-controller"
+    );
+    let pods = "/api/v1/pods?limit=1";
+
+    // Without the manifests' FlowSchemas the controller is a workload like
+    // any other: the API server's built-in `service-accounts`.
+    for path in [state.as_str(), pods] {
+        assert_eq!(
+            flow_schema_of(&cluster, &as_controller, path).await,
+            Ok("service-accounts".to_owned()),
+            "{path} before the FlowSchemas are applied"
+        );
+    }
+
+    let schemas: Vec<String> = objs
+        .iter()
+        .filter(|o| o["kind"] == "FlowSchema")
+        .map(|o| serde_json::to_string(o).expect("json"))
+        .collect();
+    assert_eq!(schemas.len(), 2, "the controller's two FlowSchemas");
+    let out = kubectl_at(
+        &cluster,
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=counterweight-e2e",
+            "-f",
+            "-",
+        ],
+        Some(&schemas.join("\n---\n")),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "apply FlowSchemas: {}",
+        text(&out.stderr)
+    );
+
+    // The API server's flow-control configuration follows FlowSchemas
+    // through an informer: wait for each request to be filed anew.
+    for (path, want) in [
+        (state.as_str(), "counterweight-state"),
+        (lease.as_str(), "counterweight-state"),
+        (pods, "counterweight-controller"),
+    ] {
+        eventually(
+            &format!("{path} filed under {want}"),
+            WAIT,
+            TICK,
+            || async {
+                let got = flow_schema_of(&cluster, &as_controller, path).await?;
+                if got == want {
+                    Ok(Some(()))
+                } else {
+                    Err(format!("filed under {got}"))
+                }
+            },
+        )
+        .await;
+    }
+    // The levels they name exist (a FlowSchema naming a missing level
+    // would be dangling), and are the ones Kubernetes keeps for its own
+    // leader election and controllers.
+    let levels: Api<PriorityLevelConfiguration> = Api::all(cluster.client());
+    for (schema, level) in [
+        ("counterweight-state", "leader-election"),
+        ("counterweight-controller", "workload-high"),
+    ] {
+        let fs = Api::<FlowSchema>::all(cluster.client())
+            .get(schema)
+            .await
+            .expect("FlowSchema");
+        assert_eq!(
+            fs.spec.map(|s| s.priority_level_configuration.name),
+            Some(level.to_owned()),
+            "{schema}'s priority level"
+        );
+        levels
+            .get(level)
+            .await
+            .unwrap_or_else(|e| panic!("priority level {level} of {schema}: {e}"));
+    }
+    // Another ServiceAccount's request for the same record is not lifted.
+    let other = service_account_client(
+        &cluster,
+        &format!("system:serviceaccount:{SYSTEM_NS}:someone-else"),
+    )
+    .await;
+    assert_eq!(
+        flow_schema_of(&cluster, &other, &state).await,
+        Ok("service-accounts".to_owned()),
+        "another ServiceAccount's read of the state record"
     );
 }
