@@ -31,24 +31,54 @@ impl PodRef {
 /// namespaces and the pods are listed side by side.
 pub(super) async fn list_service_pods(client: &kube::Client) -> Result<Vec<Pod>, ServingError> {
     let nss: Api<Namespace> = Api::all(client.clone());
-    let pods: Api<Pod> = Api::all(client.clone());
     let opted_params = ListParams::default().labels(&opted_in_selector());
-    let pod_params = ListParams::default().labels(&service_pod_selector());
-    let (ns_list, list) = futures::join!(nss.list(&opted_params), pods.list(&pod_params));
+    let (ns_list, pods) = futures::join!(nss.list(&opted_params), list_pages(client));
     let ns_list = ns_list.map_err(|e| ServingError::List {
         what: "namespaces",
         source: Box::new(e),
     })?;
-    let list = list.map_err(|e| ServingError::List {
+    let pods = pods.map_err(|e| ServingError::List {
         what: "pods",
         source: Box::new(e),
     })?;
     let opted = opted_in(&ns_list.items);
-    Ok(list
-        .items
+    Ok(pods
         .into_iter()
         .filter(|p| is_service_pod(p, &opted))
         .collect())
+}
+
+/// Pods per page of [`list_service_pods`]: at 10,000 pods one answer would
+/// be tens of megabytes, held whole beside the cache while it is decoded.
+const LIST_PAGE: u32 = 500;
+
+/// Every pod of the service-pod selector, [`LIST_PAGE`] at a time. The
+/// first page is a consistent read; the rest continue from its
+/// resourceVersion, so the pages form one snapshot.
+async fn list_pages(client: &kube::Client) -> Result<Vec<Pod>, kube::Error> {
+    let api: Api<Pod> = Api::all(client.clone());
+    let mut params = ListParams::default()
+        .labels(&service_pod_selector())
+        .limit(LIST_PAGE);
+    let mut pods = Vec::new();
+    loop {
+        let page = api.list(&params).await?;
+        pods.extend(page.items.into_iter().map(|mut p| {
+            strip(&mut p);
+            p
+        }));
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return Ok(pods),
+        }
+    }
+}
+
+/// Drops from a pod what no decision about it reads and every writer adds
+/// to: the managed-fields record. Pods enter the cache and the LISTs'
+/// answers through it (at 10,000 pods the record is most of a pod's size).
+pub(super) fn strip(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
 }
 
 /// Sets the serving condition of one pod. `Ok(false)` if the pod is gone or

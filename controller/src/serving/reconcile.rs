@@ -175,6 +175,7 @@ pub(super) async fn reconcile_loop(
         watcher::Config::default().labels(&service_pod_selector()),
     )
     .default_backoff()
+    .modify(super::pods::strip)
     .reflect(pods_writer)
     .map(|_| ());
     let ns_events = watcher(
