@@ -337,12 +337,23 @@ fn health_line(old: Option<&Side>, new: &Side) -> Option<String> {
 /// A line when the health report says something new worth a person's eye:
 /// every interval's verdict of the active (that is where a handover comes
 /// from), and for a standby only crossings of D.
+///
+/// The abnormal verdict that ends a degraded run is always the active's,
+/// even when the look that sees it already sees a standby: the health
+/// report and the HA record are written by different loops, and the
+/// handover the verdict starts can reach the record first, one look or
+/// more ahead of the report.
 fn health_change(
     name: &str,
     active: bool,
     before: Option<&HealthReport>,
     now: &HealthReport,
 ) -> Option<String> {
+    let ends_degraded_run = matches!(
+        (before.map(|b| &b.verdict), &now.verdict),
+        (Some(Verdict::Degraded { .. }), Verdict::Abnormal { .. })
+    );
+    let active = active || ends_degraded_run;
     let below = below_threshold(now.score, now.threshold);
     let changed = match before {
         None => true,
@@ -457,4 +468,39 @@ fn shorten(s: &str, max: usize) -> String {
     }
     let cut: String = one_line.chars().take(max).collect();
     format!("{cut}…")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(score: f64, retry_count: u32, verdict: Verdict) -> HealthReport {
+        HealthReport {
+            score,
+            threshold: 0.6,
+            retries: 2,
+            retry_count,
+            verdict,
+            components: Vec::new(),
+            data_behind: Vec::new(),
+            data: Vec::new(),
+        }
+    }
+
+    /// The demo's run that missed its `abnormal` line: the report of the
+    /// abnormal verdict came after two looks had seen the demotion.
+    #[test]
+    fn the_abnormal_verdict_after_a_degraded_run_is_told_after_the_demotion_too() {
+        let degraded = report(0.5, 2, Verdict::Degraded { retry_count: 2 });
+        let abnormal = report(0.5, 3, Verdict::Abnormal { retry_count: 3 });
+        assert_eq!(
+            health_change("east", false, Some(&degraded), &abnormal).as_deref(),
+            Some("east abnormal (S=0.50 < D=0.60, retry 3/2)")
+        );
+        // A standby's report that stays below D is still not a line.
+        assert_eq!(
+            health_change("east", false, Some(&abnormal), &abnormal),
+            None
+        );
+    }
 }
