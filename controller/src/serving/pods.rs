@@ -48,8 +48,8 @@ pub(super) async fn list_service_pods(client: &kube::Client) -> Result<Vec<Pod>,
         .collect())
 }
 
-/// Pods per page of [`list_service_pods`]: at 10,000 pods one answer would
-/// be tens of megabytes, held whole beside the cache while it is decoded.
+/// Pods per page of [`list_service_pods`]: one answer of 10,000 pods would
+/// be held whole, beside the cache, while it is decoded.
 const LIST_PAGE: u32 = 500;
 
 /// Every pod of the service-pod selector, [`LIST_PAGE`] at a time. The
@@ -76,7 +76,7 @@ async fn list_pages(client: &kube::Client) -> Result<Vec<Pod>, kube::Error> {
 
 /// Drops from a pod what no decision about it reads and every writer adds
 /// to: the managed-fields record. Pods enter the cache and the LISTs'
-/// answers through it (at 10,000 pods the record is most of a pod's size).
+/// answers through it.
 pub(super) fn strip(pod: &mut Pod) {
     pod.metadata.managed_fields = None;
 }
