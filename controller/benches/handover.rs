@@ -224,6 +224,11 @@ enum Settled {
     Running,
 }
 
+/// `each` times `n` pods: the part of a wait that grows with the pod count.
+fn per_pod(each: Duration, n: usize) -> Duration {
+    each * u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 /// Waits until `cluster`'s service pods are [`Settled`] as `want`, for at
 /// most 30 s (serving) or 60 s (running, which includes restarts), plus
 /// 20 ms a pod.
@@ -235,16 +240,20 @@ async fn wait_pods(cluster: &Cluster, n: usize, want: Settled, what: &str) {
     // binding and its status: 100 ms a pod, as 10,000 restarts beside the
     // other cluster's activation took 290 s to evict and 460 s were not
     // enough for KWOK to finish).
-    let pods_of = |ms: u64| Duration::from_millis(ms) * u32::try_from(n).unwrap_or(u32::MAX);
     let (limit, word) = match want {
-        Settled::Serving => (Duration::from_secs(30) + pods_of(20), "serve"),
-        Settled::Running => (Duration::from_secs(60) + pods_of(100), "Running"),
+        Settled::Serving => (
+            Duration::from_secs(30) + per_pod(Duration::from_millis(20), n),
+            "serve",
+        ),
+        Settled::Running => (
+            Duration::from_secs(60) + per_pod(Duration::from_millis(100), n),
+            "Running",
+        ),
     };
     let deadline = Instant::now() + limit;
     // A LIST of 10,000 pods is itself a load: poll at most every 0.1 ms a
     // pod, and take a failed LIST (a busy API server) as "not yet".
-    let poll = Duration::from_millis(50)
-        .max(Duration::from_micros(100) * u32::try_from(n).unwrap_or(u32::MAX));
+    let poll = Duration::from_millis(50).max(per_pod(Duration::from_micros(100), n));
     loop {
         let list = match pods.list(&ListParams::default()).await {
             Ok(list) => list,
@@ -687,9 +696,8 @@ async fn handovers(
     // Wait for the first election. Both controllers start as standbys and
     // first fence every pod: 10 ms a pod on top.
     let started = Instant::now();
-    let deadline = started
-        + Duration::from_secs(60)
-        + Duration::from_millis(10) * u32::try_from(service_pods).unwrap_or(u32::MAX);
+    let deadline =
+        started + Duration::from_secs(60) + per_pod(Duration::from_millis(10), service_pods);
     let mut active = loop {
         if let Some(i) = futures::future::join_all(cms.iter().map(state))
             .await
@@ -753,7 +761,7 @@ async fn handovers(
         // The fence stops every pod first: 10 ms a pod on top.
         let deadline = Instant::now()
             + Duration::from_secs(30)
-            + Duration::from_millis(10) * u32::try_from(service_pods).unwrap_or(u32::MAX);
+            + per_pod(Duration::from_millis(10), service_pods);
         let promoted = loop {
             let ev = tokio::time::timeout_at(deadline.into(), watch.next())
                 .await

@@ -622,6 +622,12 @@ async fn apply_controller_rbac(cluster: &Cluster) {
         "expected the controller's RBAC objects, got {}",
         rbac.len()
     );
+    apply_for_real(cluster, "RBAC", &rbac).await;
+}
+
+/// Applies `objs` (JSON documents) for real, server-side, as the test's
+/// field manager; `what` names them if the apiserver refuses.
+async fn apply_for_real(cluster: &Cluster, what: &str, objs: &[String]) {
     let out = kubectl_at(
         cluster,
         &[
@@ -631,10 +637,10 @@ async fn apply_controller_rbac(cluster: &Cluster) {
             "-f",
             "-",
         ],
-        Some(&rbac.join("\n---\n")),
+        Some(&objs.join("\n---\n")),
     )
     .await;
-    assert!(out.status.success(), "apply RBAC: {}", text(&out.stderr));
+    assert!(out.status.success(), "apply {what}: {}", text(&out.stderr));
 }
 
 /// `kubectl auth can-i <verb> <resource> [-n ns] --as=<controller>`.
@@ -987,23 +993,7 @@ async fn the_controllers_state_writes_are_ahead_of_pod_churn() {
         .map(|o| serde_json::to_string(o).expect("json"))
         .collect();
     assert_eq!(schemas.len(), 2, "the controller's two FlowSchemas");
-    let out = kubectl_at(
-        &cluster,
-        &[
-            "apply",
-            "--server-side",
-            "--field-manager=counterweight-e2e",
-            "-f",
-            "-",
-        ],
-        Some(&schemas.join("\n---\n")),
-    )
-    .await;
-    assert!(
-        out.status.success(),
-        "apply FlowSchemas: {}",
-        text(&out.stderr)
-    );
+    apply_for_real(&cluster, "FlowSchemas", &schemas).await;
 
     // The API server's flow-control configuration follows FlowSchemas
     // through an informer: wait for each request to be filed anew.
