@@ -11,6 +11,7 @@ use std::time::Duration;
 use counterweight_certs::{CertificateAuthority, LeafSpec, Usage};
 use counterweight_core::ha::HaConfig;
 use counterweight_harness::{Cluster, Mode, Process, TcpProxy, free_port};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
@@ -50,6 +51,21 @@ pub async fn record(cms: &Api<ConfigMap>) -> BTreeMap<String, String> {
         .flatten()
         .and_then(|cm| cm.data)
         .unwrap_or_default()
+}
+
+/// The name of the leader-election Lease: the controller's
+/// `--leader-election-lease` default, which the tests keep.
+pub const LEADER_LEASE: &str = "counterweight-controller";
+
+/// Who holds the leader-election Lease in `leases` (`None` while it is
+/// missing, unheld or unreadable).
+pub async fn leader_lease_holder(leases: &Api<Lease>) -> Option<String> {
+    leases
+        .get_opt(LEADER_LEASE)
+        .await
+        .ok()??
+        .spec?
+        .holder_identity
 }
 
 /// Waits until the record says active in at least `min_epoch`. Generous:

@@ -8,13 +8,17 @@ use std::time::Duration;
 
 use counterweight_core::ha::HaConfig;
 use counterweight_harness::Cluster;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 
 use crate::ems::{all_serving, prepare, restarted_blocked};
 use crate::eventually;
 use crate::fixtures::fast_ha_config;
-use crate::ha::{Controller, Mesh, sample, start_group, wait_active, write_ha_config};
+use crate::ha::{
+    Controller, Mesh, SYSTEM, leader_lease_holder, sample, start_group, wait_active,
+    write_ha_config,
+};
 use crate::init_tracing;
 use crate::workload::Watched;
 
@@ -148,21 +152,32 @@ impl Group {
     }
 
     /// SIGKILLs the acting replica of the member that runs two, and returns
-    /// the other.
+    /// the other. Checks that it was a crash: the Lease is still the dead
+    /// replica's, so the follower must wait out a whole Lease. (A SIGTERM
+    /// before the SIGKILL once let the leader hand its Lease back under
+    /// load, the follower took over at once, and the test saw no failover.)
     pub async fn kill_leader(&mut self) -> Controller {
-        let (i, mut b) = self.second.take().expect("a member with two replicas");
-        if leads(self.nodes[i].as_ref()).await {
-            self.kill(i);
-            b
+        let (i, b) = self.second.take().expect("a member with two replicas");
+        let a = self.nodes[i].take().expect("replica a");
+        let (mut leader, follower, id) = if leads(Some(&a)).await {
+            (a, b, "a")
         } else {
             assert!(
                 leads(Some(&b)).await,
                 "one of {}'s replicas leads",
                 NAMES[i]
             );
-            b.process.kill();
-            self.nodes[i].take().expect("replica a")
-        }
+            (b, a, "b")
+        };
+        leader.process.kill();
+        let leases: Api<Lease> = Api::namespaced(self.clusters[i].client(), SYSTEM);
+        let killed = format!("{}-{id}", NAMES[i]);
+        assert_eq!(
+            leader_lease_holder(&leases).await,
+            Some(killed.clone()),
+            "{killed} was killed, not stopped: its Lease must outlive it"
+        );
+        follower
     }
 
     /// After member `i`'s leader was killed and the other member promoted

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use counterweight_e2e::fixtures::{create_namespaces, install_policy};
-use counterweight_e2e::ha::{SYSTEM, controller_bin, http_get};
+use counterweight_e2e::ha::{SYSTEM, controller_bin, http_get, leader_lease_holder};
 use counterweight_e2e::{eventually, init_tracing};
 use counterweight_harness::{Cluster, Process, free_port};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -120,15 +120,6 @@ fn monitor(
     (task, found, samples)
 }
 
-async fn holder(leases: &Api<Lease>) -> Option<String> {
-    leases
-        .get_opt("counterweight-controller")
-        .await
-        .ok()??
-        .spec?
-        .holder_identity
-}
-
 async fn wait_leader<'a>(replicas: &'a [&'a Replica], what: &str) -> &'a Replica {
     eventually(
         what,
@@ -191,7 +182,10 @@ async fn two_replicas_never_both_act() {
     } else {
         (&r2, &r1)
     };
-    assert_eq!(holder(&leases).await.as_deref(), Some(leader.name));
+    assert_eq!(
+        leader_lease_holder(&leases).await.as_deref(),
+        Some(leader.name)
+    );
     eventually(
         "the leader to evaluate health",
         Duration::from_secs(30),
@@ -215,7 +209,10 @@ async fn two_replicas_never_both_act() {
         took >= LEASE - 2 * RETRY,
         "took over after {took:?}, before the crashed leader's lease could have run out"
     );
-    assert_eq!(holder(&leases).await.as_deref(), Some(survivor.name));
+    assert_eq!(
+        leader_lease_holder(&leases).await.as_deref(),
+        Some(survivor.name)
+    );
 
     // The crashed replica comes back and follows.
     r1 = Replica::start(&cluster, crashed.name);
