@@ -86,54 +86,76 @@ pub enum EscapeVerdict {
 
 /// The memory that keeps restarts of [`escaped`](counterweight_core::workload::escaped) pods from looping: for
 /// each owner whose escaped pods were restarted, the newest creation time
-/// among them and when; and which pods were warned about.
+/// among them, the pass that first restarted them, and when; and which
+/// pods were warned about.
 ///
-/// A pod of that owner created *later* and still without its gate is a
-/// replacement that the webhook did not gate either, so it is left alone
-/// (with a warning) for [`ESCAPE_RETRY`]. Pods as old as the ones restarted
-/// are escapees of the same cause (all replicas made before the webhook)
-/// and are restarted too; the same pod asked about again (the next pass,
-/// while its eviction runs) gets the same answer.
+/// The pods of that owner in the pass that first restarted them are all
+/// escapees of the same cause (replicas made before the webhook): all are
+/// restarted, whatever their order and creation times. A ReplicaSet's
+/// replicas are not made in the same second, and judging them by creation
+/// time alone took a younger sibling for a replacement and left it
+/// serving. In later passes, a pod no younger than the ones restarted is
+/// one of them (asked about again while its eviction runs) and gets the
+/// same answer; a younger one, still without its gate, is a replacement
+/// that the webhook did not gate either, so it is left alone (with a
+/// warning) for [`ESCAPE_RETRY`].
 #[derive(Debug, Default)]
 pub struct EscapeMemo {
-    owners: HashMap<String, (Option<Timestamp>, Instant)>,
+    owners: HashMap<String, Restarted>,
     warned: HashMap<String, Instant>,
+}
+
+/// One owner's restarted escapees (see [`EscapeMemo`]).
+#[derive(Debug)]
+struct Restarted {
+    /// The newest creation time among them.
+    newest: Option<Timestamp>,
+    /// The pass that first restarted them, which is also when.
+    pass: Instant,
 }
 
 impl EscapeMemo {
     /// Decides for the escaped pod `uid`, created at `created`, whose
-    /// controller is `owner` (its controller owner reference's uid), at
-    /// `now`, and remembers it. A pod without a controller is left alone:
+    /// controller is `owner` (its controller owner reference's uid), in the
+    /// pass at `pass`, and remembers it. A pass takes `pass` once and asks
+    /// about every pod of one snapshot with it, so the same instant means
+    /// the same snapshot. A pod without a controller is left alone:
     /// evicting it deletes it for good.
     pub fn admit(
         &mut self,
         uid: &str,
         owner: Option<&str>,
         created: Option<Timestamp>,
-        now: Instant,
+        pass: Instant,
     ) -> EscapeVerdict {
         self.owners
-            .retain(|_, (_, t)| now.saturating_duration_since(*t) < ESCAPE_RETRY);
+            .retain(|_, r| pass.saturating_duration_since(r.pass) < ESCAPE_RETRY);
         self.warned
-            .retain(|_, t| now.saturating_duration_since(*t) < ESCAPE_RETRY);
+            .retain(|_, t| pass.saturating_duration_since(*t) < ESCAPE_RETRY);
         let reason = match owner {
             None => "no controller owns it, and a restart would delete it for good",
             Some(o) => match self.owners.get_mut(o) {
-                Some((newest, _)) if created.is_some() && created > *newest => {
+                Some(r) if r.pass != pass && created.is_some() && created > r.newest => {
                     "a replacement of the same owner came back without its gate too: check that \
                      the webhook is registered and injects this pod (cwctl check)"
                 }
-                Some((newest, _)) => {
-                    *newest = (*newest).max(created);
+                Some(r) => {
+                    r.newest = r.newest.max(created);
                     return EscapeVerdict::Restart;
                 }
                 None => {
-                    self.owners.insert(o.to_owned(), (created, now));
+                    self.owners.insert(
+                        o.to_owned(),
+                        Restarted {
+                            newest: created,
+                            pass,
+                        },
+                    );
                     return EscapeVerdict::Restart;
                 }
             },
         };
-        if self.warned.insert(uid.to_owned(), now).is_some() {
+        if self.warned.insert(uid.to_owned(), pass).is_some() {
             EscapeVerdict::LeaveQuietly
         } else {
             EscapeVerdict::Leave(reason)
@@ -155,12 +177,13 @@ pub(super) fn controller_uid(pod: &Pod) -> Option<&str> {
 /// pod always; an [`escaped`](counterweight_core::workload::escaped) one if [`EscapeMemo::admit`] lets it, with a
 /// Warning Event for a pod restarted or left serving. `escapes` is `None`
 /// only if its lock was poisoned, and then every restart goes ahead.
+/// `pass` is the instant the caller's pass took once for its snapshot.
 pub(super) fn admit_restart(
     shared: &Shared,
     escapes: Option<&mut EscapeMemo>,
     pod: &Pod,
     r: &PodRef,
-    now: Instant,
+    pass: Instant,
 ) -> bool {
     let Some(memo) = escapes else {
         return true;
@@ -170,7 +193,7 @@ pub(super) fn admit_restart(
     }
     let name = format!("{}/{}", r.namespace, r.name);
     let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    match memo.admit(&r.uid, controller_uid(pod), created, now) {
+    match memo.admit(&r.uid, controller_uid(pod), created, pass) {
         EscapeVerdict::Restart => {
             warn!(pod = %name, "a pod without its init-gate runs on a standby; restarting it so that its replacement is gated");
             record(
@@ -425,23 +448,31 @@ mod tests {
             EscapeVerdict::LeaveQuietly
         );
         // Every replica made before the webhook, asked about in any order
-        // and again on the next pass, is restarted.
-        assert_eq!(m.admit("a", Some("rs"), t(10), now), EscapeVerdict::Restart);
-        assert_eq!(m.admit("b", Some("rs"), t(9), now), EscapeVerdict::Restart);
-        assert_eq!(m.admit("a", Some("rs"), t(10), now), EscapeVerdict::Restart);
+        // and again on the next pass, is restarted: here the older first,
+        // and the younger made a second later (the suite saw the younger
+        // taken for a replacement and left serving).
+        assert_eq!(m.admit("a", Some("rs"), t(9), now), EscapeVerdict::Restart);
+        assert_eq!(m.admit("b", Some("rs"), t(10), now), EscapeVerdict::Restart);
+        assert_eq!(m.admit("o", Some("rs"), t(8), now), EscapeVerdict::Restart);
+        let next = now + Duration::from_millis(500);
+        assert_eq!(
+            m.admit("b", Some("rs"), t(10), next),
+            EscapeVerdict::Restart
+        );
+        assert_eq!(m.admit("a", Some("rs"), t(9), next), EscapeVerdict::Restart);
         // A replacement made after them that is still ungated: the restart
         // did not gate it; leave it, warn once.
         assert!(matches!(
-            m.admit("c", Some("rs"), t(20), now),
+            m.admit("c", Some("rs"), t(20), next),
             EscapeVerdict::Leave(_)
         ));
         assert_eq!(
-            m.admit("c", Some("rs"), t(20), now),
+            m.admit("c", Some("rs"), t(20), next + Duration::from_millis(500)),
             EscapeVerdict::LeaveQuietly
         );
         // Another owner is judged on its own.
         assert_eq!(
-            m.admit("d", Some("other"), t(20), now),
+            m.admit("d", Some("other"), t(20), next),
             EscapeVerdict::Restart
         );
         // After ESCAPE_RETRY the owner is tried again.
