@@ -19,6 +19,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tracing::{info, warn};
 
+/// The leader Lease's name unless `--leader-election-lease` says another.
+pub const DEFAULT_LEASE: &str = "counterweight-controller";
+
 /// Where the Lease lives, who we are, and the timings.
 #[derive(Debug, Clone)]
 pub struct LeaderConfig {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use counterweight_controller::leader::LeaderConfig;
+use counterweight_controller::leader::{self, LeaderConfig};
 use counterweight_controller::{Config, Controller, HaSettings};
 use counterweight_core::names;
 
@@ -79,7 +79,7 @@ struct Args {
     #[arg(
         long,
         env = "COUNTERWEIGHT_LEADER_ELECTION_LEASE",
-        default_value = "counterweight-controller"
+        default_value = leader::DEFAULT_LEASE
     )]
     leader_election_lease: String,
 

@@ -53,15 +53,12 @@ pub async fn record(cms: &Api<ConfigMap>) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// The name of the leader-election Lease: the controller's
-/// `--leader-election-lease` default, which the tests keep.
-pub const LEADER_LEASE: &str = "counterweight-controller";
-
-/// Who holds the leader-election Lease in `leases` (`None` while it is
-/// missing, unheld or unreadable).
+/// Who holds the leader-election Lease (the controller's default name,
+/// which the tests keep) in `leases` (`None` while it is missing, unheld
+/// or unreadable).
 pub async fn leader_lease_holder(leases: &Api<Lease>) -> Option<String> {
     leases
-        .get_opt(LEADER_LEASE)
+        .get_opt(counterweight_controller::leader::DEFAULT_LEASE)
         .await
         .ok()??
         .spec?

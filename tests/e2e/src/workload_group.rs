@@ -122,7 +122,7 @@ impl Group {
     pub fn replica(&self, i: usize, suffix: &str) -> Controller {
         let args = [
             "--leader-elect".to_owned(),
-            format!("--leader-election-identity={}-{suffix}", NAMES[i]),
+            format!("--leader-election-identity={}", replica_identity(i, suffix)),
             "--leader-lease-duration=4000ms".to_owned(),
             "--leader-renew-deadline=3000ms".to_owned(),
             "--leader-retry-period=300ms".to_owned(),
@@ -171,7 +171,7 @@ impl Group {
         };
         leader.process.kill();
         let leases: Api<Lease> = Api::namespaced(self.clusters[i].client(), SYSTEM);
-        let killed = format!("{}-{id}", NAMES[i]);
+        let killed = replica_identity(i, id);
         assert_eq!(
             leader_lease_holder(&leases).await,
             Some(killed.clone()),
@@ -233,6 +233,11 @@ impl Group {
     pub fn lease_bound(&self) -> Duration {
         Duration::from_millis(self.config.lease_ms - 2 * self.config.probe_interval_ms)
     }
+}
+
+/// Member `i`'s replica `suffix` as the leader Lease names it.
+fn replica_identity(i: usize, suffix: &str) -> String {
+    format!("{}-{suffix}", NAMES[i])
 }
 
 /// Whether `c` is the replica that acts (its metrics say it leads).
