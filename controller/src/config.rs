@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::leader::LeaderConfig;
+use crate::serving::PodServingConfig;
 
 /// Everything a controller process needs to start.
 #[derive(Debug, Clone)]
@@ -48,4 +49,9 @@ pub struct HaSettings {
     pub tls_key: Option<PathBuf>,
     /// PEM CA bundle of the peers.
     pub tls_ca: Option<PathBuf>,
+    /// How the service pods are driven: how many are patched or evicted at
+    /// once, and how long a refused eviction is retried before a delete.
+    /// Its `restart_delay` is not taken from here: the HA configuration's
+    /// lease and margin set it.
+    pub pods: PodServingConfig,
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use counterweight_controller::leader::{self, LeaderConfig};
+use counterweight_controller::serving::{self, PodServingConfig};
 use counterweight_controller::{Config, Controller, HaSettings};
 use counterweight_core::names;
 
@@ -100,6 +101,43 @@ struct Args {
     /// How often the leader renews and followers look again.
     #[arg(long, env = "COUNTERWEIGHT_LEADER_RETRY_PERIOD", default_value = "2s", value_parser = duration_arg)]
     leader_retry_period: Duration,
+
+    /// Service pods patched (serving condition) or evicted at the same
+    /// time. Past 32 the API server's write rate, not this, bounds the
+    /// fence, the promotion and the restarts.
+    #[arg(
+        long,
+        env = "COUNTERWEIGHT_POD_CONCURRENCY",
+        default_value_t = serving::DEFAULT_CONCURRENCY,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pod_concurrency: u16,
+
+    /// How long the eviction of a service pod of a demoted cluster is
+    /// retried while it is refused (a PodDisruptionBudget allowing no
+    /// disruption) before the pod is deleted outright.
+    #[arg(
+        long,
+        env = "COUNTERWEIGHT_FORCE_DELETE_AFTER",
+        default_value_t = FlagDuration(serving::DEFAULT_DELETE_AFTER),
+        value_parser = flag_duration
+    )]
+    force_delete_after: FlagDuration,
+}
+
+/// A duration flag whose default is a library constant: shown in `--help`
+/// as it is written on the command line (`30s`).
+#[derive(Debug, Clone, Copy)]
+struct FlagDuration(Duration);
+
+impl std::fmt::Display for FlagDuration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&counterweight_core::policy::format_duration(self.0))
+    }
+}
+
+fn flag_duration(text: &str) -> Result<FlagDuration, String> {
+    duration_arg(text).map(FlagDuration)
 }
 
 fn duration_arg(text: &str) -> Result<Duration, String> {
@@ -124,6 +162,11 @@ impl From<Args> for Config {
             tls_cert: a.tls_cert,
             tls_key: a.tls_key,
             tls_ca: a.tls_ca,
+            pods: PodServingConfig {
+                concurrency: usize::from(a.pod_concurrency),
+                delete_after: a.force_delete_after.0,
+                ..Default::default()
+            },
         });
         Config {
             cluster: a.cluster,
@@ -153,4 +196,60 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = counterweight_runtime::shutdown::on_signal()?;
     Controller::new(args.into()).run(shutdown).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    const BASE: [&str; 5] = [
+        "counterweight-controller",
+        "--cluster",
+        "east",
+        "--ha-config",
+        "/etc/counterweight/ha.yaml",
+    ];
+
+    fn config(extra: &[&str]) -> Result<Config, clap::Error> {
+        Args::try_parse_from(BASE.iter().chain(extra)).map(Config::from)
+    }
+
+    fn pods(extra: &[&str]) -> PodServingConfig {
+        config(extra)
+            .expect("the flags parse")
+            .ha
+            .expect("--ha-config makes a member")
+            .pods
+    }
+
+    #[test]
+    fn the_pod_flags_default_to_the_librarys_tunables() {
+        let default = PodServingConfig::default();
+        let got = pods(&[]);
+        assert_eq!(got.concurrency, default.concurrency);
+        assert_eq!(got.delete_after, default.delete_after);
+        let help = Args::command().render_long_help().to_string();
+        assert!(help.contains("[default: 30s]"), "{help}");
+        assert!(help.contains("[default: 32]"), "{help}");
+    }
+
+    #[test]
+    fn the_pod_flags_reach_the_pod_effects() {
+        let got = pods(&["--pod-concurrency", "128", "--force-delete-after", "2m"]);
+        assert_eq!(got.concurrency, 128);
+        assert_eq!(got.delete_after, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn bad_pod_flags_are_refused_by_name() {
+        for (flag, value) in [
+            ("--pod-concurrency", "0"),
+            ("--pod-concurrency", "70000"),
+            ("--force-delete-after", "30x"),
+        ] {
+            let e = config(&[flag, value]).expect_err(value).to_string();
+            assert!(e.contains(flag) && e.contains(value), "{e}");
+        }
+    }
 }

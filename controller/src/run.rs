@@ -145,7 +145,7 @@ async fn run_member(
                 restart_delay: std::time::Duration::from_millis(
                     wiring.config.lease_ms + wiring.config.margin_ms,
                 ),
-                ..Default::default()
+                ..wiring.pods.clone()
             },
         ));
         let serving = Arc::new(serving_lease::LeasedServing::new(serving, lease.clone()));

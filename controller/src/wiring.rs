@@ -24,6 +24,8 @@ pub struct HaWiring {
     pub commands: mpsc::Receiver<Command>,
     /// Changed versions of the HA configuration file, if it is watched.
     pub config_updates: Option<mpsc::Receiver<HaConfig>>,
+    /// How the service pods are driven ([`crate::HaSettings::pods`]).
+    pub pods: serving::PodServingConfig,
 }
 
 impl HaWiring {
@@ -190,5 +192,6 @@ pub(crate) async fn peer_wiring(
         inbox,
         commands,
         config_updates: Some(config_updates),
+        pods: ha.pods.clone(),
     })
 }

@@ -124,11 +124,19 @@ pub struct PodServingConfig {
     pub restart_delay: Duration,
 }
 
+/// Default of [`PodServingConfig::concurrency`] (`--pod-concurrency`).
+/// Past 32 the API server's status writes a second bound the fence and the
+/// promotion, not the controller (README, the `serving_scale` bench).
+pub const DEFAULT_CONCURRENCY: u16 = 32;
+
+/// Default of [`PodServingConfig::delete_after`] (`--force-delete-after`).
+pub const DEFAULT_DELETE_AFTER: Duration = Duration::from_secs(30);
+
 impl Default for PodServingConfig {
     fn default() -> Self {
         Self {
-            concurrency: 32,
-            delete_after: Duration::from_secs(30),
+            concurrency: usize::from(DEFAULT_CONCURRENCY),
+            delete_after: DEFAULT_DELETE_AFTER,
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
             resync: Duration::from_secs(10),

@@ -94,6 +94,7 @@ async fn start_controller(
         inbox,
         commands: commands_rx,
         config_updates: None,
+        pods: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
