@@ -210,6 +210,17 @@ pub fn init_container_names(pod: &Pod) -> Vec<String> {
         .collect()
 }
 
+/// GETs of ConfigMaps the API server has answered so far: how tests tell
+/// that a writer does not read before each write.
+pub async fn configmap_gets(client: &kube::Client) -> u64 {
+    counterweight_harness::bulk::apiserver_metric(
+        client,
+        "apiserver_request_total",
+        &[("verb", "GET"), ("resource", "configmaps")],
+    )
+    .await
+}
+
 /// Creates the namespaces and waits until each has its `default`
 /// ServiceAccount, without which no pod is admitted there.
 pub async fn create_namespaces(client: &kube::Client, names: &[&str]) {

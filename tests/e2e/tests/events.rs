@@ -10,9 +10,8 @@ use std::time::Duration;
 use counterweight_controller::events::EventSink;
 use counterweight_controller::state_store::StateStore;
 use counterweight_core::names;
-use counterweight_e2e::fixtures::create_namespaces;
+use counterweight_e2e::fixtures::{configmap_gets, create_namespaces};
 use counterweight_e2e::{eventually, init_tracing};
-use counterweight_harness::bulk::apiserver_metric;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
@@ -20,16 +19,6 @@ use kube::runtime::events::EventType;
 
 const SYSTEM: &str = names::SYSTEM_NAMESPACE;
 const STATE: &str = names::STATE_CONFIGMAP;
-
-/// GETs of ConfigMaps the API server has answered so far.
-async fn configmap_gets(client: &kube::Client) -> u64 {
-    apiserver_metric(
-        client,
-        "apiserver_request_total",
-        &[("verb", "GET"), ("resource", "configmaps")],
-    )
-    .await
-}
 
 /// The Events the controller's sink made, with reason `reason`.
 async fn events_of(events: &Api<Event>, reason: &str) -> Result<Vec<Event>, String> {

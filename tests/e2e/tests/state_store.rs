@@ -7,23 +7,12 @@
 use std::collections::BTreeMap;
 
 use counterweight_controller::state_store::{StateStore, Written};
-use counterweight_e2e::fixtures::create_namespaces;
-use counterweight_harness::bulk::apiserver_metric;
+use counterweight_e2e::fixtures::{configmap_gets, create_namespaces};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
 const NS: &str = "store";
 const NAME: &str = counterweight_core::names::STATE_CONFIGMAP;
-
-/// GETs of ConfigMaps the API server has answered so far.
-async fn configmap_gets(client: &kube::Client) -> u64 {
-    apiserver_metric(
-        client,
-        "apiserver_request_total",
-        &[("verb", "GET"), ("resource", "configmaps")],
-    )
-    .await
-}
 
 /// Writes `key: value` as another writer would (a hand edit).
 async fn foreign_write(cms: &Api<ConfigMap>, key: &str, value: &str) {
