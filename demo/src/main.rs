@@ -166,6 +166,7 @@ async fn run(args: &Args) -> Result<()> {
                 && e.none_serving()
                 && v.released.contains(west)
                 && v.handover_reported()
+                && v.told_abnormal(east)
         },
     )
     .await?;

@@ -42,6 +42,14 @@ impl Side {
         self.status.role == Some(Role::Active)
     }
 
+    /// Its health report's verdict is abnormal.
+    pub fn abnormal(&self) -> bool {
+        self.status
+            .health
+            .as_ref()
+            .is_some_and(|h| matches!(h.verdict, Verdict::Abnormal { .. }))
+    }
+
     /// The record's epoch (0 before there is one).
     pub fn epoch(&self) -> u64 {
         self.status.epoch.unwrap_or(0)
@@ -132,6 +140,9 @@ pub struct View {
     /// Gates that printed their `released:` line.
     pub released: HashSet<String>,
     handover_reported: bool,
+    // Clusters whose abnormal verdict has been printed since the clock was
+    // last restarted.
+    told_abnormal: HashSet<String>,
 }
 
 impl View {
@@ -162,6 +173,7 @@ impl View {
             // real-node install both clusters may be abnormal before the
             // first election, and that Promoted is no handover.
             handover_reported: true,
+            told_abnormal: HashSet::new(),
         }
     }
 
@@ -171,6 +183,16 @@ impl View {
         self.t0_wall = Timestamp::now();
         self.fresh_events.clear();
         self.handover_reported = false;
+        self.told_abnormal.clear();
+    }
+
+    /// Whether `cluster`'s abnormal verdict has been printed since the
+    /// clock was last restarted. A handover is the story of that verdict,
+    /// and its report can reach the state record after the whole handover:
+    /// the health loop writes it after the HA loop has heard the verdict,
+    /// into the ConfigMap the handover is writing too.
+    pub fn told_abnormal(&self, cluster: &str) -> bool {
+        self.told_abnormal.contains(cluster)
     }
 
     /// Time since the clock was last (re)started.
@@ -220,11 +242,16 @@ impl View {
         // the verdict, the protocol steps (Events), the resulting roles,
         // then the workload effects.
         let old = std::mem::replace(&mut self.sides, sides);
+        let mut told = Vec::new();
         for (i, new) in self.sides.iter().enumerate() {
             if let Some(line) = health_line(old.get(i), new) {
                 self.say(&line);
+                if new.abnormal() {
+                    told.push(new.name.clone());
+                }
             }
         }
+        self.told_abnormal.extend(told);
         self.report_events(x.events);
         for (i, new) in self.sides.iter().enumerate() {
             let before = old.get(i).map(|o| (o.status.role, o.status.epoch));
@@ -338,22 +365,21 @@ fn health_line(old: Option<&Side>, new: &Side) -> Option<String> {
 /// every interval's verdict of the active (that is where a handover comes
 /// from), and for a standby only crossings of D.
 ///
-/// The abnormal verdict that ends a degraded run is always the active's,
-/// even when the look that sees it already sees a standby: the health
-/// report and the HA record are written by different loops, and the
-/// handover the verdict starts can reach the record first, one look or
-/// more ahead of the report.
+/// An abnormal verdict after any other (the one that ends a degraded run)
+/// is always the active's, even when the look that sees it already sees a
+/// standby, or is the first look that read the cluster: the health report
+/// and the HA record are written by different loops, and the handover the
+/// verdict starts can reach the record first, one look or more ahead of
+/// the report.
 fn health_change(
     name: &str,
     active: bool,
     before: Option<&HealthReport>,
     now: &HealthReport,
 ) -> Option<String> {
-    let ends_degraded_run = matches!(
-        (before.map(|b| &b.verdict), &now.verdict),
-        (Some(Verdict::Degraded { .. }), Verdict::Abnormal { .. })
-    );
-    let active = active || ends_degraded_run;
+    let turns_abnormal = matches!(now.verdict, Verdict::Abnormal { .. })
+        && !before.is_some_and(|b| matches!(b.verdict, Verdict::Abnormal { .. }));
+    let active = active || turns_abnormal;
     let below = below_threshold(now.score, now.threshold);
     let changed = match before {
         None => true,
@@ -495,6 +521,11 @@ mod tests {
         let abnormal = report(0.5, 3, Verdict::Abnormal { retry_count: 3 });
         assert_eq!(
             health_change("east", false, Some(&degraded), &abnormal).as_deref(),
+            Some("east abnormal (S=0.50 < D=0.60, retry 3/2)")
+        );
+        // ... and when the look before it could not read the cluster.
+        assert_eq!(
+            health_change("east", false, None, &abnormal).as_deref(),
             Some("east abnormal (S=0.50 < D=0.60, retry 3/2)")
         );
         // A standby's report that stays below D is still not a line.
