@@ -230,8 +230,15 @@ mod tests {
         assert_eq!(got.concurrency, default.concurrency);
         assert_eq!(got.delete_after, default.delete_after);
         let help = Args::command().render_long_help().to_string();
-        assert!(help.contains("[default: 30s]"), "{help}");
-        assert!(help.contains("[default: 32]"), "{help}");
+        for shown in [
+            format!("[default: {}]", serving::DEFAULT_CONCURRENCY),
+            format!(
+                "[default: {}]",
+                counterweight_core::policy::format_duration(serving::DEFAULT_DELETE_AFTER)
+            ),
+        ] {
+            assert!(help.contains(&shown), "{shown} not in:\n{help}");
+        }
     }
 
     #[test]
